@@ -1,0 +1,1218 @@
+#!/usr/bin/env python3
+"""Build the test fixtures sdbatch's Rust tests compare against.
+
+Usage:
+    python scripts/make_fixtures.py [--out DIR]            # tiny model + reference outputs
+    python scripts/make_fixtures.py --full-size --out DIR  # random full-size SD v1-4 (fp16), no references
+
+Everything is computed on the CPU in float32 with fixed seeds, so two runs give
+byte-identical reference files on the same machine (and numerically very close
+ones elsewhere). Nothing is downloaded: HF_HUB_OFFLINE=1 is set, the CLIP BPE
+vocabulary comes from the open-clip-torch wheel, and all weights are random.
+
+Default DIR is <repo>/tests/fixtures/generated. The run replaces DIR/tiny-sd and
+DIR/reference (and nothing else in DIR).
+
+Contract (what the Rust tests may rely on)
+==========================================
+
+DIR/tiny-sd/  -- a tiny, randomly initialised model in the exact diffusers layout of
+                 CompVis/stable-diffusion-v1-4:
+    model_index.json                      StableDiffusionPipeline, safety_checker/feature_extractor null
+    scheduler/scheduler_config.json       verbatim SD v1-4 PNDM config (see SCHEDULER_CONFIG)
+    tokenizer/vocab.json, merges.txt      the REAL CLIP BPE vocabulary (49408 tokens, 48894 merges)
+    tokenizer/tokenizer.json, tokenizer_config.json, special_tokens_map.json
+    text_encoder/config.json, model.safetensors, model.fp16.safetensors
+        CLIPTextModel: vocab 49408, hidden 32, intermediate 37, 2 layers, 4 heads,
+        77 positions, quick_gelu, layer_norm_eps 1e-5
+    unet/config.json, diffusion_pytorch_model.safetensors, diffusion_pytorch_model.fp16.safetensors
+        UNet2DConditionModel: block_out_channels (32,64,64), layers_per_block 2,
+        attention_head_dim 4 (= number of heads), cross_attention_dim 32, norm groups 16,
+        down (CrossAttnDown, CrossAttnDown, Down), up (Up, CrossAttnUp, CrossAttnUp)
+    vae/config.json, diffusion_pytorch_model.safetensors, diffusion_pytorch_model.fp16.safetensors
+        AutoencoderKL: block_out_channels (16,32,32,32) (4 blocks -> factor 8),
+        layers_per_block 1, latent 4, norm groups 8, scaling_factor 0.18215
+    The *.fp16.safetensors files hold the same weights rounded to float16.
+
+DIR/reference/  -- safetensors files (float32 unless stated) and json:
+    tokens.json        {"prompts": [str, ...], "ids": [[77 ints], ...]}  (>= 220 prompts)
+                       tokenizer(p, padding="max_length", max_length=77, truncation=True)
+    text_encoder.safetensors
+        input_ids          int64 [4,77]   for TEXT_ENCODER_PROMPTS
+        last_hidden_state  [4,77,32]      text_encoder(input_ids)[0], no attention mask
+    unet.safetensors
+        sample [2,4,8,8], timestep [2] = [999.0, 480.5], encoder_hidden_states [2,77,32],
+        out [2,4,8,8]                     unet(sample, timestep, encoder_hidden_states).sample
+        sample_b [1,4,16,8] (a 128x64 image), timestep_b [1] = [1.0],
+        encoder_hidden_states_b [1,77,32], out_b [1,4,16,8]
+    unet_fp16_weights.safetensors
+        sample, timestep, encoder_hidden_states (same as unet.safetensors),
+        out [2,4,8,8]   from the unet loaded from the fp16 variant, upcast to float32
+    vae.safetensors
+        latents [2,4,8,8], decoded [2,3,64,64] = vae.decode(latents).sample
+        (raw decoder input: no division by scaling_factor here)
+    scheduler_<name>.safetensors, name in pndm, ddim, euler_ancestral, dpmpp_2m
+        One full StableDiffusionPipeline run: prompt ASTRONAUT_PROMPT, no negative prompt,
+        guidance 7.5, 10 steps, 64x64, generator=[torch.Generator("cpu").manual_seed(1234)].
+        The scheduler is Cls.from_pretrained(tiny-sd, subfolder="scheduler").
+        timesteps             [T]  (float32; the timesteps actually iterated; PNDM: T = 11)
+        init_latents          [1,4,8,8]  latents before the first step (already * init_noise_sigma)
+        prompt_embeds         [1,77,32]  text embeddings of the prompt
+        negative_prompt_embeds[1,77,32]  text embeddings of "" (the unconditional branch)
+        noise_pred_NNN        [1,4,8,8]  guided noise prediction given to scheduler.step at step NNN
+        latents_NNN           [1,4,8,8]  latents after step NNN (NNN = 000 .. T-1, zero padded)
+        step_noise_NNN        [1,4,8,8]  (euler_ancestral only) the noise the scheduler drew at
+                                         step NNN from the same generator, after init_latents
+        image_f32             [1,64,64,3] pipeline output, output_type="np", in [0,1]
+        image                 uint8 [1,64,64,3] = (image_f32*255).round() (what PIL output uses)
+    batch.safetensors
+        3 prompts BATCH_PROMPTS with negative prompts BATCH_NEGATIVE_PROMPTS through the PNDM
+        pipeline, generators seeded BATCH_SEEDS (one per image), guidance 7.5, 8 steps, 64x64.
+        timesteps [9], init_latents [3,4,8,8], images_f32 [3,64,64,3], images uint8 [3,64,64,3]
+    batch_0.png .. batch_2.png   the batch images, for eyeballing
+    meta.json          every parameter used above, plus library versions
+
+Tokenizer note: transformers 5.x only has the tokenizers-backed CLIPTokenizer. It
+normalises with NFC, collapses every run of whitespace to one space and lowercases;
+it does NOT do ftfy or HTML unescaping (so "&amp;" stays literal). tokens.json is
+produced by exactly that tokenizer, which is what diffusers uses.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must be set before transformers/diffusers/huggingface_hub are imported: nothing may
+# ever be fetched from a model hub, only local folders are loaded.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import argparse
+import copy
+import functools
+import gzip
+import hashlib
+import importlib.util
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO_ROOT / "tests" / "fixtures" / "generated"
+
+# --------------------------------------------------------------------------------------
+# Parameters (all of them end up in meta.json)
+# --------------------------------------------------------------------------------------
+
+MAX_LENGTH = 77
+WEIGHT_SEED = 0  # seed of the random re-initialisation of the tiny weights
+
+# Verbatim content of CompVis/stable-diffusion-v1-4/scheduler/scheduler_config.json.
+# Written by hand (not via save_pretrained) so missing keys take each scheduler class's
+# own defaults when loaded, exactly as with the real checkpoint.
+SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.7.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+TINY_TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
+    projection_dim=32,
+)
+
+TINY_UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64, 64),
+    layers_per_block=2,
+    attention_head_dim=4,  # diffusers' legacy name: this is the number of heads
+    cross_attention_dim=32,
+    norm_num_groups=16,
+)
+
+TINY_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 32, 32, 32),  # 4 blocks -> 3 down-samplings -> factor 8
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=64,
+)
+
+# Real SD v1-4 shapes for --full-size. The text encoder config mirrors the real
+# text_encoder/config.json (including its legacy bos/eos ids 0/2).
+FULL_TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    attention_dropout=0.0,
+    dropout=0.0,
+    initializer_factor=1.0,
+    initializer_range=0.02,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+    projection_dim=768,
+)
+
+FULL_UNET_CONFIG = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    attention_head_dim=8,
+    cross_attention_dim=768,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    act_fn="silu",
+    center_input_sample=False,
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    mid_block_scale_factor=1,
+)
+
+FULL_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    act_fn="silu",
+    sample_size=512,
+)
+
+TEXT_ENCODER_PROMPTS = [
+    "a photo of a cat",
+    "",
+    "professional product photography of a red sneaker, studio lighting",
+    "concept art of a floating castle, 4k, trending on artstation",
+]
+
+UNET_TIMESTEPS = [999.0, 480.5]
+UNET_TIMESTEPS_B = [1.0]
+
+SCHEDULER_NAMES = ["pndm", "ddim", "euler_ancestral", "dpmpp_2m"]
+ASTRONAUT_PROMPT = "a photo of an astronaut riding a horse"
+GUIDANCE_SCALE = 7.5
+SCHEDULER_STEPS = 10
+SCHEDULER_SEED = 1234
+IMAGE_SIZE = 64  # height = width of every pipeline run
+
+BATCH_PROMPTS = [
+    "a red apple on a wooden table",
+    "concept art of a dragon over a castle",
+    "professional product photography of a leather handbag",
+]
+BATCH_NEGATIVE_PROMPTS = ["blurry", "", "low quality, watermark"]
+BATCH_SEEDS = [7, 42, 2024]
+BATCH_STEPS = 8
+
+EXPECTED_CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def scheduler_classes():
+    """Name -> (class, extra kwargs). Lazy so that importing this module stays cheap."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        PNDMScheduler,
+    )
+
+    return {
+        "pndm": (PNDMScheduler, {}),
+        "ddim": (DDIMScheduler, {}),
+        "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
+        # dpmsolver++ / order 2 are the class defaults; spelled out to pin "DPM++ 2M".
+        "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer: the real CLIP BPE vocabulary, converted like OpenAI's SimpleTokenizer
+# --------------------------------------------------------------------------------------
+
+
+def find_bpe_file() -> Path:
+    """Locate bpe_simple_vocab_16e6.txt.gz inside the open_clip package without importing
+    it (its __init__ imports torchvision, which is not installed)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("open_clip (open-clip-torch) is not installed; it ships the CLIP BPE vocabulary")
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / "bpe_simple_vocab_16e6.txt.gz"
+        if p.is_file():
+            return p
+    raise SystemExit("bpe_simple_vocab_16e6.txt.gz not found in the open_clip package")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def build_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Return (vocab token->id, merges) exactly as CLIP's SimpleTokenizer builds them."""
+    text = gzip.open(find_bpe_file()).read().decode("utf-8")
+    lines = text.split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    tokens = list(bytes_to_unicode().values())
+    tokens += [t + "</w>" for t in tokens]
+    tokens += ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(merges) == 48894, len(merges)
+    assert len(tokens) == 49408 and len(set(tokens)) == 49408
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def write_vocab_files(folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """vocab.json / merges.txt in the format of the real SD v1-4 tokenizer folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+
+
+def build_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]):
+    """transformers 5.x has only the tokenizers-backed CLIPTokenizer; given
+    vocab_file=/merges_file= it silently builds an empty BPE, so pass the data itself."""
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer(
+        vocab=dict(vocab),
+        merges=list(merges),
+        model_max_length=MAX_LENGTH,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    ids = tokenize(tok, ["a photo of a cat"])[0]
+    expected = EXPECTED_CAT_IDS + [49407] * (MAX_LENGTH - len(EXPECTED_CAT_IDS))
+    if ids != expected:
+        raise SystemExit(f"tokenizer self-check failed: {ids[:12]}...")
+    return tok
+
+
+def tokenize(tok, prompts: list[str]) -> list[list[int]]:
+    return tok(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True).input_ids
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer corpus
+# --------------------------------------------------------------------------------------
+
+_HAND_WRITTEN_PROMPTS = [
+    # plain English
+    "a photo of a cat",
+    "a photo of an astronaut riding a horse",
+    "A beautiful sunset over the mountains",
+    "the quick brown fox jumps over the lazy dog",
+    "an oil painting of a lighthouse in a storm",
+    "portrait of an old fisherman with a white beard",
+    "a bowl of ramen with chopsticks",
+    "a cozy cabin in a snowy forest at night",
+    "watercolor illustration of a hummingbird",
+    "a futuristic city skyline at dawn",
+    # empty / whitespace
+    "",
+    " ",
+    "   ",
+    "\t",
+    "\n",
+    "  leading spaces",
+    "trailing spaces   ",
+    "   both sides   ",
+    "multiple     inner     spaces",
+    "tab\tseparated\twords",
+    "line one\nline two\nline three",
+    "windows\r\nline endings",
+    " \t\n mixed \t whitespace \n ",
+    "non\u00a0breaking\u00a0space",
+    "ideographic\u3000space",
+    "zero\u200bwidth\u200bspace",
+    # punctuation of every kind
+    "hello, world!",
+    "wait... what?!",
+    "really?!?! yes!!!",
+    "a-b_c.d,e;f:g",
+    "quotes \"double\" and 'single'",
+    "brackets (round) [square] {curly} <angle>",
+    "math: 1+1=2, 3*4=12, 10/2=5, 7-3=4, 2^8=256, 5%2=1",
+    "symbols ~ ` ! @ # $ % ^ & * ( ) - _ = + [ ] { } \\ | ; : ' \" , . < > / ?",
+    "email me at someone@example.com",
+    "https://example.com/path?query=1&x=y#frag",
+    "C:\\Users\\name\\file.txt",
+    "#hashtag @mention $money",
+    "em—dash and en–dash and hyphen-ated",
+    "“curly quotes” and ‘single curly’",
+    "ellipsis… and bullet • and section § and pilcrow ¶",
+    "copyright © registered ® trademark ™",
+    "arrows → ← ↑ ↓ ⇒",
+    "!!!???...,,,;;;:::",
+    "___---+++===",
+    # apostrophes and contractions
+    "it's a dog's life",
+    "don't stop, can't stop, won't stop",
+    "they're here and we've arrived",
+    "I'm sure you'll like it, he'd say",
+    "IT'S LOUD AND DON'T SHOUT",
+    "rock 'n' roll",
+    "the '90s were great",
+    "o'clock o'neill rock'n'roll",
+    "students' books and james's car",
+    "it’s a typographic apostrophe",
+    "'s 't 're 've 'm 'll 'd",
+    # digits and numbers
+    "1234567890",
+    "3.14159 2.71828",
+    "1,000,000 and 1.000.000 and 1 000 000",
+    "$19.99 €5,50 £100 ¥1000",
+    "100% cotton, 50/50 blend",
+    "2024-01-31 12:34:56",
+    "room 101, floor -3, 0.5x zoom",
+    "4k 8k 16k uhd 1080p 720p",
+    "phone +1 (555) 123-4567",
+    "version v1.2.3-beta+build.45",
+    "1st 2nd 3rd 4th 21st 100th",
+    "0x1F 0b1010 1e-5 6.02e23",
+    "٣ arabic-indic digit and ① circled one and Ⅻ roman twelve",
+    # mixed case
+    "MiXeD CaSe TeXt",
+    "ALL CAPS PROMPT",
+    "camelCaseWords and PascalCaseWords",
+    "iPhone eBay YouTube McDonald's",
+    # accents and diacritics
+    "café au lait",
+    "naïve façade résumé",
+    "über straße grün",
+    "señor niño mañana",
+    "crème brûlée à la carte",
+    "e\u0301 combining acute",
+    "n\u0303 combining tilde and a\u0308 combining diaeresis",
+    "Ångström Øresund Łódź",
+    "ÉCOLE NORMALE SUPÉRIEURE",
+    "İstanbul ǅ ß ẞ ﬁ ligature",
+    # emoji
+    "a cat 🐱 and a dog 🐶",
+    "🔥🔥🔥",
+    "family 👨‍👩‍👧‍👦 zwj sequence",
+    "thumbs up 👍🏽 with skin tone",
+    "flags 🇺🇸 🇯🇵 🇫🇷 🇩🇪",
+    "rainbow flag 🏳️‍🌈",
+    "heart ❤️ and red heart ❤",
+    "keycap 1️⃣ #️⃣",
+    "😀😃😄😁😆😅😂🤣",
+    # CJK
+    "一只可爱的猫",
+    "中国山水画，高清，杰作",
+    "猫の写真",
+    "ひらがな と カタカナ と 漢字",
+    "アニメ風の女の子、桜の木の下で",
+    "고양이 사진",
+    "한국어 프롬프트 테스트",
+    "mixed 中文 English 日本語 한국어",
+    "ｆｕｌｌｗｉｄｔｈ ｌｅｔｔｅｒｓ １２３",
+    # Arabic / Cyrillic / Greek / others
+    "صورة قطة",
+    "مرحبا بالعالم",
+    "фотография кошки",
+    "Привет, МИР!",
+    "φωτογραφία μιας γάτας",
+    "ΑΒΓΔ αβγδ λόγος",
+    "שלום עולם",
+    "नमस्ते दुनिया",
+    "สวัสดีชาวโลก",
+    # HTML entities and markup (the HF tokenizer does not unescape them)
+    "fish &amp; chips",
+    "&lt;3 &gt; &quot;quoted&quot; &#39;apos&#39; &nbsp;",
+    "<b>bold</b> <i>italic</i>",
+    "tom &amp;amp; jerry",
+    # special tokens written literally
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "hello <|endoftext|> world",
+    "<|startoftext|>a photo<|endoftext|>",
+    # typical SD prompts: e-commerce
+    "professional product photography of a red sneaker, studio lighting",
+    "product shot of a minimalist white ceramic mug on a marble countertop, soft shadows, 85mm",
+    "e-commerce photo of a luxury wristwatch, black background, rim light, high detail",
+    "flat lay of skincare products, pastel background, top-down view, commercial photography",
+    "a pair of wireless earbuds floating, white seamless background, octane render",
+    "studio photo of a leather backpack, 50mm f/1.8, bokeh, color graded",
+    "packshot: perfume bottle, glass reflections, gradient backdrop --ar 1:1",
+    # typical SD prompts: game concept art with weights
+    "concept art of a floating castle, 4k, trending on artstation",
+    "(masterpiece:1.2), (best quality:1.1), fantasy warrior, intricate armor, unreal engine 5",
+    "((epic)) landscape, [blurry], (dramatic lighting:1.3), matte painting",
+    "{{best quality}}, 1girl, solo, looking at viewer, cyberpunk city, neon lights",
+    "isometric game asset, treasure chest, low poly, (pixel art:0.8)",
+    "character sheet of a goblin merchant, front/side/back view, by greg rutkowski and alphonse mucha",
+    "[dragon|phoenix] hybrid creature, concept art, artstation hq, 8k",
+    "sci-fi spaceship interior, volumetric fog, ray tracing, (cinematic:1.4), octane render, 16:9",
+    "a knight in shining armor :: 2, a dark forest :: 1",
+    "masterpiece, best quality, ultra-detailed, illustration, <lora:detail_tweaker:0.5>",
+]
+
+
+def _programmatic_prompts() -> list[str]:
+    """Deterministic generated prompts (fixed seed, fixed orders)."""
+    out: list[str] = []
+    subjects = ["a red sneaker", "a vintage camera", "an elf archer", "a cyberpunk samurai",
+                "a glass teapot", "a mechanical owl", "a desert outpost", "a cozy bookstore"]
+    styles = ["studio lighting", "oil painting", "digital art, trending on artstation",
+              "35mm film photo", "isometric 3d render", "watercolor"]
+    for i, s in enumerate(subjects):
+        for j, st in enumerate(styles):
+            if (i + j) % 2 == 0:  # 24 of the 48 combinations, varied across both axes
+                out.append(f"{s}, {st}")
+
+    # weighted-prompt syntax with many weights
+    for k, w in enumerate([0.5, 0.8, 1.0, 1.1, 1.25, 1.5, 2.0]):
+        out.append(f"({subjects[k % len(subjects)]}:{w}), ({styles[k % len(styles)]}:{w + 0.1:.1f})")
+
+    # numbers with separators and formats
+    for n in [0, 7, 42, 999, 1000, 65536, 1234567, 3000000000]:
+        out.append(f"{n} items, {n:,} units, {n:_} ids, #{n:08d}")
+    for x in [0.001, 1.5, 3.14159, 2.5e-8, 12345.678]:
+        out.append(f"value {x} ≈ {x:.3f} or {x:e}")
+
+    # whitespace/case variants of one prompt
+    base = "a photo of an astronaut riding a horse"
+    out += [base.upper(), base.title(), "  " + base, base + "  ", base.replace(" ", "\t"),
+            base.replace(" ", "\n"), base.replace(" ", "  "), base.replace(" ", "")]
+
+    # truncation boundaries: bos + n content tokens + eos ("a" is a single token)
+    for n in [74, 75, 76, 77, 100]:
+        out.append(" ".join(["a"] * n))
+
+    # several very long prompts (> 77 tokens)
+    long_parts = ["masterpiece", "best quality", "ultra detailed", "8k wallpaper", "intricate details",
+                  "cinematic lighting", "sharp focus", "volumetric fog", "highly detailed face",
+                  "depth of field", "golden hour", "award winning photography", "hdr", "bokeh",
+                  "by artgerm and greg rutkowski", "unreal engine 5", "octane render", "ray tracing"]
+    for k in range(4):
+        parts = [long_parts[(k * 5 + i) % len(long_parts)] for i in range(30 + 10 * k)]
+        out.append(", ".join(parts))
+    out.append("an extremely long description of a fantasy city " * 12)
+    out.append("长" * 120)
+    out.append("🐱" * 60)
+    out.append("supercalifragilisticexpialidocious" * 8)
+
+    # seeded random strings over a mixed character pool
+    rng = random.Random(20240531)
+    pool = (list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+            + list(" \t\n.,;:!?'\"()[]{}<>-_=+*/\\|@#$%^&~`")
+            + list("éüñçøåßœæ") + ["e\u0301", "a\u0308"]
+            + list("猫犬山水花火ねこイヌ고양이") + list("кошкаγάταقطة")
+            + ["🐱", "👍🏽", "🇯🇵", "👨‍👩‍👧", "❤️", "✨"]
+            + ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "&amp;", "1,000", "3.5"])
+    for k in range(60):
+        n = rng.randint(1, 40)
+        out.append("".join(rng.choice(pool) for _ in range(n)))
+
+    # words with every contraction suffix in varied case
+    words = ["it", "don", "they", "we", "i", "you", "he"]
+    sufs = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'T", "'LL"]
+    for k, w in enumerate(words):
+        out.append(" ".join(w + s for s in sufs[k:] + sufs[:k]))
+    return out
+
+
+def build_corpus() -> list[str]:
+    corpus: list[str] = []
+    seen: set[str] = set()
+    for p in _HAND_WRITTEN_PROMPTS + _programmatic_prompts():
+        if p not in seen:
+            seen.add(p)
+            corpus.append(p)
+    assert len(corpus) >= 220, len(corpus)
+    return corpus
+
+
+# --------------------------------------------------------------------------------------
+# Tiny models
+# --------------------------------------------------------------------------------------
+
+
+def reinit_parameters(model, seed: int) -> None:
+    """Re-initialise every parameter from a fixed-seed normal.
+
+    With the default inits some outputs are near zero and many biases/norm parameters
+    are exactly 0/1, which would let a Rust bug that drops a bias, a norm affine or a
+    whole layer pass the tests. So every tensor gets a non-trivial random value:
+      - norm weights (LayerNorm/GroupNorm): 1 + 0.1 * randn, their biases 0.05 * randn
+      - other biases and any other 1-d parameter: 0.05 * randn
+      - matrices / conv kernels / embeddings: randn / sqrt(fan_in), fan_in = numel / out
+    Parameters are visited in named_parameters() order with one generator -> deterministic.
+    """
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(seed)
+    norm_params = set()
+    for m in model.modules():
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+            if m.weight is not None:
+                norm_params.add(id(m.weight))
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+        if id(p) in norm_params:
+            new = 1.0 + 0.1 * noise
+        elif p.ndim >= 2:
+            fan_in = p[0].numel()
+            new = noise / math.sqrt(fan_in)
+        else:
+            new = 0.05 * noise
+        p.data.copy_(new.to(p.dtype))
+
+
+def build_tiny_models():
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(WEIGHT_SEED)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG)).eval()
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
+    vae = AutoencoderKL(**TINY_VAE_CONFIG).eval()
+    reinit_parameters(text_encoder, WEIGHT_SEED + 1)
+    reinit_parameters(unet, WEIGHT_SEED + 2)
+    reinit_parameters(vae, WEIGHT_SEED + 3)
+    return text_encoder, unet, vae
+
+
+def pndm_from_dict():
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if not k.startswith("_")})
+
+
+def write_scheduler_config(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n", encoding="utf-8")
+
+
+def save_fp16_variant(model, folder: Path) -> None:
+    """Save a float16 copy next to the float32 weights (diffusers' variant="fp16" names).
+
+    save_pretrained also rewrites config.json, and transformers 5 records "dtype": "float16"
+    there (from_pretrained's default dtype="auto" would then load the fp32 weights as fp16).
+    So save into a scratch folder and move only the weight files into place."""
+    import tempfile
+
+    import torch
+
+    half = copy.deepcopy(model).to(torch.float16)
+    with tempfile.TemporaryDirectory() as tmp:
+        half.save_pretrained(tmp, variant="fp16", safe_serialization=True)
+        weights = sorted(Path(tmp).glob("*.fp16.safetensors"))
+        assert weights, f"no fp16 weights written for {folder.name}"
+        for w in weights:
+            shutil.move(str(w), folder / w.name)
+    del half
+
+
+def save_model_folder(model_dir: Path, text_encoder, unet, vae, tokenizer, vocab, merges) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=pndm_from_dict(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    save_fp16_variant(unet, model_dir / "unet")
+    save_fp16_variant(vae, model_dir / "vae")
+    save_fp16_variant(text_encoder, model_dir / "text_encoder")
+    # save_pretrained of the tokenizers-backed tokenizer writes only tokenizer.json and
+    # tokenizer_config.json; add the real vocab.json/merges.txt the Rust side reads.
+    write_vocab_files(model_dir / "tokenizer", vocab, merges)
+    # Replace the save_pretrained scheduler config by the verbatim SD v1-4 one.
+    write_scheduler_config(model_dir / "scheduler")
+
+
+def check_model_folder(model_dir: Path, text_encoder, unet, vae) -> None:
+    """The folder must contain what the contract lists, and reload to identical weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    required = [
+        "model_index.json", "scheduler/scheduler_config.json",
+        "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer.json",
+        "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+        "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+    ]
+    missing = [r for r in required if not (model_dir / r).is_file()]
+    if missing:
+        raise SystemExit(f"model folder incomplete: {missing}")
+    te_cfg = json.loads((model_dir / "text_encoder" / "config.json").read_text())
+    assert te_cfg.get("dtype", te_cfg.get("torch_dtype")) in (None, "float32"), te_cfg
+    pairs = [
+        (text_encoder, "text_encoder/model"),
+        (unet, "unet/diffusion_pytorch_model"),
+        (vae, "vae/diffusion_pytorch_model"),
+    ]
+    for model, stem in pairs:
+        sd = model.state_dict()
+        f32 = load_file(model_dir / f"{stem}.safetensors")
+        f16 = load_file(model_dir / f"{stem}.fp16.safetensors")
+        if set(f32) != set(sd) or set(f16) != set(sd):
+            extra = set(f32) ^ set(sd)
+            raise SystemExit(f"{stem}: saved keys differ from the model's: {sorted(extra)[:5]}")
+        for k, v in sd.items():
+            assert f32[k].dtype == torch.float32 and torch.equal(f32[k], v), (stem, k)
+            assert f16[k].dtype == torch.float16 and torch.equal(f16[k], v.half()), (stem, k)
+
+
+# --------------------------------------------------------------------------------------
+# Reference outputs
+# --------------------------------------------------------------------------------------
+
+
+def save_tensors(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def ref_tokens(ref_dir: Path, tokenizer) -> dict:
+    corpus = build_corpus()
+    ids = tokenize(tokenizer, corpus)
+    assert all(len(r) == MAX_LENGTH for r in ids)
+    (ref_dir / "tokens.json").write_text(
+        json.dumps({"prompts": corpus, "ids": ids}, ensure_ascii=False, indent=0) + "\n", encoding="utf-8"
+    )
+    n_trunc = sum(1 for r in tokenizer(corpus).input_ids if len(r) > MAX_LENGTH)
+    return {"count": len(corpus), "truncated": n_trunc}
+
+
+def ref_text_encoder(ref_dir: Path, tokenizer, text_encoder) -> None:
+    import torch
+
+    input_ids = torch.tensor(tokenize(tokenizer, TEXT_ENCODER_PROMPTS), dtype=torch.int64)
+    # StableDiffusionPipeline passes no attention mask (config has no use_attention_mask).
+    hidden = text_encoder(input_ids)[0]
+    save_tensors(ref_dir / "text_encoder.safetensors", {"input_ids": input_ids, "last_hidden_state": hidden})
+
+
+def unet_inputs():
+    import torch
+
+    torch.manual_seed(100)
+    sample = torch.randn(2, 4, 8, 8)
+    ehs = torch.randn(2, MAX_LENGTH, TINY_TEXT_CONFIG["hidden_size"])
+    timestep = torch.tensor(UNET_TIMESTEPS, dtype=torch.float32)
+    torch.manual_seed(101)
+    sample_b = torch.randn(1, 4, 16, 8)  # non-square latents: a 128x64 (HxW) image
+    ehs_b = torch.randn(1, MAX_LENGTH, TINY_TEXT_CONFIG["hidden_size"])
+    timestep_b = torch.tensor(UNET_TIMESTEPS_B, dtype=torch.float32)
+    return sample, timestep, ehs, sample_b, timestep_b, ehs_b
+
+
+def ref_unet(ref_dir: Path, unet) -> dict:
+    sample, timestep, ehs, sample_b, timestep_b, ehs_b = unet_inputs()
+    out = unet(sample, timestep, encoder_hidden_states=ehs).sample
+    out_b = unet(sample_b, timestep_b, encoder_hidden_states=ehs_b).sample
+    check_std("unet out", out)
+    check_std("unet out_b", out_b)
+    save_tensors(ref_dir / "unet.safetensors", {
+        "sample": sample, "timestep": timestep, "encoder_hidden_states": ehs, "out": out,
+        "sample_b": sample_b, "timestep_b": timestep_b, "encoder_hidden_states_b": ehs_b, "out_b": out_b,
+    })
+    return {"out": float(out.std()), "out_b": float(out_b.std())}
+
+
+def ref_unet_fp16(ref_dir: Path, model_dir: Path) -> dict:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    unet16 = UNet2DConditionModel.from_pretrained(
+        # dtype= is diffusers 0.42's name for torch_dtype= (which still works but warns).
+        model_dir, subfolder="unet", variant="fp16", dtype=torch.float32
+    ).eval()
+    assert all(p.dtype == torch.float32 for p in unet16.parameters())
+    sample, timestep, ehs, *_ = unet_inputs()
+    out = unet16(sample, timestep, encoder_hidden_states=ehs).sample
+    save_tensors(ref_dir / "unet_fp16_weights.safetensors",
+                 {"sample": sample, "timestep": timestep, "encoder_hidden_states": ehs, "out": out})
+    return {"out": float(out.std())}
+
+
+def ref_vae(ref_dir: Path, vae) -> dict:
+    import torch
+
+    torch.manual_seed(200)
+    latents = torch.randn(2, 4, 8, 8)
+    decoded = vae.decode(latents).sample  # raw decoder input, no 1/scaling_factor
+    check_std("vae decoded", decoded)
+    save_tensors(ref_dir / "vae.safetensors", {"latents": latents, "decoded": decoded})
+    return {"decoded": float(decoded.std())}
+
+
+def check_std(what: str, t) -> None:
+    import torch
+
+    s = float(t.std())
+    if not (torch.isfinite(t).all() and 0.1 <= s <= 10.0):
+        raise SystemExit(f"{what}: std {s} outside 0.1..10 (weights init needs adjusting)")
+
+
+def load_pipeline(model_dir: Path, scheduler):
+    """Load the saved folder (not the in-memory models) so the references are what the
+    files on disk produce."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_dir, scheduler=scheduler, dtype=torch.float32,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def to_uint8(images_f32):
+    """Exactly what diffusers' numpy_to_pil does."""
+    return (images_f32 * 255).round().astype("uint8")
+
+
+def run_pipeline(pipe, prompt, negative_prompt, seeds, steps):
+    """Run the pipeline once, recording init latents, per-step noise predictions, latents
+    and (for ancestral samplers) the noise drawn inside scheduler.step."""
+    import numpy as np
+    import torch
+
+    rec = {"init": None, "latents": [], "t": [], "noise_pred": [], "step_noise": []}
+
+    orig_prepare = pipe.prepare_latents
+
+    def prepare_latents(*a, **kw):
+        out = orig_prepare(*a, **kw)
+        rec["init"] = out.clone()
+        return out
+
+    sched = pipe.scheduler
+    orig_step = sched.step
+
+    # functools.wraps matters: the pipeline inspects step's signature to decide whether to
+    # pass `generator` and `eta`; a bare (*a, **kw) wrapper would silently drop them and
+    # the ancestral noise would come from the global RNG instead of the generator.
+    @functools.wraps(orig_step)
+    def step(model_output, timestep, *a, **kw):
+        rec["noise_pred"].append(model_output.clone())
+        return orig_step(model_output, timestep, *a, **kw)
+
+    sched_module = sys.modules[type(sched).__module__]
+    orig_randn = getattr(sched_module, "randn_tensor", None)
+
+    def randn_tensor(*a, **kw):
+        out = orig_randn(*a, **kw)
+        rec["step_noise"].append(out.clone())
+        return out
+
+    def on_step_end(_pipe, i, t, kwargs):
+        rec["latents"].append(kwargs["latents"].clone())
+        rec["t"].append(float(t))
+        return {}
+
+    pipe.prepare_latents = prepare_latents
+    sched.step = step
+    if orig_randn is not None:
+        sched_module.randn_tensor = randn_tensor
+    try:
+        result = pipe(
+            prompt,
+            negative_prompt=negative_prompt,
+            guidance_scale=GUIDANCE_SCALE,
+            num_inference_steps=steps,
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            output_type="np",
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+    finally:
+        del pipe.prepare_latents
+        del sched.step
+        if orig_randn is not None:
+            sched_module.randn_tensor = orig_randn
+
+    timesteps = pipe.scheduler.timesteps.to(torch.float32)
+    assert [float(x) for x in timesteps] == rec["t"], (timesteps, rec["t"])
+    images = np.asarray(result.images, dtype=np.float32)
+
+    # The instrumentation must not change anything: rerun bare (fresh scheduler state,
+    # fresh generators) and require a bit-identical image.
+    pipe.scheduler = type(sched).from_config(sched.config)
+    plain = pipe(
+        prompt,
+        negative_prompt=negative_prompt,
+        guidance_scale=GUIDANCE_SCALE,
+        num_inference_steps=steps,
+        height=IMAGE_SIZE,
+        width=IMAGE_SIZE,
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        output_type="np",
+    ).images
+    if not np.array_equal(np.asarray(plain, dtype=np.float32), images):
+        raise SystemExit(f"{type(sched).__name__}: instrumented run differs from a plain run")
+    pipe.scheduler = sched
+    return rec, timesteps, images
+
+
+def ref_schedulers(ref_dir: Path, model_dir: Path) -> dict:
+    import torch
+
+    info = {}
+    pipe = None
+    for name, (cls, kwargs) in scheduler_classes().items():
+        # from_pretrained on the folder: keys absent from the v1-4 file take the class defaults.
+        sched = cls.from_pretrained(model_dir, subfolder="scheduler", **kwargs)
+        if pipe is None:
+            pipe = load_pipeline(model_dir, sched)
+        else:
+            pipe.scheduler = sched
+        rec, timesteps, images = run_pipeline(pipe, ASTRONAUT_PROMPT, None, [SCHEDULER_SEED], SCHEDULER_STEPS)
+        # prompt embeddings exactly as the pipeline computes them (cond, and uncond for "")
+        cond, uncond = pipe.encode_prompt(ASTRONAUT_PROMPT, torch.device("cpu"), 1, True, None)
+        tensors = {
+            "timesteps": timesteps,
+            "init_latents": rec["init"],
+            "prompt_embeds": cond,
+            "negative_prompt_embeds": uncond,
+            "image_f32": torch.from_numpy(images),
+            "image": torch.from_numpy(to_uint8(images)),
+        }
+        for i, (lat, npred) in enumerate(zip(rec["latents"], rec["noise_pred"])):
+            tensors[f"latents_{i:03d}"] = lat
+            tensors[f"noise_pred_{i:03d}"] = npred
+        for i, noise in enumerate(rec["step_noise"]):
+            tensors[f"step_noise_{i:03d}"] = noise
+        assert len(rec["latents"]) == len(timesteps) == len(rec["noise_pred"])
+        pix_std = float(to_uint8(images).astype("float64").std())
+        if pix_std <= 5.0:
+            raise SystemExit(f"scheduler {name}: image is (nearly) constant, pixel std {pix_std}")
+        save_tensors(ref_dir / f"scheduler_{name}.safetensors", tensors)
+        info[name] = {
+            "class": cls.__name__,
+            "config": {k: v for k, v in dict(sched.config).items() if not k.startswith("_")},
+            "steps_iterated": len(timesteps),
+            "step_noise_draws": len(rec["step_noise"]),
+            "pixel_std": pix_std,
+        }
+    return info
+
+
+def ref_batch(ref_dir: Path, model_dir: Path) -> dict:
+    import torch
+    from diffusers import PNDMScheduler
+    from PIL import Image
+
+    sched = PNDMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    pipe = load_pipeline(model_dir, sched)
+    rec, timesteps, images = run_pipeline(pipe, BATCH_PROMPTS, BATCH_NEGATIVE_PROMPTS, BATCH_SEEDS, BATCH_STEPS)
+    images_u8 = to_uint8(images)
+    for i, img in enumerate(images_u8):
+        Image.fromarray(img).save(ref_dir / f"batch_{i}.png")
+        if float(img.astype("float64").std()) <= 5.0:
+            raise SystemExit(f"batch image {i} is (nearly) constant")
+    save_tensors(ref_dir / "batch.safetensors", {
+        "timesteps": timesteps,
+        "init_latents": rec["init"],
+        "images_f32": torch.from_numpy(images),
+        "images": torch.from_numpy(images_u8),
+    })
+    return {"pixel_std": [float(im.astype("float64").std()) for im in images_u8]}
+
+
+def write_meta(ref_dir: Path, extra: dict) -> None:
+    import diffusers
+    import numpy
+    import safetensors
+    import torch
+    import transformers
+
+    meta = {
+        "generator": "scripts/make_fixtures.py",
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__,
+            "numpy": numpy.__version__,
+            "python": sys.version.split()[0],
+        },
+        "device": "cpu",
+        "dtype": "float32",
+        "weight_seed": WEIGHT_SEED,
+        "max_length": MAX_LENGTH,
+        "tiny_configs": {
+            "text_encoder": TINY_TEXT_CONFIG,
+            "unet": TINY_UNET_CONFIG,
+            "vae": TINY_VAE_CONFIG,
+        },
+        "vae_scaling_factor": 0.18215,
+        "scheduler_config_file": SCHEDULER_CONFIG,
+        "text_encoder": {"prompts": TEXT_ENCODER_PROMPTS, "attention_mask": None},
+        "unet": {
+            "timestep": UNET_TIMESTEPS, "sample_shape": [2, 4, 8, 8],
+            "timestep_b": UNET_TIMESTEPS_B, "sample_b_shape": [1, 4, 16, 8],
+            "fp16_variant_loaded_as": "float32",
+        },
+        "vae": {"latents_shape": [2, 4, 8, 8], "scaling_factor_applied": False},
+        "schedulers": {
+            "names": SCHEDULER_NAMES,
+            "prompt": ASTRONAUT_PROMPT,
+            "negative_prompt": None,
+            "guidance_scale": GUIDANCE_SCALE,
+            "num_inference_steps": SCHEDULER_STEPS,
+            "height": IMAGE_SIZE,
+            "width": IMAGE_SIZE,
+            "seeds": [SCHEDULER_SEED],
+            "generator": "torch.Generator('cpu').manual_seed(seed), one per image",
+            "eta": 0.0,
+            "output": "image = (np_output*255).round().astype(uint8)",
+        },
+        "batch": {
+            "scheduler": "pndm",
+            "prompts": BATCH_PROMPTS,
+            "negative_prompts": BATCH_NEGATIVE_PROMPTS,
+            "seeds": BATCH_SEEDS,
+            "guidance_scale": GUIDANCE_SCALE,
+            "num_inference_steps": BATCH_STEPS,
+            "height": IMAGE_SIZE,
+            "width": IMAGE_SIZE,
+        },
+    }
+    meta.update(extra)
+    # Strict JSON (no Infinity/NaN literals, e.g. DPM-Solver's lambda_min_clipped = -inf): the
+    # Rust tests parse this file with serde_json.
+    (ref_dir / "meta.json").write_text(
+        json.dumps(_strict_json(meta), indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8"
+    )
+
+
+def print_summary(out_dir: Path, stds: dict) -> None:
+    from safetensors import safe_open
+
+    ref_dir = out_dir / "reference"
+    print()
+    print(f"{'file':<34} {'tensor':<24} {'dtype':<8} shape")
+    print("-" * 90)
+    for f in sorted(ref_dir.iterdir()):
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), "pt") as h:
+                keys = sorted(h.keys())
+                shown = [k for k in keys if not k[-3:].isdigit() or k.endswith("_000")]
+                for k in shown:
+                    sl = h.get_slice(k)
+                    print(f"{f.name:<34} {k:<24} {sl.get_dtype():<8} {list(sl.get_shape())}")
+                hidden = len(keys) - len(shown)
+                if hidden:
+                    print(f"{f.name:<34} {'(+ ' + str(hidden) + ' more _NNN)':<24}")
+        else:
+            print(f"{f.name:<34} ({f.stat().st_size} bytes)")
+    print("-" * 90)
+    for k, v in stds.items():
+        print(f"std {k}: {v}")
+    total = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+    print(f"total size of {out_dir}: {total / 1e6:.1f} MB")
+
+
+# --------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------
+
+
+def make_tiny(out_dir: Path) -> None:
+    import torch
+
+    t0 = time.time()
+    model_dir = out_dir / "tiny-sd"
+    ref_dir = out_dir / "reference"
+    for d in (model_dir, ref_dir):  # only the folders this script owns
+        if d.exists():
+            shutil.rmtree(d)
+    ref_dir.mkdir(parents=True)
+
+    vocab, merges = build_clip_vocab()
+    tokenizer = build_tokenizer(vocab, merges)
+    text_encoder, unet, vae = build_tiny_models()
+    save_model_folder(model_dir, text_encoder, unet, vae, tokenizer, vocab, merges)
+    check_model_folder(model_dir, text_encoder, unet, vae)
+
+    # The saved tokenizer folder must tokenize exactly like the in-memory one.
+    from transformers import CLIPTokenizer
+
+    reloaded = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
+    corpus = build_corpus()
+    assert tokenize(reloaded, corpus) == tokenize(tokenizer, corpus), "tokenizer folder round trip differs"
+
+    stds = {}
+    tok_info = ref_tokens(ref_dir, tokenizer)
+    ref_text_encoder(ref_dir, tokenizer, text_encoder)
+    stds.update({f"unet {k}": v for k, v in ref_unet(ref_dir, unet).items()})
+    stds.update({f"unet_fp16_weights {k}": v for k, v in ref_unet_fp16(ref_dir, model_dir).items()})
+    stds.update({f"vae {k}": v for k, v in ref_vae(ref_dir, vae).items()})
+    sched_info = ref_schedulers(ref_dir, model_dir)
+    batch_info = ref_batch(ref_dir, model_dir)
+    write_meta(ref_dir, {"tokens": tok_info, "scheduler_runs": sched_info, "batch_result": batch_info})
+    for name, i in sched_info.items():
+        stds[f"scheduler_{name} image pixels (0..255)"] = i["pixel_std"]
+    stds["batch image pixels (0..255)"] = batch_info["pixel_std"]
+    print_summary(out_dir, stds)
+    print(f"done in {time.time() - t0:.1f} s (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+
+
+def make_full_size(out_dir: Path) -> None:
+    """Random full-size SD v1-4: fp16 variant weights + configs + tokenizer + scheduler.
+
+    Models are built one at a time in float32 with default init and immediately cast to
+    float16 in place, so peak memory is about one fp32 UNet (3.4 GB) plus the fp16 rest.
+    """
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    t0 = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_clip_vocab()
+    tokenizer = build_tokenizer(vocab, merges)
+
+    torch.manual_seed(WEIGHT_SEED)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**FULL_TEXT_CONFIG)).eval().half()
+    print(f"text_encoder built ({time.time() - t0:.0f} s)", flush=True)
+    unet = UNet2DConditionModel(**FULL_UNET_CONFIG).eval().half()
+    print(f"unet built ({time.time() - t0:.0f} s)", flush=True)
+    vae = AutoencoderKL(**FULL_VAE_CONFIG).eval().half()
+    print(f"vae built ({time.time() - t0:.0f} s)", flush=True)
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=pndm_from_dict(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True, variant="fp16")
+    write_vocab_files(out_dir / "tokenizer", vocab, merges)
+    write_scheduler_config(out_dir / "scheduler")
+    n_params = {n: sum(p.numel() for p in m.parameters()) for n, m in
+                (("text_encoder", text_encoder), ("unet", unet), ("vae", vae))}
+    print(f"parameters: {n_params}")
+    total = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+    print(f"wrote {out_dir} ({total / 1e9:.2f} GB) in {time.time() - t0:.1f} s")
+
+
+def _strict_json(value):
+    """Replaces non-finite floats by the strings "inf", "-inf", "nan" so the file is standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=None, help=f"output folder (default {DEFAULT_OUT})")
+    ap.add_argument("--full-size", action="store_true",
+                    help="write random full-size SD v1-4 fp16 weights to --out (required), no references")
+    args = ap.parse_args(argv)
+
+    import diffusers.utils.logging
+    import torch
+    import transformers.utils.logging
+
+    # Progress bars ("Loading weights", "Writing model shards") only clutter the log.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+    # Deterministic CPU float32 everywhere; no autograd.
+    torch.set_grad_enabled(False)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float32)
+
+    if args.full_size:
+        if args.out is None:
+            ap.error("--full-size needs an explicit --out (it writes ~2 GB)")
+        make_full_size(args.out)
+    else:
+        make_tiny(args.out or DEFAULT_OUT)
+
+
+if __name__ == "__main__":
+    main()
