@@ -1,0 +1,466 @@
+//! Stable Diffusion v1 text-to-image: tokenizer → CLIP text encoder → UNet denoising loop with
+//! classifier-free guidance under a scheduler → VAE decoder → RGB8 pixels.
+//!
+//! Every image carries its own seed and draws its noise from its own generator (see [`noise`]), so
+//! its pixels depend only on (prompt, negative prompt, seed, parameters), never on the batch.
+pub mod attention;
+pub mod clip;
+pub mod config;
+pub mod nn;
+pub mod noise;
+pub mod resnet;
+pub mod schedulers;
+pub mod tokenizer;
+pub mod transformer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+use crate::error::{Error, Result};
+use config::{ClipTextConfig, UNetConfig, VaeConfig, read_json};
+use schedulers::{SchedulerConfig, SchedulerKind};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+use weights::Weights;
+
+/// How to load a model folder.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Compute dtype: `Float` on the CPU; `Half` (default) or `BFloat16` on CUDA.
+    pub dtype: Kind,
+    /// Weights variant (`fp16` → `*.fp16.safetensors`). `None` picks the file matching `dtype` and
+    /// falls back to the other one.
+    pub variant: Option<String>,
+    /// Attention slicing: attention for this many batch rows at a time (`None`: all at once).
+    pub attention_slice: Option<i64>,
+    /// Decode one image at a time through the VAE (lower peak memory on large batches).
+    pub vae_slicing: bool,
+}
+
+impl LoadOptions {
+    pub fn new(device: Device, dtype: Kind) -> Self {
+        Self {
+            device,
+            dtype,
+            variant: None,
+            attention_slice: None,
+            vae_slicing: false,
+        }
+    }
+}
+
+/// One image to make.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageRequest {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub seed: u64,
+}
+
+/// Parameters shared by every image of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateParams {
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub width: i64,
+    pub height: i64,
+    pub scheduler: SchedulerKind,
+}
+
+/// An RGB8 image, row-major, 3 bytes per pixel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: u32,
+    pub height: u32,
+    pub pixels: Vec<u8>,
+}
+
+/// Wall-clock time of each phase of one batch.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    pub text_encode_ms: f64,
+    pub denoise_ms: f64,
+    pub unet_steps: usize,
+    pub vae_decode_ms: f64,
+    pub total_ms: f64,
+}
+
+impl Timings {
+    pub fn ms_per_step(&self) -> f64 {
+        if self.unet_steps == 0 {
+            0.0
+        } else {
+            self.denoise_ms / self.unet_steps as f64
+        }
+    }
+}
+
+pub struct BatchOutput {
+    pub images: Vec<RgbImage>,
+    pub timings: Timings,
+}
+
+/// Progress of the denoising loop: step index, number of steps, latents after the step.
+pub type StepCallback<'a> = dyn FnMut(usize, usize, &Tensor) + 'a;
+
+pub struct StableDiffusion {
+    pub tokenizer: tokenizer::ClipTokenizer,
+    pub text_encoder: clip::ClipTextModel,
+    pub unet: unet::UNet2DConditionModel,
+    pub vae: vae::VaeDecoder,
+    pub scheduler_config: SchedulerConfig,
+    vae_scaling_factor: f64,
+    vae_scale_factor: i64,
+    native_size: i64,
+    options: LoadOptions,
+    model_dir: PathBuf,
+}
+
+/// Picks `dir/{base}.{variant}.safetensors` or `dir/{base}.safetensors`.
+fn weights_file(dir: &Path, base: &str, dtype: Kind, variant: Option<&str>) -> Result<PathBuf> {
+    let plain = dir.join(format!("{base}.safetensors"));
+    if let Some(v) = variant {
+        let file = dir.join(format!("{base}.{v}.safetensors"));
+        return if file.is_file() {
+            Ok(file)
+        } else {
+            Err(Error::MissingFile { path: file })
+        };
+    }
+    let fp16 = dir.join(format!("{base}.fp16.safetensors"));
+    let order = if dtype == Kind::Half {
+        [&fp16, &plain]
+    } else {
+        [&plain, &fp16]
+    };
+    match order.into_iter().find(|p| p.is_file()) {
+        Some(found) => Ok(found.clone()),
+        None => Err(Error::MissingFile {
+            path: plain.clone(),
+        }),
+    }
+}
+
+fn load_weights(dir: &Path, base: &str, opts: &LoadOptions) -> Result<Weights> {
+    let path = weights_file(dir, base, opts.dtype, opts.variant.as_deref())?;
+    tracing::debug!(file = %path.display(), "loading weights");
+    Weights::load(&path, opts.dtype, opts.device)
+}
+
+impl StableDiffusion {
+    /// Loads a model folder in the diffusers layout (`model_index.json`, `tokenizer/`,
+    /// `text_encoder/`, `unet/`, `vae/`, `scheduler/`).
+    pub fn load(dir: &Path, options: LoadOptions) -> Result<Self> {
+        let _no_grad = tch::no_grad_guard();
+        if !dir.is_dir() {
+            return Err(Error::MissingFile {
+                path: dir.to_path_buf(),
+            });
+        }
+        let index: serde_json::Value = read_json(&dir.join("model_index.json"))?;
+        if let Some(class) = index.get("_class_name").and_then(|c| c.as_str())
+            && !class.starts_with("StableDiffusion")
+        {
+            tracing::warn!(
+                class,
+                "model_index.json names a pipeline other than StableDiffusion*"
+            );
+        }
+
+        let te_cfg_path = dir.join("text_encoder/config.json");
+        let te_cfg: ClipTextConfig = read_json(&te_cfg_path)?;
+        let te_weights = load_weights(&dir.join("text_encoder"), "model", &options)?;
+        let text_encoder = clip::ClipTextModel::load(&te_cfg, &te_cfg_path, &te_weights.root())?;
+        te_weights.finish();
+        let tokenizer = tokenizer::ClipTokenizer::load(
+            &dir.join("tokenizer"),
+            te_cfg.max_position_embeddings as usize,
+        )?;
+
+        let unet_cfg_path = dir.join("unet/config.json");
+        let unet_cfg: UNetConfig = read_json(&unet_cfg_path)?;
+        let unet_weights = load_weights(&dir.join("unet"), "diffusion_pytorch_model", &options)?;
+        let unet = unet::UNet2DConditionModel::load(
+            &unet_cfg,
+            &unet_cfg_path,
+            &unet_weights.root(),
+            options.attention_slice,
+        )?;
+        unet_weights.finish();
+        if unet.cross_attention_dim() != text_encoder.hidden_size() {
+            return Err(Error::Config {
+                path: unet_cfg_path,
+                message: format!(
+                    "cross_attention_dim {} does not match the text encoder's hidden_size {}",
+                    unet.cross_attention_dim(),
+                    text_encoder.hidden_size()
+                ),
+            });
+        }
+
+        let vae_cfg_path = dir.join("vae/config.json");
+        let vae_cfg: VaeConfig = read_json(&vae_cfg_path)?;
+        let vae_weights = load_weights(&dir.join("vae"), "diffusion_pytorch_model", &options)?;
+        let vae = vae::VaeDecoder::load(&vae_cfg, &vae_cfg_path, &vae_weights.root())?;
+        // The encoder half is not needed for text-to-image; its tensors stay unused on purpose.
+        drop(vae_weights);
+        if vae.latent_channels() != unet.in_channels() {
+            return Err(Error::Config {
+                path: vae_cfg_path,
+                message: format!(
+                    "latent_channels {} does not match the UNet's in_channels {}",
+                    vae.latent_channels(),
+                    unet.in_channels()
+                ),
+            });
+        }
+
+        let scheduler_config =
+            SchedulerConfig::from_file(dir.join("scheduler/scheduler_config.json"))?;
+        // The noise schedule itself is shared by every scheduler: a bad one fails the load.
+        scheduler_config.alphas_cumprod()?;
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler_config,
+            vae_scaling_factor: vae_cfg.scaling_factor,
+            vae_scale_factor: vae_cfg.scale_factor(),
+            // SD v1 UNets say 64 (latent cells): 512 px. Models without the key get the same.
+            native_size: unet_cfg.sample_size.unwrap_or(64) * vae_cfg.scale_factor(),
+            options,
+            model_dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.options.device
+    }
+
+    pub fn dtype(&self) -> Kind {
+        self.options.dtype
+    }
+
+    pub fn model_dir(&self) -> &Path {
+        &self.model_dir
+    }
+
+    /// The image size the model was trained at (512 for SD v1), the default width and height.
+    pub fn native_size(&self) -> i64 {
+        self.native_size
+    }
+
+    /// Image sizes must be multiples of this (8 for SD).
+    pub fn size_multiple(&self) -> i64 {
+        self.vae_scale_factor
+    }
+
+    /// Tokenizes prompts to a `[n, 77]` id tensor on the model's device.
+    pub fn tokenize(&self, prompts: &[&str]) -> Result<Tensor> {
+        let mut ids = Vec::with_capacity(prompts.len() * self.tokenizer.max_len());
+        for prompt in prompts {
+            let tokens = self.tokenizer.encode(prompt)?;
+            if tokens.truncated > 0 {
+                tracing::warn!(
+                    dropped_tokens = tokens.truncated,
+                    max_tokens = self.tokenizer.max_len(),
+                    "prompt truncated: CLIP can only handle {} tokens",
+                    self.tokenizer.max_len()
+                );
+            }
+            ids.extend(tokens.ids);
+        }
+        Ok(Tensor::from_slice(&ids)
+            .f_view([prompts.len() as i64, self.tokenizer.max_len() as i64])?
+            .f_to_device(self.options.device)?)
+    }
+
+    /// Text embeddings (`[n, 77, hidden]`) of `prompts`, in one text-encoder call.
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
+        let _no_grad = tch::no_grad_guard();
+        self.text_encoder.forward(&self.tokenize(prompts)?)
+    }
+
+    /// Checks parameters before any work is done.
+    pub fn validate(&self, requests: &[ImageRequest], p: &GenerateParams) -> Result<()> {
+        let m = self.vae_scale_factor;
+        let bad = |msg: String| Err(Error::InvalidArgument(msg));
+        if requests.is_empty() {
+            return bad("no images requested".into());
+        }
+        if p.width <= 0 || p.height <= 0 || p.width % m != 0 || p.height % m != 0 {
+            return bad(format!(
+                "width and height must be positive multiples of {m}, got {}x{}",
+                p.width, p.height
+            ));
+        }
+        if p.steps == 0 {
+            return bad("steps must be at least 1".into());
+        }
+        if !p.guidance_scale.is_finite() || p.guidance_scale < 0.0 {
+            return bad(format!(
+                "guidance scale must be a finite number >= 0, got {}",
+                p.guidance_scale
+            ));
+        }
+        // Scheduler options this config cannot drive (e.g. an unsupported prediction type).
+        p.scheduler.build(&self.scheduler_config, p.steps)?;
+        Ok(())
+    }
+
+    /// Generates one image per request, all in one batch.
+    pub fn generate(
+        &self,
+        requests: &[ImageRequest],
+        p: &GenerateParams,
+        on_step: &mut StepCallback<'_>,
+    ) -> Result<BatchOutput> {
+        self.validate(requests, p)?;
+        let _no_grad = tch::no_grad_guard();
+        let started = Instant::now();
+        let device = self.options.device;
+        let kind = self.options.dtype;
+        let n = requests.len() as i64;
+        // As diffusers: guidance only when the scale is above 1 (a scale of 1 is the text branch alone).
+        let guided = p.guidance_scale > 1.0;
+
+        // One text-encoder call: [negatives..., positives...] with guidance, positives alone without.
+        let t0 = Instant::now();
+        let mut texts: Vec<&str> = Vec::with_capacity(requests.len() * 2);
+        if guided {
+            texts.extend(
+                requests
+                    .iter()
+                    .map(|r| r.negative_prompt.as_deref().unwrap_or("")),
+            );
+        }
+        texts.extend(requests.iter().map(|r| r.prompt.as_str()));
+        let context = self.encode_prompts(&texts)?;
+        let text_encode = self.sync_elapsed(t0);
+
+        let t1 = Instant::now();
+        let mut scheduler = p.scheduler.build(&self.scheduler_config, p.steps)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let shape = [
+            1,
+            self.unet.in_channels(),
+            p.height / self.vae_scale_factor,
+            p.width / self.vae_scale_factor,
+        ];
+        let draws = 1 + if scheduler.needs_noise() {
+            timesteps.len()
+        } else {
+            0
+        };
+        let noise: Vec<Vec<Tensor>> = requests
+            .iter()
+            .map(|r| noise::image_noise(r.seed, shape, kind, draws))
+            .collect::<Result<_>>()?;
+        let batch_noise = |draw: usize| -> Result<Tensor> {
+            let parts: Vec<&Tensor> = noise.iter().map(|v| &v[draw]).collect();
+            Ok(Tensor::f_cat(&parts, 0)?.f_to_device(device)?)
+        };
+        let mut latents = batch_noise(0)?.f_mul_scalar(scheduler.init_noise_sigma())?;
+
+        for (i, &t) in timesteps.iter().enumerate() {
+            let model_in = if guided {
+                Tensor::f_cat(&[&latents, &latents], 0)?
+            } else {
+                latents.shallow_clone()
+            };
+            let model_in = scheduler.scale_model_input(&model_in, i);
+            let batch = model_in.size()[0];
+            let ts = Tensor::from_slice(&[t as f32])
+                .f_to_device(device)?
+                .f_expand([batch], false)?;
+            let eps = self.unet.forward(&model_in, &ts, &context)?;
+            let eps = if guided {
+                let halves = eps.f_chunk(2, 0)?;
+                let (uncond, text) = (&halves[0], &halves[1]);
+                uncond.f_add(&text.f_sub(uncond)?.f_mul_scalar(p.guidance_scale)?)?
+            } else {
+                eps
+            };
+            let step_noise = if scheduler.needs_noise() {
+                Some(batch_noise(1 + i)?)
+            } else {
+                None
+            };
+            latents = scheduler.step(&eps, i, &latents, step_noise.as_ref())?;
+            on_step(i, timesteps.len(), &latents);
+        }
+        let denoise = self.sync_elapsed(t1);
+
+        let t2 = Instant::now();
+        let images = self.decode(&latents)?;
+        let vae_decode = self.sync_elapsed(t2);
+        debug_assert_eq!(images.len() as i64, n);
+        Ok(BatchOutput {
+            images,
+            timings: Timings {
+                text_encode_ms: ms(text_encode),
+                denoise_ms: ms(denoise),
+                unet_steps: timesteps.len(),
+                vae_decode_ms: ms(vae_decode),
+                total_ms: ms(started.elapsed()),
+            },
+        })
+    }
+
+    /// Latents → RGB8 images, post-processed as diffusers does (`(x/2 + 0.5).clamp(0, 1)` in the
+    /// model dtype, then ×255 and round-half-even in float32).
+    pub fn decode(&self, latents: &Tensor) -> Result<Vec<RgbImage>> {
+        let _no_grad = tch::no_grad_guard();
+        let z = latents.f_div_scalar(self.vae_scaling_factor)?;
+        let decoded = if self.options.vae_slicing && z.size()[0] > 1 {
+            let parts = z
+                .f_split(1, 0)?
+                .iter()
+                .map(|zi| self.vae.decode(zi))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::f_cat(&parts, 0)?
+        } else {
+            self.vae.decode(&z)?
+        };
+        let pixels = decoded
+            .f_div_scalar(2.0)?
+            .f_add_scalar(0.5)?
+            .f_clamp(0.0, 1.0)?
+            .f_to_device(Device::Cpu)?
+            .f_permute([0, 2, 3, 1])?
+            .f_to_kind(Kind::Float)?
+            .f_mul_scalar(255.0)?
+            .f_round()?
+            .f_to_kind(Kind::Uint8)?
+            .f_contiguous()?;
+        let (b, h, w, _) = pixels.size4()?;
+        (0..b)
+            .map(|i| {
+                let img = pixels.f_get(i)?;
+                let len = (h * w * 3) as usize;
+                let mut buf = vec![0u8; len];
+                img.f_copy_data_u8(&mut buf, len)?;
+                Ok(RgbImage {
+                    width: w as u32,
+                    height: h as u32,
+                    pixels: buf,
+                })
+            })
+            .collect()
+    }
+
+    /// Elapsed time since `t`, after waiting for queued CUDA work so phases are timed honestly.
+    fn sync_elapsed(&self, t: Instant) -> Duration {
+        if let Device::Cuda(i) = self.options.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        t.elapsed()
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

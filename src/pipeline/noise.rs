@@ -1,0 +1,48 @@
+//! Per-image random noise, drawn exactly as diffusers draws it with one `torch.Generator("cpu")`
+//! per image: `randn([1, c, h, w])` for the initial latents, then (ancestral schedulers) one more
+//! `randn` of the same shape per step, all from that image's generator in that order.
+//!
+//! libtorch's CPU generator behind `tch::manual_seed` is process-global, so each image's whole
+//! sequence is drawn up front under one lock: seed, then every draw. The result depends only on the
+//! seed, never on the batch the image is in or on other threads.
+use crate::error::Result;
+use std::sync::Mutex;
+use tch::{Device, Kind, Tensor};
+
+static GLOBAL_GENERATOR: Mutex<()> = Mutex::new(());
+
+/// The noise one image needs: `draws` tensors of `shape` (`[1, c, h, w]`), on the CPU, in `kind`
+/// (diffusers draws in the pipeline's dtype on the CPU generator, then moves to the device).
+pub fn image_noise(seed: u64, shape: [i64; 4], kind: Kind, draws: usize) -> Result<Vec<Tensor>> {
+    // A poisoned lock only means another thread panicked mid-draw; reseeding below makes the
+    // generator state irrelevant, so carry on.
+    let _guard = GLOBAL_GENERATOR.lock().unwrap_or_else(|p| p.into_inner());
+    // torch's manual_seed takes the seed's 64 bits as unsigned; the cast keeps them.
+    tch::manual_seed(seed as i64);
+    (0..draws)
+        .map(|_| Ok(Tensor::f_randn(shape, (kind, Device::Cpu))?))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_noise_regardless_of_interleaving() {
+        let a = image_noise(42, [1, 4, 8, 8], Kind::Float, 3).unwrap();
+        let _other = image_noise(7, [1, 4, 8, 8], Kind::Float, 2).unwrap();
+        let b = image_noise(42, [1, 4, 8, 8], Kind::Float, 3).unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            assert!(x.equal(y));
+        }
+        assert!(!a[0].equal(&a[1]), "consecutive draws must differ");
+    }
+
+    #[test]
+    fn full_u64_seed_range() {
+        let a = image_noise(u64::MAX, [1, 4, 2, 2], Kind::Float, 1).unwrap();
+        let b = image_noise(u64::MAX - 1, [1, 4, 2, 2], Kind::Float, 1).unwrap();
+        assert!(!a[0].equal(&b[0]));
+    }
+}

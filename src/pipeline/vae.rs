@@ -1,0 +1,154 @@
+//! The decoder half of diffusers' `AutoencoderKL`: latents (already divided by the scaling factor)
+//! to images in [-1, 1]. Sizes come from `vae/config.json`.
+use super::attention::Attention;
+use super::config::VaeConfig;
+use super::nn::{Conv2d, GroupNorm};
+use super::resnet::{ResnetBlock, Upsample};
+use super::weights::Scope;
+use crate::error::Result;
+use std::path::Path;
+use tch::Tensor;
+
+const EPS: f64 = 1e-6;
+
+/// The mid block's single-head spatial self-attention (group norm, attention, residual).
+struct SpatialAttention {
+    norm: GroupNorm,
+    attn: Attention,
+}
+
+impl SpatialAttention {
+    fn load(s: &Scope, channels: i64, groups: i64) -> Result<Self> {
+        Ok(Self {
+            norm: GroupNorm::load(&s.sub("group_norm"), groups, channels, EPS)?,
+            attn: Attention::load(s, channels, channels, 1, channels, true, None)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.size4()?;
+        let tokens = self
+            .norm
+            .forward(xs)?
+            .f_view([b, c, h * w])?
+            .f_transpose(1, 2)?;
+        let out = self.attn.forward(&tokens, None)?;
+        let out = out.f_transpose(1, 2)?.f_reshape([b, c, h, w])?;
+        Ok(out.f_add(xs)?)
+    }
+}
+
+struct UpDecoderBlock {
+    resnets: Vec<ResnetBlock>,
+    upsample: Option<Upsample>,
+}
+
+pub struct VaeDecoder {
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_resnet_in: ResnetBlock,
+    mid_attention: Option<SpatialAttention>,
+    mid_resnet_out: ResnetBlock,
+    up: Vec<UpDecoderBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    latent_channels: i64,
+}
+
+impl VaeDecoder {
+    pub fn load(config: &VaeConfig, config_path: &Path, w: &Scope) -> Result<Self> {
+        config.validate(config_path)?;
+        let ch = &config.block_out_channels;
+        let n = ch.len();
+        let groups = config.norm_num_groups;
+        let lat = config.latent_channels;
+        let d = w.sub("decoder");
+        let top = ch[n - 1];
+
+        let mut up = Vec::with_capacity(n);
+        let mut prev_out = top;
+        for i in 0..n {
+            let s = d.sub(format!("up_blocks.{i}"));
+            let out_ch = ch[n - 1 - i];
+            let resnets = (0..config.layers_per_block + 1)
+                .map(|j| {
+                    let in_ch = if j == 0 { prev_out } else { out_ch };
+                    ResnetBlock::load(
+                        &s.sub(format!("resnets.{j}")),
+                        in_ch,
+                        out_ch,
+                        None,
+                        groups,
+                        EPS,
+                    )
+                })
+                .collect::<Result<_>>()?;
+            let upsample = (i + 1 < n)
+                .then(|| Upsample::load(&s.sub("upsamplers.0"), out_ch))
+                .transpose()?;
+            up.push(UpDecoderBlock { resnets, upsample });
+            prev_out = out_ch;
+        }
+
+        Ok(Self {
+            post_quant_conv: config
+                .use_post_quant_conv
+                .then(|| Conv2d::load(&w.sub("post_quant_conv"), lat, lat, 1, 1, 0))
+                .transpose()?,
+            conv_in: Conv2d::load(&d.sub("conv_in"), lat, top, 3, 1, 1)?,
+            mid_resnet_in: ResnetBlock::load(
+                &d.sub("mid_block.resnets.0"),
+                top,
+                top,
+                None,
+                groups,
+                EPS,
+            )?,
+            mid_attention: config
+                .mid_block_add_attention
+                .then(|| SpatialAttention::load(&d.sub("mid_block.attentions.0"), top, groups))
+                .transpose()?,
+            mid_resnet_out: ResnetBlock::load(
+                &d.sub("mid_block.resnets.1"),
+                top,
+                top,
+                None,
+                groups,
+                EPS,
+            )?,
+            up,
+            norm_out: GroupNorm::load(&d.sub("conv_norm_out"), groups, ch[0], EPS)?,
+            conv_out: Conv2d::load(&d.sub("conv_out"), ch[0], config.out_channels, 3, 1, 1)?,
+            latent_channels: lat,
+        })
+    }
+
+    pub fn latent_channels(&self) -> i64 {
+        self.latent_channels
+    }
+
+    /// Decodes `z` (`[batch, latent_channels, h, w]`, already divided by the scaling factor).
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let z = match &self.post_quant_conv {
+            Some(conv) => conv.forward(z)?,
+            None => z.shallow_clone(),
+        };
+        let mut xs = self.conv_in.forward(&z)?;
+        xs = self.mid_resnet_in.forward(&xs, None)?;
+        if let Some(attn) = &self.mid_attention {
+            xs = attn.forward(&xs)?;
+        }
+        xs = self.mid_resnet_out.forward(&xs, None)?;
+        for block in &self.up {
+            for resnet in &block.resnets {
+                xs = resnet.forward(&xs, None)?;
+            }
+            if let Some(up) = &block.upsample {
+                let (_, _, h, w) = xs.size4()?;
+                xs = up.forward(&xs, [h * 2, w * 2])?;
+            }
+        }
+        let xs = self.norm_out.forward(&xs)?.f_silu()?;
+        self.conv_out.forward(&xs)
+    }
+}

@@ -1,0 +1,211 @@
+//! Named tensors of one safetensors file, handed out by exact name and checked shape.
+//!
+//! The model code asks for every tensor it needs with the shape its config implies, so a missing
+//! tensor or a config/weights mismatch is an error naming the file and the tensor — never a silently
+//! random weight (nothing in this crate initialises a weight any other way). Tensors are converted to
+//! the requested dtype and device as they are taken, and dropped from the host copy at once, so
+//! loading a large model does not hold it twice in host memory.
+use crate::error::{Error, Result};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+pub struct Weights {
+    path: PathBuf,
+    tensors: RefCell<HashMap<String, Tensor>>,
+    kind: Kind,
+    device: Device,
+}
+
+impl Weights {
+    /// Reads `path` (a `.safetensors` file). Tensors will be converted to `kind` on `device`.
+    pub fn load(path: &Path, kind: Kind, device: Device) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::MissingFile {
+                path: path.to_path_buf(),
+            });
+        }
+        let tensors = Tensor::read_safetensors(path).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            message: format!("not a readable safetensors file: {e}"),
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            tensors: RefCell::new(tensors.into_iter().collect()),
+            kind,
+            device,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A view whose names are prefixed with `prefix.`.
+    pub fn scope(&self, prefix: &str) -> Scope<'_> {
+        Scope {
+            weights: self,
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// The root view (no prefix).
+    pub fn root(&self) -> Scope<'_> {
+        self.scope("")
+    }
+
+    fn take(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        let tensor =
+            self.tensors
+                .borrow_mut()
+                .remove(name)
+                .ok_or_else(|| Error::MissingTensor {
+                    path: self.path.clone(),
+                    name: name.to_string(),
+                })?;
+        let actual = tensor.size();
+        if actual != shape {
+            return Err(Error::ShapeMismatch {
+                path: self.path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual,
+            });
+        }
+        let kind = if matches!(
+            tensor.kind(),
+            Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
+        ) {
+            self.kind
+        } else {
+            tensor.kind()
+        };
+        Ok(tensor.f_to_device(self.device)?.f_to_kind(kind)?)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.borrow().contains_key(name)
+    }
+
+    /// Ends loading: tensors the model never asked for are reported (they usually mean the config
+    /// describes a smaller model than the weights). Known buffers that carry no weights are ignored.
+    pub fn finish(self) {
+        let left: Vec<String> = self
+            .tensors
+            .borrow()
+            .keys()
+            .filter(|k| !k.ends_with("position_ids"))
+            .cloned()
+            .collect();
+        if let Some(example) = left.iter().min() {
+            tracing::warn!(
+                file = %self.path.display(),
+                count = left.len(),
+                example = %example,
+                "tensors in the weights file were not used by the model"
+            );
+        }
+    }
+}
+
+/// A prefixed view into [`Weights`], mirroring the module tree of the Python model.
+#[derive(Clone)]
+pub struct Scope<'a> {
+    weights: &'a Weights,
+    prefix: String,
+}
+
+impl<'a> Scope<'a> {
+    pub fn sub(&self, name: impl std::fmt::Display) -> Scope<'a> {
+        Scope {
+            weights: self.weights,
+            prefix: self.full(&name.to_string()),
+        }
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    /// Takes tensor `name` (relative to this scope), which must have exactly `shape`.
+    pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        self.weights.take(&self.full(name), shape)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.weights.contains(&self.full(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, tensors: &[(&str, Tensor)]) -> PathBuf {
+        let path = dir.join("w.safetensors");
+        Tensor::write_safetensors(tensors, &path).unwrap();
+        path
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let err = Weights::load(
+            Path::new("/nonexistent/x.safetensors"),
+            Kind::Float,
+            Device::Cpu,
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, Error::MissingFile { .. }));
+        assert!(err.to_string().contains("/nonexistent/x.safetensors"));
+    }
+
+    #[test]
+    fn missing_and_misshapen_tensors_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            &[(
+                "a.weight",
+                Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)),
+            )],
+        );
+        let w = Weights::load(&path, Kind::Float, Device::Cpu).unwrap();
+        let err = w.scope("a").get("bias", &[2]).err().unwrap();
+        assert!(err.to_string().contains("missing tensor `a.bias`"), "{err}");
+        let err = w.scope("a").get("weight", &[3, 2]).err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("`a.weight` has shape [2, 3], expected [3, 2]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn converts_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            &[("x", Tensor::ones([4], (Kind::Half, Device::Cpu)))],
+        );
+        let w = Weights::load(&path, Kind::Float, Device::Cpu).unwrap();
+        let t = w.root().get("x", &[4]).unwrap();
+        assert_eq!(t.kind(), Kind::Float);
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.safetensors");
+        std::fs::write(&path, b"not a safetensors file").unwrap();
+        let err = Weights::load(&path, Kind::Float, Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("bad.safetensors"), "{err}");
+    }
+}
