@@ -1,0 +1,154 @@
+//! `sdbatch bench`: images/s and per-phase times for each batch size, printed as a table.
+use super::{ModelArgs, SamplingArgs};
+use anyhow::{Result, bail};
+use clap::Args;
+use sdbatch::device::{cuda_memory, device_name, dtype_name, peak_rss};
+use sdbatch::pipeline::{GenerateParams, ImageRequest, StableDiffusion};
+use serde::Serialize;
+use std::path::PathBuf;
+
+const PROMPTS: [&str; 4] = [
+    "professional product photography of a leather handbag, studio lighting",
+    "concept art of a floating castle above the clouds, highly detailed",
+    "a photo of an astronaut riding a horse on mars",
+    "isometric game asset of a wooden treasure chest, white background",
+];
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Comma-separated batch sizes.
+    #[arg(long, default_value = "1,4,8,16,32", value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub batch_sizes: Vec<u32>,
+    /// Untimed warm-up batches per batch size (kernel selection, allocator growth).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: u32,
+    /// Timed batches per batch size (the table shows the mean).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeats: u32,
+    /// Also write the rows as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    batch_size: u32,
+    images_per_s: f64,
+    ms_per_unet_step: f64,
+    text_encode_ms: f64,
+    vae_decode_ms: f64,
+    batch_s: f64,
+    peak_memory_gib: Option<f64>,
+}
+
+fn requests(n: u32) -> Vec<ImageRequest> {
+    (0..n)
+        .map(|i| ImageRequest {
+            prompt: PROMPTS[i as usize % PROMPTS.len()].to_string(),
+            negative_prompt: None,
+            seed: i as u64,
+        })
+        .collect()
+}
+
+fn measure(
+    model: &StableDiffusion,
+    params: &GenerateParams,
+    bs: u32,
+    args: &BenchArgs,
+) -> Result<Row> {
+    let reqs = requests(bs);
+    for _ in 0..args.warmup {
+        model.generate(&reqs, params, &mut |_, _, _| {})?;
+    }
+    let cuda = model.device().is_cuda();
+    let mut min_free = u64::MAX;
+    let mut total_mem = 0;
+    let (mut sum_total, mut sum_step, mut sum_text, mut sum_vae) = (0.0, 0.0, 0.0, 0.0);
+    for _ in 0..args.repeats {
+        let out = model.generate(&reqs, params, &mut |_, _, _| {
+            if cuda && let Some((free, total)) = cuda_memory() {
+                min_free = min_free.min(free);
+                total_mem = total;
+            }
+        })?;
+        sum_total += out.timings.total_ms;
+        sum_step += out.timings.ms_per_step();
+        sum_text += out.timings.text_encode_ms;
+        sum_vae += out.timings.vae_decode_ms;
+    }
+    if cuda && let Some((free, total)) = cuda_memory() {
+        min_free = min_free.min(free);
+        total_mem = total;
+    }
+    let r = args.repeats as f64;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Ok(Row {
+        batch_size: bs,
+        images_per_s: bs as f64 / (sum_total / r / 1e3),
+        ms_per_unet_step: sum_step / r,
+        text_encode_ms: sum_text / r,
+        vae_decode_ms: sum_vae / r,
+        batch_s: sum_total / r / 1e3,
+        peak_memory_gib: if cuda {
+            (min_free != u64::MAX).then(|| gib(total_mem - min_free))
+        } else {
+            peak_rss().map(gib)
+        },
+    })
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.batch_sizes.is_empty() {
+        bail!("--batch-sizes is empty");
+    }
+    let model = args.model.load()?;
+    let params = args.sampling.params(&model)?;
+    model.validate(&requests(1), &params)?;
+    let mem_label = if model.device().is_cuda() {
+        "peak GPU GiB"
+    } else {
+        "peak RSS GiB"
+    };
+    println!(
+        "sdbatch bench: {} {} {}x{} {} steps, {} guidance {}, warmup {}, repeats {}",
+        device_name(model.device()),
+        dtype_name(model.dtype()),
+        params.width,
+        params.height,
+        params.steps,
+        params.scheduler,
+        params.guidance_scale,
+        args.warmup,
+        args.repeats
+    );
+    println!(
+        "{:>6} | {:>9} | {:>13} | {:>14} | {:>13} | {:>9} | {:>12}",
+        "batch", "images/s", "ms/UNet step", "text enc. ms", "VAE dec. ms", "batch s", mem_label
+    );
+    println!("{}", "-".repeat(96));
+    let mut rows = Vec::new();
+    for &bs in &args.batch_sizes {
+        let row = measure(&model, &params, bs, &args)?;
+        println!(
+            "{:>6} | {:>9.3} | {:>13.2} | {:>14.2} | {:>13.2} | {:>9.2} | {:>12}",
+            row.batch_size,
+            row.images_per_s,
+            row.ms_per_unet_step,
+            row.text_encode_ms,
+            row.vae_decode_ms,
+            row.batch_s,
+            row.peak_memory_gib
+                .map_or("n/a".into(), |g| format!("{g:.2}"))
+        );
+        rows.push(row);
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! `sdbatch generate`: prompts file → PNGs + JSON sidecars, in batches, with progress bars.
+use super::{ModelArgs, SamplingArgs};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use sdbatch::device::{device_name, dtype_name};
+use sdbatch::output::{Sidecar, write_image};
+use sdbatch::pipeline::ImageRequest;
+use sdbatch::prompts::{PromptEntry, read_prompts};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Prompts: .txt (one a line) or .jsonl ({"prompt", "negative_prompt"?, "seed"?, "id"?}).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Output folder (created if missing): <id or index>.png and .json per image.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Images per UNet batch.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub batch_size: u32,
+    /// Images per prompt (each with its own seed: the prompt's seed + n).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub images_per_prompt: u32,
+    /// Base seed for prompts without one (prompt k, image n gets seed + k * images_per_prompt + n).
+    /// Default: random, recorded in each sidecar.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Negative prompt for entries that have none.
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+}
+
+/// One image to make, with where it goes.
+struct Job {
+    stem: String,
+    request: ImageRequest,
+}
+
+fn plan(entries: &[PromptEntry], args: &GenerateArgs, base_seed: u64) -> Vec<Job> {
+    let per = args.images_per_prompt as u64;
+    let mut jobs = Vec::new();
+    for (k, e) in entries.iter().enumerate() {
+        let first_seed = e
+            .seed
+            .unwrap_or_else(|| base_seed.wrapping_add(k as u64 * per));
+        for n in 0..per {
+            let base = e.id.clone().unwrap_or_else(|| k.to_string());
+            let stem = if per > 1 { format!("{base}_{n}") } else { base };
+            jobs.push(Job {
+                stem,
+                request: ImageRequest {
+                    prompt: e.prompt.clone(),
+                    negative_prompt: e
+                        .negative_prompt
+                        .clone()
+                        .or_else(|| args.negative_prompt.clone()),
+                    seed: first_seed.wrapping_add(n),
+                },
+            });
+        }
+    }
+    jobs
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    // RandomState is seeded from the OS; hashing the time through it gives an unpredictable seed
+    // without another dependency.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    RandomState::new().hash_one(now) >> 1
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    // Validate everything cheap before loading a model.
+    let entries = read_prompts(&args.prompts)?;
+    for dim in [args.sampling.width, args.sampling.height]
+        .into_iter()
+        .flatten()
+    {
+        if dim <= 0 || dim % 8 != 0 || dim > 4096 {
+            bail!("--width/--height must be positive multiples of 8 up to 4096, got {dim}");
+        }
+    }
+    if !args.sampling.guidance.is_finite() || args.sampling.guidance < 0.0 {
+        bail!("--guidance must be a finite number >= 0");
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let base_seed = args.seed.unwrap_or_else(random_seed);
+    let jobs = plan(&entries, &args, base_seed);
+
+    let model = args.model.load()?;
+    let params = args.sampling.params(&model)?;
+    model.validate(&[jobs[0].request.clone()], &params)?;
+    let model_name = args.model.model.display().to_string();
+    let device = device_name(model.device());
+    let dtype = dtype_name(model.dtype());
+    tracing::info!(
+        images = jobs.len(),
+        prompts = entries.len(),
+        base_seed,
+        "generating"
+    );
+
+    let bars = MultiProgress::new();
+    let images_bar = bars.add(ProgressBar::new(jobs.len() as u64));
+    images_bar.set_style(
+        ProgressStyle::with_template(
+            "images {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let steps_bar = bars.add(ProgressBar::new(0));
+    steps_bar.set_style(
+        ProgressStyle::with_template("steps  {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+
+    for chunk in jobs.chunks(args.batch_size as usize) {
+        let requests: Vec<ImageRequest> = chunk.iter().map(|j| j.request.clone()).collect();
+        steps_bar.reset();
+        steps_bar.set_message(format!("batch of {}", requests.len()));
+        let out = model.generate(&requests, &params, &mut |i, total, _| {
+            steps_bar.set_length(total as u64);
+            steps_bar.set_position(i as u64 + 1);
+        })?;
+        for (job, image) in chunk.iter().zip(&out.images) {
+            let sidecar = Sidecar {
+                prompt: &job.request.prompt,
+                negative_prompt: job.request.negative_prompt.as_deref(),
+                seed: job.request.seed,
+                steps: params.steps,
+                guidance_scale: params.guidance_scale,
+                width: params.width,
+                height: params.height,
+                scheduler: params.scheduler.name(),
+                model: &model_name,
+                device: &device,
+                dtype,
+                batch_size: requests.len(),
+                timings: &out.timings,
+            };
+            write_image(&args.out, &job.stem, image, &sidecar)?;
+            images_bar.inc(1);
+        }
+        tracing::debug!(?out.timings, "batch done");
+    }
+    steps_bar.finish_and_clear();
+    images_bar.finish();
+    println!("wrote {} images to {}", jobs.len(), args.out.display());
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! Command-line interface: argument definitions and dispatch.
+mod bench;
+mod generate;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sdbatch::pipeline::schedulers::SchedulerKind;
+use sdbatch::pipeline::{LoadOptions, StableDiffusion};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sdbatch",
+    version,
+    about = "Batch Stable Diffusion v1 image generation on libtorch"
+)]
+pub struct Cli {
+    /// Log output format (level from RUST_LOG, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate images for every prompt of a .txt or .jsonl file.
+    Generate(generate::GenerateArgs),
+    /// Measure throughput per batch size and print a table.
+    Bench(bench::BenchArgs),
+}
+
+/// Model, device and precision flags shared by the commands that load a model.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model folder in the diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// auto (CUDA if available), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// Weights variant to load, e.g. fp16 (*.fp16.safetensors); default: the one matching --dtype.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Attention slicing: run attention for N batch rows at a time (lower peak memory).
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+    pub attention_slicing: Option<i64>,
+    /// Decode one image at a time through the VAE (lower peak memory).
+    #[arg(long)]
+    pub vae_slicing: bool,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<StableDiffusion> {
+        let device = sdbatch::device::parse_device(&self.device)?;
+        let dtype = sdbatch::device::parse_dtype(&self.dtype, device)?;
+        tracing::info!(
+            device = %sdbatch::device::device_name(device),
+            dtype = sdbatch::device::dtype_name(dtype),
+            cuda_available = tch::Cuda::is_available(),
+            cuda_devices = tch::Cuda::device_count(),
+            "using device"
+        );
+        let options = LoadOptions {
+            variant: self.variant.clone(),
+            attention_slice: self.attention_slicing,
+            vae_slicing: self.vae_slicing,
+            ..LoadOptions::new(device, dtype)
+        };
+        let started = Instant::now();
+        let model = StableDiffusion::load(&self.model, options)
+            .map_err(|e| anyhow::anyhow!("loading model {}: {e}", self.model.display()))?;
+        tracing::info!(model = %self.model.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
+        Ok(model)
+    }
+}
+
+/// Sampling flags shared by generate and bench.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Denoising steps.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub steps: u32,
+    /// Classifier-free guidance scale (<= 1 disables guidance).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// pndm (SD v1-4's default), ddim, euler_ancestral, dpmpp_2m.
+    #[arg(long, default_value = "pndm")]
+    pub scheduler: SchedulerKind,
+    /// Image width in pixels, a multiple of 8 (default: the model's native size).
+    #[arg(long)]
+    pub width: Option<i64>,
+    /// Image height in pixels, a multiple of 8 (default: the model's native size).
+    #[arg(long)]
+    pub height: Option<i64>,
+}
+
+impl SamplingArgs {
+    pub fn params(&self, model: &StableDiffusion) -> Result<sdbatch::pipeline::GenerateParams> {
+        let native = model.native_size();
+        Ok(sdbatch::pipeline::GenerateParams {
+            steps: self.steps as usize,
+            guidance_scale: self.guidance,
+            width: self.width.unwrap_or(native),
+            height: self.height.unwrap_or(native),
+            scheduler: self.scheduler,
+        })
+    }
+}
+
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}
