@@ -291,3 +291,36 @@ fn image_is_independent_of_its_batch() {
         );
     }
 }
+
+/// Attention slicing and VAE slicing only change how much runs at once, not the result.
+#[test]
+fn slicing_options_do_not_change_images() {
+    let requests: Vec<ImageRequest> = (0..3)
+        .map(|i| ImageRequest {
+            prompt: format!("a bowl of fruit, still life number {i}"),
+            negative_prompt: None,
+            seed: 100 + i,
+        })
+        .collect();
+    let params = GenerateParams {
+        steps: 4,
+        guidance_scale: 7.5,
+        width: 64,
+        height: 64,
+        scheduler: SchedulerKind::Pndm,
+    };
+    let plain = load_cpu().generate(&requests, &params, &mut |_, _, _| {}).unwrap();
+    let sliced_model = StableDiffusion::load(
+        &model_dir(),
+        LoadOptions {
+            attention_slice: Some(1),
+            vae_slicing: true,
+            ..LoadOptions::new(Device::Cpu, Kind::Float)
+        },
+    )
+    .unwrap();
+    let sliced = sliced_model.generate(&requests, &params, &mut |_, _, _| {}).unwrap();
+    for (a, b) in plain.images.iter().zip(&sliced.images) {
+        assert_images_match("sliced vs unsliced", &a.pixels, &b.pixels);
+    }
+}

@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1
+# sdbatch GPU image. libtorch comes from the PyPI torch wheel (the same 2.11.0 the project pins),
+# installed into a venv in the build stage and copied, libraries only, into a slim CUDA runtime.
+
+ARG CUDA_RUNTIME=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+ARG RUST_IMAGE=rust:1.95-bookworm
+
+FROM ${RUST_IMAGE} AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY scripts/requirements-fixtures.txt scripts/
+# torch only: the reference-fixture packages are for tests, not for the image.
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir "$(grep '^torch==' scripts/requirements-fixtures.txt)"
+ENV PATH=/opt/venv/bin:$PATH LIBTORCH_USE_PYTORCH=1
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY src src
+RUN cargo build --release --locked --bin sdbatch \
+ && mkdir -p /out/lib \
+ && cp target/release/sdbatch /out/ \
+ && cp -a /opt/venv/lib/python3*/site-packages/torch/lib/. /out/lib/ \
+ && for d in /opt/venv/lib/python3*/site-packages/nvidia/*/lib; do cp -a "$d"/. /out/lib/; done
+
+FROM ${CUDA_RUNTIME}
+RUN useradd --system --uid 10001 --create-home sdbatch \
+ && apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /out/lib /opt/sdbatch/lib
+COPY --from=build /out/sdbatch /usr/local/bin/sdbatch
+ENV LD_LIBRARY_PATH=/opt/sdbatch/lib \
+    RUST_LOG=info
+# The model is mounted here (docker run -v /models/sd-v1-4:/models/sd:ro ...).
+VOLUME ["/models"]
+USER sdbatch
+WORKDIR /home/sdbatch
+ENTRYPOINT ["sdbatch"]
+CMD ["--help"]
