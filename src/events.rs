@@ -1,0 +1,629 @@
+//! Events the worker publishes on the `sdbatch.events` topic exchange, and the batch manifest.
+//!
+//! - `batch.completed` ([`BatchCompleted`]): every image of a batch is uploaded. The same JSON is
+//!   stored at the batch's manifest key ([`crate::message::Batch::manifest_key`]), so a redelivered
+//!   batch whose manifest exists is not regenerated: the worker republishes the manifest with
+//!   `redelivered: true` ([`mark_redelivered`]).
+//! - `batch.failed` ([`BatchFailed`]): the worker gave up on a message.
+//!
+//! Delivery is at least once: consumers deduplicate by `batch_id`. Both events deserialize without
+//! `deny_unknown_fields`, so readers keep working when later versions add fields.
+use crate::message::{Batch, Invalid};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Routing keys (and `event` values).
+pub const BATCH_COMPLETED: &str = "batch.completed";
+pub const BATCH_FAILED: &str = "batch.failed";
+/// `schema_version` of both events.
+pub const EVENT_SCHEMA_VERSION: u32 = 1;
+
+/// One uploaded image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub item_id: String,
+    /// Index of the image within its item (0-based).
+    pub n: u32,
+    pub bucket: String,
+    pub key: String,
+    /// The seed this image was made with (the item's seed + `n`).
+    pub seed: u64,
+    /// Whether the item's seed was derived from the batch and item ids.
+    pub seed_derived: bool,
+    /// Size of the PNG object.
+    pub bytes: u64,
+    /// SHA-256 of the PNG object, lowercase hex.
+    pub sha256: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl ImageRecord {
+    /// The record of image `n` of `batch.items[item_index]`, whose PNG bytes are `png`.
+    ///
+    /// Panics if `item_index` is out of range.
+    pub fn new(
+        batch: &Batch,
+        item_index: usize,
+        n: u32,
+        png: &[u8],
+        width: u32,
+        height: u32,
+    ) -> Self {
+        let item = &batch.items[item_index];
+        Self {
+            item_id: item.id.clone(),
+            n,
+            bucket: batch.bucket.clone(),
+            key: batch.image_key(&item.id, n),
+            seed: item.image_seed(n),
+            seed_derived: item.seed_derived,
+            bytes: png.len() as u64,
+            sha256: hex::encode(Sha256::digest(png)),
+            width,
+            height,
+        }
+    }
+}
+
+/// The parameters a batch ran with (after presets and defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventParams {
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub width: i64,
+    pub height: i64,
+    /// Canonical scheduler name (`pndm`, `ddim`, `euler_ancestral`, `dpmpp_2m`).
+    pub scheduler: String,
+    /// The preset the message named; `null` if none.
+    pub preset: Option<String>,
+}
+
+impl EventParams {
+    pub fn from_batch(batch: &Batch) -> Self {
+        let p = &batch.params;
+        Self {
+            steps: p.steps,
+            guidance_scale: p.guidance_scale,
+            width: p.width,
+            height: p.height,
+            scheduler: p.scheduler.name().to_string(),
+            preset: batch.preset.clone(),
+        }
+    }
+}
+
+/// Wall-clock times of a batch, in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// From publication to the start of work, when the message carried a timestamp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_wait_ms: Option<f64>,
+    pub generate_ms: f64,
+    pub encode_ms: f64,
+    pub upload_ms: f64,
+    pub total_ms: f64,
+}
+
+/// `batch.completed`, and the manifest stored at the batch's manifest key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchCompleted {
+    pub schema_version: u32,
+    /// Always [`BATCH_COMPLETED`].
+    pub event: String,
+    pub batch_id: String,
+    /// Always `"completed"`.
+    pub status: String,
+    /// Every image, in message order (item by item, `n` ascending).
+    pub images: Vec<ImageRecord>,
+    pub params: EventParams,
+    pub model: String,
+    pub worker_id: String,
+    pub timings: Timings,
+    /// RFC 3339 UTC, e.g. `2026-11-26T10:15:30.123Z`.
+    pub completed_at: String,
+    /// `true` when the message had been delivered before (RabbitMQ's `redelivered` flag): the
+    /// event may repeat an earlier one. Always `true` when the worker republishes a stored
+    /// manifest instead of regenerating; the stored manifest keeps the value of the delivery that
+    /// made it.
+    pub redelivered: bool,
+}
+
+impl BatchCompleted {
+    /// The completion of `batch`, stamped now.
+    pub fn new(
+        batch: &Batch,
+        images: Vec<ImageRecord>,
+        model: impl Into<String>,
+        worker_id: impl Into<String>,
+        timings: Timings,
+        redelivered: bool,
+    ) -> Self {
+        Self {
+            schema_version: EVENT_SCHEMA_VERSION,
+            event: BATCH_COMPLETED.to_string(),
+            batch_id: batch.batch_id.clone(),
+            status: "completed".to_string(),
+            images,
+            params: EventParams::from_batch(batch),
+            model: model.into(),
+            worker_id: worker_id.into(),
+            timings,
+            completed_at: now_rfc3339(),
+            redelivered,
+        }
+    }
+
+    /// The JSON body (the event and the manifest object alike).
+    pub fn to_json_vec(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("a BatchCompleted always serializes")
+    }
+}
+
+/// `batch.failed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchFailed {
+    pub schema_version: u32,
+    /// Always [`BATCH_FAILED`].
+    pub event: String,
+    /// The message's batch id; `null` when it had no valid one.
+    pub batch_id: Option<String>,
+    /// Stable snake_case code: an [`crate::message::InvalidReason`] code for invalid messages, or
+    /// one of the worker's own codes.
+    pub reason: String,
+    /// For people.
+    pub error: String,
+    pub worker_id: String,
+    /// RFC 3339 UTC.
+    pub failed_at: String,
+}
+
+impl BatchFailed {
+    /// A failure stamped now.
+    pub fn new(
+        batch_id: Option<String>,
+        reason: impl Into<String>,
+        error: impl Into<String>,
+        worker_id: impl Into<String>,
+    ) -> Self {
+        Self {
+            schema_version: EVENT_SCHEMA_VERSION,
+            event: BATCH_FAILED.to_string(),
+            batch_id,
+            reason: reason.into(),
+            error: error.into(),
+            worker_id: worker_id.into(),
+            failed_at: now_rfc3339(),
+        }
+    }
+
+    /// The event for a message [`crate::message::parse`] rejected, stamped now.
+    pub fn from_invalid(invalid: &Invalid, worker_id: impl Into<String>) -> Self {
+        Self::new(
+            invalid.batch_id.clone(),
+            invalid.reason.as_str(),
+            invalid.message.clone(),
+            worker_id,
+        )
+    }
+
+    pub fn to_json_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a BatchFailed always serializes")
+    }
+}
+
+/// Either event, told apart by its `event` field (for consumers of the events exchange).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Completed(BatchCompleted),
+    Failed(BatchFailed),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("event is not valid JSON of its kind: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unknown event {0:?}")]
+    UnknownEvent(String),
+    #[error("manifest is for batch {found:?}, not {expected:?}")]
+    WrongBatch { expected: String, found: String },
+}
+
+impl Event {
+    pub fn from_json(body: &[u8]) -> Result<Self, EventError> {
+        #[derive(Deserialize)]
+        struct Head {
+            event: String,
+        }
+        let head: Head = serde_json::from_slice(body)?;
+        match head.event.as_str() {
+            BATCH_COMPLETED => Ok(Event::Completed(serde_json::from_slice(body)?)),
+            BATCH_FAILED => Ok(Event::Failed(serde_json::from_slice(body)?)),
+            _ => Err(EventError::UnknownEvent(head.event)),
+        }
+    }
+
+    /// The batch the event is about (`None` for a failure without a valid batch id).
+    pub fn batch_id(&self) -> Option<&str> {
+        match self {
+            Event::Completed(c) => Some(&c.batch_id),
+            Event::Failed(f) => f.batch_id.as_deref(),
+        }
+    }
+
+    /// Its routing key.
+    pub fn routing_key(&self) -> &'static str {
+        match self {
+            Event::Completed(_) => BATCH_COMPLETED,
+            Event::Failed(_) => BATCH_FAILED,
+        }
+    }
+}
+
+/// A stored manifest made into the event for a redelivered message: the same JSON with
+/// `redelivered: true`. Works on the JSON itself, so fields a newer worker wrote are kept.
+/// Fails if `manifest` is not a `batch.completed` object for `batch_id`.
+pub fn mark_redelivered(manifest: &[u8], batch_id: &str) -> Result<Vec<u8>, EventError> {
+    // Checks the shape first.
+    let parsed: BatchCompleted = serde_json::from_slice(manifest)?;
+    if parsed.event != BATCH_COMPLETED {
+        return Err(EventError::UnknownEvent(parsed.event));
+    }
+    if parsed.batch_id != batch_id {
+        return Err(EventError::WrongBatch {
+            expected: batch_id.to_string(),
+            found: parsed.batch_id,
+        });
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(manifest)?;
+    value["redelivered"] = serde_json::Value::Bool(true);
+    Ok(serde_json::to_vec_pretty(&value)?)
+}
+
+/// `t` as RFC 3339 in UTC with milliseconds: `2026-11-26T10:15:30.123Z`. Times before 1970 are
+/// written as the epoch.
+pub fn rfc3339_utc(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, day) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// The current time as [`rfc3339_utc`].
+pub fn now_rfc3339() -> String {
+    rfc3339_utc(SystemTime::now())
+}
+
+/// Proleptic Gregorian (year, month, day) of `days` since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Limits, parse};
+    use serde_json::{Value, json};
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    fn batch() -> Batch {
+        let body = json!({"schema_version": 1, "batch_id": "shoes-0001",
+            "items": [{"id": "sku-1", "prompt": "a shoe", "seed": 42, "num_images": 2},
+                      {"id": "sku-2", "prompt": "a boot"}],
+            "params": {"preset": "production", "width": 640},
+            "output": {"bucket": "images", "prefix": "catalog/shoes"}});
+        let limits = Limits {
+            default_bucket: Some("images".into()),
+            ..Limits::default()
+        };
+        parse(&serde_json::to_vec(&body).unwrap(), &limits, 512).unwrap()
+    }
+
+    fn at(secs: u64, millis: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis)
+    }
+
+    fn completed() -> BatchCompleted {
+        let b = batch();
+        let images = b
+            .image_requests()
+            .iter()
+            .map(|(i, n, _)| ImageRecord::new(&b, *i, *n, b"png bytes", 640, 512))
+            .collect();
+        let mut c = BatchCompleted::new(
+            &b,
+            images,
+            "CompVis/stable-diffusion-v1-4",
+            "worker-a",
+            Timings {
+                queue_wait_ms: Some(12.5),
+                generate_ms: 1000.25,
+                encode_ms: 20.0,
+                upload_ms: 30.5,
+                total_ms: 1063.0,
+            },
+            false,
+        );
+        assert!(is_rfc3339_utc(&c.completed_at), "{}", c.completed_at);
+        c.completed_at = rfc3339_utc(at(1_764_152_130, 123));
+        c
+    }
+
+    fn failed(batch_id: Option<&str>, reason: &str) -> BatchFailed {
+        let mut f = BatchFailed::new(batch_id.map(str::to_string), reason, "it broke", "worker-a");
+        assert!(is_rfc3339_utc(&f.failed_at), "{}", f.failed_at);
+        f.failed_at = rfc3339_utc(at(0, 0));
+        f
+    }
+
+    fn is_rfc3339_utc(s: &str) -> bool {
+        let b = s.as_bytes();
+        b.len() == 24
+            && s.ends_with('Z')
+            && [
+                (4, b'-'),
+                (7, b'-'),
+                (10, b'T'),
+                (13, b':'),
+                (16, b':'),
+                (19, b'.'),
+            ]
+            .iter()
+            .all(|&(i, c)| b[i] == c)
+            && s.bytes()
+                .enumerate()
+                .all(|(i, c)| [4, 7, 10, 13, 16, 19, 23].contains(&i) || c.is_ascii_digit())
+    }
+
+    #[test]
+    fn completed_event_contents() {
+        let c = completed();
+        assert_eq!(c.event, BATCH_COMPLETED);
+        assert_eq!(c.status, "completed");
+        assert_eq!(c.schema_version, 1);
+        assert_eq!(c.completed_at, "2025-11-26T10:15:30.123Z");
+        assert!(!c.redelivered);
+        assert_eq!(
+            c.params,
+            EventParams {
+                steps: 25,
+                guidance_scale: 8.5,
+                width: 640,
+                height: 512,
+                scheduler: "pndm".into(),
+                preset: Some("production".into()),
+            }
+        );
+        let keys: Vec<(&str, u32, &str, u64)> = c
+            .images
+            .iter()
+            .map(|r| (r.item_id.as_str(), r.n, r.key.as_str(), r.seed))
+            .collect();
+        let derived = crate::message::derive_seed("shoes-0001", "sku-2");
+        assert_eq!(
+            keys,
+            [
+                ("sku-1", 0, "catalog/shoes/shoes-0001/sku-1/0.png", 42),
+                ("sku-1", 1, "catalog/shoes/shoes-0001/sku-1/1.png", 43),
+                ("sku-2", 0, "catalog/shoes/shoes-0001/sku-2/0.png", derived),
+            ]
+        );
+        let r = &c.images[2];
+        assert!(r.seed_derived && !c.images[0].seed_derived);
+        assert_eq!(r.bucket, "images");
+        assert_eq!(r.bytes, 9);
+        // sha256sum of the bytes "png bytes".
+        assert_eq!(
+            r.sha256,
+            "d013614dc14a37ee20fe92005737ab7d3427e7e93580ad56ef8a42205e7f7a4e"
+        );
+    }
+
+    #[test]
+    fn events_round_trip() {
+        let c = completed();
+        let back: BatchCompleted = serde_json::from_slice(&c.to_json_vec()).unwrap();
+        assert_eq!(back, c);
+        let mut no_wait = c.clone();
+        no_wait.timings.queue_wait_ms = None;
+        let v = serde_json::to_value(&no_wait).unwrap();
+        assert!(v["timings"].get("queue_wait_ms").is_none());
+        assert_eq!(
+            serde_json::from_value::<BatchCompleted>(v).unwrap(),
+            no_wait
+        );
+
+        let f = failed(Some("b1"), "delivery_limit");
+        assert_eq!(f.failed_at, "1970-01-01T00:00:00.000Z");
+        assert_eq!((f.event.as_str(), f.schema_version), (BATCH_FAILED, 1));
+        let back: BatchFailed = serde_json::from_slice(&f.to_json_vec()).unwrap();
+        assert_eq!(back, f);
+        let none = failed(None, "not_json");
+        let v = serde_json::to_value(&none).unwrap();
+        assert_eq!(v["batch_id"], Value::Null);
+        assert_eq!(serde_json::from_value::<BatchFailed>(v).unwrap(), none);
+    }
+
+    #[test]
+    fn event_dispatch_by_kind() {
+        let c = completed();
+        let e = Event::from_json(&c.to_json_vec()).unwrap();
+        assert_eq!(e.routing_key(), BATCH_COMPLETED);
+        assert_eq!(e.batch_id(), Some("shoes-0001"));
+        assert_eq!(e, Event::Completed(c));
+        let f = failed(None, "schema");
+        let e = Event::from_json(&f.to_json_vec()).unwrap();
+        assert_eq!(e.routing_key(), BATCH_FAILED);
+        assert_eq!(e.batch_id(), None);
+        assert!(matches!(
+            Event::from_json(br#"{"event": "batch.started"}"#),
+            Err(EventError::UnknownEvent(_))
+        ));
+        assert!(Event::from_json(b"{}").is_err());
+        // Unknown fields are tolerated (newer producers).
+        let mut v = serde_json::to_value(&f).unwrap();
+        v["new_field"] = json!(1);
+        assert!(Event::from_json(&serde_json::to_vec(&v).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn failed_from_invalid() {
+        let limits = Limits::default();
+        let body = br#"{"schema_version": 1, "batch_id": "b7", "items": []}"#;
+        let inv = parse(body, &limits, 512).unwrap_err();
+        let f = BatchFailed::from_invalid(&inv, "w1");
+        assert_eq!(f.batch_id.as_deref(), Some("b7"));
+        assert_eq!(f.reason, "items");
+        assert_eq!(f.error, inv.message);
+        assert_eq!(f.event, BATCH_FAILED);
+        assert_eq!(f.worker_id, "w1");
+        assert!(is_rfc3339_utc(&f.failed_at));
+        let inv = parse(b"[]", &limits, 512).unwrap_err();
+        let f = BatchFailed::from_invalid(&inv, "w1");
+        assert_eq!((f.batch_id, f.reason.as_str()), (None, "not_json"));
+    }
+
+    #[test]
+    fn redelivery_republishes_the_manifest() {
+        let c = completed();
+        let mut stored = serde_json::to_value(&c).unwrap();
+        stored["from_a_newer_worker"] = json!("kept");
+        let stored = serde_json::to_vec(&stored).unwrap();
+        let out = mark_redelivered(&stored, "shoes-0001").unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["redelivered"], true);
+        assert_eq!(v["from_a_newer_worker"], "kept");
+        let back: BatchCompleted = serde_json::from_value(v).unwrap();
+        assert_eq!(
+            back,
+            BatchCompleted {
+                redelivered: true,
+                ..c
+            }
+        );
+        assert!(matches!(
+            mark_redelivered(&stored, "other-batch"),
+            Err(EventError::WrongBatch { .. })
+        ));
+        assert!(mark_redelivered(b"not json", "shoes-0001").is_err());
+        let f = failed(Some("shoes-0001"), "x");
+        assert!(mark_redelivered(&f.to_json_vec(), "shoes-0001").is_err());
+    }
+
+    #[test]
+    fn rfc3339_formatting() {
+        // Reference values from Python's datetime.
+        for (secs, want) in [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (951_782_400, "2000-02-29T00:00:00.000Z"),
+            (951_868_799, "2000-02-29T23:59:59.000Z"),
+            (1_709_251_199, "2024-02-29T23:59:59.000Z"),
+            (4_102_444_800, "2100-01-01T00:00:00.000Z"),
+            (4_107_542_400, "2100-03-01T00:00:00.000Z"),
+            (1_798_761_599, "2026-12-31T23:59:59.000Z"),
+            (253_402_300_799, "9999-12-31T23:59:59.000Z"),
+        ] {
+            assert_eq!(rfc3339_utc(at(secs, 0)), want, "{secs}");
+        }
+        assert_eq!(rfc3339_utc(at(1, 999)), "1970-01-01T00:00:01.999Z");
+        assert_eq!(
+            rfc3339_utc(UNIX_EPOCH - Duration::from_secs(10)),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert!(is_rfc3339_utc(&now_rfc3339()));
+        assert!(now_rfc3339().as_str() > "2025-01-01");
+    }
+
+    // --- Docs: the JSON Schema and the examples in docs/messages.md. ---
+
+    fn keys(v: &Value) -> BTreeSet<String> {
+        v.as_object().unwrap().keys().cloned().collect()
+    }
+
+    #[test]
+    fn json_schema_lists_exactly_the_event_fields() {
+        let schema: Value =
+            serde_json::from_str(include_str!("../docs/batch-event.schema.json")).unwrap();
+        assert_eq!(
+            schema["$schema"],
+            "https://json-schema.org/draft/2020-12/schema"
+        );
+        let defs = &schema["$defs"];
+        let c = serde_json::to_value(completed()).unwrap();
+        let f = serde_json::to_value(failed(None, "r")).unwrap();
+        for (def, value) in [
+            ("batch_completed", &c),
+            ("image", &c["images"][0]),
+            ("params", &c["params"]),
+            ("timings", &c["timings"]),
+            ("batch_failed", &f),
+        ] {
+            let d = &defs[def];
+            assert_eq!(keys(&d["properties"]), keys(value), "{def}");
+            // Every serialized field is required, except those skipped when absent.
+            let required: BTreeSet<String> = d["required"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.as_str().unwrap().to_string())
+                .collect();
+            let mut want = keys(value);
+            if def == "timings" {
+                want.remove("queue_wait_ms");
+            }
+            assert_eq!(required, want, "{def}");
+        }
+        assert_eq!(
+            defs["batch_completed"]["properties"]["event"]["const"],
+            BATCH_COMPLETED
+        );
+        assert_eq!(
+            defs["batch_failed"]["properties"]["event"]["const"],
+            BATCH_FAILED
+        );
+    }
+
+    #[test]
+    fn documented_events_parse() {
+        let doc = include_str!("../docs/messages.md");
+        let mut kinds = BTreeSet::new();
+        let mut rest = doc;
+        while let Some(start) = rest.find("```json\n") {
+            let body = &rest[start + 8..];
+            let end = body.find("\n```").expect("unclosed ```json block");
+            let block = &body[..end];
+            rest = &body[end + 4..];
+            let v: Value = serde_json::from_str(block).unwrap();
+            if v.get("event").is_some() {
+                let e =
+                    Event::from_json(block.as_bytes()).unwrap_or_else(|e| panic!("{e}\n{block}"));
+                // Documented events carry no fields the structs lack.
+                let again = match &e {
+                    Event::Completed(c) => serde_json::to_value(c).unwrap(),
+                    Event::Failed(f) => serde_json::to_value(f).unwrap(),
+                };
+                assert_eq!(again, v, "documented event differs from its struct form");
+                kinds.insert(e.routing_key());
+            }
+        }
+        assert_eq!(kinds, BTreeSet::from([BATCH_COMPLETED, BATCH_FAILED]));
+    }
+}

@@ -1,0 +1,1837 @@
+//! The batch message (schema version 1): the JSON a producer (`sdbatch submit` or any other) puts on
+//! the jobs queue, and its validation into a [`Batch`] the worker can run.
+//!
+//! ```json
+//! {"schema_version": 1, "batch_id": "shoes-2026-11-26-0001",
+//!  "items": [{"id": "sku-123", "prompt": "a red sneaker", "negative_prompt": "blurry", "seed": 42, "num_images": 2}],
+//!  "params": {"steps": 25, "guidance_scale": 8.5, "width": 512, "height": 512, "scheduler": "pndm", "preset": "production"},
+//!  "output": {"bucket": "images", "prefix": "catalog/shoes"}}
+//! ```
+//!
+//! [`parse`] never panics on untrusted input: every problem becomes an [`Invalid`] with a stable
+//! reason code (for headers and metrics), a human message naming the field, and the batch id when
+//! the message had a valid one. The format is documented in `docs/messages.md` and
+//! `docs/batch-message.schema.json`; tests keep both in step with the structs here.
+use crate::pipeline::schedulers::SchedulerKind;
+use crate::pipeline::{GenerateParams, ImageRequest};
+use crate::prompts::is_safe_id;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fmt;
+
+/// The only `schema_version` this code reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Steps, guidance and scheduler when neither the message nor its preset says.
+pub const DEFAULT_STEPS: usize = 50;
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 7.5;
+pub const DEFAULT_SCHEDULER: SchedulerKind = SchedulerKind::Pndm;
+
+/// Longest accepted batch id, item id and prefix segment, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+/// Longest accepted `output.prefix`, in bytes.
+pub const MAX_PREFIX_BYTES: usize = 512;
+/// Item id that would collide with the batch's manifest object (`{batch_id}/manifest.json`).
+pub const RESERVED_ITEM_ID: &str = "manifest.json";
+
+// ---------------------------------------------------------------------------------------------
+// Wire structs
+// ---------------------------------------------------------------------------------------------
+
+/// The message as JSON. Unknown fields are errors everywhere, so a typo (`"step": 30`) is
+/// reported instead of silently ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchMessage {
+    pub schema_version: u32,
+    pub batch_id: String,
+    pub items: Vec<MessageItem>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<MessageParams>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<MessageOutput>,
+}
+
+/// One prompt of a message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageItem {
+    pub id: String,
+    pub prompt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_images: Option<u32>,
+}
+
+/// Sampling parameters shared by every image of a message.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_scale: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+}
+
+/// Where the images go.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageOutput {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+impl BatchMessage {
+    /// The JSON field names the struct accepts (tests tie them to serde and to the JSON Schema).
+    pub const FIELDS: &'static [&'static str] =
+        &["schema_version", "batch_id", "items", "params", "output"];
+    pub const REQUIRED: &'static [&'static str] = &["schema_version", "batch_id", "items"];
+
+    /// Serialized message body.
+    pub fn to_json_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a BatchMessage always serializes")
+    }
+}
+
+impl MessageItem {
+    pub const FIELDS: &'static [&'static str] =
+        &["id", "prompt", "negative_prompt", "seed", "num_images"];
+    pub const REQUIRED: &'static [&'static str] = &["id", "prompt"];
+}
+
+impl MessageParams {
+    pub const FIELDS: &'static [&'static str] = &[
+        "steps",
+        "guidance_scale",
+        "width",
+        "height",
+        "scheduler",
+        "preset",
+    ];
+
+    /// No field set.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl MessageOutput {
+    pub const FIELDS: &'static [&'static str] = &["bucket", "prefix"];
+
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits and presets
+// ---------------------------------------------------------------------------------------------
+
+/// What a worker accepts. `Deserialize` with defaults for every missing key, so a config file can
+/// set only what it changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Items per message.
+    pub max_items: usize,
+    /// `num_images` of one item.
+    pub max_images_per_item: u32,
+    /// Images per message, all items together.
+    pub max_total_images: usize,
+    /// Prompt and negative prompt, in bytes.
+    pub max_prompt_bytes: usize,
+    /// Width and height, in pixels.
+    pub max_side: i64,
+    pub min_steps: usize,
+    pub max_steps: usize,
+    /// Buckets a message may name. Empty: only `default_bucket`. The default bucket is always
+    /// allowed (naming it is the same as leaving the bucket out).
+    pub allowed_buckets: Vec<String>,
+    /// Bucket of messages that name none; without one such messages are invalid.
+    pub default_bucket: Option<String>,
+    /// Prefix of messages that name none ("": keys start with the batch id).
+    pub default_prefix: String,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_items: 256,
+            max_images_per_item: 16,
+            max_total_images: 1024,
+            max_prompt_bytes: 2048,
+            max_side: 1024,
+            min_steps: 1,
+            max_steps: 150,
+            allowed_buckets: Vec::new(),
+            default_bucket: None,
+            default_prefix: String::new(),
+        }
+    }
+}
+
+impl Limits {
+    /// Checks the configuration itself (for worker start-up): a usable default prefix, sane ranges.
+    pub fn check(&self) -> Result<(), String> {
+        check_prefix(&self.default_prefix).map_err(|e| format!("default_prefix: {e}"))?;
+        if self.min_steps == 0 || self.min_steps > self.max_steps {
+            return Err(format!(
+                "steps range {}..={} is empty or starts at 0",
+                self.min_steps, self.max_steps
+            ));
+        }
+        if self.max_side < 8 {
+            return Err(format!("max_side {} is below 8", self.max_side));
+        }
+        if self.max_items == 0 || self.max_images_per_item == 0 || self.max_total_images == 0 {
+            return Err("max_items, max_images_per_item and max_total_images must be >= 1".into());
+        }
+        if self
+            .allowed_buckets
+            .iter()
+            .chain(&self.default_bucket)
+            .any(|b| b.is_empty())
+        {
+            return Err("bucket names must not be empty".into());
+        }
+        Ok(())
+    }
+
+    fn bucket_allowed(&self, bucket: &str) -> bool {
+        self.default_bucket.as_deref() == Some(bucket)
+            || self.allowed_buckets.iter().any(|b| b == bucket)
+    }
+}
+
+/// A named set of defaults for steps and guidance; explicit `params` win over it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Preset {
+    pub name: &'static str,
+    pub steps: usize,
+    pub guidance_scale: f64,
+}
+
+pub const PRESETS: [Preset; 4] = [
+    Preset {
+        name: "concept",
+        steps: 35,
+        guidance_scale: 8.0,
+    },
+    Preset {
+        name: "quality",
+        steps: 60,
+        guidance_scale: 7.5,
+    },
+    Preset {
+        name: "production",
+        steps: 25,
+        guidance_scale: 8.5,
+    },
+    Preset {
+        name: "style-test",
+        steps: 45,
+        guidance_scale: 7.0,
+    },
+];
+
+/// The preset called `name` (exact, case-sensitive).
+pub fn preset(name: &str) -> Option<&'static Preset> {
+    PRESETS.iter().find(|p| p.name == name)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/// Why a message was rejected. [`as_str`](Self::as_str) is stable: it goes into the
+/// `x-sdbatch-error` header, `batch.failed` events and metrics labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InvalidReason {
+    /// Not UTF-8, not JSON, or not a JSON object.
+    NotJson,
+    /// `schema_version` missing or not 1.
+    SchemaVersion,
+    /// The JSON does not have the message's shape where no field-specific code applies: an
+    /// unknown field (typo), a duplicate key, `params`/`output` not objects, a `seed` that is not
+    /// an integer in 0..2^64.
+    Schema,
+    BatchId,
+    /// `items` missing, not an array of objects, empty, or longer than `max_items`.
+    Items,
+    ItemId,
+    DuplicateItemId,
+    /// `prompt` or `negative_prompt`.
+    Prompt,
+    NumImages,
+    TooManyImages,
+    Steps,
+    Guidance,
+    /// `width` or `height`.
+    Size,
+    Scheduler,
+    Preset,
+    Bucket,
+    Prefix,
+}
+
+impl InvalidReason {
+    pub const ALL: [InvalidReason; 17] = [
+        InvalidReason::NotJson,
+        InvalidReason::SchemaVersion,
+        InvalidReason::Schema,
+        InvalidReason::BatchId,
+        InvalidReason::Items,
+        InvalidReason::ItemId,
+        InvalidReason::DuplicateItemId,
+        InvalidReason::Prompt,
+        InvalidReason::NumImages,
+        InvalidReason::TooManyImages,
+        InvalidReason::Steps,
+        InvalidReason::Guidance,
+        InvalidReason::Size,
+        InvalidReason::Scheduler,
+        InvalidReason::Preset,
+        InvalidReason::Bucket,
+        InvalidReason::Prefix,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidReason::NotJson => "not_json",
+            InvalidReason::SchemaVersion => "schema_version",
+            InvalidReason::Schema => "schema",
+            InvalidReason::BatchId => "batch_id",
+            InvalidReason::Items => "items",
+            InvalidReason::ItemId => "item_id",
+            InvalidReason::DuplicateItemId => "duplicate_item_id",
+            InvalidReason::Prompt => "prompt",
+            InvalidReason::NumImages => "num_images",
+            InvalidReason::TooManyImages => "too_many_images",
+            InvalidReason::Steps => "steps",
+            InvalidReason::Guidance => "guidance",
+            InvalidReason::Size => "size",
+            InvalidReason::Scheduler => "scheduler",
+            InvalidReason::Preset => "preset",
+            InvalidReason::Bucket => "bucket",
+            InvalidReason::Prefix => "prefix",
+        }
+    }
+}
+
+impl fmt::Display for InvalidReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rejected message. Never worth retrying: the same bytes fail the same way.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid batch message ({reason}): {message}")]
+pub struct Invalid {
+    pub reason: InvalidReason,
+    /// For people: names the field (`items[3].id`) and the rule. Quoted user values are cut to
+    /// 64 characters, so the text stays header-sized.
+    pub message: String,
+    /// The message's `batch_id` when it had a valid one, even if other fields are invalid.
+    pub batch_id: Option<String>,
+}
+
+/// `s` in quotes for error messages, cut to 64 characters.
+fn quote(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        format!("{s:?}")
+    } else {
+        let cut: String = s.chars().take(MAX).collect();
+        format!("{cut:?}…")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated batch
+// ---------------------------------------------------------------------------------------------
+
+/// A validated message with every default filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub batch_id: String,
+    pub items: Vec<BatchItem>,
+    pub params: GenerateParams,
+    /// The preset the message named, if any.
+    pub preset: Option<String>,
+    pub bucket: String,
+    /// Key prefix without leading or trailing `/`; "" for none.
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchItem {
+    pub id: String,
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    /// Seed of image 0; image `n` uses `seed + n` (wrapping).
+    pub seed: u64,
+    /// Whether `seed` was derived from the batch and item ids (see [`derive_seed`]).
+    pub seed_derived: bool,
+    pub num_images: u32,
+}
+
+impl BatchItem {
+    /// Seed of image `n` of this item.
+    pub fn image_seed(&self, n: u32) -> u64 {
+        self.seed.wrapping_add(u64::from(n))
+    }
+}
+
+impl Batch {
+    /// One request per image, in message order: item by item, `n` = 0..num_images within an item.
+    pub fn image_requests(&self) -> Vec<(usize, u32, ImageRequest)> {
+        let mut out = Vec::with_capacity(self.total_images());
+        for (index, item) in self.items.iter().enumerate() {
+            for n in 0..item.num_images {
+                out.push((
+                    index,
+                    n,
+                    ImageRequest {
+                        prompt: item.prompt.clone(),
+                        negative_prompt: item.negative_prompt.clone(),
+                        seed: item.image_seed(n),
+                    },
+                ));
+            }
+        }
+        out
+    }
+
+    /// `{prefix}/{batch_id}/{item_id}/{n}.png` (no leading `/` without a prefix).
+    pub fn image_key(&self, item_id: &str, n: u32) -> String {
+        self.key(&format!("{item_id}/{n}.png"))
+    }
+
+    /// `{prefix}/{batch_id}/manifest.json`.
+    pub fn manifest_key(&self) -> String {
+        self.key("manifest.json")
+    }
+
+    pub fn total_images(&self) -> usize {
+        self.items.iter().map(|i| i.num_images as usize).sum()
+    }
+
+    fn key(&self, rest: &str) -> String {
+        if self.prefix.is_empty() {
+            format!("{}/{rest}", self.batch_id)
+        } else {
+            format!("{}/{}/{rest}", self.prefix, self.batch_id)
+        }
+    }
+}
+
+/// The seed of an item without one: the first 8 bytes (big-endian) of
+/// `sha256("sdbatch-seed-v1\0{batch_id}\0{item_id}")`, masked to 53 bits so that JSON readers
+/// using doubles (JavaScript) read it exactly.
+pub fn derive_seed(batch_id: &str, item_id: &str) -> u64 {
+    let mut h = Sha256::new();
+    h.update(b"sdbatch-seed-v1\0");
+    h.update(batch_id.as_bytes());
+    h.update(b"\0");
+    h.update(item_id.as_bytes());
+    let digest = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first) & ((1u64 << 53) - 1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing and validation
+// ---------------------------------------------------------------------------------------------
+
+/// Whether `id` is a valid batch id: `[A-Za-z0-9_-]{1,128}`.
+pub fn is_valid_batch_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Checks an `output.prefix`: "" or `/`-separated segments that are each a safe id
+/// (`[A-Za-z0-9_.-]{1,128}`, not `.` or `..`), at most 512 bytes, no leading or trailing `/`.
+pub fn check_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    if prefix.len() > MAX_PREFIX_BYTES {
+        return Err(format!(
+            "{} bytes long, limit {MAX_PREFIX_BYTES}",
+            prefix.len()
+        ));
+    }
+    if prefix.starts_with('/') || prefix.ends_with('/') {
+        return Err(format!("{} must not start or end with `/`", quote(prefix)));
+    }
+    if let Some(bad) = prefix.split('/').find(|s| !is_safe_id(s)) {
+        return Err(format!(
+            "segment {} of {} must match [A-Za-z0-9_.-]{{1,128}} and not be `.` or `..`",
+            quote(bad),
+            quote(prefix)
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a prompt's text; `what` names it in messages.
+fn check_prompt(
+    text: &str,
+    what: &str,
+    may_be_empty: bool,
+    max_bytes: usize,
+) -> Result<(), String> {
+    if !may_be_empty && text.trim().is_empty() {
+        return Err(format!("{what} is empty"));
+    }
+    if text.len() > max_bytes {
+        return Err(format!(
+            "{what} is {} bytes long, limit {max_bytes}",
+            text.len()
+        ));
+    }
+    if text.chars().any(|c| c.is_control() && !c.is_whitespace()) {
+        return Err(format!("{what} contains control characters"));
+    }
+    Ok(())
+}
+
+/// Parses and validates a message body. `native_size` is the model's native image size, the
+/// default width and height.
+pub fn parse(body: &[u8], limits: &Limits, native_size: i64) -> Result<Batch, Invalid> {
+    let not_json = |message: String| Invalid {
+        reason: InvalidReason::NotJson,
+        message,
+        batch_id: None,
+    };
+    let text =
+        std::str::from_utf8(body).map_err(|e| not_json(format!("body is not UTF-8: {e}")))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| not_json(format!("body is not JSON: {e}")))?;
+    let Some(obj) = value.as_object() else {
+        return Err(not_json("body is not a JSON object".into()));
+    };
+    let batch_id = obj
+        .get("batch_id")
+        .and_then(Value::as_str)
+        .filter(|id| is_valid_batch_id(id))
+        .map(str::to_string);
+    let invalid = |(reason, message): (InvalidReason, String)| Invalid {
+        reason,
+        message,
+        batch_id: batch_id.clone(),
+    };
+
+    // The version first: a newer message may have fields this code does not know.
+    match obj.get("schema_version") {
+        None => {
+            return Err(invalid((
+                InvalidReason::SchemaVersion,
+                "missing schema_version".into(),
+            )));
+        }
+        Some(v) if v.as_u64() == Some(u64::from(SCHEMA_VERSION)) => {}
+        Some(v) => {
+            return Err(invalid((
+                InvalidReason::SchemaVersion,
+                format!(
+                    "unsupported schema_version {}: this worker reads {SCHEMA_VERSION}",
+                    quote(&v.to_string())
+                ),
+            )));
+        }
+    }
+
+    // `check_shape` blames the field of a wrong key or type, and refuses what serde's derive
+    // would take but the format does not have (a struct written as an array: `"params": [30]`).
+    // The structs then have the last word (duplicate keys included).
+    check_shape(obj).map_err(invalid)?;
+    let msg: BatchMessage = serde_json::from_str(text).map_err(|e| {
+        invalid((
+            InvalidReason::Schema,
+            format!("message does not match the schema: {e}"),
+        ))
+    })?;
+    validate(&msg, limits, native_size)
+}
+
+/// Validates a message already in struct form (what `parse` does after deserializing; producers
+/// can use it to check a message before sending it).
+pub fn validate(msg: &BatchMessage, limits: &Limits, native_size: i64) -> Result<Batch, Invalid> {
+    use InvalidReason as R;
+    let batch_id = is_valid_batch_id(&msg.batch_id).then(|| msg.batch_id.clone());
+    let fail = |reason: InvalidReason, message: String| Invalid {
+        reason,
+        message,
+        batch_id: batch_id.clone(),
+    };
+
+    if msg.schema_version != SCHEMA_VERSION {
+        return Err(fail(
+            R::SchemaVersion,
+            format!(
+                "unsupported schema_version {}: this worker reads {SCHEMA_VERSION}",
+                msg.schema_version
+            ),
+        ));
+    }
+    if batch_id.is_none() {
+        return Err(fail(
+            R::BatchId,
+            format!(
+                "batch_id {} must match [A-Za-z0-9_-]{{1,128}}",
+                quote(&msg.batch_id)
+            ),
+        ));
+    }
+
+    // Items.
+    if msg.items.is_empty() {
+        return Err(fail(R::Items, "items is empty".into()));
+    }
+    if msg.items.len() > limits.max_items {
+        return Err(fail(
+            R::Items,
+            format!(
+                "{} items, limit {} per message",
+                msg.items.len(),
+                limits.max_items
+            ),
+        ));
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut items = Vec::with_capacity(msg.items.len());
+    let mut total: usize = 0;
+    for (i, item) in msg.items.iter().enumerate() {
+        let at = format!("items[{i}]");
+        if !is_safe_id(&item.id) {
+            return Err(fail(
+                R::ItemId,
+                format!(
+                    "{at}.id {} must match [A-Za-z0-9_.-]{{1,128}} and not be `.` or `..`",
+                    quote(&item.id)
+                ),
+            ));
+        }
+        if item.id == RESERVED_ITEM_ID {
+            return Err(fail(
+                R::ItemId,
+                format!("{at}.id {RESERVED_ITEM_ID:?} is reserved for the batch manifest"),
+            ));
+        }
+        if let Some(first) = seen.insert(&item.id, i) {
+            return Err(fail(
+                R::DuplicateItemId,
+                format!("{at}.id {} already used by items[{first}]", quote(&item.id)),
+            ));
+        }
+        check_prompt(
+            &item.prompt,
+            &format!("{at}.prompt"),
+            false,
+            limits.max_prompt_bytes,
+        )
+        .map_err(|m| fail(R::Prompt, m))?;
+        if let Some(neg) = &item.negative_prompt {
+            check_prompt(
+                neg,
+                &format!("{at}.negative_prompt"),
+                true,
+                limits.max_prompt_bytes,
+            )
+            .map_err(|m| fail(R::Prompt, m))?;
+        }
+        let num_images = item.num_images.unwrap_or(1);
+        if num_images == 0 || num_images > limits.max_images_per_item {
+            return Err(fail(
+                R::NumImages,
+                format!(
+                    "{at}.num_images {num_images} must be in 1..={}",
+                    limits.max_images_per_item
+                ),
+            ));
+        }
+        total += num_images as usize;
+        let (seed, seed_derived) = match item.seed {
+            Some(s) => (s, false),
+            None => (derive_seed(&msg.batch_id, &item.id), true),
+        };
+        items.push(BatchItem {
+            id: item.id.clone(),
+            prompt: item.prompt.clone(),
+            negative_prompt: item.negative_prompt.clone(),
+            seed,
+            seed_derived,
+            num_images,
+        });
+    }
+    if total > limits.max_total_images {
+        return Err(fail(
+            R::TooManyImages,
+            format!(
+                "{total} images requested, limit {} per message",
+                limits.max_total_images
+            ),
+        ));
+    }
+
+    // Parameters: explicit values, else the preset's, else the defaults.
+    let p = msg.params.clone().unwrap_or_default();
+    let preset = match &p.preset {
+        None => None,
+        Some(name) => Some(preset(name).ok_or_else(|| {
+            fail(
+                R::Preset,
+                format!(
+                    "unknown preset {} (known: {})",
+                    quote(name),
+                    PRESETS.map(|p| p.name).join(", ")
+                ),
+            )
+        })?),
+    };
+    let source = |explicit: bool| match (explicit, preset) {
+        (true, _) => "params".to_string(),
+        (false, Some(p)) => format!("preset {:?}", p.name),
+        (false, None) => "the default".to_string(),
+    };
+    let steps = p
+        .steps
+        .map(|s| s as usize)
+        .or(preset.map(|p| p.steps))
+        .unwrap_or(DEFAULT_STEPS);
+    if !(limits.min_steps..=limits.max_steps).contains(&steps) {
+        return Err(fail(
+            R::Steps,
+            format!(
+                "steps {steps} (from {}) must be in {}..={}",
+                source(p.steps.is_some()),
+                limits.min_steps,
+                limits.max_steps
+            ),
+        ));
+    }
+    let guidance_scale = p
+        .guidance_scale
+        .or(preset.map(|p| p.guidance_scale))
+        .unwrap_or(DEFAULT_GUIDANCE_SCALE);
+    if !guidance_scale.is_finite() || guidance_scale < 0.0 {
+        return Err(fail(
+            R::Guidance,
+            format!("guidance_scale {guidance_scale} must be a finite number >= 0"),
+        ));
+    }
+    let mut size = [0i64; 2];
+    for (slot, (name, v)) in size
+        .iter_mut()
+        .zip([("width", p.width), ("height", p.height)])
+    {
+        let px = v.map(i64::from).unwrap_or(native_size);
+        if px % 8 != 0 || !(8..=limits.max_side).contains(&px) {
+            return Err(fail(
+                R::Size,
+                format!(
+                    "{name} {px}{} must be a multiple of 8 in 8..={}",
+                    if v.is_none() { " (model default)" } else { "" },
+                    limits.max_side
+                ),
+            ));
+        }
+        *slot = px;
+    }
+    let scheduler = match &p.scheduler {
+        None => DEFAULT_SCHEDULER,
+        Some(name) => name.parse::<SchedulerKind>().map_err(|_| {
+            fail(
+                R::Scheduler,
+                format!(
+                    "unknown scheduler {} (known: {})",
+                    quote(name),
+                    SchedulerKind::ALL.map(|k| k.name()).join(", ")
+                ),
+            )
+        })?,
+    };
+
+    // Output.
+    let out = msg.output.clone().unwrap_or_default();
+    let bucket = match out.bucket {
+        Some(b) if limits.bucket_allowed(&b) => b,
+        Some(b) => {
+            return Err(fail(
+                R::Bucket,
+                format!("bucket {} is not allowed on this worker", quote(&b)),
+            ));
+        }
+        None => limits.default_bucket.clone().ok_or_else(|| {
+            fail(
+                R::Bucket,
+                "output.bucket is required: this worker has no default bucket".into(),
+            )
+        })?,
+    };
+    let prefix = match out.prefix {
+        Some(prefix) => {
+            check_prefix(&prefix).map_err(|e| fail(R::Prefix, format!("output.prefix: {e}")))?;
+            prefix
+        }
+        None => limits.default_prefix.clone(),
+    };
+
+    Ok(Batch {
+        batch_id: msg.batch_id.clone(),
+        items,
+        params: GenerateParams {
+            steps,
+            guidance_scale,
+            width: size[0],
+            height: size[1],
+            scheduler,
+        },
+        preset: preset.map(|p| p.name.to_string()),
+        bucket,
+        prefix,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shape checks: which field is wrong
+// ---------------------------------------------------------------------------------------------
+
+type Check = fn(&Value) -> Result<(), serde_json::Error>;
+
+fn is<T: DeserializeOwned>(v: &Value) -> Result<(), serde_json::Error> {
+    T::deserialize(v).map(drop)
+}
+
+/// One field of an object: name, required, reason code, type check.
+type Spec = (&'static str, bool, InvalidReason, Check);
+
+const TOP: &[Spec] = &[
+    (
+        "schema_version",
+        true,
+        InvalidReason::SchemaVersion,
+        is::<u32>,
+    ),
+    ("batch_id", true, InvalidReason::BatchId, is::<String>),
+    (
+        "items",
+        true,
+        InvalidReason::Items,
+        is::<Vec<Map<String, Value>>>,
+    ),
+    (
+        "params",
+        false,
+        InvalidReason::Schema,
+        is::<Option<Map<String, Value>>>,
+    ),
+    (
+        "output",
+        false,
+        InvalidReason::Schema,
+        is::<Option<Map<String, Value>>>,
+    ),
+];
+const ITEM: &[Spec] = &[
+    ("id", true, InvalidReason::ItemId, is::<String>),
+    ("prompt", true, InvalidReason::Prompt, is::<String>),
+    (
+        "negative_prompt",
+        false,
+        InvalidReason::Prompt,
+        is::<Option<String>>,
+    ),
+    ("seed", false, InvalidReason::Schema, is::<Option<u64>>),
+    (
+        "num_images",
+        false,
+        InvalidReason::NumImages,
+        is::<Option<u32>>,
+    ),
+];
+const PARAMS: &[Spec] = &[
+    ("steps", false, InvalidReason::Steps, is::<Option<u32>>),
+    (
+        "guidance_scale",
+        false,
+        InvalidReason::Guidance,
+        is::<Option<f64>>,
+    ),
+    ("width", false, InvalidReason::Size, is::<Option<u32>>),
+    ("height", false, InvalidReason::Size, is::<Option<u32>>),
+    (
+        "scheduler",
+        false,
+        InvalidReason::Scheduler,
+        is::<Option<String>>,
+    ),
+    ("preset", false, InvalidReason::Preset, is::<Option<String>>),
+];
+const OUTPUT: &[Spec] = &[
+    ("bucket", false, InvalidReason::Bucket, is::<Option<String>>),
+    ("prefix", false, InvalidReason::Prefix, is::<Option<String>>),
+];
+
+fn check_object(
+    obj: &Map<String, Value>,
+    at: &str,
+    specs: &[Spec],
+) -> Result<(), (InvalidReason, String)> {
+    let path = |name: &str| {
+        if at.is_empty() {
+            name.to_string()
+        } else {
+            format!("{at}.{name}")
+        }
+    };
+    if let Some(key) = obj
+        .keys()
+        .find(|k| !specs.iter().any(|s| s.0 == k.as_str()))
+    {
+        return Err((
+            InvalidReason::Schema,
+            format!(
+                "unknown field {} (expected one of: {})",
+                quote(&path(key)),
+                specs.iter().map(|s| s.0).collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    for &(name, required, reason, check) in specs {
+        match obj.get(name) {
+            None if required => return Err((reason, format!("missing field {}", path(name)))),
+            None => {}
+            Some(v) => check(v).map_err(|e| (reason, format!("{}: {e}", path(name))))?,
+        }
+    }
+    Ok(())
+}
+
+/// Checks keys and JSON types of the whole message, naming the field at fault.
+fn check_shape(obj: &Map<String, Value>) -> Result<(), (InvalidReason, String)> {
+    check_object(obj, "", TOP)?;
+    let items = obj["items"].as_array().into_iter().flatten();
+    for (i, item) in items.enumerate() {
+        if let Some(item) = item.as_object() {
+            check_object(item, &format!("items[{i}]"), ITEM)?;
+        }
+    }
+    for (name, specs) in [("params", PARAMS), ("output", OUTPUT)] {
+        if let Some(o) = obj.get(name).and_then(Value::as_object) {
+            check_object(o, name, specs)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::collections::BTreeSet;
+
+    const NATIVE: i64 = 512;
+
+    fn limits() -> Limits {
+        Limits {
+            allowed_buckets: vec!["images".into(), "other".into()],
+            default_bucket: Some("images".into()),
+            ..Limits::default()
+        }
+    }
+
+    fn example() -> Value {
+        json!({"schema_version": 1, "batch_id": "shoes-2026-11-26-0001",
+            "items": [{"id": "sku-123", "prompt": "professional product photography of a red sneaker",
+                       "negative_prompt": "blurry", "seed": 42, "num_images": 2}],
+            "params": {"steps": 25, "guidance_scale": 8.5, "width": 512, "height": 512,
+                       "scheduler": "pndm", "preset": "production"},
+            "output": {"bucket": "images", "prefix": "catalog/shoes"}})
+    }
+
+    fn minimal() -> Value {
+        json!({"schema_version": 1, "batch_id": "b1", "items": [{"id": "a", "prompt": "a cat"}]})
+    }
+
+    fn parse_value(v: &Value) -> Result<Batch, Invalid> {
+        parse(&serde_json::to_vec(v).unwrap(), &limits(), NATIVE)
+    }
+
+    /// `v` with the JSON pointer `ptr` set to `new` (`None` removes it).
+    fn with(mut v: Value, ptr: &str, new: Option<Value>) -> Value {
+        let (parent, key) = ptr.rsplit_once('/').unwrap();
+        let target = v.pointer_mut(parent).unwrap();
+        match (target, new) {
+            (Value::Object(o), Some(n)) => {
+                o.insert(key.to_string(), n);
+            }
+            (Value::Object(o), None) => {
+                o.remove(key);
+            }
+            (Value::Array(a), Some(n)) => a[key.parse::<usize>().unwrap()] = n,
+            _ => panic!("bad pointer {ptr}"),
+        }
+        v
+    }
+
+    fn reason_of(v: &Value) -> InvalidReason {
+        match parse_value(v) {
+            Ok(b) => panic!("accepted: {v} -> {b:?}"),
+            Err(e) => e.reason,
+        }
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let b = parse_value(&example()).unwrap();
+        assert_eq!(b.batch_id, "shoes-2026-11-26-0001");
+        assert_eq!(b.bucket, "images");
+        assert_eq!(b.prefix, "catalog/shoes");
+        assert_eq!(b.preset.as_deref(), Some("production"));
+        assert_eq!(
+            b.params,
+            GenerateParams {
+                steps: 25,
+                guidance_scale: 8.5,
+                width: 512,
+                height: 512,
+                scheduler: SchedulerKind::Pndm
+            }
+        );
+        let item = &b.items[0];
+        assert_eq!(
+            (
+                item.id.as_str(),
+                item.seed,
+                item.seed_derived,
+                item.num_images
+            ),
+            ("sku-123", 42, false, 2)
+        );
+        assert_eq!(item.negative_prompt.as_deref(), Some("blurry"));
+        assert_eq!(b.total_images(), 2);
+    }
+
+    #[test]
+    fn minimal_message_gets_defaults() {
+        let b = parse_value(&minimal()).unwrap();
+        assert_eq!(
+            b.params,
+            GenerateParams {
+                steps: DEFAULT_STEPS,
+                guidance_scale: DEFAULT_GUIDANCE_SCALE,
+                width: NATIVE,
+                height: NATIVE,
+                scheduler: SchedulerKind::Pndm
+            }
+        );
+        assert_eq!(b.preset, None);
+        assert_eq!(b.bucket, "images");
+        assert_eq!(b.prefix, "");
+        assert_eq!(b.items[0].num_images, 1);
+        assert!(b.items[0].seed_derived);
+        assert_eq!(b.items[0].negative_prompt, None);
+        // The native size is the caller's.
+        let b = parse(&serde_json::to_vec(&minimal()).unwrap(), &limits(), 768).unwrap();
+        assert_eq!((b.params.width, b.params.height), (768, 768));
+    }
+
+    #[test]
+    fn presets_and_explicit_params_win() {
+        for p in PRESETS {
+            let v = with(minimal(), "/params", Some(json!({"preset": p.name})));
+            let b = parse_value(&v).unwrap();
+            assert_eq!(b.params.steps, p.steps, "{}", p.name);
+            assert_eq!(b.params.guidance_scale, p.guidance_scale, "{}", p.name);
+            assert_eq!(b.params.scheduler, SchedulerKind::Pndm);
+            assert_eq!((b.params.width, b.params.height), (NATIVE, NATIVE));
+            assert_eq!(b.preset.as_deref(), Some(p.name));
+        }
+        let table: Vec<_> = PRESETS
+            .iter()
+            .map(|p| (p.name, p.steps, p.guidance_scale))
+            .collect();
+        assert_eq!(
+            table,
+            [
+                ("concept", 35, 8.0),
+                ("quality", 60, 7.5),
+                ("production", 25, 8.5),
+                ("style-test", 45, 7.0)
+            ]
+        );
+        // Explicit steps win, the preset's guidance stays.
+        let v = with(
+            minimal(),
+            "/params",
+            Some(json!({"preset": "quality", "steps": 20})),
+        );
+        let b = parse_value(&v).unwrap();
+        assert_eq!((b.params.steps, b.params.guidance_scale), (20, 7.5));
+        // Explicit guidance wins, the preset's steps stay.
+        let v = with(
+            minimal(),
+            "/params",
+            Some(
+                json!({"preset": "concept", "guidance_scale": 3, "scheduler": "ddim", "width": 640}),
+            ),
+        );
+        let b = parse_value(&v).unwrap();
+        assert_eq!((b.params.steps, b.params.guidance_scale), (35, 3.0));
+        assert_eq!(b.params.scheduler, SchedulerKind::Ddim);
+        assert_eq!((b.params.width, b.params.height), (640, NATIVE));
+        // Presets are exact names.
+        let v = with(minimal(), "/params", Some(json!({"preset": "Quality"})));
+        assert_eq!(reason_of(&v), InvalidReason::Preset);
+        let v = with(minimal(), "/params", Some(json!({"preset": "draft"})));
+        assert_eq!(reason_of(&v), InvalidReason::Preset);
+    }
+
+    #[test]
+    fn schedulers_by_name() {
+        for k in SchedulerKind::ALL {
+            let v = with(minimal(), "/params", Some(json!({"scheduler": k.name()})));
+            assert_eq!(parse_value(&v).unwrap().params.scheduler, k);
+        }
+        let v = with(minimal(), "/params", Some(json!({"scheduler": "euler_a"})));
+        assert_eq!(
+            parse_value(&v).unwrap().params.scheduler,
+            SchedulerKind::EulerAncestral
+        );
+        let v = with(minimal(), "/params", Some(json!({"scheduler": "heun"})));
+        assert_eq!(reason_of(&v), InvalidReason::Scheduler);
+    }
+
+    #[test]
+    fn not_json() {
+        let l = limits();
+        for body in [
+            &b"\xff\xfe{}"[..],
+            b"",
+            b"{\"schema_version\": 1,",
+            b"[1, 2]",
+            b"\"text\"",
+            b"null",
+        ] {
+            let e = parse(body, &l, NATIVE).unwrap_err();
+            assert_eq!(e.reason, InvalidReason::NotJson, "{body:?}");
+            assert_eq!(e.batch_id, None);
+        }
+    }
+
+    #[test]
+    fn schema_version() {
+        use InvalidReason::SchemaVersion as S;
+        assert_eq!(reason_of(&with(minimal(), "/schema_version", None)), S);
+        for v in [
+            json!(2),
+            json!(0),
+            json!("1"),
+            json!(1.5),
+            json!(null),
+            json!(-1),
+        ] {
+            assert_eq!(reason_of(&with(minimal(), "/schema_version", Some(v))), S);
+        }
+        // Checked before the rest: a v2 message with new fields is a version problem.
+        let v = with(
+            with(minimal(), "/schema_version", Some(json!(2))),
+            "/new_thing",
+            Some(json!(true)),
+        );
+        let e = parse_value(&v).unwrap_err();
+        assert_eq!(e.reason, S);
+        assert_eq!(e.batch_id.as_deref(), Some("b1"));
+    }
+
+    #[test]
+    fn batch_id() {
+        use InvalidReason::BatchId as B;
+        assert_eq!(reason_of(&with(minimal(), "/batch_id", None)), B);
+        let long = "x".repeat(129);
+        for bad in [
+            json!(""),
+            json!("a b"),
+            json!("a/b"),
+            json!("a.b"),
+            json!(long),
+            json!(7),
+            json!(null),
+        ] {
+            let e = parse_value(&with(minimal(), "/batch_id", Some(bad.clone()))).unwrap_err();
+            assert_eq!(e.reason, B, "{bad}");
+            assert_eq!(e.batch_id, None);
+        }
+        let ok = "A-z_09".to_string() + &"x".repeat(122);
+        assert_eq!(ok.len(), 128);
+        assert!(parse_value(&with(minimal(), "/batch_id", Some(json!(ok)))).is_ok());
+    }
+
+    #[test]
+    fn invalid_messages_keep_a_valid_batch_id() {
+        let v = with(minimal(), "/items/0/prompt", Some(json!("")));
+        let e = parse_value(&v).unwrap_err();
+        assert_eq!(e.reason, InvalidReason::Prompt);
+        assert_eq!(e.batch_id.as_deref(), Some("b1"));
+        let v = with(minimal(), "/extra", Some(json!(1)));
+        assert_eq!(parse_value(&v).unwrap_err().batch_id.as_deref(), Some("b1"));
+        let v = with(minimal(), "/items", Some(json!("nope")));
+        assert_eq!(parse_value(&v).unwrap_err().batch_id.as_deref(), Some("b1"));
+    }
+
+    #[test]
+    fn unknown_fields_and_shape_errors() {
+        use InvalidReason::Schema as S;
+        for (ptr, v) in [
+            ("/extra", json!(1)),
+            ("/items/0/sed", json!(1)),
+            ("/params", json!({"step": 30})),
+            ("/output", json!({"buckt": "images"})),
+            ("/params", json!([1])),
+            ("/output", json!("images")),
+            ("/items/0/seed", json!(-1)),
+            ("/items/0/seed", json!(1.5)),
+            ("/items/0/seed", json!("42")),
+            // serde's derive would read structs from arrays; the format has no such thing.
+            ("/params", json!([30, 8.5])),
+            ("/output", json!(["images", "x"])),
+        ] {
+            let e = parse_value(&with(minimal(), ptr, Some(v.clone()))).unwrap_err();
+            assert_eq!(e.reason, S, "{ptr} = {v}: {}", e.message);
+        }
+        let e = parse_value(&with(minimal(), "/params", Some(json!({"step": 30})))).unwrap_err();
+        assert!(e.message.contains("params.step"), "{}", e.message);
+        assert!(e.message.contains("steps"), "{}", e.message);
+        let body = br#"{"schema_version": 1, "batch_id": "b1", "items": [{"id": "a", "prompt": "p", "seed": 18446744073709551616}]}"#;
+        assert_eq!(parse(body, &limits(), NATIVE).unwrap_err().reason, S);
+        // Duplicate keys are refused by serde, not silently merged.
+        let body = br#"{"schema_version": 1, "batch_id": "b1", "batch_id": "b2", "items": [{"id": "a", "prompt": "p"}]}"#;
+        let e = parse(body, &limits(), NATIVE).unwrap_err();
+        assert_eq!(e.reason, S);
+        assert!(e.message.contains("duplicate field"), "{}", e.message);
+        // null is the same as absent for optional fields.
+        let v = with(
+            with(minimal(), "/params", Some(Value::Null)),
+            "/items/0/seed",
+            Some(Value::Null),
+        );
+        assert!(parse_value(&v).is_ok());
+        let u64max = json!({"schema_version": 1, "batch_id": "b", "items": [{"id": "a", "prompt": "p", "seed": u64::MAX, "num_images": 2}]});
+        let b = parse_value(&u64max).unwrap();
+        assert_eq!(b.image_requests()[1].2.seed, 0);
+    }
+
+    #[test]
+    fn wrong_types_blame_their_field() {
+        use InvalidReason as R;
+        for (ptr, v, reason) in [
+            ("/items/0/id", json!(5), R::ItemId),
+            ("/items/0/prompt", json!(["a"]), R::Prompt),
+            ("/items/0/negative_prompt", json!(1), R::Prompt),
+            ("/items/0/num_images", json!(-1), R::NumImages),
+            ("/items/0/num_images", json!(1.5), R::NumImages),
+            ("/params/steps", json!(25.5), R::Steps),
+            ("/params/steps", json!("25"), R::Steps),
+            ("/params/guidance_scale", json!("7.5"), R::Guidance),
+            ("/params/width", json!(-512), R::Size),
+            ("/params/height", json!("512"), R::Size),
+            ("/params/scheduler", json!(1), R::Scheduler),
+            ("/params/preset", json!(true), R::Preset),
+            ("/output/bucket", json!(1), R::Bucket),
+            ("/output/prefix", json!(["a"]), R::Prefix),
+            ("/items", json!({"id": "a"}), R::Items),
+            ("/items", json!(["a cat"]), R::Items),
+            ("/items", json!([["a", "a cat"]]), R::Items),
+        ] {
+            let e = parse_value(&with(example(), ptr, Some(v.clone()))).unwrap_err();
+            assert_eq!(e.reason, reason, "{ptr} = {v}: {}", e.message);
+        }
+        assert_eq!(reason_of(&with(minimal(), "/items/0/id", None)), R::ItemId);
+        assert_eq!(
+            reason_of(&with(minimal(), "/items/0/prompt", None)),
+            R::Prompt
+        );
+        assert_eq!(reason_of(&with(minimal(), "/items", None)), R::Items);
+    }
+
+    #[test]
+    fn items_count() {
+        use InvalidReason::Items as I;
+        assert_eq!(reason_of(&with(minimal(), "/items", Some(json!([])))), I);
+        let many: Vec<Value> = (0..257)
+            .map(|i| json!({"id": format!("i{i}"), "prompt": "p"}))
+            .collect();
+        assert_eq!(reason_of(&with(minimal(), "/items", Some(json!(many)))), I);
+        let ok: Vec<Value> = many[..256].to_vec();
+        assert!(parse_value(&with(minimal(), "/items", Some(json!(ok)))).is_ok());
+    }
+
+    #[test]
+    fn item_ids() {
+        use InvalidReason::ItemId as I;
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a b",
+            "ü",
+            "manifest.json",
+            &"x".repeat(129),
+        ] {
+            let v = with(minimal(), "/items/0/id", Some(json!(bad)));
+            assert_eq!(reason_of(&v), I, "{bad:?}");
+        }
+        for ok in ["...", "a.b", "SKU_1-2", ".hidden", &"x".repeat(128)] {
+            let v = with(minimal(), "/items/0/id", Some(json!(ok)));
+            assert!(parse_value(&v).is_ok(), "{ok:?}");
+        }
+        let v = with(
+            minimal(),
+            "/items",
+            Some(
+                json!([{"id": "a", "prompt": "p"}, {"id": "b", "prompt": "p"}, {"id": "a", "prompt": "q"}]),
+            ),
+        );
+        let e = parse_value(&v).unwrap_err();
+        assert_eq!(e.reason, InvalidReason::DuplicateItemId);
+        assert!(
+            e.message.contains("items[2]") && e.message.contains("items[0]"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn prompts() {
+        use InvalidReason::Prompt as P;
+        let long = "a".repeat(2049);
+        for bad in [
+            "",
+            "   \n\t",
+            "a\u{0}b",
+            "bell\u{7}",
+            "esc\u{1b}[0m",
+            long.as_str(),
+        ] {
+            let v = with(minimal(), "/items/0/prompt", Some(json!(bad)));
+            assert_eq!(reason_of(&v), P, "{bad:?}");
+        }
+        let v = with(minimal(), "/items/0/prompt", Some(json!("a".repeat(2048))));
+        assert!(parse_value(&v).is_ok());
+        let v = with(
+            minimal(),
+            "/items/0/prompt",
+            Some(json!("line one\nline\ttwo, ünïcode 🎨")),
+        );
+        assert!(parse_value(&v).is_ok());
+        // Negative prompts: same rules, but may be empty.
+        let v = with(minimal(), "/items/0/negative_prompt", Some(json!("")));
+        assert_eq!(
+            parse_value(&v).unwrap().items[0].negative_prompt.as_deref(),
+            Some("")
+        );
+        for bad in ["a\u{0}", long.as_str()] {
+            let v = with(minimal(), "/items/0/negative_prompt", Some(json!(bad)));
+            let e = parse_value(&v).unwrap_err();
+            assert_eq!(e.reason, P);
+            assert!(e.message.contains("negative_prompt"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn num_images_and_total() {
+        use InvalidReason as R;
+        assert_eq!(
+            reason_of(&with(minimal(), "/items/0/num_images", Some(json!(0)))),
+            R::NumImages
+        );
+        assert_eq!(
+            reason_of(&with(minimal(), "/items/0/num_images", Some(json!(17)))),
+            R::NumImages
+        );
+        let v = with(minimal(), "/items/0/num_images", Some(json!(16)));
+        assert_eq!(parse_value(&v).unwrap().total_images(), 16);
+        // 64 × 16 = 1024 is the limit; one more image is too many.
+        let mut items: Vec<Value> = (0..64)
+            .map(|i| json!({"id": format!("i{i}"), "prompt": "p", "num_images": 16}))
+            .collect();
+        let v = with(minimal(), "/items", Some(json!(items.clone())));
+        assert_eq!(parse_value(&v).unwrap().total_images(), 1024);
+        items.push(json!({"id": "last", "prompt": "p"}));
+        let v = with(minimal(), "/items", Some(json!(items)));
+        assert_eq!(reason_of(&v), R::TooManyImages);
+    }
+
+    #[test]
+    fn steps_guidance_size() {
+        use InvalidReason as R;
+        let p = |params: Value| with(minimal(), "/params", Some(params));
+        assert_eq!(reason_of(&p(json!({"steps": 0}))), R::Steps);
+        assert_eq!(reason_of(&p(json!({"steps": 151}))), R::Steps);
+        assert!(parse_value(&p(json!({"steps": 1}))).is_ok());
+        assert!(parse_value(&p(json!({"steps": 150}))).is_ok());
+        // The limits apply to preset values too.
+        let strict = Limits {
+            max_steps: 50,
+            ..limits()
+        };
+        let body = serde_json::to_vec(&p(json!({"preset": "quality"}))).unwrap();
+        let e = parse(&body, &strict, NATIVE).unwrap_err();
+        assert_eq!(e.reason, R::Steps);
+        assert!(e.message.contains("preset \"quality\""), "{}", e.message);
+
+        assert_eq!(reason_of(&p(json!({"guidance_scale": -0.5}))), R::Guidance);
+        assert!(parse_value(&p(json!({"guidance_scale": 0}))).is_ok());
+        assert!(parse_value(&p(json!({"guidance_scale": 30.25}))).is_ok());
+        // JSON has no NaN or infinity; structs built in code can.
+        let mut msg: BatchMessage = serde_json::from_value(minimal()).unwrap();
+        for g in [f64::NAN, f64::INFINITY] {
+            msg.params = Some(MessageParams {
+                guidance_scale: Some(g),
+                ..Default::default()
+            });
+            assert_eq!(
+                validate(&msg, &limits(), NATIVE).unwrap_err().reason,
+                R::Guidance
+            );
+        }
+
+        for (w, h) in [
+            (0, 512),
+            (4, 512),
+            (513, 512),
+            (512, 1032),
+            (1040, 512),
+            (512, 0),
+        ] {
+            let v = p(json!({"width": w, "height": h}));
+            assert_eq!(reason_of(&v), R::Size, "{w}x{h}");
+        }
+        let b = parse_value(&p(json!({"width": 8, "height": 1024}))).unwrap();
+        assert_eq!((b.params.width, b.params.height), (8, 1024));
+        // A model default above max_side is refused too.
+        let body = serde_json::to_vec(&minimal()).unwrap();
+        assert_eq!(parse(&body, &limits(), 2048).unwrap_err().reason, R::Size);
+    }
+
+    #[test]
+    fn buckets() {
+        use InvalidReason::Bucket as B;
+        let o = |output: Value| with(minimal(), "/output", Some(output));
+        assert_eq!(
+            parse_value(&o(json!({"bucket": "other"}))).unwrap().bucket,
+            "other"
+        );
+        assert_eq!(reason_of(&o(json!({"bucket": "secret"}))), B);
+        // No allow-list: only the default bucket.
+        let only_default = Limits {
+            default_bucket: Some("images".into()),
+            ..Limits::default()
+        };
+        let run = |v: &Value, l: &Limits| parse(&serde_json::to_vec(v).unwrap(), l, NATIVE);
+        assert_eq!(
+            run(&o(json!({"bucket": "images"})), &only_default)
+                .unwrap()
+                .bucket,
+            "images"
+        );
+        assert_eq!(
+            run(&o(json!({"bucket": "other"})), &only_default)
+                .unwrap_err()
+                .reason,
+            B
+        );
+        assert_eq!(run(&minimal(), &only_default).unwrap().bucket, "images");
+        // The default bucket is allowed even when the allow-list does not repeat it.
+        let list = Limits {
+            allowed_buckets: vec!["a".into()],
+            default_bucket: Some("d".into()),
+            ..Limits::default()
+        };
+        assert_eq!(run(&o(json!({"bucket": "d"})), &list).unwrap().bucket, "d");
+        assert_eq!(run(&o(json!({"bucket": "a"})), &list).unwrap().bucket, "a");
+        // No default bucket: a message without one is invalid.
+        let no_default = Limits {
+            allowed_buckets: vec!["a".into()],
+            ..Limits::default()
+        };
+        assert_eq!(run(&minimal(), &no_default).unwrap_err().reason, B);
+        assert_eq!(
+            run(&o(json!({"bucket": "a"})), &no_default).unwrap().bucket,
+            "a"
+        );
+        assert_eq!(run(&minimal(), &Limits::default()).unwrap_err().reason, B);
+    }
+
+    #[test]
+    fn prefixes() {
+        use InvalidReason::Prefix as P;
+        let o = |prefix: &str| with(minimal(), "/output", Some(json!({"prefix": prefix})));
+        for ok in ["", "a", "catalog/shoes", "a.b/c-d/e_f", "x/.../y"] {
+            assert_eq!(parse_value(&o(ok)).unwrap().prefix, ok);
+        }
+        let long_seg = "x".repeat(129);
+        let too_long = vec!["abcdefg"; 65].join("/");
+        assert!(too_long.len() > 512);
+        for bad in [
+            "/a",
+            "a/",
+            "/",
+            "a//b",
+            "a/./b",
+            "../a",
+            "a/..",
+            "a b",
+            "a\\b",
+            long_seg.as_str(),
+            too_long.as_str(),
+        ] {
+            assert_eq!(reason_of(&o(bad)), P, "{bad:?}");
+        }
+        // Default prefix from the limits, overridden by the message (even by "").
+        let l = Limits {
+            default_prefix: "renders".into(),
+            ..limits()
+        };
+        let run = |v: &Value| parse(&serde_json::to_vec(v).unwrap(), &l, NATIVE).unwrap();
+        assert_eq!(run(&minimal()).prefix, "renders");
+        assert_eq!(run(&o("x/y")).prefix, "x/y");
+        assert_eq!(run(&o("")).prefix, "");
+    }
+
+    #[test]
+    fn limits_check() {
+        assert!(Limits::default().check().is_ok());
+        assert!(limits().check().is_ok());
+        for bad in [
+            Limits {
+                default_prefix: "/x".into(),
+                ..Limits::default()
+            },
+            Limits {
+                min_steps: 0,
+                ..Limits::default()
+            },
+            Limits {
+                min_steps: 10,
+                max_steps: 5,
+                ..Limits::default()
+            },
+            Limits {
+                max_side: 4,
+                ..Limits::default()
+            },
+            Limits {
+                default_bucket: Some(String::new()),
+                ..Limits::default()
+            },
+        ] {
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
+        // A config file sets only what it changes.
+        let l: Limits =
+            serde_json::from_value(json!({"max_items": 8, "default_bucket": "b"})).unwrap();
+        assert_eq!(
+            l,
+            Limits {
+                max_items: 8,
+                default_bucket: Some("b".into()),
+                ..Limits::default()
+            }
+        );
+        assert!(serde_json::from_value::<Limits>(json!({"max_itemz": 8})).is_err());
+    }
+
+    #[test]
+    fn seed_derivation_is_stable_and_53_bit() {
+        // Pinned: changing the derivation changes every image made without an explicit seed.
+        assert_eq!(
+            derive_seed("shoes-2026-11-26-0001", "sku-123"),
+            8121898672478430
+        );
+        assert_eq!(derive_seed("b", "a"), 3537034511804319);
+        assert_ne!(derive_seed("b", "a"), derive_seed("a", "b"));
+        assert_ne!(derive_seed("ab", "c"), derive_seed("a", "bc"));
+        for i in 0..2000 {
+            let s = derive_seed("batch", &format!("item-{i}"));
+            assert!(s < 1 << 53, "{s}");
+            assert_eq!(s as f64 as u64, s);
+        }
+        let b = parse_value(&minimal()).unwrap();
+        assert_eq!(b.items[0].seed, derive_seed("b1", "a"));
+        assert!(b.items[0].seed_derived);
+    }
+
+    #[test]
+    fn image_requests_in_order_with_seed_plus_n() {
+        let v = json!({"schema_version": 1, "batch_id": "b1", "items": [
+            {"id": "a", "prompt": "pa", "seed": 10, "num_images": 3},
+            {"id": "b", "prompt": "pb", "negative_prompt": "nb"},
+            {"id": "c", "prompt": "pc", "num_images": 2}]});
+        let b = parse_value(&v).unwrap();
+        assert_eq!(b.total_images(), 6);
+        let reqs = b.image_requests();
+        let got: Vec<(usize, u32, &str, Option<&str>, u64)> = reqs
+            .iter()
+            .map(|(i, n, r)| {
+                (
+                    *i,
+                    *n,
+                    r.prompt.as_str(),
+                    r.negative_prompt.as_deref(),
+                    r.seed,
+                )
+            })
+            .collect();
+        let (sb, sc) = (derive_seed("b1", "b"), derive_seed("b1", "c"));
+        assert_eq!(
+            got,
+            [
+                (0, 0, "pa", None, 10),
+                (0, 1, "pa", None, 11),
+                (0, 2, "pa", None, 12),
+                (1, 0, "pb", Some("nb"), sb),
+                (2, 0, "pc", None, sc),
+                (2, 1, "pc", None, sc + 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn object_keys() {
+        let mut b = parse_value(&example()).unwrap();
+        assert_eq!(
+            b.image_key("sku-123", 1),
+            "catalog/shoes/shoes-2026-11-26-0001/sku-123/1.png"
+        );
+        assert_eq!(
+            b.manifest_key(),
+            "catalog/shoes/shoes-2026-11-26-0001/manifest.json"
+        );
+        b.prefix = String::new();
+        assert_eq!(
+            b.image_key("sku-123", 0),
+            "shoes-2026-11-26-0001/sku-123/0.png"
+        );
+        assert_eq!(b.manifest_key(), "shoes-2026-11-26-0001/manifest.json");
+    }
+
+    #[test]
+    fn reason_codes_are_stable_and_distinct() {
+        let codes: Vec<&str> = InvalidReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            codes,
+            [
+                "not_json",
+                "schema_version",
+                "schema",
+                "batch_id",
+                "items",
+                "item_id",
+                "duplicate_item_id",
+                "prompt",
+                "num_images",
+                "too_many_images",
+                "steps",
+                "guidance",
+                "size",
+                "scheduler",
+                "preset",
+                "bucket",
+                "prefix"
+            ]
+        );
+        assert_eq!(InvalidReason::Size.to_string(), "size");
+    }
+
+    #[test]
+    fn error_messages_are_bounded() {
+        let huge = "/".repeat(10_000);
+        let e = parse_value(&with(minimal(), "/items/0/id", Some(json!(huge)))).unwrap_err();
+        assert!(e.message.len() < 300, "{}", e.message.len());
+        let key = "k".repeat(10_000);
+        let e = parse_value(&with(minimal(), &format!("/{key}"), Some(json!(1)))).unwrap_err();
+        assert!(e.message.len() < 400, "{}", e.message.len());
+    }
+
+    #[test]
+    fn message_round_trips_and_omits_absent_fields() {
+        let msg: BatchMessage = serde_json::from_value(example()).unwrap();
+        assert_eq!(serde_json::to_value(&msg).unwrap(), example());
+        let back: BatchMessage = serde_json::from_slice(&msg.to_json_vec()).unwrap();
+        assert_eq!(back, msg);
+        let min: BatchMessage = serde_json::from_value(minimal()).unwrap();
+        assert_eq!(serde_json::to_value(&min).unwrap(), minimal());
+    }
+
+    // --- Field lists: serde structs ⇔ FIELDS consts ⇔ shape tables ⇔ JSON Schema. ---
+
+    fn keys(v: &Value) -> BTreeSet<String> {
+        v.as_object().unwrap().keys().cloned().collect()
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn field_lists_match_the_structs() {
+        // A fully populated message serializes every field once: its keys are serde's names.
+        let full = example();
+        assert_eq!(keys(&full), set(BatchMessage::FIELDS));
+        assert_eq!(keys(&full["items"][0]), set(MessageItem::FIELDS));
+        assert_eq!(keys(&full["params"]), set(MessageParams::FIELDS));
+        assert_eq!(keys(&full["output"]), set(MessageOutput::FIELDS));
+        let msg: BatchMessage = serde_json::from_value(full.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&msg).unwrap(), full);
+        // The required ones are exactly those serde insists on.
+        for (fields, required, base) in [
+            (BatchMessage::FIELDS, BatchMessage::REQUIRED, full.clone()),
+            (
+                MessageItem::FIELDS,
+                MessageItem::REQUIRED,
+                full["items"][0].clone(),
+            ),
+        ] {
+            for f in fields {
+                let mut v = base.clone();
+                v.as_object_mut().unwrap().remove(*f);
+                let ok = if base.get("batch_id").is_some() {
+                    serde_json::from_value::<BatchMessage>(v).is_ok()
+                } else {
+                    serde_json::from_value::<MessageItem>(v).is_ok()
+                };
+                assert_eq!(ok, !required.contains(f), "{f}");
+            }
+        }
+        // The shape tables name the same fields.
+        for (specs, fields) in [
+            (TOP, BatchMessage::FIELDS),
+            (ITEM, MessageItem::FIELDS),
+            (PARAMS, MessageParams::FIELDS),
+            (OUTPUT, MessageOutput::FIELDS),
+        ] {
+            let names: Vec<&str> = specs.iter().map(|s| s.0).collect();
+            assert_eq!(names, fields);
+        }
+        for (specs, required) in [
+            (TOP, BatchMessage::REQUIRED),
+            (ITEM, MessageItem::REQUIRED),
+            (PARAMS, &[][..]),
+            (OUTPUT, &[][..]),
+        ] {
+            for s in specs {
+                assert_eq!(s.1, required.contains(&s.0), "{}", s.0);
+            }
+        }
+    }
+
+    #[test]
+    fn json_schema_lists_exactly_the_struct_fields() {
+        let schema: Value =
+            serde_json::from_str(include_str!("../docs/batch-message.schema.json")).unwrap();
+        assert_eq!(
+            schema["$schema"],
+            "https://json-schema.org/draft/2020-12/schema"
+        );
+        let defs = &schema["$defs"];
+        for (obj, fields, required) in [
+            (&schema, BatchMessage::FIELDS, BatchMessage::REQUIRED),
+            (&defs["item"], MessageItem::FIELDS, MessageItem::REQUIRED),
+            (&defs["params"], MessageParams::FIELDS, &[][..]),
+            (&defs["output"], MessageOutput::FIELDS, &[][..]),
+        ] {
+            assert_eq!(keys(&obj["properties"]), set(fields));
+            assert_eq!(obj["additionalProperties"], false);
+            let req: Vec<&str> = obj
+                .get("required")
+                .map(|r| {
+                    r.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|s| s.as_str().unwrap())
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(set(&req), set(required));
+        }
+        // Enumerations match the code.
+        let presets: Vec<&str> = defs["params"]["properties"]["preset"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(presets, PRESETS.map(|p| p.name));
+        let schedulers: Vec<&str> = defs["params"]["properties"]["scheduler"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(schedulers, SchedulerKind::ALL.map(|k| k.name()));
+        assert_eq!(
+            schema["properties"]["schema_version"]["const"],
+            SCHEMA_VERSION
+        );
+    }
+
+    /// Every ```json block of docs/messages.md that is a message parses (events are checked in
+    /// `events`).
+    #[test]
+    fn documented_messages_parse() {
+        let doc = include_str!("../docs/messages.md");
+        let l = Limits {
+            allowed_buckets: vec!["images".into(), "concept-art".into()],
+            default_bucket: Some("images".into()),
+            ..Limits::default()
+        };
+        let mut n = 0;
+        for block in json_blocks(doc) {
+            let v: Value = serde_json::from_str(block)
+                .unwrap_or_else(|e| panic!("invalid JSON in docs: {e}\n{block}"));
+            if v.get("items").is_some() {
+                parse(block.as_bytes(), &l, NATIVE).unwrap_or_else(|e| panic!("{e}\n{block}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "only {n} messages found in docs/messages.md");
+    }
+
+    /// The bodies of the ```json fenced blocks of a Markdown text.
+    fn json_blocks(doc: &str) -> Vec<&str> {
+        let mut out = Vec::new();
+        let mut rest = doc;
+        while let Some(start) = rest.find("```json\n") {
+            let body = &rest[start + 8..];
+            let end = body.find("\n```").expect("unclosed ```json block");
+            out.push(&body[..end]);
+            rest = &body[end + 4..];
+        }
+        out
+    }
+}
