@@ -4,6 +4,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 scripts/setup.sh
+scripts/services.sh start
 # shellcheck source=env.sh
 . scripts/env.sh
 cargo test --all-targets --locked "$@"

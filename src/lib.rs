@@ -4,10 +4,20 @@
 //! - [`device`]: CUDA start-up and device/dtype selection.
 //! - [`prompts`]: prompt files (`.txt`, `.jsonl`).
 //! - [`output`]: PNG files and their JSON sidecars.
+//! - [`message`], [`events`]: the batch message and the completion events (the wire formats).
+//! - [`queue`]: RabbitMQ topology and publishing; [`storage`]: S3 and local-directory sinks.
+//! - [`worker`]: the queue consumer; [`config`]: its TOML file; [`submit_input`]: producer input.
+pub mod config;
 pub mod device;
 pub mod error;
+pub mod events;
+pub mod message;
 pub mod output;
 pub mod pipeline;
 pub mod prompts;
+pub mod queue;
+pub mod storage;
+pub mod submit_input;
+pub mod worker;
 
 pub use error::{Error, Result};

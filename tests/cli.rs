@@ -44,28 +44,49 @@ fn generate_writes_pngs_and_sidecars() {
     )
     .unwrap();
     let out = dir.path().join("out");
-    let o = generate(&prompts, &out, &["--batch-size", "2", "--seed", "100", "--images-per-prompt", "2"]);
+    let o = generate(
+        &prompts,
+        &out,
+        &[
+            "--batch-size",
+            "2",
+            "--seed",
+            "100",
+            "--images-per-prompt",
+            "2",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
 
     for stem in ["bag_0", "bag_1", "1_0", "1_1"] {
         let png = out.join(format!("{stem}.png"));
-        let img = image::open(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display())).to_rgb8();
+        let img = image::open(&png)
+            .unwrap_or_else(|e| panic!("{}: {e}", png.display()))
+            .to_rgb8();
         assert_eq!(img.dimensions(), (64, 64), "native size of the tiny model");
-        let meta: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join(format!("{stem}.json"))).unwrap()).unwrap();
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(format!("{stem}.json"))).unwrap(),
+        )
+        .unwrap();
         assert_eq!(meta["steps"], 3);
         assert_eq!(meta["scheduler"], "pndm");
         assert_eq!(meta["dtype"], "fp32");
         assert!(meta["timings"]["total_ms"].as_f64().unwrap() > 0.0);
     }
     let seed = |stem: &str| -> u64 {
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join(format!("{stem}.json"))).unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(format!("{stem}.json"))).unwrap(),
+        )
+        .unwrap();
         v["seed"].as_u64().unwrap()
     };
     // Explicit seed 5 (+n per image); entry 1 without a seed: 100 + 1 * 2 (+n).
-    assert_eq!([seed("bag_0"), seed("bag_1"), seed("1_0"), seed("1_1")], [5, 6, 102, 103]);
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("1_0.json")).unwrap()).unwrap();
+    assert_eq!(
+        [seed("bag_0"), seed("bag_1"), seed("1_0"), seed("1_1")],
+        [5, 6, 102, 103]
+    );
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("1_0.json")).unwrap()).unwrap();
     assert_eq!(meta["negative_prompt"], "blurry");
 }
 
@@ -75,16 +96,31 @@ fn same_seed_same_png_across_runs_and_batch_sizes() {
     let prompts = dir.path().join("p.txt");
     std::fs::write(&prompts, "a small house\na tall tree\n").unwrap();
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    assert!(generate(&prompts, &a, &["--seed", "9", "--batch-size", "1"]).status.success());
-    assert!(generate(&prompts, &b, &["--seed", "9", "--batch-size", "1"]).status.success());
-    assert_eq!(std::fs::read(a.join("1.png")).unwrap(), std::fs::read(b.join("1.png")).unwrap());
+    assert!(
+        generate(&prompts, &a, &["--seed", "9", "--batch-size", "1"])
+            .status
+            .success()
+    );
+    assert!(
+        generate(&prompts, &b, &["--seed", "9", "--batch-size", "1"])
+            .status
+            .success()
+    );
+    assert_eq!(
+        std::fs::read(a.join("1.png")).unwrap(),
+        std::fs::read(b.join("1.png")).unwrap()
+    );
 }
 
 #[test]
 fn bad_prompt_files_name_the_line() {
     let dir = tempfile::tempdir().unwrap();
     let prompts = dir.path().join("p.jsonl");
-    std::fs::write(&prompts, "{\"prompt\": \"ok\"}\n{\"prompt\": \"x\", \"seed\": \"abc\"}\n").unwrap();
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"ok\"}\n{\"prompt\": \"x\", \"seed\": \"abc\"}\n",
+    )
+    .unwrap();
     let o = generate(&prompts, &dir.path().join("out"), &[]);
     assert!(!o.status.success());
     let err = stderr(&o);
@@ -107,7 +143,10 @@ fn bad_flags_are_rejected() {
         (&["--guidance=-1"][..], "--guidance"),
         (&["--scheduler", "lms"][..], "unknown scheduler"),
         (&["--steps", "0"][..], "steps"),
-        (&["--dtype", "fp16", "--device", "cpu"][..], "needs a CUDA device"),
+        (
+            &["--dtype", "fp16", "--device", "cpu"][..],
+            "needs a CUDA device",
+        ),
         (&["--device", "tpu"][..], "unknown device"),
     ] {
         let o = generate(&prompts, &out, flags);
@@ -134,7 +173,13 @@ fn bench_prints_a_table() {
     assert!(o.status.success(), "{}", stderr(&o));
     let table = String::from_utf8_lossy(&o.stdout);
     println!("{table}");
-    assert!(table.contains("images/s") && table.contains("ms/UNet step"), "{table}");
-    let rows: Vec<&str> = table.lines().filter(|l| l.trim_start().starts_with(['1', '2'])).collect();
+    assert!(
+        table.contains("images/s") && table.contains("ms/UNet step"),
+        "{table}"
+    );
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.trim_start().starts_with(['1', '2']))
+        .collect();
     assert_eq!(rows.len(), 2, "{table}");
 }

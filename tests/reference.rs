@@ -309,7 +309,9 @@ fn slicing_options_do_not_change_images() {
         height: 64,
         scheduler: SchedulerKind::Pndm,
     };
-    let plain = load_cpu().generate(&requests, &params, &mut |_, _, _| {}).unwrap();
+    let plain = load_cpu()
+        .generate(&requests, &params, &mut |_, _, _| {})
+        .unwrap();
     let sliced_model = StableDiffusion::load(
         &model_dir(),
         LoadOptions {
@@ -319,7 +321,9 @@ fn slicing_options_do_not_change_images() {
         },
     )
     .unwrap();
-    let sliced = sliced_model.generate(&requests, &params, &mut |_, _, _| {}).unwrap();
+    let sliced = sliced_model
+        .generate(&requests, &params, &mut |_, _, _| {})
+        .unwrap();
     for (a, b) in plain.images.iter().zip(&sliced.images) {
         assert_images_match("sliced vs unsliced", &a.pixels, &b.pixels);
     }

@@ -1,6 +1,10 @@
 //! Command-line interface: argument definitions and dispatch.
 mod bench;
+mod dlq;
 mod generate;
+mod submit;
+mod topology;
+mod worker;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -35,6 +39,53 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Measure throughput per batch size and print a table.
     Bench(bench::BenchArgs),
+    /// Consume batch messages from RabbitMQ, upload images to S3, publish completion events.
+    Worker(worker::WorkerArgs),
+    /// Publish batch messages from a prompts file or a template (optionally wait for the results).
+    Submit(submit::SubmitArgs),
+    /// Inspect, requeue or purge dead-lettered batches.
+    Dlq(dlq::DlqArgs),
+    /// Declare the exchanges and queues (idempotent) and print them.
+    Topology(topology::TopologyArgs),
+}
+
+pub fn default_amqp_url() -> String {
+    "amqp://guest:guest@127.0.0.1:5672/%2f".into()
+}
+
+/// Broker connection and topology names, shared by the queue commands.
+#[derive(Args, Debug, Clone)]
+pub struct BrokerArgs {
+    /// AMQP URL (default amqp://guest:guest@127.0.0.1:5672/%2f). Credentials are never logged.
+    #[arg(long = "amqp-url", env = "AMQP_URL")]
+    pub amqp_url_flag: Option<String>,
+    /// Prefix of the exchange and queue names (`{prefix}.jobs`, `{prefix}.jobs.dead`, ...).
+    #[arg(long, env = "SDBATCH_QUEUE_PREFIX")]
+    pub queue_prefix: Option<String>,
+    /// Deliveries before a failing batch is dead-lettered (x-delivery-limit; default 3). Must
+    /// match the existing queue's.
+    #[arg(long, env = "SDBATCH_DELIVERY_LIMIT")]
+    pub delivery_limit: Option<u32>,
+    #[arg(skip = default_amqp_url())]
+    pub amqp_url: String,
+}
+
+impl BrokerArgs {
+    pub fn topology(&self) -> sdbatch::queue::Topology {
+        let mut t = sdbatch::queue::Topology::with_prefix(
+            self.queue_prefix.as_deref().unwrap_or("sdbatch"),
+        );
+        if let Some(limit) = self.delivery_limit {
+            t.delivery_limit = limit;
+        }
+        t
+    }
+
+    /// Resolves the URL default (clap's `skip` default is only a placeholder).
+    fn resolved(mut self) -> Self {
+        self.amqp_url = self.amqp_url_flag.clone().unwrap_or_else(default_amqp_url);
+        self
+    }
 }
 
 /// Model, device and precision flags shared by the commands that load a model.
@@ -130,9 +181,28 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Worker(args) => runtime()?.block_on(worker::run(args)),
+        Command::Submit(mut args) => {
+            args.broker = args.broker.resolved();
+            runtime()?.block_on(submit::run(args))
+        }
+        Command::Dlq(mut args) => {
+            args.broker = args.broker.resolved();
+            runtime()?.block_on(dlq::run(args))
+        }
+        Command::Topology(mut args) => {
+            args.broker = args.broker.resolved();
+            runtime()?.block_on(topology::run(args))
+        }
     }
 }

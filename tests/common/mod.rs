@@ -93,3 +93,5 @@ pub fn assert_images_match(what: &str, ours: &[u8], theirs: &[u8]) {
         frac * 100.0
     );
 }
+pub mod broker;
+pub mod s3;

@@ -1,0 +1,272 @@
+//! `sdbatch submit`: prompts file or template → batch messages, published with confirms;
+//! `--wait` follows the events exchange until every batch is accounted for.
+use super::BrokerArgs;
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use futures_lite::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use sdbatch::events::{self, Event};
+use sdbatch::message::{self, BatchMessage, Limits, MessageOutput, MessageParams};
+use sdbatch::queue::{self, Publisher};
+use sdbatch::submit_input::{expand_template, into_messages, parse_var, read_items};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Prompts: .txt (one a line), .jsonl (prompt, id?, negative_prompt?, seed?, num_images?) or .csv
+    /// (header row with the same column names).
+    #[arg(
+        long,
+        conflicts_with = "template",
+        required_unless_present = "template"
+    )]
+    pub prompts: Option<PathBuf>,
+    /// Prompt template with {name} placeholders, e.g. "professional product photography of {product}, {style}".
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Template values: NAME=a,b,c or NAME=@file.txt (one value a line). Repeatable.
+    #[arg(long = "var", requires = "template")]
+    pub vars: Vec<String>,
+    /// Prompts per message.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub batch_size: u32,
+    /// Batch ids are `{batch-prefix}-0001`, ... (default: `batch-<unix seconds>`).
+    #[arg(long)]
+    pub batch_prefix: Option<String>,
+    #[arg(long)]
+    pub steps: Option<u32>,
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    #[arg(long)]
+    pub width: Option<u32>,
+    #[arg(long)]
+    pub height: Option<u32>,
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// concept, quality, production or style-test (explicit parameters win).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Bucket (must be allowed by the workers; default: the workers' default bucket).
+    #[arg(long)]
+    pub bucket: Option<String>,
+    /// Key prefix (default: the workers' default prefix).
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Follow the events until every batch completed or failed; print the object keys.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout_secs: u64,
+}
+
+fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
+    let items = match (&args.prompts, &args.template) {
+        (Some(path), _) => read_items(path)?,
+        (None, Some(template)) => {
+            let vars = args
+                .vars
+                .iter()
+                .map(|v| parse_var(v, std::path::Path::new(".")))
+                .collect::<Result<Vec<_>, _>>()?;
+            expand_template(template, &vars)?
+        }
+        (None, None) => bail!("pass --prompts FILE or --template TEXT"),
+    };
+    let prefix = args.batch_prefix.clone().unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        format!("batch-{secs}")
+    });
+    let params = MessageParams {
+        steps: args.steps,
+        guidance_scale: args.guidance,
+        width: args.width,
+        height: args.height,
+        scheduler: args.scheduler.clone(),
+        preset: args.preset.clone(),
+    };
+    let output = MessageOutput {
+        bucket: args.bucket.clone(),
+        prefix: args.prefix.clone(),
+    };
+    let messages = into_messages(items, args.batch_size as usize, &prefix, &params, &output)?;
+    // Catch what a worker would reject before anything is published (bucket allow-lists and
+    // size limits are the workers' to enforce).
+    let limits = Limits {
+        default_bucket: Some(args.bucket.clone().unwrap_or_else(|| "default".into())),
+        max_items: usize::MAX,
+        max_total_images: usize::MAX,
+        max_side: 8192,
+        ..Limits::default()
+    };
+    for m in &messages {
+        message::validate(m, &limits, 512)
+            .map_err(|e| anyhow::anyhow!("batch {}: {}", m.batch_id, e.message))?;
+    }
+    Ok(messages)
+}
+
+fn images_in(m: &BatchMessage) -> u64 {
+    m.items
+        .iter()
+        .map(|i| u64::from(i.num_images.unwrap_or(1)))
+        .sum()
+}
+
+pub async fn run(args: SubmitArgs) -> Result<()> {
+    let messages = build_messages(&args)?;
+    let topology = args.broker.topology();
+    let conn = queue::connect(&args.broker.amqp_url, "sdbatch submit").await?;
+    let channel = conn.create_channel().await?;
+    queue::declare(&channel, &topology).await?;
+
+    // Subscribe before publishing so no event can be missed.
+    let mut events_consumer = if args.wait {
+        let q = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        for key in [events::BATCH_COMPLETED, events::BATCH_FAILED] {
+            channel
+                .queue_bind(
+                    q.name().clone(),
+                    topology.events_exchange.as_str().into(),
+                    key.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Some(
+            channel
+                .basic_consume(
+                    q.name().clone(),
+                    "sdbatch-submit".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?,
+        )
+    } else {
+        None
+    };
+
+    let publisher = Publisher::new(&conn).await?;
+    let mut expected: HashMap<String, u64> = HashMap::new();
+    for m in &messages {
+        publisher
+            .publish_json(
+                &topology.jobs_exchange,
+                &topology.jobs_queue,
+                &m.to_json_vec(),
+                None,
+                true,
+            )
+            .await
+            .with_context(|| format!("publishing batch {}", m.batch_id))?;
+        expected.insert(m.batch_id.clone(), images_in(m));
+    }
+    let total_images: u64 = expected.values().sum();
+    println!(
+        "submitted {} batch(es), {} image(s) to {}",
+        messages.len(),
+        total_images,
+        topology.jobs_queue
+    );
+
+    let Some(consumer) = events_consumer.as_mut() else {
+        let _ = conn.close(200, "done".into()).await;
+        return Ok(());
+    };
+
+    let bar = ProgressBar::new(total_images);
+    bar.set_style(
+        ProgressStyle::with_template("images {bar:30} {pos}/{len} done, {msg} [{elapsed_precise}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message("0 failed");
+    let mut completed: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    let mut failed_images = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
+    while completed.len() + failed.len() < expected.len() {
+        let delivery = tokio::select! {
+            d = consumer.next() => d,
+            _ = tokio::time::sleep_until(deadline) => break,
+        };
+        let Some(delivery) = delivery else { break };
+        let delivery = delivery?;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        let Ok(event) = Event::from_json(&delivery.data) else {
+            continue;
+        };
+        // Events are at-least-once: count each batch once.
+        let Some(id) = event.batch_id().map(str::to_string) else {
+            continue;
+        };
+        if !expected.contains_key(&id) || completed.contains_key(&id) || failed.contains_key(&id) {
+            continue;
+        }
+        match event {
+            Event::Completed(c) => {
+                bar.inc(c.images.len() as u64);
+                completed.insert(
+                    id,
+                    c.images
+                        .iter()
+                        .map(|i| format!("s3://{}/{}", i.bucket, i.key))
+                        .collect(),
+                );
+            }
+            Event::Failed(f) => {
+                failed_images += expected[&id];
+                bar.set_message(format!("{failed_images} failed"));
+                failed.insert(id, format!("{}: {}", f.reason, f.error));
+            }
+        }
+    }
+    bar.finish();
+    let _ = conn.close(200, "done".into()).await;
+
+    println!(
+        "\n{} batch(es) completed, {} failed, {} missing",
+        completed.len(),
+        failed.len(),
+        expected.len() - completed.len() - failed.len()
+    );
+    for (id, keys) in &completed {
+        for k in keys {
+            println!("{id}\t{k}");
+        }
+    }
+    for (id, why) in &failed {
+        println!("{id}\tFAILED\t{why}");
+    }
+    let missing = expected.len() - completed.len() - failed.len();
+    if missing > 0 {
+        bail!(
+            "{missing} batch(es) not accounted for after {} s",
+            args.timeout_secs
+        );
+    }
+    if !failed.is_empty() {
+        bail!("{} batch(es) failed (see `sdbatch dlq list`)", failed.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! `sdbatch worker`: flags/env/TOML → config, model loaded on the model thread, storage connected,
+//! signals wired to a graceful shutdown.
+use super::BrokerArgs;
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use sdbatch::config::FileConfig;
+use sdbatch::message::Limits;
+use sdbatch::pipeline::{LoadOptions, StableDiffusion};
+use sdbatch::queue::Topology;
+use sdbatch::storage::{Storage, StorageConfig};
+use sdbatch::worker::gpu::GpuExecutor;
+use sdbatch::worker::{Worker, WorkerConfig};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// Optional TOML config file (flags and environment variables take precedence).
+    #[arg(long, env = "SDBATCH_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Unacked batch messages held at once (basic.qos prefetch).
+    #[arg(long, env = "SDBATCH_PREFETCH")]
+    pub prefetch: Option<u16>,
+    /// Worker id in events, logs and the consumer tag (default: host name and pid).
+    #[arg(long, env = "SDBATCH_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Model folder in the diffusers layout.
+    #[arg(long, env = "SDBATCH_MODEL")]
+    pub model: Option<PathBuf>,
+    /// auto, cpu, cuda, cuda:N.
+    #[arg(long, env = "SDBATCH_DEVICE")]
+    pub device: Option<String>,
+    /// auto, fp32, fp16, bf16.
+    #[arg(long, env = "SDBATCH_DTYPE")]
+    pub dtype: Option<String>,
+    /// Weights variant (e.g. fp16).
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Images per GPU batch.
+    #[arg(long, env = "SDBATCH_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+    /// Seconds the batch in hand may take to finish after SIGTERM.
+    #[arg(long, env = "SDBATCH_GRACE_PERIOD_SECS")]
+    pub grace_period_secs: Option<u64>,
+    /// `s3://` or `file:///absolute/folder` (local-directory sink for machines without S3).
+    #[arg(long, env = "SDBATCH_STORAGE_URL")]
+    pub storage_url: Option<String>,
+    /// S3 endpoint for MinIO, Garage, s3s-fs (path-style addressing is then used).
+    #[arg(long, env = "S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default us-east-1).
+    #[arg(long, env = "AWS_REGION")]
+    pub s3_region: Option<String>,
+    /// Bucket for messages that name none.
+    #[arg(long, env = "S3_BUCKET")]
+    pub bucket: Option<String>,
+    /// Comma-separated buckets messages may name (default: the default bucket only).
+    #[arg(long, env = "SDBATCH_ALLOWED_BUCKETS", value_delimiter = ',')]
+    pub allowed_buckets: Option<Vec<String>>,
+    /// Key prefix for messages that name none.
+    #[arg(long, env = "SDBATCH_PREFIX")]
+    pub prefix: Option<String>,
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// The resolved settings: flags/env, then the file, then defaults.
+struct Resolved {
+    worker: WorkerConfig,
+    storage: StorageConfig,
+    model: PathBuf,
+    device: String,
+    dtype: String,
+    variant: Option<String>,
+}
+
+fn resolve(args: WorkerArgs) -> Result<Resolved> {
+    let file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let amqp_url = args
+        .broker
+        .amqp_url_flag
+        .clone()
+        .or(file.amqp_url.clone())
+        .unwrap_or_else(super::default_amqp_url);
+    let prefix = args
+        .broker
+        .queue_prefix
+        .clone()
+        .or(file.queue_prefix.clone())
+        .unwrap_or_else(|| "sdbatch".into());
+    let mut topology = Topology::with_prefix(&prefix);
+    topology.delivery_limit = args
+        .broker
+        .delivery_limit
+        .or(file.delivery_limit)
+        .unwrap_or(3);
+    if topology.delivery_limit == 0 {
+        bail!("--delivery-limit must be at least 1");
+    }
+    let model = args
+        .model
+        .or(file.model.map(PathBuf::from))
+        .ok_or_else(|| {
+            anyhow!("no model: pass --model DIR (or SDBATCH_MODEL, or `model` in the config file)")
+        })?;
+
+    let s = &file.storage;
+    let default_bucket = args.bucket.or(s.bucket.clone());
+    let allowed = args
+        .allowed_buckets
+        .or(s.allowed_buckets.clone())
+        .unwrap_or_default();
+    let l = &file.limits;
+    let defaults = Limits::default();
+    let limits = Limits {
+        max_items: l.max_items.unwrap_or(defaults.max_items),
+        max_images_per_item: l
+            .max_images_per_item
+            .unwrap_or(defaults.max_images_per_item),
+        max_total_images: l.max_total_images.unwrap_or(defaults.max_total_images),
+        max_prompt_bytes: l.max_prompt_bytes.unwrap_or(defaults.max_prompt_bytes),
+        max_side: l.max_side.unwrap_or(defaults.max_side),
+        max_steps: l.max_steps.unwrap_or(defaults.max_steps),
+        allowed_buckets: allowed,
+        default_bucket,
+        default_prefix: args.prefix.or(s.prefix.clone()).unwrap_or_default(),
+        ..defaults
+    };
+    limits.check().map_err(|e| anyhow!("invalid limits: {e}"))?;
+    if limits.default_bucket.is_none() && limits.allowed_buckets.is_empty() {
+        bail!(
+            "no bucket configured: pass --bucket (or S3_BUCKET, or storage.bucket in the config file)"
+        );
+    }
+
+    let mut storage = StorageConfig::new(
+        args.storage_url
+            .or(s.url.clone())
+            .unwrap_or_else(|| "s3://".into()),
+    );
+    storage.endpoint = args.s3_endpoint.or(s.endpoint.clone());
+    storage.region = args.s3_region.or(s.region.clone());
+
+    let worker = WorkerConfig {
+        amqp_url,
+        topology,
+        prefetch: args.prefetch.or(file.prefetch).unwrap_or(1).max(1),
+        worker_id: args
+            .worker_id
+            .or(file.worker_id)
+            .unwrap_or_else(default_worker_id),
+        model_name: model.display().to_string(),
+        limits,
+        max_batch: args.max_batch.or(file.max_batch).unwrap_or(8).max(1),
+        grace_period: Duration::from_secs(
+            args.grace_period_secs
+                .or(file.grace_period_secs)
+                .unwrap_or(600),
+        ),
+        reconnect_min: Duration::from_millis(500),
+        reconnect_max: Duration::from_secs(30),
+        publish_attempts: 6,
+    };
+    Ok(Resolved {
+        worker,
+        storage,
+        model,
+        device: args.device.or(file.device).unwrap_or_else(|| "auto".into()),
+        dtype: args.dtype.or(file.dtype).unwrap_or_else(|| "auto".into()),
+        variant: args.variant.or(file.variant),
+    })
+}
+
+/// SIGTERM or SIGINT sets the shutdown flag; a second signal exits at once.
+fn spawn_signal_handler(tx: tokio::sync::watch::Sender<bool>) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            seen += 1;
+            if seen > 1 {
+                tracing::warn!("second signal: exiting now; the batch in hand will be redelivered");
+                std::process::exit(130);
+            }
+            tracing::info!("signal received: stopping after the batch in hand");
+            let _ = tx.send(true);
+        }
+    });
+    Ok(())
+}
+
+pub async fn run(args: WorkerArgs) -> Result<()> {
+    let r = resolve(args)?;
+    let device = sdbatch::device::parse_device(&r.device)?;
+    let dtype = sdbatch::device::parse_dtype(&r.dtype, device)?;
+    tracing::info!(
+        worker_id = %r.worker.worker_id,
+        device = %sdbatch::device::device_name(device),
+        dtype = sdbatch::device::dtype_name(dtype),
+        broker = %sdbatch::queue::redact_url(&r.worker.amqp_url),
+        "starting worker"
+    );
+
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    spawn_signal_handler(tx)?;
+
+    let storage = Arc::new(Storage::connect(&r.storage).await?);
+    if let Some(bucket) = &r.worker.limits.default_bucket
+        && let Err(e) = storage.check(bucket).await
+    {
+        tracing::warn!(bucket, error = %e, "default bucket not reachable yet");
+    }
+
+    let model_dir = r.model.clone();
+    let options = LoadOptions {
+        variant: r.variant.clone(),
+        ..LoadOptions::new(device, dtype)
+    };
+    let started = std::time::Instant::now();
+    let gpu = GpuExecutor::start(move || StableDiffusion::load(&model_dir, options))
+        .await
+        .with_context(|| format!("loading model {}", r.model.display()))?;
+    tracing::info!(model = %r.model.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
+
+    let worker = Worker::new(r.worker, Arc::new(gpu), storage);
+    worker.run(rx).await?;
+    tracing::info!("worker stopped");
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! RabbitMQ: topology, connections, publishing with confirms, header helpers.
+//!
+//! Topology (declared idempotently by the worker at start-up and by `sdbatch topology`):
+//! - exchange `sdbatch.jobs` (direct) → quorum queue `sdbatch.jobs`, with a delivery limit (a batch
+//!   that keeps failing is dead-lettered instead of looping forever) and at-least-once
+//!   dead-lettering to `sdbatch.dlx` → queue `sdbatch.jobs.dead`;
+//! - exchange `sdbatch.events` (topic) for `batch.completed` / `batch.failed`.
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+/// Queue and exchange names plus the delivery limit; every name is configurable so several
+/// deployments (or tests) can share one broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology {
+    pub jobs_exchange: String,
+    pub jobs_queue: String,
+    pub dead_exchange: String,
+    pub dead_queue: String,
+    pub events_exchange: String,
+    /// Deliveries after which the broker dead-letters a message (`x-delivery-limit`). RabbitMQ
+    /// 3.10+ defaults quorum queues to unlimited redeliveries, so this is always set.
+    pub delivery_limit: u32,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self::with_prefix("sdbatch")
+    }
+}
+
+impl Topology {
+    /// Names `{prefix}.jobs`, `{prefix}.dlx`, `{prefix}.jobs.dead`, `{prefix}.events`.
+    pub fn with_prefix(prefix: &str) -> Self {
+        Self {
+            jobs_exchange: format!("{prefix}.jobs"),
+            jobs_queue: format!("{prefix}.jobs"),
+            dead_exchange: format!("{prefix}.dlx"),
+            dead_queue: format!("{prefix}.jobs.dead"),
+            events_exchange: format!("{prefix}.events"),
+            delivery_limit: 3,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("RabbitMQ did not confirm the publish to `{exchange}` ({routing_key})")]
+    NotConfirmed {
+        exchange: String,
+        routing_key: String,
+    },
+}
+
+pub type QueueResult<T> = Result<T, QueueError>;
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.to_string()))
+}
+
+pub fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert(ShortString::from(k.to_string()), v.clone());
+    }
+    t
+}
+
+/// A string-valued header, if present.
+pub fn header_str(props: &BasicProperties, key: &str) -> Option<String> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// An integer header, if present (`x-delivery-count` arrives as one of several integer types).
+pub fn header_int(props: &BasicProperties, key: &str) -> Option<i64> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(key)? {
+        AMQPValue::ShortShortInt(v) => Some(*v as i64),
+        AMQPValue::ShortShortUInt(v) => Some(*v as i64),
+        AMQPValue::ShortInt(v) => Some(*v as i64),
+        AMQPValue::ShortUInt(v) => Some(*v as i64),
+        AMQPValue::LongInt(v) => Some(*v as i64),
+        AMQPValue::LongUInt(v) => Some(*v as i64),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        _ => None,
+    }
+}
+
+/// `amqp://user:***@host/vhost`: the URL with its password hidden, for logs.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable URL>".into(),
+    }
+}
+
+/// Connects with a connection name that shows up in the management UI and `rabbitmqctl`.
+pub async fn connect(url: &str, name: &str) -> QueueResult<Connection> {
+    let props =
+        ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
+    Ok(Connection::connect(url, props).await?)
+}
+
+/// Declares the whole topology. Idempotent; a queue that exists with other arguments is a
+/// channel error from the broker (PRECONDITION_FAILED) naming the queue.
+pub async fn declare(channel: &Channel, t: &Topology) -> QueueResult<()> {
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            t.dead_exchange.as_str().into(),
+            ExchangeKind::Direct,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            t.dead_queue.as_str().into(),
+            durable_queue,
+            table(&[("x-queue-type", long("quorum"))]),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            t.dead_queue.as_str().into(),
+            t.dead_exchange.as_str().into(),
+            t.dead_queue.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    channel
+        .exchange_declare(
+            t.jobs_exchange.as_str().into(),
+            ExchangeKind::Direct,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            t.jobs_queue.as_str().into(),
+            durable_queue,
+            table(&[
+                ("x-queue-type", long("quorum")),
+                (
+                    "x-delivery-limit",
+                    AMQPValue::LongInt(t.delivery_limit as i32),
+                ),
+                ("x-dead-letter-exchange", long(&t.dead_exchange)),
+                ("x-dead-letter-routing-key", long(&t.dead_queue)),
+                // At-least-once dead-lettering: the broker keeps a message until the DLQ confirms
+                // it (needs reject-publish overflow), so nothing is lost on the way to the DLQ.
+                ("x-dead-letter-strategy", long("at-least-once")),
+                ("x-overflow", long("reject-publish")),
+            ]),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            t.jobs_queue.as_str().into(),
+            t.jobs_exchange.as_str().into(),
+            t.jobs_queue.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    channel
+        .exchange_declare(
+            t.events_exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// A channel in confirm mode: every publish waits for the broker's ack.
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    pub async fn new(connection: &Connection) -> QueueResult<Self> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self { channel })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes persistent JSON and waits for the confirm. `mandatory` makes an unroutable
+    /// message an error instead of a silent drop (jobs and dead letters must reach a queue).
+    pub async fn publish_json(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        headers: Option<FieldTable>,
+        mandatory: bool,
+    ) -> QueueResult<()> {
+        let mut props = BasicProperties::default()
+            .with_content_type(ShortString::from("application/json"))
+            .with_delivery_mode(2);
+        if let Some(h) = headers {
+            props = props.with_headers(h);
+        }
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
+            .await?
+            .await?;
+        if confirm.is_ack() && confirm.take_message().is_none() {
+            Ok(())
+        } else {
+            Err(QueueError::NotConfirmed {
+                exchange: exchange.to_string(),
+                routing_key: routing_key.to_string(),
+            })
+        }
+    }
+}
+
+pub use lapin::types::AMQPValue as HeaderValue;
+
+/// A long-string header value.
+pub fn header_value(s: &str) -> AMQPValue {
+    long(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
+        assert_eq!(redact_url("not a url"), "<unparseable URL>");
+    }
+
+    #[test]
+    fn prefixed_names() {
+        let t = Topology::with_prefix("t1");
+        assert_eq!(t.jobs_queue, "t1.jobs");
+        assert_eq!(t.dead_queue, "t1.jobs.dead");
+        assert_eq!(Topology::default().events_exchange, "sdbatch.events");
+    }
+}

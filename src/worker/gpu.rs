@@ -1,0 +1,156 @@
+//! The GPU executor: one thread owns the model (libtorch tensors are `Send` but not `Sync`) and
+//! runs generation jobs one at a time, in the order they arrive. Async code submits jobs and awaits
+//! the result without blocking the runtime.
+use crate::error::{Error, Result};
+use crate::pipeline::{BatchOutput, GenerateParams, ImageRequest, StableDiffusion};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use tch::Device;
+use tokio::sync::oneshot;
+
+struct Job {
+    requests: Vec<ImageRequest>,
+    params: GenerateParams,
+    span: tracing::Span,
+    reply: oneshot::Sender<Result<BatchOutput>>,
+}
+
+/// What the model thread reports once loading finished.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub native_size: i64,
+    pub size_multiple: i64,
+    pub device: Device,
+    pub dtype: tch::Kind,
+}
+
+pub struct GpuExecutor {
+    jobs: mpsc::Sender<Job>,
+    info: ModelInfo,
+    oom_splits: Arc<AtomicU64>,
+}
+
+/// CUDA's out-of-memory error as libtorch words it.
+fn is_oom(e: &Error) -> bool {
+    let msg = e.to_string();
+    msg.contains("out of memory") || msg.contains("CUDA_ERROR_OUT_OF_MEMORY")
+}
+
+/// Runs `requests` as one batch; on CUDA out-of-memory, frees the cache, splits the batch in
+/// halves and runs them one after the other. Images come back in request order.
+fn generate_splitting(
+    model: &StableDiffusion,
+    requests: &[ImageRequest],
+    params: &GenerateParams,
+    oom_splits: &AtomicU64,
+) -> Result<BatchOutput> {
+    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        model.generate(requests, params, &mut |_, _, _| {})
+    }))
+    .unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(Error::InvalidArgument(format!(
+            "generation panicked: {msg}"
+        )))
+    });
+    match attempt {
+        Err(e) if is_oom(&e) && requests.len() > 1 => {
+            oom_splits.fetch_add(1, Ordering::Relaxed);
+            let half = requests.len() / 2;
+            tracing::warn!(
+                batch = requests.len(),
+                half,
+                "CUDA out of memory: splitting the batch"
+            );
+            let mut first = generate_splitting(model, &requests[..half], params, oom_splits)?;
+            let second = generate_splitting(model, &requests[half..], params, oom_splits)?;
+            first.images.extend(second.images);
+            first.timings.total_ms += second.timings.total_ms;
+            first.timings.denoise_ms += second.timings.denoise_ms;
+            first.timings.text_encode_ms += second.timings.text_encode_ms;
+            first.timings.vae_decode_ms += second.timings.vae_decode_ms;
+            Ok(first)
+        }
+        other => other,
+    }
+}
+
+impl GpuExecutor {
+    /// Starts the model thread and loads the model on it; returns once loading finished.
+    pub async fn start<F>(load: F) -> Result<Self>
+    where
+        F: FnOnce() -> Result<StableDiffusion> + Send + 'static,
+    {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<ModelInfo>>();
+        let oom_splits = Arc::new(AtomicU64::new(0));
+        let splits = oom_splits.clone();
+        std::thread::Builder::new()
+            .name("sdbatch-model".into())
+            .spawn(move || {
+                let model = match load() {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let info = ModelInfo {
+                    native_size: model.native_size(),
+                    size_multiple: model.size_multiple(),
+                    device: model.device(),
+                    dtype: model.dtype(),
+                };
+                if ready_tx.send(Ok(info)).is_err() {
+                    return;
+                }
+                // Ends when every sender (the executor) is dropped.
+                while let Ok(job) = rx.recv() {
+                    let _enter = job.span.enter();
+                    let result = generate_splitting(&model, &job.requests, &job.params, &splits);
+                    let _ = job.reply.send(result);
+                }
+            })
+            .map_err(|e| Error::InvalidArgument(format!("cannot start the model thread: {e}")))?;
+        let info = ready_rx.await.map_err(|_| {
+            Error::InvalidArgument("the model thread stopped while loading".into())
+        })??;
+        Ok(Self {
+            jobs,
+            info,
+            oom_splits,
+        })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// How often a batch was split after CUDA ran out of memory.
+    pub fn oom_splits(&self) -> u64 {
+        self.oom_splits.load(Ordering::Relaxed)
+    }
+
+    /// Generates one batch on the model thread.
+    pub async fn generate(
+        &self,
+        requests: Vec<ImageRequest>,
+        params: GenerateParams,
+    ) -> Result<BatchOutput> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job {
+                requests,
+                params,
+                span: tracing::Span::current(),
+                reply,
+            })
+            .map_err(|_| Error::InvalidArgument("the model thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::InvalidArgument("the model thread stopped mid-job".into()))?
+    }
+}

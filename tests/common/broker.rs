@@ -1,0 +1,292 @@
+//! Test helpers for the worker: a real RabbitMQ (127.0.0.1:5672, started by scripts/services.sh),
+//! unique queue names per test, worker processes, and event watchers.
+use super::s3::S3Server;
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use sdbatch::events::Event;
+use sdbatch::queue::{self, Publisher, Topology};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("t-{name}-{}-{nanos}", std::process::id())
+}
+
+pub struct Broker {
+    pub conn: Connection,
+    pub channel: Channel,
+    pub publisher: Publisher,
+    pub topology: Topology,
+}
+
+impl Broker {
+    /// Connects and declares the topology for `prefix` with `delivery_limit`.
+    pub async fn new(prefix: &str, delivery_limit: u32) -> Broker {
+        let conn = queue::connect(&amqp_url(), &format!("test {prefix}"))
+            .await
+            .expect("RabbitMQ on 127.0.0.1:5672 (run scripts/services.sh)");
+        let channel = conn.create_channel().await.unwrap();
+        let mut topology = Topology::with_prefix(prefix);
+        topology.delivery_limit = delivery_limit;
+        queue::declare(&channel, &topology).await.unwrap();
+        let publisher = Publisher::new(&conn).await.unwrap();
+        Broker {
+            conn,
+            channel,
+            publisher,
+            topology,
+        }
+    }
+
+    pub async fn publish(&self, body: &[u8]) {
+        let t = &self.topology;
+        self.publisher
+            .publish_json(&t.jobs_exchange, &t.jobs_queue, body, None, true)
+            .await
+            .unwrap();
+    }
+
+    /// Ready messages in `queue` (not counting ones delivered and unacked).
+    pub async fn ready(&self, queue_name: &str) -> u32 {
+        let ch = self.conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                queue_name.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = ch.close(200, "".into()).await;
+        q.message_count()
+    }
+
+    /// Takes (acks) every dead letter.
+    pub async fn drain_dead(&self) -> Vec<lapin::message::Delivery> {
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .channel
+            .basic_get(
+                self.topology.dead_queue.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .unwrap()
+        {
+            m.delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .unwrap();
+            out.push(m.delivery);
+        }
+        out
+    }
+
+    /// Subscribes to every event of this topology.
+    pub async fn watch_events(&self) -> Events {
+        let ch = self.conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        ch.queue_bind(
+            q.name().clone(),
+            self.topology.events_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        let consumer = ch
+            .basic_consume(
+                q.name().clone(),
+                "test-events".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        Events {
+            _channel: ch,
+            consumer,
+        }
+    }
+
+    pub async fn cleanup(self) {
+        let t = &self.topology;
+        for q in [&t.jobs_queue, &t.dead_queue] {
+            let _ = self
+                .channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for e in [&t.jobs_exchange, &t.dead_exchange, &t.events_exchange] {
+            let _ = self
+                .channel
+                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = self.conn.close(200, "".into()).await;
+    }
+}
+
+pub struct Events {
+    _channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+impl Events {
+    /// The next event, or None after `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Option<Event> {
+        let d = tokio::time::timeout(timeout, self.consumer.next())
+            .await
+            .ok()??
+            .ok()?;
+        d.acker.ack(BasicAckOptions::default()).await.ok()?;
+        Some(Event::from_json(&d.data).expect("events are valid JSON"))
+    }
+
+    /// Every event that arrives within `quiet` of the previous one.
+    pub async fn drain(&mut self, quiet: Duration) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Some(e) = self.next(quiet).await {
+            out.push(e);
+        }
+        out
+    }
+}
+
+/// A `sdbatch worker` child process writing its log to a file.
+pub struct WorkerProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    pub fn spawn(
+        prefix: &str,
+        s3: &S3Server,
+        bucket: &str,
+        log_dir: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> WorkerProcess {
+        Self::spawn_env(prefix, s3, bucket, log_dir, name, extra, &[])
+    }
+
+    /// Like `spawn`, with extra environment variables (they win over the defaults).
+    pub fn spawn_env(
+        prefix: &str,
+        s3: &S3Server,
+        bucket: &str,
+        log_dir: &Path,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let model = super::model_dir();
+        let child = Command::new(env!("CARGO_BIN_EXE_sdbatch"))
+            .args([
+                "worker",
+                "--model",
+                model.to_str().unwrap(),
+                "--queue-prefix",
+                prefix,
+                "--s3-endpoint",
+                &s3.endpoint,
+                "--bucket",
+                bucket,
+                "--worker-id",
+                name,
+            ])
+            .args(extra)
+            .env("AWS_ACCESS_KEY_ID", &s3.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &s3.secret_key)
+            .env("AMQP_URL", amqp_url())
+            .env("RUST_LOG", "info,sdbatch=debug")
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        WorkerProcess { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` (panics with the log after `timeout`).
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        while !self.log_text().contains(needle) {
+            assert!(
+                start.elapsed() < timeout,
+                "worker log never said {needle:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Waits for the process to exit and returns its status.
+    pub async fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "worker did not exit:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,430 @@
+//! `sdbatch worker` end to end against a real RabbitMQ and a real S3 server (s3s-fs), on the tiny
+//! model, CPU: the happy path and the fault scenarios. Every test has its own queue names, bucket
+//! and S3 server, so tests are independent of order and leftovers.
+mod common;
+
+use common::broker::{Broker, WorkerProcess, unique};
+use common::s3::S3Server;
+use sdbatch::events::Event;
+use sdbatch::queue::header_str;
+use sdbatch::storage::{StaticCredentials, Storage, StorageConfig};
+use serde_json::json;
+use std::time::Duration;
+
+const SIGTERM: i32 = 15;
+const SIGKILL: i32 = 9;
+const LONG: Duration = Duration::from_secs(120);
+
+async fn store(s3: &S3Server) -> Storage {
+    let mut cfg = StorageConfig::new("s3://");
+    cfg.endpoint = Some(s3.endpoint.clone());
+    Storage::connect_with_credentials(
+        &cfg,
+        StaticCredentials {
+            access_key_id: s3.access_key.clone(),
+            secret_access_key: s3.secret_key.clone(),
+            session_token: None,
+        },
+    )
+    .await
+    .unwrap()
+}
+
+fn batch(batch_id: &str, steps: u32, items: &[(&str, &str, u64, u32)]) -> Vec<u8> {
+    let items: Vec<_> = items
+        .iter()
+        .map(|(id, prompt, seed, n)| json!({"id": id, "prompt": prompt, "seed": seed, "num_images": n}))
+        .collect();
+    serde_json::to_vec(&json!({
+        "schema_version": 1,
+        "batch_id": batch_id,
+        "items": items,
+        "params": {"steps": steps, "guidance_scale": 7.5, "scheduler": "pndm"}
+    }))
+    .unwrap()
+}
+
+fn completed(events: &[Event], batch_id: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, Event::Completed(c) if c.batch_id == batch_id))
+        .count()
+}
+
+/// Setup shared by the tests: S3 server with a bucket, broker topology, event watcher.
+struct Stack {
+    s3: S3Server,
+    storage: Storage,
+    broker: Broker,
+    bucket: String,
+    prefix: String,
+    logs: tempfile::TempDir,
+}
+
+impl Stack {
+    async fn new(name: &str, delivery_limit: u32) -> Stack {
+        let s3 = S3Server::start();
+        let storage = store(&s3).await;
+        let bucket = "images".to_string();
+        storage.create_bucket(&bucket).await.unwrap();
+        let prefix = unique(name);
+        let broker = Broker::new(&prefix, delivery_limit).await;
+        Stack {
+            s3,
+            storage,
+            broker,
+            bucket,
+            prefix,
+            logs: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn worker(&self, name: &str, extra: &[&str]) -> WorkerProcess {
+        WorkerProcess::spawn(
+            &self.prefix,
+            &self.s3,
+            &self.bucket,
+            self.logs.path(),
+            name,
+            extra,
+        )
+    }
+
+    async fn keys(&self) -> Vec<String> {
+        self.storage.list(&self.bucket, "").await.unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_to_pngs_manifest_and_one_event() {
+    let stack = Stack::new("happy", 3).await;
+    let mut events = stack.broker.watch_events().await;
+    let mut worker = stack.worker("w1", &["--max-batch", "2"]);
+    stack
+        .broker
+        .publish(&batch(
+            "shoes-1",
+            3,
+            &[
+                ("sku-1", "a red sneaker", 1, 2),
+                ("sku-2", "a leather bag", 2, 1),
+            ],
+        ))
+        .await;
+
+    let event = events.next(LONG).await.expect("an event");
+    let Event::Completed(done) = event else {
+        panic!("expected batch.completed, got {event:?}")
+    };
+    assert_eq!(done.batch_id, "shoes-1");
+    assert_eq!(done.images.len(), 3);
+    assert_eq!(done.worker_id, "w1");
+
+    let mut expected = vec![
+        "shoes-1/manifest.json".to_string(),
+        "shoes-1/sku-1/0.png".into(),
+        "shoes-1/sku-1/1.png".into(),
+        "shoes-1/sku-2/0.png".into(),
+    ];
+    expected.sort();
+    assert_eq!(stack.keys().await, expected);
+    for record in &done.images {
+        let png = stack
+            .storage
+            .get(&stack.bucket, &record.key)
+            .await
+            .unwrap()
+            .unwrap();
+        let img = image::load_from_memory(&png).unwrap();
+        assert_eq!((img.width(), img.height()), (64, 64));
+        assert_eq!(png.len() as u64, record.bytes);
+        let meta = stack
+            .storage
+            .head_metadata(&stack.bucket, &record.key)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            meta.get("sdbatch-seed").map(String::as_str),
+            Some(record.seed.to_string().as_str())
+        );
+    }
+    // Image n of an item has seed + n.
+    assert_eq!(
+        done.images.iter().map(|i| i.seed).collect::<Vec<_>>(),
+        vec![1, 2, 2]
+    );
+    let manifest = stack
+        .storage
+        .get(&stack.bucket, "shoes-1/manifest.json")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<sdbatch::events::BatchCompleted>(&manifest).unwrap(),
+        done
+    );
+
+    // Exactly one event, nothing left in the queue, nothing dead-lettered.
+    assert!(events.drain(Duration::from_secs(1)).await.is_empty());
+    worker.signal(SIGTERM);
+    assert!(worker.wait(LONG).await.success());
+    assert_eq!(
+        stack.broker.ready(&stack.broker.topology.jobs_queue).await,
+        0
+    );
+    assert_eq!(
+        stack.broker.ready(&stack.broker.topology.dead_queue).await,
+        0
+    );
+    stack.broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_message_is_dead_lettered_with_reason_and_worker_keeps_going() {
+    let stack = Stack::new("invalid", 3).await;
+    let mut events = stack.broker.watch_events().await;
+    let _worker = stack.worker("w1", &[]);
+    stack
+        .broker
+        .publish(br#"{"schema_version": 1, "batch_id": "bad-1", "items": [], "params": {}}"#)
+        .await;
+    stack.broker.publish(b"not json at all").await;
+    stack
+        .broker
+        .publish(&batch("good-1", 2, &[("a", "a cat", 5, 1)]))
+        .await;
+
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        seen.push(events.next(LONG).await.expect("three events"));
+    }
+    let failed: Vec<_> = seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::Failed(f) => Some((f.batch_id.clone(), f.reason.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        failed,
+        vec![
+            (Some("bad-1".into()), "items".into()),
+            (None, "not_json".into())
+        ]
+    );
+    assert_eq!(
+        completed(&seen, "good-1"),
+        1,
+        "worker kept consuming after invalid messages"
+    );
+
+    let dead = stack.broker.drain_dead().await;
+    assert_eq!(dead.len(), 2);
+    let reasons: Vec<_> = dead
+        .iter()
+        .map(|d| header_str(&d.properties, "x-sdbatch-error").unwrap())
+        .collect();
+    assert_eq!(reasons, vec!["items", "not_json"]);
+    assert!(
+        header_str(&dead[0].properties, "x-sdbatch-reason")
+            .unwrap()
+            .contains("item")
+    );
+    assert_eq!(
+        dead[1].data, b"not json at all",
+        "the dead letter keeps the original body"
+    );
+    stack.broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn storage_outage_is_retried_then_succeeds() {
+    let mut stack = Stack::new("s3down", 3).await;
+    let mut events = stack.broker.watch_events().await;
+    let worker = stack.worker("w1", &[]);
+    worker.wait_for_log("consuming", LONG).await;
+    stack.s3.stop();
+    stack
+        .broker
+        .publish(&batch("outage-1", 2, &[("a", "a lamp", 3, 1)]))
+        .await;
+    worker.wait_for_log("retrying", LONG).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.s3.restart();
+
+    let event = events.next(LONG).await.expect("an event");
+    assert!(
+        matches!(&event, Event::Completed(c) if c.batch_id == "outage-1"),
+        "{event:?}"
+    );
+    assert_eq!(stack.keys().await.len(), 2, "one image and the manifest");
+    let retries = worker.log_text().matches("retrying").count();
+    println!("storage outage: {retries} retries logged, batch completed once");
+    assert!(retries >= 1);
+    stack.broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_failing_every_time_is_dead_lettered_after_the_delivery_limit() {
+    let stack = Stack::new("poison", 2).await;
+    let mut events = stack.broker.watch_events().await;
+    // A worker with the wrong S3 secret: every attempt is refused (403), however often it runs.
+    let _worker = WorkerProcess::spawn_env(
+        &stack.prefix,
+        &stack.s3,
+        &stack.bucket,
+        stack.logs.path(),
+        "w1",
+        &["--delivery-limit", "2"],
+        &[("AWS_SECRET_ACCESS_KEY", "wrong-secret")],
+    );
+    stack
+        .broker
+        .publish(&batch("poison-1", 1, &[("a", "a chair", 4, 1)]))
+        .await;
+
+    let event = events.next(LONG).await.expect("a batch.failed event");
+    let Event::Failed(failed) = event else {
+        panic!("expected batch.failed, got {event:?}")
+    };
+    assert_eq!(failed.batch_id.as_deref(), Some("poison-1"));
+    assert_eq!(failed.reason, "delivery_limit");
+
+    // The broker dead-letters it after the last nack.
+    let start = std::time::Instant::now();
+    let dead = loop {
+        let d = stack.broker.drain_dead().await;
+        if !d.is_empty() || start.elapsed() > LONG {
+            break d;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        header_str(&dead[0].properties, "x-first-death-reason").as_deref(),
+        Some("delivery_limit")
+    );
+    assert_eq!(
+        stack.broker.ready(&stack.broker.topology.jobs_queue).await,
+        0
+    );
+    let attempts = _worker
+        .log_text()
+        .matches("batch failed; requeueing")
+        .count();
+    println!("poison batch: {attempts} failed deliveries, then dead-lettered");
+    assert_eq!(
+        attempts, 3,
+        "delivery limit 2 = the first delivery + 2 redeliveries"
+    );
+    stack.broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_worker_batch_is_completed_by_another_with_identical_images() {
+    let stack = Stack::new("sigkill", 3).await;
+    let mut events = stack.broker.watch_events().await;
+    let body = batch(
+        "crash-1",
+        40,
+        &[("a", "a red apple", 11, 2), ("b", "a green pear", 12, 2)],
+    );
+
+    // Same batch size everywhere: batched kernels are only bit-identical for the same batch shape.
+    let mut first = stack.worker("w1", &["--max-batch", "2"]);
+    stack.broker.publish(&body).await;
+    first.wait_for_log("generating", LONG).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.signal(SIGKILL);
+    first.wait(LONG).await;
+
+    let _second = stack.worker("w2", &["--max-batch", "2"]);
+    let event = events.next(LONG).await.expect("an event");
+    let Event::Completed(done) = event else {
+        panic!("{event:?}")
+    };
+    assert_eq!(done.worker_id, "w2");
+    assert!(done.redelivered);
+    let keys = stack.keys().await;
+    assert_eq!(
+        keys.len(),
+        5,
+        "4 images + manifest, no extra objects: {keys:?}"
+    );
+
+    // The same message through a clean run elsewhere gives the same bytes.
+    let clean = Stack::new("sigkill-ref", 3).await;
+    let mut clean_events = clean.broker.watch_events().await;
+    let _w = clean.worker("ref", &["--max-batch", "2"]);
+    clean.broker.publish(&body).await;
+    let Some(Event::Completed(reference)) = clean_events.next(LONG).await else {
+        panic!("no reference event")
+    };
+    for (a, b) in done.images.iter().zip(&reference.images) {
+        assert_eq!(a.key, b.key);
+        assert_eq!(a.sha256, b.sha256, "{} differs from a clean run", a.key);
+    }
+    assert!(
+        events.drain(Duration::from_secs(1)).await.is_empty(),
+        "one event only"
+    );
+    println!("SIGKILL: 1 message sent, 1 completed, 0 dead-lettered, 0 duplicate objects");
+    stack.broker.cleanup().await;
+    clean.broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_finishes_the_batch_in_hand_and_exits_zero() {
+    let stack = Stack::new("sigterm", 3).await;
+    let mut events = stack.broker.watch_events().await;
+    let mut worker = stack.worker("w1", &["--max-batch", "1"]);
+    stack
+        .broker
+        .publish(&batch("term-1", 30, &[("a", "a blue vase", 21, 3)]))
+        .await;
+    worker.wait_for_log("generating", LONG).await;
+    worker.signal(SIGTERM);
+    let status = worker.wait(LONG).await;
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        worker.log_text()
+    );
+    let event = events
+        .next(Duration::from_secs(10))
+        .await
+        .expect("the batch completed before exit");
+    assert!(
+        matches!(&event, Event::Completed(c) if c.batch_id == "term-1"),
+        "{event:?}"
+    );
+    assert_eq!(
+        stack.broker.ready(&stack.broker.topology.jobs_queue).await,
+        0,
+        "acked, not requeued"
+    );
+    assert!(worker.log_text().contains("finishing the batch in hand"));
+    stack.broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redelivered_batch_with_manifest_is_not_regenerated() {
+    let stack = Stack::new("redeliver", 3).await;
+    let mut events = stack.broker.watch_events().await;
+    let _worker = stack.worker("w1", &[]);
+    let body = batch("again-1", 2, &[("a", "a kettle", 8, 1)]);
+    stack.broker.publish(&body).await;
+    let Some(Event::Completed(first)) = events.next(LONG).await else {
+        panic!()
+    };
+    // The same message again (as after a lost ack): the event is republished, nothing regenerated.
+    stack.broker.publish(&body).await;
+    let Some(Event::Completed(second)) = events.next(LONG).await else {
+        panic!()
+    };
+    assert!(second.redelivered);
+    assert_eq!(first.images, second.images);
+    assert_eq!(stack.keys().await.len(), 2);
+    stack.broker.cleanup().await;
+}
