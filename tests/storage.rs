@@ -15,7 +15,7 @@ const PROMPT: &str = "café 🎨 日本";
 fn init_logs() {
     // Retry warnings show up in a failing test's output.
     let _ = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
+        .with_max_level(tracing::Level::WARN)
         .with_test_writer()
         .try_init();
 }
@@ -608,4 +608,40 @@ async fn local_layout_is_clean_and_writes_are_atomic() {
     };
     tokio::join!(writer, reader);
     assert_eq!(s.retries(), 0);
+}
+
+#[tokio::test]
+async fn s3_hung_server_times_out_as_transient() {
+    init_logs();
+    // Accepts connections (the kernel backlog does) but never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = StorageConfig::new("s3://");
+    cfg.endpoint = Some(format!("http://{}", listener.local_addr().unwrap()));
+    cfg.retry = RetryPolicy {
+        max_attempts: 2,
+        ..quick_retry()
+    };
+    cfg.operation_timeout = Duration::from_millis(300);
+    let creds = StaticCredentials {
+        access_key_id: "k".into(),
+        secret_access_key: "s".into(),
+        session_token: None,
+    };
+    let storage = Storage::connect_with_credentials(&cfg, creds)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = storage
+        .put("bucket", "k.png", vec![1], "image/png", &[])
+        .await
+        .unwrap_err();
+    let elapsed = started.elapsed();
+    println!("gave up after {elapsed:?}: {err}");
+    assert!(err.is_transient(), "{err}");
+    assert!(err.message().contains("timeout"), "{err}");
+    assert_eq!(storage.retries(), 1);
+    assert!(
+        elapsed >= Duration::from_millis(600) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
 }

@@ -222,6 +222,14 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     spawn_signal_handler(tx)?;
 
     let storage = Arc::new(Storage::connect(&r.storage).await?);
+    if r.storage.url.starts_with("file://") {
+        // The local-directory sink has no separate bucket administration: its "buckets" are
+        // folders the worker may create itself.
+        let limits = &r.worker.limits;
+        for bucket in limits.default_bucket.iter().chain(&limits.allowed_buckets) {
+            storage.create_bucket(bucket).await?;
+        }
+    }
     if let Some(bucket) = &r.worker.limits.default_bucket
         && let Err(e) = storage.check(bucket).await
     {
