@@ -11,7 +11,8 @@
 //! model = "/models/stable-diffusion-v1-4"
 //! device = "auto"
 //! dtype = "auto"
-//! max_batch = 8
+//! max_batch = 64
+//! memory_margin = 0.10
 //! grace_period_secs = 600
 //!
 //! [storage]
@@ -45,6 +46,7 @@ pub struct FileConfig {
     pub dtype: Option<String>,
     pub variant: Option<String>,
     pub max_batch: Option<usize>,
+    pub memory_margin: Option<f64>,
     pub grace_period_secs: Option<u64>,
     #[serde(default)]
     pub storage: StorageSection,

@@ -7,6 +7,7 @@
 //! - [`message`], [`events`]: the batch message and the completion events (the wire formats).
 //! - [`queue`]: RabbitMQ topology and publishing; [`storage`]: S3 and local-directory sinks.
 //! - [`worker`]: the queue consumer; [`config`]: its TOML file; [`submit_input`]: producer input.
+pub mod batching;
 pub mod config;
 pub mod device;
 pub mod error;

@@ -334,7 +334,7 @@ async fn killed_worker_batch_is_completed_by_another_with_identical_images() {
     // Same batch size everywhere: batched kernels are only bit-identical for the same batch shape.
     let mut first = stack.worker("w1", &["--max-batch", "2"]);
     stack.broker.publish(&body).await;
-    first.wait_for_log("generating", LONG).await;
+    first.wait_for_log("GPU batch", LONG).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     first.signal(SIGKILL);
     first.wait(LONG).await;
@@ -381,9 +381,9 @@ async fn sigterm_finishes_the_batch_in_hand_and_exits_zero() {
     let mut worker = stack.worker("w1", &["--max-batch", "1"]);
     stack
         .broker
-        .publish(&batch("term-1", 30, &[("a", "a blue vase", 21, 3)]))
+        .publish(&batch("term-1", 15, &[("a", "a blue vase", 21, 3)]))
         .await;
-    worker.wait_for_log("generating", LONG).await;
+    worker.wait_for_log("GPU batch", LONG).await;
     worker.signal(SIGTERM);
     let status = worker.wait(LONG).await;
     assert!(
@@ -404,7 +404,7 @@ async fn sigterm_finishes_the_batch_in_hand_and_exits_zero() {
         0,
         "acked, not requeued"
     );
-    assert!(worker.log_text().contains("finishing the batch in hand"));
+    assert!(worker.log_text().contains("finishing the messages in hand"));
     stack.broker.cleanup().await;
 }
 

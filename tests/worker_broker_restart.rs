@@ -65,7 +65,7 @@ async fn worker_reconnects_after_broker_restart_and_finishes() {
         .await;
     broker.publish(&body("before-restart", 40)).await;
     worker
-        .wait_for_log("generating", Duration::from_secs(120))
+        .wait_for_log("GPU batch", Duration::from_secs(120))
         .await;
     drop(broker);
 

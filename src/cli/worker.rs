@@ -21,7 +21,8 @@ pub struct WorkerArgs {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub broker: BrokerArgs,
-    /// Unacked batch messages held at once (basic.qos prefetch).
+    /// Unacked batch messages held at once (basic.qos prefetch, default 8); GPU batches are
+    /// planned across all of them.
     #[arg(long, env = "SDBATCH_PREFETCH")]
     pub prefetch: Option<u16>,
     /// Worker id in events, logs and the consumer tag (default: host name and pid).
@@ -39,9 +40,13 @@ pub struct WorkerArgs {
     /// Weights variant (e.g. fp16).
     #[arg(long)]
     pub variant: Option<String>,
-    /// Images per GPU batch.
+    /// Images per GPU batch at most (default 64 on CUDA, where free memory decides below it; 4 on
+    /// the CPU, where it is the batch size).
     #[arg(long, env = "SDBATCH_MAX_BATCH")]
     pub max_batch: Option<usize>,
+    /// Fraction of device memory kept free when sizing batches (default 0.10).
+    #[arg(long, env = "SDBATCH_MEMORY_MARGIN")]
+    pub memory_margin: Option<f64>,
     /// Seconds the batch in hand may take to finish after SIGTERM.
     #[arg(long, env = "SDBATCH_GRACE_PERIOD_SECS")]
     pub grace_period_secs: Option<u64>,
@@ -108,6 +113,19 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
     if topology.delivery_limit == 0 {
         bail!("--delivery-limit must be at least 1");
     }
+    let device_is_cpu = args
+        .device
+        .as_deref()
+        .or(file.device.as_deref())
+        .unwrap_or("auto")
+        == "cpu"
+        || (args
+            .device
+            .as_deref()
+            .or(file.device.as_deref())
+            .unwrap_or("auto")
+            == "auto"
+            && !tch::Cuda::is_available());
     let model = args
         .model
         .or(file.model.map(PathBuf::from))
@@ -155,14 +173,19 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
     let worker = WorkerConfig {
         amqp_url,
         topology,
-        prefetch: args.prefetch.or(file.prefetch).unwrap_or(1).max(1),
+        prefetch: args.prefetch.or(file.prefetch).unwrap_or(8).max(1),
         worker_id: args
             .worker_id
             .or(file.worker_id)
             .unwrap_or_else(default_worker_id),
         model_name: model.display().to_string(),
         limits,
-        max_batch: args.max_batch.or(file.max_batch).unwrap_or(8).max(1),
+        max_batch: args
+            .max_batch
+            .or(file.max_batch)
+            .unwrap_or(if device_is_cpu { 4 } else { 64 })
+            .max(1),
+        memory_margin: args.memory_margin.or(file.memory_margin).unwrap_or(0.10),
         grace_period: Duration::from_secs(
             args.grace_period_secs
                 .or(file.grace_period_secs)

@@ -200,7 +200,8 @@ pub async fn declare(channel: &Channel, t: &Topology) -> QueueResult<()> {
     Ok(())
 }
 
-/// A channel in confirm mode: every publish waits for the broker's ack.
+/// A channel in confirm mode: every publish waits for the broker's ack. Clones share the channel.
+#[derive(Clone)]
 pub struct Publisher {
     channel: Channel,
 }

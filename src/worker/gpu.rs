@@ -12,16 +12,39 @@ struct Job {
     requests: Vec<ImageRequest>,
     params: GenerateParams,
     span: tracing::Span,
-    reply: oneshot::Sender<Result<BatchOutput>>,
+    reply: oneshot::Sender<Result<GpuOutput>>,
+}
+
+/// A finished batch with what the device went through for it.
+pub struct GpuOutput {
+    pub output: BatchOutput,
+    /// Batch sizes that ran out of CUDA memory and were split (largest first).
+    pub oom_sizes: Vec<usize>,
+    /// Sizes of the sub-batches that actually ran, with the device memory in use at their peak
+    /// (CUDA only).
+    pub memory: Vec<(usize, u64)>,
+    /// The device's total memory (CUDA only).
+    pub total_bytes: Option<u64>,
+    /// How long the model thread waited for this job after finishing the previous one.
+    pub idle_before: std::time::Duration,
 }
 
 /// What the model thread reports once loading finished.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
+    /// Total device memory (CUDA), for the batch sizer; `None` on the CPU.
+    pub total_memory: Option<u64>,
     pub native_size: i64,
     pub size_multiple: i64,
     pub device: Device,
     pub dtype: tch::Kind,
+}
+
+#[derive(Default)]
+struct GpuReport {
+    oom_sizes: Vec<usize>,
+    memory: Vec<(usize, u64)>,
+    total_bytes: Option<u64>,
 }
 
 pub struct GpuExecutor {
@@ -36,16 +59,32 @@ fn is_oom(e: &Error) -> bool {
     msg.contains("out of memory") || msg.contains("CUDA_ERROR_OUT_OF_MEMORY")
 }
 
-/// Runs `requests` as one batch; on CUDA out-of-memory, frees the cache, splits the batch in
-/// halves and runs them one after the other. Images come back in request order.
+/// Runs `requests` as one batch; on CUDA out-of-memory (libtorch's caching allocator has already
+/// released its cached blocks and retried before reporting it) splits the batch in halves and runs
+/// them one after the other. Images come back in request order.
 fn generate_splitting(
     model: &StableDiffusion,
     requests: &[ImageRequest],
     params: &GenerateParams,
     oom_splits: &AtomicU64,
+    report: &mut GpuReport,
 ) -> Result<BatchOutput> {
+    let cuda = model.device().is_cuda();
+    let mut min_free = u64::MAX;
+    let mut total = 0;
+    let sample = |min_free: &mut u64, total: &mut u64| {
+        if let Some((free, t)) = crate::device::cuda_memory() {
+            *min_free = (*min_free).min(free);
+            *total = t;
+        }
+    };
     let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        model.generate(requests, params, &mut |_, _, _| {})
+        model.generate(requests, params, &mut |_, _, _| {
+            // The UNet's activations are live during the steps: sample memory there.
+            if cuda {
+                sample(&mut min_free, &mut total);
+            }
+        })
     }))
     .unwrap_or_else(|panic| {
         let msg = panic
@@ -57,17 +96,25 @@ fn generate_splitting(
             "generation panicked: {msg}"
         )))
     });
+    if cuda && min_free != u64::MAX {
+        report.total_bytes = Some(total);
+        if attempt.is_ok() {
+            report.memory.push((requests.len(), total - min_free));
+        }
+    }
     match attempt {
         Err(e) if is_oom(&e) && requests.len() > 1 => {
             oom_splits.fetch_add(1, Ordering::Relaxed);
+            report.oom_sizes.push(requests.len());
             let half = requests.len() / 2;
             tracing::warn!(
                 batch = requests.len(),
                 half,
                 "CUDA out of memory: splitting the batch"
             );
-            let mut first = generate_splitting(model, &requests[..half], params, oom_splits)?;
-            let second = generate_splitting(model, &requests[half..], params, oom_splits)?;
+            let mut first =
+                generate_splitting(model, &requests[..half], params, oom_splits, report)?;
+            let second = generate_splitting(model, &requests[half..], params, oom_splits, report)?;
             first.images.extend(second.images);
             first.timings.total_ms += second.timings.total_ms;
             first.timings.denoise_ms += second.timings.denoise_ms;
@@ -100,6 +147,11 @@ impl GpuExecutor {
                     }
                 };
                 let info = ModelInfo {
+                    total_memory: if model.device().is_cuda() {
+                        crate::device::cuda_memory().map(|(_, total)| total)
+                    } else {
+                        None
+                    },
                     native_size: model.native_size(),
                     size_multiple: model.size_multiple(),
                     device: model.device(),
@@ -109,10 +161,26 @@ impl GpuExecutor {
                     return;
                 }
                 // Ends when every sender (the executor) is dropped.
+                let mut finished = std::time::Instant::now();
                 while let Ok(job) = rx.recv() {
+                    let idle_before = finished.elapsed();
                     let _enter = job.span.enter();
-                    let result = generate_splitting(&model, &job.requests, &job.params, &splits);
-                    let _ = job.reply.send(result);
+                    let mut report = GpuReport::default();
+                    let result = generate_splitting(
+                        &model,
+                        &job.requests,
+                        &job.params,
+                        &splits,
+                        &mut report,
+                    );
+                    finished = std::time::Instant::now();
+                    let _ = job.reply.send(result.map(|output| GpuOutput {
+                        output,
+                        oom_sizes: report.oom_sizes,
+                        memory: report.memory,
+                        total_bytes: report.total_bytes,
+                        idle_before,
+                    }));
                 }
             })
             .map_err(|e| Error::InvalidArgument(format!("cannot start the model thread: {e}")))?;
@@ -140,7 +208,7 @@ impl GpuExecutor {
         &self,
         requests: Vec<ImageRequest>,
         params: GenerateParams,
-    ) -> Result<BatchOutput> {
+    ) -> Result<GpuOutput> {
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job {

@@ -1,33 +1,47 @@
 //! `sdbatch worker`: consumes batch messages, generates their images on the model thread, uploads
 //! PNGs and a manifest, publishes `batch.completed` with publisher confirms and only then acks.
 //!
+//! The images of every message in hand (up to the prefetch count) go through one
+//! [`Planner`](crate::batching::Planner): GPU batches are as large as the [`BatchSizer`] allows and
+//! cross message boundaries, so small messages do not waste the GPU and large ones are split. Two
+//! GPU batches are queued at a time and PNG encoding and uploads run on other tasks, so the model
+//! thread never waits for S3. A message is acked when all its images are stored and its event is
+//! confirmed.
+//!
 //! Failure handling:
 //! - invalid message → copied to the dead-letter exchange with `x-sdbatch-error` /
 //!   `x-sdbatch-reason` headers, `batch.failed` published, original acked;
 //! - transient failure (storage, broker) → retried in-process with backoff; still failing → nack
 //!   with requeue, and the quorum queue's delivery limit dead-letters a batch that keeps failing;
+//! - CUDA out of memory → the batch is halved and retried, the shape's batch ceiling lowered;
 //! - redelivery of a batch whose manifest exists → no regeneration: the event is published again;
 //! - lost connection → reconnect with backoff; unacked messages are redelivered by the broker;
-//! - SIGTERM/SIGINT → stop consuming, finish the batch in hand within the grace period, exit.
+//! - SIGTERM/SIGINT → stop consuming, finish the messages in hand within the grace period, exit.
 pub mod gpu;
 
+use crate::batching::{BatchSizer, MemorySample, PlannedBatch, Planner, ShapeKey};
 use crate::events::{self, BatchCompleted, BatchFailed, ImageRecord};
 use crate::message::{self, Batch, Invalid, Limits};
 use crate::output::encode_png;
+use crate::pipeline::ImageRequest;
 use crate::queue::{self, Publisher, QueueError, Topology, header_int, header_value};
 use crate::storage::{Storage, StorageError};
 use backon::{ExponentialBuilder, Retryable};
 use futures_lite::StreamExt;
-use gpu::GpuExecutor;
+use gpu::{GpuExecutor, GpuOutput};
+use lapin::Acker;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tracing::Instrument;
 
 /// Everything the worker needs besides the model and the store.
@@ -35,15 +49,18 @@ use tracing::Instrument;
 pub struct WorkerConfig {
     pub amqp_url: String,
     pub topology: Topology,
-    /// Unacked messages the broker may hand this worker at once (basic.qos).
+    /// Unacked messages the broker may hand this worker at once (basic.qos); the planner batches
+    /// across all of them.
     pub prefetch: u16,
     pub worker_id: String,
     /// Model name recorded in events and metadata.
     pub model_name: String,
     pub limits: Limits,
-    /// Images per GPU batch.
+    /// Images per GPU batch at most (on the CPU: the batch size).
     pub max_batch: usize,
-    /// How long a batch in hand may take to finish after SIGTERM.
+    /// Fraction of device memory the batch sizer keeps free.
+    pub memory_margin: f64,
+    /// How long the messages in hand may take to finish after SIGTERM.
     pub grace_period: Duration,
     /// Bounds of the reconnect backoff.
     pub reconnect_min: Duration,
@@ -60,10 +77,26 @@ pub enum WorkerError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Pipeline(#[from] crate::Error),
-    #[error("the batch in hand did not finish within the {0:?} grace period")]
+    #[error("the messages in hand did not finish within the {0:?} grace period")]
     GraceExpired(Duration),
     #[error("{0}")]
     Other(String),
+}
+
+/// Counters a bench or the metrics endpoint reads.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub batches_completed: AtomicU64,
+    pub batches_failed: AtomicU64,
+    pub batches_dead_lettered: AtomicU64,
+    pub images_completed: AtomicU64,
+    pub gpu_batches: AtomicU64,
+    pub gpu_images: AtomicU64,
+    pub last_gpu_batch_size: AtomicU64,
+    pub oom_splits: AtomicU64,
+    /// Time the model thread waited between batches, including time without work (microseconds).
+    pub gpu_idle_us: AtomicU64,
+    pub gpu_busy_us: AtomicU64,
 }
 
 /// How a connection's session ended.
@@ -72,30 +105,200 @@ enum SessionEnd {
     ConnectionLost(String),
 }
 
+/// Where one image's result goes: (message sequence number, image index in the message).
+type Tag = (u64, usize);
+
+/// A valid message in hand.
+struct InFlight {
+    acker: Acker,
+    redelivered: bool,
+    previous_failures: i64,
+    batch: Arc<Batch>,
+    requests: Vec<(usize, u32, ImageRequest)>,
+    records: Vec<Option<ImageRecord>>,
+    remaining: usize,
+    started: Instant,
+    generate_ms: f64,
+    encode_ms: f64,
+    upload_ms: f64,
+    span: tracing::Span,
+}
+
+/// What the tasks of a session report back to its loop.
+enum Done {
+    Gpu {
+        key: ShapeKey,
+        tags: Vec<Tag>,
+        size: usize,
+        result: crate::Result<GpuOutput>,
+    },
+    Upload {
+        tag: Tag,
+        result: Result<(ImageRecord, f64, f64), WorkerError>,
+    },
+    Finished {
+        seq: u64,
+        result: Result<(), WorkerError>,
+    },
+}
+
 pub struct Worker {
-    cfg: WorkerConfig,
+    cfg: Arc<WorkerConfig>,
     gpu: Arc<GpuExecutor>,
     storage: Arc<Storage>,
+    stats: Arc<WorkerStats>,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Publishes an event with confirms, retrying with backoff.
+async fn publish_event<T: serde::Serialize>(
+    cfg: &WorkerConfig,
+    publisher: &Publisher,
+    key: &str,
+    event: &T,
+) -> Result<(), WorkerError> {
+    let body = serde_json::to_vec(event).map_err(|e| WorkerError::Other(e.to_string()))?;
+    let exchange = cfg.topology.events_exchange.clone();
+    (|| async {
+        publisher
+            .publish_json(&exchange, key, &body, None, false)
+            .await
+    })
+    .retry(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(cfg.publish_attempts.saturating_sub(1))
+            .with_jitter(),
+    )
+    .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "publishing {key} failed; retrying"))
+    .await?;
+    Ok(())
+}
+
+async fn publish_failed(
+    cfg: &WorkerConfig,
+    publisher: &Publisher,
+    batch_id: Option<String>,
+    reason: &str,
+    error: &str,
+) {
+    let event = BatchFailed::new(batch_id, reason, error, &cfg.worker_id);
+    if let Err(e) = publish_event(cfg, publisher, events::BATCH_FAILED, &event).await {
+        tracing::error!(error = %e, "could not publish batch.failed");
+    }
+}
+
+/// Encodes one image and uploads it with its metadata. Returns the record, encode and upload ms.
+async fn store_image(
+    cfg: Arc<WorkerConfig>,
+    storage: Arc<Storage>,
+    batch: Arc<Batch>,
+    item_index: usize,
+    n: u32,
+    request: ImageRequest,
+    image: crate::pipeline::RgbImage,
+) -> Result<(ImageRecord, f64, f64), WorkerError> {
+    let t0 = Instant::now();
+    // PNG encoding is CPU work: off the async runtime.
+    let png = tokio::task::spawn_blocking(move || encode_png(&image))
+        .await
+        .map_err(|e| WorkerError::Other(format!("PNG encoder task failed: {e}")))??;
+    let encode_ms = ms(t0.elapsed());
+    let item = &batch.items[item_index];
+    let key = batch.image_key(&item.id, n);
+    let record = ImageRecord {
+        item_id: item.id.clone(),
+        n,
+        bucket: batch.bucket.clone(),
+        key: key.clone(),
+        seed: request.seed,
+        seed_derived: item.seed_derived,
+        bytes: png.len() as u64,
+        sha256: sha256_hex(&png),
+        width: batch.params.width as u32,
+        height: batch.params.height as u32,
+    };
+    let metadata = vec![
+        ("sdbatch-batch-id".to_string(), batch.batch_id.clone()),
+        ("sdbatch-item-id".to_string(), item.id.clone()),
+        ("sdbatch-seed".to_string(), request.seed.to_string()),
+        ("sdbatch-steps".to_string(), batch.params.steps.to_string()),
+        (
+            "sdbatch-guidance".to_string(),
+            batch.params.guidance_scale.to_string(),
+        ),
+        (
+            "sdbatch-scheduler".to_string(),
+            batch.params.scheduler.name().to_string(),
+        ),
+        ("sdbatch-model".to_string(), cfg.model_name.clone()),
+        (
+            "sdbatch-prompt-sha256".to_string(),
+            sha256_hex(request.prompt.as_bytes()),
+        ),
+    ];
+    let t1 = Instant::now();
+    storage
+        .put(&batch.bucket, &key, png, "image/png", &metadata)
+        .await?;
+    Ok((record, encode_ms, ms(t1.elapsed())))
+}
+
+/// Writes the manifest (last: its presence means every image is stored) and publishes the event.
+async fn finish_batch(
+    cfg: Arc<WorkerConfig>,
+    storage: Arc<Storage>,
+    publisher: Publisher,
+    event: BatchCompleted,
+    batch: Arc<Batch>,
+) -> Result<(), WorkerError> {
+    let manifest =
+        serde_json::to_vec_pretty(&event).map_err(|e| WorkerError::Other(e.to_string()))?;
+    storage
+        .put(
+            &batch.bucket,
+            &batch.manifest_key(),
+            manifest,
+            "application/json",
+            &[],
+        )
+        .await?;
+    publish_event(&cfg, &publisher, events::BATCH_COMPLETED, &event).await
+}
+
 impl Worker {
     pub fn new(cfg: WorkerConfig, gpu: Arc<GpuExecutor>, storage: Arc<Storage>) -> Self {
-        Self { cfg, gpu, storage }
+        Self {
+            cfg: Arc::new(cfg),
+            gpu,
+            storage,
+            stats: Arc::new(WorkerStats::default()),
+        }
     }
 
-    /// Runs until `shutdown` turns true (then finishes the batch in hand) or a fatal error.
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `shutdown` turns true (then finishes the messages in hand) or a fatal error.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
         let mut delay = self.cfg.reconnect_min;
+        // The sizer's memory model outlives connections.
+        let mut sizer = BatchSizer::new(self.cfg.max_batch, self.cfg.memory_margin);
         loop {
             if *shutdown.borrow() {
                 return Ok(());
             }
             let started = Instant::now();
-            match self.session(&mut shutdown).await {
+            match self.session(&mut shutdown, &mut sizer).await {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
                 Err(WorkerError::GraceExpired(d)) => return Err(WorkerError::GraceExpired(d)),
                 Ok(SessionEnd::ConnectionLost(why)) => {
@@ -119,6 +322,7 @@ impl Worker {
     async fn session(
         &self,
         shutdown: &mut watch::Receiver<bool>,
+        sizer: &mut BatchSizer,
     ) -> Result<SessionEnd, WorkerError> {
         let cfg = &self.cfg;
         let conn =
@@ -144,119 +348,248 @@ impl Worker {
             broker = %queue::redact_url(&cfg.amqp_url),
             queue = %cfg.topology.jobs_queue,
             prefetch = cfg.prefetch,
+            max_batch = cfg.max_batch,
             "consuming"
         );
 
-        loop {
-            let delivery = tokio::select! {
-                changed = shutdown.changed() => {
-                    if changed.is_err() || *shutdown.borrow() {
-                        tracing::info!("shutdown requested: no batch in hand");
-                        let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-                        let _ = conn.close(200, "worker shutting down".into()).await;
-                        return Ok(SessionEnd::Shutdown);
-                    }
-                    continue;
-                }
-                next = consumer.next() => next,
-            };
-            let delivery = match delivery {
-                Some(Ok(d)) => d,
-                Some(Err(e)) => return Ok(SessionEnd::ConnectionLost(e.to_string())),
-                None => return Ok(SessionEnd::ConnectionLost("consumer stream ended".into())),
-            };
+        let mut session = Session {
+            worker: self,
+            publisher,
+            planner: Planner::default(),
+            inflight: HashMap::new(),
+            next_seq: 0,
+            gpu_jobs: 0,
+            tasks: JoinSet::new(),
+            done_tx: None,
+        };
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+        session.done_tx = Some(done_tx);
+        let mut draining = false;
+        let mut deadline: Option<tokio::time::Instant> = None;
 
-            // The batch in hand runs to completion; a shutdown request meanwhile only starts the
-            // grace-period clock and stops further deliveries.
-            let work = self.handle_delivery(&publisher, delivery);
-            tokio::pin!(work);
-            let mut deadline: Option<tokio::time::Instant> = None;
-            let outcome = loop {
-                tokio::select! {
-                    r = &mut work => break r,
-                    changed = shutdown.changed(), if deadline.is_none() => {
-                        if changed.is_err() || *shutdown.borrow() {
-                            tracing::info!(grace = ?cfg.grace_period, "shutdown requested: finishing the batch in hand");
-                            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-                            deadline = Some(tokio::time::Instant::now() + cfg.grace_period);
-                        }
-                    }
-                    _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => {
-                        return Err(WorkerError::GraceExpired(cfg.grace_period));
-                    }
-                }
-            };
-            if let Err(e) = outcome {
-                // Acking or nacking failed: the channel is gone and the broker will redeliver.
-                return Ok(SessionEnd::ConnectionLost(e.to_string()));
-            }
-            if deadline.is_some() || *shutdown.borrow() {
+        loop {
+            session.dispatch(sizer);
+            if draining && session.is_idle() {
                 let _ = conn.close(200, "worker shutting down".into()).await;
                 return Ok(SessionEnd::Shutdown);
             }
+            tokio::select! {
+                changed = shutdown.changed(), if !draining => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        draining = true;
+                        deadline = Some(tokio::time::Instant::now() + cfg.grace_period);
+                        tracing::info!(in_hand = session.inflight.len(), grace = ?cfg.grace_period,
+                            "shutdown requested: finishing the messages in hand");
+                        let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                    }
+                }
+                _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => {
+                    return Err(WorkerError::GraceExpired(cfg.grace_period));
+                }
+                next = consumer.next(), if !draining => match next {
+                    Some(Ok(delivery)) => session.accept(delivery).await,
+                    Some(Err(e)) => return Ok(SessionEnd::ConnectionLost(e.to_string())),
+                    None => return Ok(SessionEnd::ConnectionLost("consumer stream ended".into())),
+                },
+                Some(done) = done_rx.recv() => {
+                    if let Err(e) = session.on_done(done, sizer).await {
+                        // An ack or nack failed: the channel is gone; the broker redelivers.
+                        return Ok(SessionEnd::ConnectionLost(e.to_string()));
+                    }
+                }
+            }
         }
     }
+}
 
-    /// Processes one delivery and acks or nacks it. Errors only when the ack/nack itself failed.
-    async fn handle_delivery(
-        &self,
-        publisher: &Publisher,
-        delivery: Delivery,
-    ) -> Result<(), WorkerError> {
+/// The state of one broker connection: the messages in hand and the work in progress for them.
+struct Session<'w> {
+    worker: &'w Worker,
+    publisher: Publisher,
+    planner: Planner<Tag>,
+    inflight: HashMap<u64, InFlight>,
+    next_seq: u64,
+    gpu_jobs: usize,
+    tasks: JoinSet<()>,
+    done_tx: Option<mpsc::UnboundedSender<Done>>,
+}
+
+/// GPU batches queued on the model thread at once: one running, one ready, so it never waits.
+const GPU_QUEUE_DEPTH: usize = 2;
+
+impl Session<'_> {
+    fn is_idle(&self) -> bool {
+        self.inflight.is_empty() && self.gpu_jobs == 0
+    }
+
+    fn sender(&self) -> mpsc::UnboundedSender<Done> {
+        self.done_tx.clone().expect("session channel set")
+    }
+
+    /// Handles a new delivery: invalid → dead letter; already done → republish; else plan it.
+    async fn accept(&mut self, delivery: Delivery) {
+        let cfg = self.worker.cfg.clone();
         let span = tracing::info_span!(
             "batch",
             batch_id = tracing::field::Empty,
             tag = delivery.delivery_tag
         );
-        async {
-            let parsed = message::parse(&delivery.data, &self.cfg.limits, self.gpu.info().native_size);
-            let batch = match parsed {
-                Ok(b) => b,
-                Err(invalid) => {
-                    if let Some(id) = &invalid.batch_id {
-                        tracing::Span::current().record("batch_id", id.as_str());
-                    }
-                    return self.reject_invalid(publisher, delivery, invalid).await;
+        let batch = match message::parse(
+            &delivery.data,
+            &cfg.limits,
+            self.worker.gpu.info().native_size,
+        ) {
+            Ok(b) => b,
+            Err(invalid) => {
+                if let Some(id) = &invalid.batch_id {
+                    span.record("batch_id", id.as_str());
                 }
-            };
-            tracing::Span::current().record("batch_id", batch.batch_id.as_str());
-            let previous_failures = header_int(&delivery.properties, "x-delivery-count").unwrap_or(0);
-            match self.process(publisher, &batch, delivery.redelivered).await {
-                Ok(()) => {
-                    delivery.acker.ack(BasicAckOptions::default()).await.map_err(QueueError::from)?;
-                    Ok(())
+                self.reject_invalid(delivery, invalid)
+                    .instrument(span)
+                    .await;
+                return;
+            }
+        };
+        span.record("batch_id", batch.batch_id.as_str());
+        let previous_failures = header_int(&delivery.properties, "x-delivery-count").unwrap_or(0);
+
+        // Already done (a previous delivery crashed or lost its connection after uploading):
+        // announce it again instead of regenerating.
+        let manifest = self
+            .worker
+            .storage
+            .get(&batch.bucket, &batch.manifest_key())
+            .instrument(span.clone())
+            .await;
+        match manifest {
+            Ok(Some(bytes)) => {
+                let republished = async {
+                    let mut event: BatchCompleted =
+                        serde_json::from_slice(&bytes).map_err(|e| {
+                            WorkerError::Other(format!(
+                                "{}: unreadable manifest: {e}",
+                                batch.manifest_key()
+                            ))
+                        })?;
+                    event.redelivered = true;
+                    tracing::info!(
+                        "manifest exists: republishing batch.completed without regenerating"
+                    );
+                    publish_event(&cfg, &self.publisher, events::BATCH_COMPLETED, &event).await
                 }
-                Err(e) => {
-                    let last = previous_failures + 1 > i64::from(self.cfg.topology.delivery_limit);
-                    tracing::error!(error = %e, previous_failures, last_attempt = last, "batch failed; requeueing");
-                    if last {
-                        // The broker dead-letters it on this nack: tell the producers.
-                        self.publish_failed(publisher, Some(batch.batch_id.clone()), "delivery_limit", &e.to_string())
-                            .await;
-                    }
-                    delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(QueueError::from)?;
-                    Ok(())
-                }
+                .instrument(span.clone())
+                .await;
+                let _enter = span.enter();
+                self.settle(
+                    delivery.acker,
+                    republished,
+                    previous_failures,
+                    &batch.batch_id,
+                )
+                .await;
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _enter = span.enter();
+                self.settle(
+                    delivery.acker,
+                    Err(e.into()),
+                    previous_failures,
+                    &batch.batch_id,
+                )
+                .await;
+                return;
             }
         }
-        .instrument(span)
-        .await
+
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let requests = batch.image_requests();
+        {
+            let _enter = span.enter();
+            tracing::info!(
+                images = requests.len(),
+                redelivered = delivery.redelivered,
+                "planned"
+            );
+        }
+        self.planner.push(
+            &batch.params,
+            requests
+                .iter()
+                .enumerate()
+                .map(|(i, (_, _, r))| ((seq, i), r.clone())),
+        );
+        self.inflight.insert(
+            seq,
+            InFlight {
+                acker: delivery.acker,
+                redelivered: delivery.redelivered,
+                previous_failures,
+                records: vec![None; requests.len()],
+                remaining: requests.len(),
+                requests,
+                batch: Arc::new(batch),
+                started: Instant::now(),
+                generate_ms: 0.0,
+                encode_ms: 0.0,
+                upload_ms: 0.0,
+                span,
+            },
+        );
+    }
+
+    /// Acks on success; on failure nacks with requeue (the delivery limit dead-letters a batch
+    /// that keeps failing; on its last attempt `batch.failed` is published first).
+    async fn settle(
+        &self,
+        acker: Acker,
+        result: Result<(), WorkerError>,
+        previous_failures: i64,
+        batch_id: &str,
+    ) {
+        let cfg = &self.worker.cfg;
+        let outcome = match result {
+            Ok(()) => acker.ack(BasicAckOptions::default()).await,
+            Err(e) => {
+                let last = previous_failures + 1 > i64::from(cfg.topology.delivery_limit);
+                tracing::error!(error = %e, previous_failures, last_attempt = last, "batch failed; requeueing");
+                self.worker
+                    .stats
+                    .batches_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                if last {
+                    publish_failed(
+                        cfg,
+                        &self.publisher,
+                        Some(batch_id.to_string()),
+                        "delivery_limit",
+                        &e.to_string(),
+                    )
+                    .await;
+                    self.worker
+                        .stats
+                        .batches_dead_lettered
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+            }
+        };
+        if let Err(e) = outcome {
+            // The channel is gone; the broker redelivers the message to someone.
+            tracing::warn!(error = %e, "could not ack/nack (connection lost?)");
+        }
     }
 
     /// Dead-letters an invalid message with its reason, publishes `batch.failed`, acks it.
-    async fn reject_invalid(
-        &self,
-        publisher: &Publisher,
-        delivery: Delivery,
-        invalid: Invalid,
-    ) -> Result<(), WorkerError> {
+    async fn reject_invalid(&self, delivery: Delivery, invalid: Invalid) {
+        let cfg = &self.worker.cfg;
         tracing::warn!(reason = invalid.reason.as_str(), error = %invalid.message, "invalid message: dead-lettering");
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(
@@ -264,9 +597,10 @@ impl Worker {
             header_value(invalid.reason.as_str()),
         );
         headers.insert("x-sdbatch-reason".into(), header_value(&invalid.message));
-        headers.insert("x-sdbatch-worker".into(), header_value(&self.cfg.worker_id));
-        let t = &self.cfg.topology;
-        let dead_lettered = publisher
+        headers.insert("x-sdbatch-worker".into(), header_value(&cfg.worker_id));
+        let t = &cfg.topology;
+        let dead_lettered = self
+            .publisher
             .publish_json(
                 &t.dead_exchange,
                 &t.dead_queue,
@@ -275,20 +609,21 @@ impl Worker {
                 true,
             )
             .await;
-        match dead_lettered {
+        let outcome = match dead_lettered {
             Ok(()) => {
-                self.publish_failed(
-                    publisher,
+                self.worker
+                    .stats
+                    .batches_dead_lettered
+                    .fetch_add(1, Ordering::Relaxed);
+                publish_failed(
+                    cfg,
+                    &self.publisher,
                     invalid.batch_id.clone(),
                     invalid.reason.as_str(),
                     &invalid.message,
                 )
                 .await;
-                delivery
-                    .acker
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .map_err(QueueError::from)?;
+                delivery.acker.ack(BasicAckOptions::default()).await
             }
             Err(e) => {
                 // Keep the message: it goes back to the queue and is rejected again later.
@@ -300,171 +635,245 @@ impl Worker {
                         ..Default::default()
                     })
                     .await
-                    .map_err(QueueError::from)?;
+            }
+        };
+        if let Err(e) = outcome {
+            tracing::warn!(error = %e, "could not ack/nack (connection lost?)");
+        }
+    }
+
+    /// Queues GPU batches while the model thread has room.
+    fn dispatch(&mut self, sizer: &BatchSizer) {
+        while self.gpu_jobs < GPU_QUEUE_DEPTH {
+            let Some(key) = self.planner.next_key().cloned() else {
+                return;
+            };
+            let total = self.worker.gpu.info().total_memory;
+            let size = sizer.choose(&key, total);
+            let Some(PlannedBatch {
+                key,
+                params,
+                images,
+            }) = self.planner.next_batch(size)
+            else {
+                return;
+            };
+            let tags: Vec<Tag> = images.iter().map(|i| i.tag).collect();
+            let requests: Vec<ImageRequest> = images.into_iter().map(|i| i.request).collect();
+            let stats = &self.worker.stats;
+            stats.gpu_batches.fetch_add(1, Ordering::Relaxed);
+            stats
+                .gpu_images
+                .fetch_add(requests.len() as u64, Ordering::Relaxed);
+            stats
+                .last_gpu_batch_size
+                .store(requests.len() as u64, Ordering::Relaxed);
+            let messages: Vec<u64> = {
+                let mut m: Vec<u64> = tags.iter().map(|t| t.0).collect();
+                m.dedup();
+                m
+            };
+            tracing::debug!(
+                batch = requests.len(),
+                messages = messages.len(),
+                width = key.width,
+                steps = key.steps,
+                "GPU batch"
+            );
+            let gpu = self.worker.gpu.clone();
+            let tx = self.sender();
+            self.gpu_jobs += 1;
+            let size = requests.len();
+            self.tasks.spawn(async move {
+                let result = gpu.generate(requests, params).await;
+                let _ = tx.send(Done::Gpu {
+                    key,
+                    tags,
+                    size,
+                    result,
+                });
+            });
+        }
+    }
+
+    async fn on_done(&mut self, done: Done, sizer: &mut BatchSizer) -> Result<(), WorkerError> {
+        match done {
+            Done::Gpu {
+                key,
+                tags,
+                size,
+                result,
+            } => {
+                self.gpu_jobs -= 1;
+                match result {
+                    Ok(out) => self.on_gpu_batch(&key, tags, size, out, sizer),
+                    Err(e) => {
+                        let mut seqs: Vec<u64> = tags.iter().map(|t| t.0).collect();
+                        seqs.dedup();
+                        for seq in seqs {
+                            self.fail(
+                                seq,
+                                WorkerError::Pipeline(crate::Error::InvalidArgument(e.to_string())),
+                            )
+                            .await;
+                        }
+                    }
+                }
+            }
+            Done::Upload {
+                tag: (seq, index),
+                result,
+            } => match result {
+                Ok((record, encode_ms, upload_ms)) => {
+                    let Some(m) = self.inflight.get_mut(&seq) else {
+                        return Ok(());
+                    };
+                    m.records[index] = Some(record);
+                    m.remaining -= 1;
+                    m.encode_ms += encode_ms;
+                    m.upload_ms += upload_ms;
+                    if m.remaining == 0 {
+                        self.complete(seq);
+                    }
+                }
+                Err(e) => self.fail(seq, e).await,
+            },
+            Done::Finished { seq, result } => {
+                let Some(m) = self.inflight.remove(&seq) else {
+                    return Ok(());
+                };
+                let _enter = m.span.enter();
+                match result {
+                    Ok(()) => {
+                        let stats = &self.worker.stats;
+                        stats.batches_completed.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .images_completed
+                            .fetch_add(m.records.len() as u64, Ordering::Relaxed);
+                        tracing::info!(
+                            images = m.records.len(),
+                            total_ms = ms(m.started.elapsed()),
+                            generate_ms = m.generate_ms,
+                            upload_ms = m.upload_ms,
+                            "batch completed"
+                        );
+                        m.acker
+                            .ack(BasicAckOptions::default())
+                            .await
+                            .map_err(QueueError::from)?;
+                    }
+                    Err(e) => {
+                        let batch_id = m.batch.batch_id.clone();
+                        self.settle(m.acker, Err(e), m.previous_failures, &batch_id)
+                            .await;
+                    }
+                }
             }
         }
         Ok(())
     }
 
-    async fn publish_failed(
-        &self,
-        publisher: &Publisher,
-        batch_id: Option<String>,
-        reason: &str,
-        error: &str,
+    /// Hands the images of a finished GPU batch to upload tasks; feeds the sizer.
+    fn on_gpu_batch(
+        &mut self,
+        key: &ShapeKey,
+        tags: Vec<Tag>,
+        size: usize,
+        out: GpuOutput,
+        sizer: &mut BatchSizer,
     ) {
-        let event = BatchFailed::new(batch_id, reason, error, &self.cfg.worker_id);
-        if let Err(e) = self
-            .publish_event(publisher, events::BATCH_FAILED, &event)
-            .await
-        {
-            tracing::error!(error = %e, "could not publish batch.failed");
+        for &oom in &out.oom_sizes {
+            sizer.record_oom(key, oom);
+            self.worker.stats.oom_splits.fetch_add(1, Ordering::Relaxed);
         }
-    }
-
-    async fn publish_event<T: serde::Serialize>(
-        &self,
-        publisher: &Publisher,
-        key: &str,
-        event: &T,
-    ) -> Result<(), WorkerError> {
-        let body = serde_json::to_vec(event).map_err(|e| WorkerError::Other(e.to_string()))?;
-        let exchange = self.cfg.topology.events_exchange.clone();
-        (|| async {
-            publisher
-                .publish_json(&exchange, key, &body, None, false)
-                .await
-        })
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_secs(2))
-                .with_max_times(self.cfg.publish_attempts.saturating_sub(1))
-                .with_jitter(),
-        )
-        .notify(
-            |e, d| tracing::warn!(error = %e, retry_in = ?d, "publishing {key} failed; retrying"),
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Generates, uploads and announces one valid batch.
-    async fn process(
-        &self,
-        publisher: &Publisher,
-        batch: &Batch,
-        redelivered: bool,
-    ) -> Result<(), WorkerError> {
-        let started = Instant::now();
-        let manifest_key = batch.manifest_key();
-        if let Some(bytes) = self.storage.get(&batch.bucket, &manifest_key).await? {
-            // Already done (a previous delivery crashed or lost its connection after uploading):
-            // announce it again instead of regenerating.
-            let mut event: BatchCompleted = serde_json::from_slice(&bytes).map_err(|e| {
-                WorkerError::Other(format!("{manifest_key}: unreadable manifest: {e}"))
-            })?;
-            event.redelivered = true;
-            tracing::info!("manifest exists: republishing batch.completed without regenerating");
-            return self
-                .publish_event(publisher, events::BATCH_COMPLETED, &event)
-                .await;
-        }
-
-        let total = batch.total_images();
-        tracing::info!(images = total, redelivered, "generating");
-        let requests = batch.image_requests();
-        let t_gen = Instant::now();
-        let mut images = Vec::with_capacity(total);
-        for chunk in requests.chunks(self.cfg.max_batch.max(1)) {
-            let reqs = chunk.iter().map(|(_, _, r)| r.clone()).collect();
-            let out = self.gpu.generate(reqs, batch.params.clone()).await?;
-            images.extend(out.images);
-        }
-        let generate_ms = t_gen.elapsed().as_secs_f64() * 1e3;
-
-        // PNG encoding is CPU work: off the async runtime.
-        let t_enc = Instant::now();
-        let pngs = tokio::task::spawn_blocking(move || -> crate::Result<Vec<Vec<u8>>> {
-            images.iter().map(encode_png).collect()
-        })
-        .await
-        .map_err(|e| WorkerError::Other(format!("PNG encoder task failed: {e}")))??;
-        let encode_ms = t_enc.elapsed().as_secs_f64() * 1e3;
-
-        let t_up = Instant::now();
-        let mut records = Vec::with_capacity(total);
-        for ((item_index, n, request), png) in requests.iter().zip(pngs) {
-            let item = &batch.items[*item_index];
-            let key = batch.image_key(&item.id, *n);
-            let digest = sha256_hex(&png);
-            let metadata = vec![
-                ("sdbatch-batch-id".to_string(), batch.batch_id.clone()),
-                ("sdbatch-item-id".to_string(), item.id.clone()),
-                ("sdbatch-seed".to_string(), request.seed.to_string()),
-                ("sdbatch-steps".to_string(), batch.params.steps.to_string()),
-                (
-                    "sdbatch-guidance".to_string(),
-                    batch.params.guidance_scale.to_string(),
-                ),
-                (
-                    "sdbatch-scheduler".to_string(),
-                    batch.params.scheduler.name().to_string(),
-                ),
-                ("sdbatch-model".to_string(), self.cfg.model_name.clone()),
-                (
-                    "sdbatch-prompt-sha256".to_string(),
-                    sha256_hex(request.prompt.as_bytes()),
-                ),
-            ];
-            let bytes = png.len() as u64;
-            self.storage
-                .put(&batch.bucket, &key, png, "image/png", &metadata)
-                .await?;
-            records.push(ImageRecord {
-                item_id: item.id.clone(),
-                n: *n,
-                bucket: batch.bucket.clone(),
+        for &(batch, peak_used_bytes) in &out.memory {
+            sizer.record(
                 key,
-                seed: request.seed,
-                seed_derived: item.seed_derived,
-                bytes,
-                sha256: digest,
-                width: batch.params.width as u32,
-                height: batch.params.height as u32,
+                MemorySample {
+                    batch,
+                    peak_used_bytes,
+                },
+            );
+        }
+        let stats = &self.worker.stats;
+        stats.gpu_busy_us.fetch_add(
+            (out.output.timings.total_ms * 1e3) as u64,
+            Ordering::Relaxed,
+        );
+        stats
+            .gpu_idle_us
+            .fetch_add(out.idle_before.as_micros() as u64, Ordering::Relaxed);
+        let per_image_ms = out.output.timings.total_ms / size.max(1) as f64;
+        for (tag, image) in tags.into_iter().zip(out.output.images) {
+            let (seq, index) = tag;
+            let Some(m) = self.inflight.get_mut(&seq) else {
+                continue;
+            }; // its message failed
+            m.generate_ms += per_image_ms;
+            let (item_index, n, request) = m.requests[index].clone();
+            let fut = store_image(
+                self.worker.cfg.clone(),
+                self.worker.storage.clone(),
+                m.batch.clone(),
+                item_index,
+                n,
+                request,
+                image,
+            )
+            .instrument(m.span.clone());
+            let tx = self.sender();
+            self.tasks.spawn(async move {
+                let result = fut.await;
+                let _ = tx.send(Done::Upload { tag, result });
             });
         }
-        let upload_ms = t_up.elapsed().as_secs_f64() * 1e3;
+    }
 
+    /// Every image of message `seq` is stored: write the manifest and publish the event.
+    fn complete(&mut self, seq: u64) {
+        let Some(m) = self.inflight.get(&seq) else {
+            return;
+        };
+        let records: Vec<ImageRecord> = m.records.iter().flatten().cloned().collect();
         let event = BatchCompleted::new(
-            batch,
+            &m.batch,
             records,
-            &self.cfg.model_name,
-            &self.cfg.worker_id,
+            &self.worker.cfg.model_name,
+            &self.worker.cfg.worker_id,
             events::Timings {
                 queue_wait_ms: None,
-                generate_ms,
-                encode_ms,
-                upload_ms,
-                total_ms: started.elapsed().as_secs_f64() * 1e3,
+                generate_ms: m.generate_ms,
+                encode_ms: m.encode_ms,
+                upload_ms: m.upload_ms,
+                total_ms: ms(m.started.elapsed()),
             },
-            redelivered,
+            m.redelivered,
         );
-        let manifest =
-            serde_json::to_vec_pretty(&event).map_err(|e| WorkerError::Other(e.to_string()))?;
-        // The manifest goes last: its presence means every image of the batch is stored.
-        self.storage
-            .put(
-                &batch.bucket,
-                &manifest_key,
-                manifest,
-                "application/json",
-                &[],
-            )
-            .await?;
-        self.publish_event(publisher, events::BATCH_COMPLETED, &event)
-            .await?;
-        tracing::info!(images = total, generate_ms, upload_ms, "batch completed");
-        Ok(())
+        let fut = finish_batch(
+            self.worker.cfg.clone(),
+            self.worker.storage.clone(),
+            self.publisher.clone(),
+            event,
+            m.batch.clone(),
+        )
+        .instrument(m.span.clone());
+        let tx = self.sender();
+        self.tasks.spawn(async move {
+            let result = fut.await;
+            let _ = tx.send(Done::Finished { seq, result });
+        });
+    }
+
+    /// Message `seq` failed: drop its waiting images and requeue it.
+    async fn fail(&mut self, seq: u64, error: WorkerError) {
+        let Some(m) = self.inflight.remove(&seq) else {
+            return;
+        };
+        let dropped = self.planner.remove_where(|t| t.0 == seq);
+        let _enter = m.span.enter();
+        tracing::debug!(dropped, "dropping the failed message's waiting images");
+        let batch_id = m.batch.batch_id.clone();
+        self.settle(m.acker, Err(error), m.previous_failures, &batch_id)
+            .await;
     }
 }

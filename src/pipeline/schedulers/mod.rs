@@ -53,7 +53,7 @@ pub trait Scheduler: Send {
 }
 
 /// The schedulers a user can pick by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SchedulerKind {
     Pndm,

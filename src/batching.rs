@@ -1,0 +1,489 @@
+//! Batch planning: which images go into the next GPU batch, and how many fit.
+//!
+//! - [`Planner`] holds the images of every message in hand, in arrival order. The next batch takes
+//!   the oldest waiting image and every later image that can share its UNet batch (same size,
+//!   steps, scheduler and guidance: a [`ShapeKey`]), across message boundaries, up to the size the
+//!   [`BatchSizer`] allows. Images keep their order within a message; none is lost or duplicated.
+//! - [`BatchSizer`] picks that size per shape: the configured ceiling (`--max-batch`) on the CPU; on
+//!   CUDA the largest batch whose calibrated memory fits the device under a safety margin, and a
+//!   per-shape ceiling halved each time the device runs out of memory.
+use crate::pipeline::GenerateParams;
+use crate::pipeline::ImageRequest;
+use crate::pipeline::schedulers::SchedulerKind;
+use std::collections::{HashMap, VecDeque};
+
+/// What images must share to be denoised in one UNet batch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ShapeKey {
+    pub width: i64,
+    pub height: i64,
+    pub steps: usize,
+    pub scheduler: SchedulerKind,
+    /// The guidance scale's bits (it is one scalar for the whole batch).
+    pub guidance_bits: u64,
+}
+
+impl ShapeKey {
+    pub fn of(p: &GenerateParams) -> Self {
+        Self {
+            width: p.width,
+            height: p.height,
+            steps: p.steps,
+            scheduler: p.scheduler,
+            guidance_bits: p.guidance_scale.to_bits(),
+        }
+    }
+}
+
+/// One image waiting for the GPU. `tag` says where its result goes (message, image index).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedImage<T> {
+    pub tag: T,
+    pub request: ImageRequest,
+}
+
+/// A GPU batch: images of one shape, oldest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedBatch<T> {
+    pub key: ShapeKey,
+    pub params: GenerateParams,
+    pub images: Vec<PlannedImage<T>>,
+}
+
+struct Waiting<T> {
+    key: ShapeKey,
+    params: GenerateParams,
+    image: PlannedImage<T>,
+}
+
+/// Images of all messages in hand, in arrival order.
+pub struct Planner<T> {
+    waiting: VecDeque<Waiting<T>>,
+}
+
+impl<T> Default for Planner<T> {
+    fn default() -> Self {
+        Self {
+            waiting: VecDeque::new(),
+        }
+    }
+}
+
+impl<T: Clone + PartialEq> Planner<T> {
+    /// Queues the images of one message (in its order).
+    pub fn push(
+        &mut self,
+        params: &GenerateParams,
+        images: impl IntoIterator<Item = (T, ImageRequest)>,
+    ) {
+        let key = ShapeKey::of(params);
+        for (tag, request) in images {
+            self.waiting.push_back(Waiting {
+                key: key.clone(),
+                params: params.clone(),
+                image: PlannedImage { tag, request },
+            });
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// The shape of the next batch (the oldest waiting image's).
+    pub fn next_key(&self) -> Option<&ShapeKey> {
+        self.waiting.front().map(|w| &w.key)
+    }
+
+    /// Takes the next batch of at most `max` images: the oldest image and the following ones of
+    /// the same shape, keeping their relative order.
+    pub fn next_batch(&mut self, max: usize) -> Option<PlannedBatch<T>> {
+        let first = self.waiting.front()?;
+        let key = first.key.clone();
+        let params = first.params.clone();
+        let max = max.max(1);
+        let mut images = Vec::with_capacity(max);
+        let mut rest = VecDeque::with_capacity(self.waiting.len());
+        while let Some(w) = self.waiting.pop_front() {
+            if images.len() < max && w.key == key {
+                images.push(w.image);
+            } else {
+                rest.push_back(w);
+            }
+        }
+        self.waiting = rest;
+        Some(PlannedBatch {
+            key,
+            params,
+            images,
+        })
+    }
+
+    /// Drops every waiting image whose tag matches (its message failed or was abandoned).
+    pub fn remove_where(&mut self, mut pred: impl FnMut(&T) -> bool) -> usize {
+        let before = self.waiting.len();
+        self.waiting.retain(|w| !pred(&w.image.tag));
+        before - self.waiting.len()
+    }
+}
+
+/// Memory measured for one batch: how many images, and the device memory in use at its peak.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemorySample {
+    pub batch: usize,
+    pub peak_used_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct ShapeStats {
+    /// Largest batch allowed for this shape (lowered on out-of-memory).
+    ceiling: Option<usize>,
+    /// Peak device memory in use by batch size (smallest peak per size).
+    samples: Vec<MemorySample>,
+    ooms: u64,
+}
+
+/// Chooses the batch size per shape.
+#[derive(Debug, Clone)]
+pub struct BatchSizer {
+    max_batch: usize,
+    /// Fraction of the device kept free (fragmentation, other processes, cuDNN workspaces).
+    margin: f64,
+    shapes: HashMap<ShapeKey, ShapeStats>,
+}
+
+impl BatchSizer {
+    pub fn new(max_batch: usize, margin: f64) -> Self {
+        Self {
+            max_batch: max_batch.max(1),
+            margin: margin.clamp(0.0, 0.9),
+            shapes: HashMap::new(),
+        }
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    fn ceiling(&self, key: &ShapeKey) -> usize {
+        self.shapes
+            .get(key)
+            .and_then(|s| s.ceiling)
+            .unwrap_or(self.max_batch)
+            .min(self.max_batch)
+    }
+
+    /// Linear memory model `used(n) = base + n * per_image` from the two most distant batch
+    /// sizes measured, if the fit is meaningful.
+    pub fn model(&self, key: &ShapeKey) -> Option<(f64, f64)> {
+        let s = self.shapes.get(key)?;
+        let lo = s.samples.iter().min_by_key(|m| m.batch)?;
+        let hi = s.samples.iter().max_by_key(|m| m.batch)?;
+        if hi.batch == lo.batch || hi.peak_used_bytes <= lo.peak_used_bytes {
+            return None;
+        }
+        let per_image =
+            (hi.peak_used_bytes - lo.peak_used_bytes) as f64 / (hi.batch - lo.batch) as f64;
+        let base = lo.peak_used_bytes as f64 - per_image * lo.batch as f64;
+        Some((base, per_image))
+    }
+
+    /// The batch size for the next batch of `key`. `total_bytes` is the device's memory (`None` on
+    /// the CPU, where the ceiling is the configured batch size).
+    ///
+    /// On CUDA the first two batches of a shape calibrate: sizes 1 and 2 (memory grows from a small
+    /// batch to a larger one, so each peak reflects that batch's need). After that, the largest
+    /// size whose modelled memory stays under `(1 - margin) * total`.
+    pub fn choose(&self, key: &ShapeKey, total_bytes: Option<u64>) -> usize {
+        let ceiling = self.ceiling(key);
+        let Some(total) = total_bytes else {
+            return ceiling;
+        };
+        let samples = self.shapes.get(key).map_or(0, |s| s.samples.len());
+        if samples < 2 {
+            return (samples + 1).min(ceiling);
+        }
+        match self.model(key) {
+            Some((base, per_image)) => {
+                let budget = total as f64 * (1.0 - self.margin) - base;
+                let fits = (budget / per_image).floor();
+                if fits < 1.0 {
+                    1
+                } else {
+                    (fits as usize).min(ceiling)
+                }
+            }
+            // Memory did not grow with the batch (already cached): the ceiling decides, and an
+            // out-of-memory error lowers it.
+            None => ceiling,
+        }
+    }
+
+    /// Records the peak memory of a batch that ran.
+    pub fn record(&mut self, key: &ShapeKey, sample: MemorySample) {
+        let s = self.shapes.entry(key.clone()).or_default();
+        match s.samples.iter_mut().find(|m| m.batch == sample.batch) {
+            Some(m) => m.peak_used_bytes = m.peak_used_bytes.min(sample.peak_used_bytes),
+            None => s.samples.push(sample),
+        }
+    }
+
+    /// A batch of `batch` images of `key` ran out of memory: halve this shape's ceiling.
+    pub fn record_oom(&mut self, key: &ShapeKey, batch: usize) {
+        let s = self.shapes.entry(key.clone()).or_default();
+        s.ooms += 1;
+        let lowered = (batch / 2).max(1);
+        s.ceiling = Some(s.ceiling.map_or(lowered, |c| c.min(lowered)));
+    }
+
+    pub fn ooms(&self, key: &ShapeKey) -> u64 {
+        self.shapes.get(key).map_or(0, |s| s.ooms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(width: i64, steps: usize) -> GenerateParams {
+        GenerateParams {
+            steps,
+            guidance_scale: 7.5,
+            width,
+            height: 512,
+            scheduler: SchedulerKind::Pndm,
+        }
+    }
+
+    fn req(seed: u64) -> ImageRequest {
+        ImageRequest {
+            prompt: format!("p{seed}"),
+            negative_prompt: None,
+            seed,
+        }
+    }
+
+    /// (message, image) tags.
+    type Tag = (u32, u32);
+
+    fn tags(b: &PlannedBatch<Tag>) -> Vec<Tag> {
+        b.images.iter().map(|i| i.tag).collect()
+    }
+
+    #[test]
+    fn batches_cross_message_boundaries_in_order() {
+        let mut p: Planner<Tag> = Planner::default();
+        for m in 0..3 {
+            p.push(
+                &params(512, 50),
+                (0..2).map(|i| ((m, i), req(u64::from(m * 10 + i)))),
+            );
+        }
+        assert_eq!(
+            tags(&p.next_batch(4).unwrap()),
+            vec![(0, 0), (0, 1), (1, 0), (1, 1)]
+        );
+        assert_eq!(tags(&p.next_batch(4).unwrap()), vec![(2, 0), (2, 1)]);
+        assert!(p.next_batch(4).is_none());
+    }
+
+    #[test]
+    fn incompatible_shapes_wait_their_turn_and_keep_order() {
+        let mut p: Planner<Tag> = Planner::default();
+        p.push(&params(512, 50), [((0, 0), req(0)), ((0, 1), req(1))]);
+        p.push(&params(768, 50), [((1, 0), req(2))]);
+        p.push(&params(512, 50), [((2, 0), req(3))]);
+        p.push(&params(512, 25), [((3, 0), req(4))]);
+        let b = p.next_batch(8).unwrap();
+        assert_eq!(b.key.width, 512);
+        assert_eq!(tags(&b), vec![(0, 0), (0, 1), (2, 0)]);
+        assert_eq!(tags(&p.next_batch(8).unwrap()), vec![(1, 0)]);
+        assert_eq!(tags(&p.next_batch(8).unwrap()), vec![(3, 0)]);
+    }
+
+    #[test]
+    fn large_messages_are_split() {
+        let mut p: Planner<Tag> = Planner::default();
+        p.push(
+            &params(512, 50),
+            (0..10).map(|i| ((0, i), req(u64::from(i)))),
+        );
+        let sizes: Vec<usize> = std::iter::from_fn(|| p.next_batch(4))
+            .map(|b| b.images.len())
+            .collect();
+        assert_eq!(sizes, vec![4, 4, 2]);
+    }
+
+    #[test]
+    fn removing_a_failed_message() {
+        let mut p: Planner<Tag> = Planner::default();
+        p.push(&params(512, 50), (0..3).map(|i| ((0, i), req(0))));
+        p.push(&params(512, 50), (0..2).map(|i| ((1, i), req(0))));
+        assert_eq!(p.remove_where(|t| t.0 == 0), 3);
+        assert_eq!(tags(&p.next_batch(8).unwrap()), vec![(1, 0), (1, 1)]);
+    }
+
+    const GIB: u64 = 1 << 30;
+
+    /// A fake device: `base` bytes for weights and context plus `per_image` per image of a batch;
+    /// running a batch that does not fit is an out-of-memory error.
+    struct FakeDevice {
+        total: u64,
+        base: u64,
+        per_image: u64,
+    }
+
+    impl FakeDevice {
+        fn run(&self, n: usize) -> Result<MemorySample, ()> {
+            let used = self.base + self.per_image * n as u64;
+            if used > self.total {
+                Err(())
+            } else {
+                Ok(MemorySample {
+                    batch: n,
+                    peak_used_bytes: used,
+                })
+            }
+        }
+    }
+
+    /// Drives planner + sizer + fake device the way the worker does: on out-of-memory the batch is
+    /// halved and retried (the executor's split) and the shape's ceiling lowered. Returns the batch
+    /// sizes that ran and every tag in the order it completed.
+    fn simulate(dev: &FakeDevice, sizer: &mut BatchSizer, images: usize) -> (Vec<usize>, Vec<Tag>) {
+        let mut p: Planner<Tag> = Planner::default();
+        // 3 images per message, like prefetched producer messages.
+        for m in 0..images.div_ceil(3) {
+            let n = (images - m * 3).min(3);
+            p.push(
+                &params(512, 50),
+                (0..n).map(|i| ((m as u32, i as u32), req(0))),
+            );
+        }
+        let mut ran = Vec::new();
+        let mut done = Vec::new();
+        while let Some(key) = p.next_key().cloned() {
+            let n = sizer.choose(&key, Some(dev.total));
+            let batch = p.next_batch(n).unwrap();
+            let mut pending: VecDeque<Vec<PlannedImage<Tag>>> = VecDeque::from([batch.images]);
+            while let Some(chunk) = pending.pop_front() {
+                match dev.run(chunk.len()) {
+                    Ok(sample) => {
+                        sizer.record(&key, sample);
+                        ran.push(chunk.len());
+                        done.extend(chunk.iter().map(|i| i.tag));
+                    }
+                    Err(()) => {
+                        assert!(chunk.len() > 1, "a single image must fit");
+                        sizer.record_oom(&key, chunk.len());
+                        let mut first = chunk;
+                        let second = first.split_off(first.len() / 2);
+                        pending.push_front(second);
+                        pending.push_front(first);
+                    }
+                }
+            }
+        }
+        (ran, done)
+    }
+
+    fn expected_tags(images: usize) -> Vec<Tag> {
+        (0..images)
+            .map(|k| ((k / 3) as u32, (k % 3) as u32))
+            .collect()
+    }
+
+    #[test]
+    fn sizer_calibrates_then_fills_memory_under_the_margin() {
+        // 80 GiB device, 6 GiB of weights, 2 GiB per image: (0.9 * 80 - 6) / 2 = 33 images fit.
+        let dev = FakeDevice {
+            total: 80 * GIB,
+            base: 6 * GIB,
+            per_image: 2 * GIB,
+        };
+        let mut sizer = BatchSizer::new(64, 0.10);
+        let (ran, done) = simulate(&dev, &mut sizer, 200);
+        assert_eq!(&ran[..2], &[1, 2], "calibration runs");
+        assert!(ran[2..ran.len() - 1].iter().all(|&n| n == 33), "{ran:?}");
+        assert_eq!(
+            done,
+            expected_tags(200),
+            "no image lost, duplicated or reordered"
+        );
+    }
+
+    #[test]
+    fn out_of_memory_halves_and_converges() {
+        // The model underestimates (memory grows faster for large batches than the linear fit
+        // says): the ceiling drops on the first failure and the size converges.
+        let dev = FakeDevice {
+            total: 24 * GIB,
+            base: 4 * GIB,
+            per_image: 3 * GIB,
+        };
+        let mut sizer = BatchSizer::new(16, 0.0);
+        // Pretend calibration measured a cheaper image than reality.
+        let key = ShapeKey::of(&params(512, 50));
+        sizer.record(
+            &key,
+            MemorySample {
+                batch: 1,
+                peak_used_bytes: 5 * GIB,
+            },
+        );
+        sizer.record(
+            &key,
+            MemorySample {
+                batch: 2,
+                peak_used_bytes: 6 * GIB,
+            },
+        );
+        assert_eq!(sizer.choose(&key, Some(dev.total)), 16);
+        let (ran, done) = simulate(&dev, &mut sizer, 60);
+        assert_eq!(
+            done,
+            expected_tags(60),
+            "no image lost, duplicated or reordered"
+        );
+        assert!(sizer.ooms(&key) >= 1);
+        // Real capacity: (24 - 4) / 3 = 6 images. After the failures every batch fits.
+        let settled = sizer.choose(&key, Some(dev.total));
+        assert!((4..=6).contains(&settled), "settled at {settled}");
+        assert!(ran.iter().all(|&n| n <= 8), "{ran:?}");
+        assert!(ran.iter().rev().take(3).all(|&n| n == settled), "{ran:?}");
+    }
+
+    #[test]
+    fn cpu_uses_the_configured_size() {
+        let sizer = BatchSizer::new(4, 0.1);
+        let key = ShapeKey::of(&params(512, 50));
+        assert_eq!(sizer.choose(&key, None), 4);
+    }
+
+    #[test]
+    fn one_image_always_runs() {
+        let mut sizer = BatchSizer::new(8, 0.1);
+        let key = ShapeKey::of(&params(512, 50));
+        sizer.record(
+            &key,
+            MemorySample {
+                batch: 1,
+                peak_used_bytes: 70 * GIB,
+            },
+        );
+        sizer.record(
+            &key,
+            MemorySample {
+                batch: 2,
+                peak_used_bytes: 79 * GIB,
+            },
+        );
+        assert_eq!(sizer.choose(&key, Some(80 * GIB)), 1);
+        sizer.record_oom(&key, 1);
+        assert_eq!(sizer.choose(&key, Some(80 * GIB)), 1);
+    }
+}
