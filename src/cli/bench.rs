@@ -32,6 +32,37 @@ pub struct BenchArgs {
     /// Also write the rows as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Instead: many small messages through the real worker path (RabbitMQ, S3), planner vs one
+    /// message per GPU batch.
+    #[arg(long)]
+    pub planner: bool,
+    /// --planner: messages to send.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub messages: u32,
+    /// --planner: prompts per message.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub prompts_per_message: u32,
+    /// --planner: the planner's batch size ceiling.
+    #[arg(long, default_value_t = 8)]
+    pub planner_max_batch: usize,
+    /// --planner: the planner's prefetch.
+    #[arg(long, default_value_t = 16)]
+    pub planner_prefetch: u16,
+    /// --planner: give up after this many seconds per mode.
+    #[arg(long, default_value_t = 1800)]
+    pub planner_timeout_secs: u64,
+    /// --planner: AMQP URL (default amqp://guest:guest@127.0.0.1:5672/%2f).
+    #[arg(long, env = "AMQP_URL")]
+    pub amqp_url: Option<String>,
+    /// --planner: `s3://` (default) or `file:///folder`.
+    #[arg(long)]
+    pub storage_url: Option<String>,
+    /// --planner: S3 endpoint (MinIO, s3s-fs, ...).
+    #[arg(long, env = "S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// --planner: bucket for the images (created if missing).
+    #[arg(long, default_value = "sdbatch-bench")]
+    pub bucket: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -103,6 +134,12 @@ fn measure(
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if args.planner {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(super::bench_planner::run(args));
+    }
     if args.batch_sizes.is_empty() {
         bail!("--batch-sizes is empty");
     }

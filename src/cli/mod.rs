@@ -1,5 +1,6 @@
 //! Command-line interface: argument definitions and dispatch.
 mod bench;
+mod bench_planner;
 mod dlq;
 mod generate;
 mod submit;
