@@ -13,6 +13,7 @@ pub mod device;
 pub mod error;
 pub mod events;
 pub mod message;
+pub mod metrics;
 pub mod output;
 pub mod pipeline;
 pub mod prompts;

@@ -3,7 +3,7 @@
 //! and S3 server, so tests are independent of order and leftovers.
 mod common;
 
-use common::broker::{Broker, WorkerProcess, unique};
+use common::broker::{Broker, WorkerProcess, http_get, metric, unique};
 use common::s3::S3Server;
 use sdbatch::events::Event;
 use sdbatch::queue::header_str;
@@ -167,6 +167,30 @@ async fn batch_to_pngs_manifest_and_one_event() {
 
     // Exactly one event, nothing left in the queue, nothing dead-lettered.
     assert!(events.drain(Duration::from_secs(1)).await.is_empty());
+    // The metrics count what was processed.
+    let m = worker.metrics();
+    assert_eq!(
+        metric(&m, r#"sdbatch_batches_total{status="completed"}"#),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, r#"sdbatch_images_total{status="completed"}"#),
+        3.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "sdbatch_gpu_images_total"), 3.0, "{m}");
+    assert_eq!(
+        metric(&m, "sdbatch_gpu_batches_total"),
+        2.0,
+        "max batch 2: 3 images in 2 GPU batches"
+    );
+    assert_eq!(metric(&m, "sdbatch_batch_seconds_count"), 1.0);
+    assert_eq!(metric(&m, "sdbatch_upload_seconds_count"), 3.0);
+    assert_eq!(metric(&m, "sdbatch_inflight_batches"), 0.0);
+    let (status, body) = http_get(worker.metrics_port, "/readyz");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(http_get(worker.metrics_port, "/healthz").0, 200);
     worker.signal(SIGTERM);
     assert!(worker.wait(LONG).await.success());
     assert_eq!(
@@ -235,6 +259,22 @@ async fn invalid_message_is_dead_lettered_with_reason_and_worker_keeps_going() {
         dead[1].data, b"not json at all",
         "the dead letter keeps the original body"
     );
+    let m = _worker.metrics();
+    assert_eq!(
+        metric(&m, r#"sdbatch_dead_letters_total{reason="items"}"#),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, r#"sdbatch_dead_letters_total{reason="not_json"}"#),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, r#"sdbatch_batches_total{status="completed"}"#),
+        1.0,
+        "{m}"
+    );
     stack.broker.cleanup().await;
 }
 
@@ -260,8 +300,13 @@ async fn storage_outage_is_retried_then_succeeds() {
     );
     assert_eq!(stack.keys().await.len(), 2, "one image and the manifest");
     let retries = worker.log_text().matches("retrying").count();
-    println!("storage outage: {retries} retries logged, batch completed once");
+    let counted = metric(
+        &worker.metrics(),
+        r#"sdbatch_retries_total{cause="storage"}"#,
+    );
+    println!("storage outage: {retries} retries logged ({counted} counted), batch completed once");
     assert!(retries >= 1);
+    assert_eq!(counted, retries as f64);
     stack.broker.cleanup().await;
 }
 

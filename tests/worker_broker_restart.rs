@@ -3,7 +3,7 @@
 //! runs test binaries one after another, so no other test sees the restart).
 mod common;
 
-use common::broker::{Broker, WorkerProcess, unique};
+use common::broker::{Broker, WorkerProcess, http_get, unique};
 use common::s3::S3Server;
 use sdbatch::events::Event;
 use sdbatch::storage::{StaticCredentials, Storage, StorageConfig};
@@ -70,7 +70,22 @@ async fn worker_reconnects_after_broker_restart_and_finishes() {
     drop(broker);
 
     rabbitmqctl(&["stop_app"]);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Not ready while the broker is away...
+    let start = Instant::now();
+    while http_get(worker.metrics_port, "/readyz").0 != 503 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "readyz never failed:\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        http_get(worker.metrics_port, "/healthz").0,
+        200,
+        "still alive"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
     rabbitmqctl(&["start_app"]);
     rabbitmqctl(&["await_startup"]);
 
@@ -93,6 +108,9 @@ async fn worker_reconnects_after_broker_restart_and_finishes() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // ... and ready again after the reconnect.
+    let (status, why) = http_get(worker.metrics_port, "/readyz");
+    assert_eq!(status, 200, "{why}");
     // And the reconnected worker takes new work.
     broker.publish(&body("after-restart", 2)).await;
     let mut after = 0;

@@ -14,7 +14,6 @@ use sdbatch::storage::{Storage, StorageConfig};
 use sdbatch::worker::gpu::GpuExecutor;
 use sdbatch::worker::{Worker, WorkerConfig};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 struct ModeResult {
@@ -91,8 +90,8 @@ async fn run_mode(
         )
         .await?;
 
-    let worker = Worker::new(cfg, gpu, storage);
-    let stats = worker.stats();
+    let metrics = sdbatch::metrics::Metrics::new();
+    let worker = Worker::new(cfg, gpu, storage, metrics.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let handle = tokio::spawn(async move { worker.run(stop_rx).await });
 
@@ -163,10 +162,10 @@ async fn run_mode(
         name,
         seconds,
         images: u64::from(args.messages) * u64::from(args.prompts_per_message),
-        gpu_batches: stats.gpu_batches.load(Ordering::Relaxed),
-        gpu_images: stats.gpu_images.load(Ordering::Relaxed),
-        idle_ms: stats.gpu_idle_us.load(Ordering::Relaxed) as f64 / 1e3,
-        busy_ms: stats.gpu_busy_us.load(Ordering::Relaxed) as f64 / 1e3,
+        gpu_batches: metrics.gpu_batches.get(),
+        gpu_images: metrics.gpu_images.get(),
+        idle_ms: metrics.gpu_idle_seconds.get() * 1e3,
+        busy_ms: metrics.gpu_busy_seconds.get() * 1e3,
     })
 }
 

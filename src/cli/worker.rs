@@ -65,6 +65,9 @@ pub struct WorkerArgs {
     /// Comma-separated buckets messages may name (default: the default bucket only).
     #[arg(long, env = "SDBATCH_ALLOWED_BUCKETS", value_delimiter = ',')]
     pub allowed_buckets: Option<Vec<String>>,
+    /// Where /metrics, /healthz and /readyz are served ("off" to disable).
+    #[arg(long, env = "SDBATCH_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: String,
     /// Key prefix for messages that name none.
     #[arg(long, env = "SDBATCH_PREFIX")]
     pub prefix: Option<String>,
@@ -79,6 +82,7 @@ fn default_worker_id() -> String {
 
 /// The resolved settings: flags/env, then the file, then defaults.
 struct Resolved {
+    metrics_addr: Option<std::net::SocketAddr>,
     worker: WorkerConfig,
     storage: StorageConfig,
     model: PathBuf,
@@ -195,7 +199,15 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
         reconnect_max: Duration::from_secs(30),
         publish_attempts: 6,
     };
+    let metrics_addr = match args.metrics_addr.as_str() {
+        "off" | "" => None,
+        a => Some(
+            a.parse()
+                .with_context(|| format!("--metrics-addr {a}: expected HOST:PORT or off"))?,
+        ),
+    };
     Ok(Resolved {
+        metrics_addr,
         worker,
         storage,
         model,
@@ -244,6 +256,21 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     spawn_signal_handler(tx)?;
 
+    let metrics = sdbatch::metrics::Metrics::new();
+    if let Some(addr) = r.metrics_addr {
+        // Bind now so a port conflict fails the start-up instead of going unnoticed.
+        drop(
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding --metrics-addr {addr}"))?,
+        );
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sdbatch::metrics::serve(addr, m).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+
     let storage = Arc::new(Storage::connect(&r.storage).await?);
     if r.storage.url.starts_with("file://") {
         // The local-directory sink has no separate bucket administration: its "buckets" are
@@ -270,7 +297,27 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         .with_context(|| format!("loading model {}", r.model.display()))?;
     tracing::info!(model = %r.model.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
 
-    let worker = Worker::new(r.worker, Arc::new(gpu), storage);
+    metrics
+        .model_load_seconds
+        .set(started.elapsed().as_secs_f64());
+    metrics
+        .model_loaded
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+
+    // Readiness: is the store reachable? Checked in the background every 10 s.
+    if let Some(bucket) = r.worker.limits.default_bucket.clone() {
+        let (m, s) = (metrics.clone(), storage.clone());
+        tokio::spawn(async move {
+            loop {
+                let ok = s.check(&bucket).await.is_ok();
+                m.storage_reachable
+                    .store(ok, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        });
+    }
+
+    let worker = Worker::new(r.worker, Arc::new(gpu), storage, metrics);
     worker.run(rx).await?;
     tracing::info!("worker stopped");
     Ok(())

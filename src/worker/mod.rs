@@ -22,6 +22,7 @@ pub mod gpu;
 use crate::batching::{BatchSizer, MemorySample, PlannedBatch, Planner, ShapeKey};
 use crate::events::{self, BatchCompleted, BatchFailed, ImageRecord};
 use crate::message::{self, Batch, Invalid, Limits};
+use crate::metrics::Metrics;
 use crate::output::encode_png;
 use crate::pipeline::ImageRequest;
 use crate::queue::{self, Publisher, QueueError, Topology, header_int, header_value};
@@ -83,22 +84,6 @@ pub enum WorkerError {
     Other(String),
 }
 
-/// Counters a bench or the metrics endpoint reads.
-#[derive(Debug, Default)]
-pub struct WorkerStats {
-    pub batches_completed: AtomicU64,
-    pub batches_failed: AtomicU64,
-    pub batches_dead_lettered: AtomicU64,
-    pub images_completed: AtomicU64,
-    pub gpu_batches: AtomicU64,
-    pub gpu_images: AtomicU64,
-    pub last_gpu_batch_size: AtomicU64,
-    pub oom_splits: AtomicU64,
-    /// Time the model thread waited between batches, including time without work (microseconds).
-    pub gpu_idle_us: AtomicU64,
-    pub gpu_busy_us: AtomicU64,
-}
-
 /// How a connection's session ended.
 enum SessionEnd {
     Shutdown,
@@ -146,7 +131,9 @@ pub struct Worker {
     cfg: Arc<WorkerConfig>,
     gpu: Arc<GpuExecutor>,
     storage: Arc<Storage>,
-    stats: Arc<WorkerStats>,
+    metrics: Arc<Metrics>,
+    /// Storage retries already added to the retries metric.
+    storage_retries_seen: AtomicU64,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -160,6 +147,7 @@ fn ms(d: Duration) -> f64 {
 /// Publishes an event with confirms, retrying with backoff.
 async fn publish_event<T: serde::Serialize>(
     cfg: &WorkerConfig,
+    metrics: &Metrics,
     publisher: &Publisher,
     key: &str,
     event: &T,
@@ -178,20 +166,24 @@ async fn publish_event<T: serde::Serialize>(
             .with_max_times(cfg.publish_attempts.saturating_sub(1))
             .with_jitter(),
     )
-    .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "publishing {key} failed; retrying"))
+    .notify(|e, d| {
+        metrics.retries.with_label_values(&["publish"]).inc();
+        tracing::warn!(error = %e, retry_in = ?d, "publishing {key} failed; retrying")
+    })
     .await?;
     Ok(())
 }
 
 async fn publish_failed(
     cfg: &WorkerConfig,
+    metrics: &Metrics,
     publisher: &Publisher,
     batch_id: Option<String>,
     reason: &str,
     error: &str,
 ) {
     let event = BatchFailed::new(batch_id, reason, error, &cfg.worker_id);
-    if let Err(e) = publish_event(cfg, publisher, events::BATCH_FAILED, &event).await {
+    if let Err(e) = publish_event(cfg, metrics, publisher, events::BATCH_FAILED, &event).await {
         tracing::error!(error = %e, "could not publish batch.failed");
     }
 }
@@ -255,6 +247,7 @@ async fn store_image(
 /// Writes the manifest (last: its presence means every image is stored) and publishes the event.
 async fn finish_batch(
     cfg: Arc<WorkerConfig>,
+    metrics: Arc<Metrics>,
     storage: Arc<Storage>,
     publisher: Publisher,
     event: BatchCompleted,
@@ -271,21 +264,39 @@ async fn finish_batch(
             &[],
         )
         .await?;
-    publish_event(&cfg, &publisher, events::BATCH_COMPLETED, &event).await
+    publish_event(&cfg, &metrics, &publisher, events::BATCH_COMPLETED, &event).await
 }
 
 impl Worker {
-    pub fn new(cfg: WorkerConfig, gpu: Arc<GpuExecutor>, storage: Arc<Storage>) -> Self {
+    pub fn new(
+        cfg: WorkerConfig,
+        gpu: Arc<GpuExecutor>,
+        storage: Arc<Storage>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             cfg: Arc::new(cfg),
             gpu,
             storage,
-            stats: Arc::new(WorkerStats::default()),
+            metrics,
+            storage_retries_seen: AtomicU64::new(0),
         }
     }
 
-    pub fn stats(&self) -> Arc<WorkerStats> {
-        self.stats.clone()
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Carries the store's retry count into the retries metric.
+    fn sync_storage_retries(&self) {
+        let now = self.storage.retries();
+        let seen = self.storage_retries_seen.swap(now, Ordering::Relaxed);
+        if now > seen {
+            self.metrics
+                .retries
+                .with_label_values(&["storage"])
+                .inc_by(now - seen);
+        }
     }
 
     /// Runs until `shutdown` turns true (then finishes the messages in hand) or a fatal error.
@@ -298,7 +309,12 @@ impl Worker {
                 return Ok(());
             }
             let started = Instant::now();
-            match self.session(&mut shutdown, &mut sizer).await {
+            let outcome = self.session(&mut shutdown, &mut sizer).await;
+            self.metrics
+                .broker_connected
+                .store(false, Ordering::Relaxed);
+            self.metrics.inflight_batches.set(0);
+            match outcome {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
                 Err(WorkerError::GraceExpired(d)) => return Err(WorkerError::GraceExpired(d)),
                 Ok(SessionEnd::ConnectionLost(why)) => {
@@ -351,6 +367,7 @@ impl Worker {
             max_batch = cfg.max_batch,
             "consuming"
         );
+        self.metrics.broker_connected.store(true, Ordering::Relaxed);
 
         let mut session = Session {
             worker: self,
@@ -369,6 +386,10 @@ impl Worker {
 
         loop {
             session.dispatch(sizer);
+            self.sync_storage_retries();
+            self.metrics
+                .inflight_batches
+                .set(session.inflight.len() as i64);
             if draining && session.is_idle() {
                 let _ = conn.close(200, "worker shutting down".into()).await;
                 return Ok(SessionEnd::Shutdown);
@@ -475,11 +496,25 @@ impl Session<'_> {
                     tracing::info!(
                         "manifest exists: republishing batch.completed without regenerating"
                     );
-                    publish_event(&cfg, &self.publisher, events::BATCH_COMPLETED, &event).await
+                    publish_event(
+                        &cfg,
+                        &self.worker.metrics,
+                        &self.publisher,
+                        events::BATCH_COMPLETED,
+                        &event,
+                    )
+                    .await
                 }
                 .instrument(span.clone())
                 .await;
                 let _enter = span.enter();
+                if republished.is_ok() {
+                    self.worker
+                        .metrics
+                        .batches
+                        .with_label_values(&["republished"])
+                        .inc();
+                }
                 self.settle(
                     delivery.acker,
                     republished,
@@ -555,23 +590,20 @@ impl Session<'_> {
             Err(e) => {
                 let last = previous_failures + 1 > i64::from(cfg.topology.delivery_limit);
                 tracing::error!(error = %e, previous_failures, last_attempt = last, "batch failed; requeueing");
-                self.worker
-                    .stats
-                    .batches_failed
-                    .fetch_add(1, Ordering::Relaxed);
+                let m = &self.worker.metrics;
+                m.batches.with_label_values(&["failed"]).inc();
                 if last {
                     publish_failed(
                         cfg,
+                        m,
                         &self.publisher,
                         Some(batch_id.to_string()),
                         "delivery_limit",
                         &e.to_string(),
                     )
                     .await;
-                    self.worker
-                        .stats
-                        .batches_dead_lettered
-                        .fetch_add(1, Ordering::Relaxed);
+                    m.batches.with_label_values(&["dead_lettered"]).inc();
+                    m.dead_letters.with_label_values(&["delivery_limit"]).inc();
                 }
                 acker
                     .nack(BasicNackOptions {
@@ -611,12 +643,14 @@ impl Session<'_> {
             .await;
         let outcome = match dead_lettered {
             Ok(()) => {
-                self.worker
-                    .stats
-                    .batches_dead_lettered
-                    .fetch_add(1, Ordering::Relaxed);
+                let m = &self.worker.metrics;
+                m.batches.with_label_values(&["dead_lettered"]).inc();
+                m.dead_letters
+                    .with_label_values(&[invalid.reason.as_str()])
+                    .inc();
                 publish_failed(
                     cfg,
+                    m,
                     &self.publisher,
                     invalid.batch_id.clone(),
                     invalid.reason.as_str(),
@@ -660,14 +694,10 @@ impl Session<'_> {
             };
             let tags: Vec<Tag> = images.iter().map(|i| i.tag).collect();
             let requests: Vec<ImageRequest> = images.into_iter().map(|i| i.request).collect();
-            let stats = &self.worker.stats;
-            stats.gpu_batches.fetch_add(1, Ordering::Relaxed);
-            stats
-                .gpu_images
-                .fetch_add(requests.len() as u64, Ordering::Relaxed);
-            stats
-                .last_gpu_batch_size
-                .store(requests.len() as u64, Ordering::Relaxed);
+            let metrics = &self.worker.metrics;
+            metrics.gpu_batches.inc();
+            metrics.gpu_images.inc_by(requests.len() as u64);
+            metrics.batch_size.set(requests.len() as i64);
             let messages: Vec<u64> = {
                 let mut m: Vec<u64> = tags.iter().map(|t| t.0).collect();
                 m.dedup();
@@ -725,6 +755,9 @@ impl Session<'_> {
                 result,
             } => match result {
                 Ok((record, encode_ms, upload_ms)) => {
+                    let metrics = &self.worker.metrics;
+                    metrics.png_encode_seconds.observe(encode_ms / 1e3);
+                    metrics.upload_seconds.observe(upload_ms / 1e3);
                     let Some(m) = self.inflight.get_mut(&seq) else {
                         return Ok(());
                     };
@@ -745,11 +778,15 @@ impl Session<'_> {
                 let _enter = m.span.enter();
                 match result {
                     Ok(()) => {
-                        let stats = &self.worker.stats;
-                        stats.batches_completed.fetch_add(1, Ordering::Relaxed);
-                        stats
-                            .images_completed
-                            .fetch_add(m.records.len() as u64, Ordering::Relaxed);
+                        let metrics = &self.worker.metrics;
+                        metrics.batches.with_label_values(&["completed"]).inc();
+                        metrics
+                            .images
+                            .with_label_values(&["completed"])
+                            .inc_by(m.records.len() as u64);
+                        metrics
+                            .batch_seconds
+                            .observe(m.started.elapsed().as_secs_f64());
                         tracing::info!(
                             images = m.records.len(),
                             total_ms = ms(m.started.elapsed()),
@@ -782,9 +819,10 @@ impl Session<'_> {
         out: GpuOutput,
         sizer: &mut BatchSizer,
     ) {
+        let metrics = &self.worker.metrics;
         for &oom in &out.oom_sizes {
             sizer.record_oom(key, oom);
-            self.worker.stats.oom_splits.fetch_add(1, Ordering::Relaxed);
+            metrics.oom_splits.inc();
         }
         for &(batch, peak_used_bytes) in &out.memory {
             sizer.record(
@@ -795,14 +833,14 @@ impl Session<'_> {
                 },
             );
         }
-        let stats = &self.worker.stats;
-        stats.gpu_busy_us.fetch_add(
-            (out.output.timings.total_ms * 1e3) as u64,
-            Ordering::Relaxed,
-        );
-        stats
-            .gpu_idle_us
-            .fetch_add(out.idle_before.as_micros() as u64, Ordering::Relaxed);
+        let t = &out.output.timings;
+        metrics.gpu_busy_seconds.inc_by(t.total_ms / 1e3);
+        metrics
+            .gpu_idle_seconds
+            .inc_by(out.idle_before.as_secs_f64());
+        metrics.unet_step_seconds.observe(t.ms_per_step() / 1e3);
+        metrics.text_encode_seconds.observe(t.text_encode_ms / 1e3);
+        metrics.vae_decode_seconds.observe(t.vae_decode_ms / 1e3);
         let per_image_ms = out.output.timings.total_ms / size.max(1) as f64;
         for (tag, image) in tags.into_iter().zip(out.output.images) {
             let (seq, index) = tag;
@@ -851,6 +889,7 @@ impl Session<'_> {
         );
         let fut = finish_batch(
             self.worker.cfg.clone(),
+            self.worker.metrics.clone(),
             self.worker.storage.clone(),
             self.publisher.clone(),
             event,
@@ -870,6 +909,11 @@ impl Session<'_> {
             return;
         };
         let dropped = self.planner.remove_where(|t| t.0 == seq);
+        self.worker
+            .metrics
+            .images
+            .with_label_values(&["failed"])
+            .inc_by(m.records.len() as u64);
         let _enter = m.span.enter();
         tracing::debug!(dropped, "dropping the failed message's waiting images");
         let batch_id = m.batch.batch_id.clone();

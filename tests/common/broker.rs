@@ -188,6 +188,51 @@ impl Events {
 pub struct WorkerProcess {
     pub child: Child,
     pub log: PathBuf,
+    /// Where its /metrics, /healthz and /readyz are served.
+    pub metrics_port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP GET on 127.0.0.1: (status code, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    );
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one sample line of a Prometheus text exposition (e.g.
+/// `sdbatch_batches_total{status="completed"}`), 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
 }
 
 impl WorkerProcess {
@@ -215,6 +260,8 @@ impl WorkerProcess {
         let log = log_dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let model = super::model_dir();
+        let metrics_port = free_port();
+        let metrics_addr = format!("127.0.0.1:{metrics_port}");
         let child = Command::new(env!("CARGO_BIN_EXE_sdbatch"))
             .args([
                 "worker",
@@ -228,6 +275,8 @@ impl WorkerProcess {
                 bucket,
                 "--worker-id",
                 name,
+                "--metrics-addr",
+                &metrics_addr,
             ])
             .args(extra)
             .env("AWS_ACCESS_KEY_ID", &s3.access_key)
@@ -240,7 +289,15 @@ impl WorkerProcess {
             .stderr(file)
             .spawn()
             .unwrap();
-        WorkerProcess { child, log }
+        WorkerProcess {
+            child,
+            log,
+            metrics_port,
+        }
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.metrics_port, "/metrics").1
     }
 
     pub fn log_text(&self) -> String {
