@@ -4,8 +4,7 @@
 use super::bench::BenchArgs;
 use anyhow::{Context, Result, bail};
 use futures_lite::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use sdbatch::events::Event;
 use sdbatch::message::Limits;
 use sdbatch::pipeline::{GenerateParams, ImageRequest, LoadOptions, StableDiffusion};
@@ -61,34 +60,7 @@ async fn run_mode(
     let conn = queue::connect(amqp_url, "sdbatch bench").await?;
     let channel = conn.create_channel().await?;
     queue::declare(&channel, &topology).await?;
-    let events = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            events.name().clone(),
-            topology.events_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            events.name().clone(),
-            "bench".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = queue::subscribe_events(&channel, &topology, &["#"]).await?;
 
     let metrics = sdbatch::metrics::Metrics::new();
     let worker = Worker::new(cfg, gpu, storage, metrics.clone());

@@ -5,8 +5,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use futures_lite::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use sdbatch::events::{self, Event};
 use sdbatch::message::{self, BatchMessage, Limits, MessageOutput, MessageParams};
 use sdbatch::queue::{self, Publisher};
@@ -131,37 +130,13 @@ pub async fn run(args: SubmitArgs) -> Result<()> {
 
     // Subscribe before publishing so no event can be missed.
     let mut events_consumer = if args.wait {
-        let q = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        for key in [events::BATCH_COMPLETED, events::BATCH_FAILED] {
-            channel
-                .queue_bind(
-                    q.name().clone(),
-                    topology.events_exchange.as_str().into(),
-                    key.into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
         Some(
-            channel
-                .basic_consume(
-                    q.name().clone(),
-                    "sdbatch-submit".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?,
+            queue::subscribe_events(
+                &channel,
+                &topology,
+                &[events::BATCH_COMPLETED, events::BATCH_FAILED],
+            )
+            .await?,
         )
     } else {
         None

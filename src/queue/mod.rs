@@ -119,85 +119,103 @@ pub async fn connect(url: &str, name: &str) -> QueueResult<Connection> {
 /// Declares the whole topology. Idempotent; a queue that exists with other arguments is a
 /// channel error from the broker (PRECONDITION_FAILED) naming the queue.
 pub async fn declare(channel: &Channel, t: &Topology) -> QueueResult<()> {
-    let durable_exchange = ExchangeDeclareOptions {
+    declare_exchange(channel, &t.dead_exchange, ExchangeKind::Direct).await?;
+    declare_bound_queue(
+        channel,
+        &t.dead_exchange,
+        &t.dead_queue,
+        table(&[("x-queue-type", long("quorum"))]),
+    )
+    .await?;
+    declare_exchange(channel, &t.jobs_exchange, ExchangeKind::Direct).await?;
+    let jobs_args = table(&[
+        ("x-queue-type", long("quorum")),
+        (
+            "x-delivery-limit",
+            AMQPValue::LongInt(t.delivery_limit as i32),
+        ),
+        ("x-dead-letter-exchange", long(&t.dead_exchange)),
+        ("x-dead-letter-routing-key", long(&t.dead_queue)),
+        // At-least-once dead-lettering: the broker keeps a message until the DLQ confirms it
+        // (needs reject-publish overflow), so nothing is lost on the way to the DLQ.
+        ("x-dead-letter-strategy", long("at-least-once")),
+        ("x-overflow", long("reject-publish")),
+    ]);
+    declare_bound_queue(channel, &t.jobs_exchange, &t.jobs_queue, jobs_args).await?;
+    declare_exchange(channel, &t.events_exchange, ExchangeKind::Topic).await
+}
+
+async fn declare_exchange(channel: &Channel, name: &str, kind: ExchangeKind) -> QueueResult<()> {
+    let options = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    let durable_queue = QueueDeclareOptions {
+    channel
+        .exchange_declare(name.into(), kind, options, FieldTable::default())
+        .await?;
+    Ok(())
+}
+
+/// A durable queue bound to `exchange` with its own name as the routing key.
+async fn declare_bound_queue(
+    channel: &Channel,
+    exchange: &str,
+    queue_name: &str,
+    arguments: FieldTable,
+) -> QueueResult<()> {
+    let options = QueueDeclareOptions {
         durable: true,
         ..Default::default()
     };
     channel
-        .exchange_declare(
-            t.dead_exchange.as_str().into(),
-            ExchangeKind::Direct,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_declare(
-            t.dead_queue.as_str().into(),
-            durable_queue,
-            table(&[("x-queue-type", long("quorum"))]),
-        )
+        .queue_declare(queue_name.into(), options, arguments)
         .await?;
     channel
         .queue_bind(
-            t.dead_queue.as_str().into(),
-            t.dead_exchange.as_str().into(),
-            t.dead_queue.as_str().into(),
+            queue_name.into(),
+            exchange.into(),
+            queue_name.into(),
             QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-
-    channel
-        .exchange_declare(
-            t.jobs_exchange.as_str().into(),
-            ExchangeKind::Direct,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_declare(
-            t.jobs_queue.as_str().into(),
-            durable_queue,
-            table(&[
-                ("x-queue-type", long("quorum")),
-                (
-                    "x-delivery-limit",
-                    AMQPValue::LongInt(t.delivery_limit as i32),
-                ),
-                ("x-dead-letter-exchange", long(&t.dead_exchange)),
-                ("x-dead-letter-routing-key", long(&t.dead_queue)),
-                // At-least-once dead-lettering: the broker keeps a message until the DLQ confirms
-                // it (needs reject-publish overflow), so nothing is lost on the way to the DLQ.
-                ("x-dead-letter-strategy", long("at-least-once")),
-                ("x-overflow", long("reject-publish")),
-            ]),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            t.jobs_queue.as_str().into(),
-            t.jobs_exchange.as_str().into(),
-            t.jobs_queue.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-
-    channel
-        .exchange_declare(
-            t.events_exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable_exchange,
             FieldTable::default(),
         )
         .await?;
     Ok(())
+}
+
+/// Subscribes to the events exchange with a private, auto-deleted queue bound to `keys`
+/// (`#` for every event). Subscribe before publishing work so no event can be missed.
+pub async fn subscribe_events(
+    channel: &Channel,
+    t: &Topology,
+    keys: &[&str],
+) -> QueueResult<lapin::Consumer> {
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    let queue = channel
+        .queue_declare("".into(), options, FieldTable::default())
+        .await?;
+    for key in keys {
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                t.events_exchange.as_str().into(),
+                (*key).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?)
 }
 
 /// A channel in confirm mode: every publish waits for the broker's ack. Clones share the channel.

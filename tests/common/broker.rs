@@ -3,8 +3,8 @@
 use super::s3::S3Server;
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
@@ -104,34 +104,7 @@ impl Broker {
     /// Subscribes to every event of this topology.
     pub async fn watch_events(&self) -> Events {
         let ch = self.conn.create_channel().await.unwrap();
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        ch.queue_bind(
-            q.name().clone(),
-            self.topology.events_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        let consumer = ch
-            .basic_consume(
-                q.name().clone(),
-                "test-events".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+        let consumer = queue::subscribe_events(&ch, &self.topology, &["#"])
             .await
             .unwrap();
         Events {

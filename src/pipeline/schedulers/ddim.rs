@@ -94,14 +94,6 @@ impl Scheduler for DdimScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Tensor {
-        sample.shallow_clone()
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -156,7 +148,7 @@ impl Scheduler for DdimScheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Device, Kind};
+    use crate::pipeline::schedulers::test_util::{assert_close, t};
 
     /// SD v1-4's scheduler_config.json (`sd14` in the Python references below).
     fn sd14() -> SchedulerConfig {
@@ -207,24 +199,6 @@ mod tests {
             assert!(
                 matches!(DdimScheduler::new(&c, 10), Err(Error::Unsupported { key: ref k, .. }) if k == key),
                 "{key}"
-            );
-        }
-    }
-
-    fn t(values: &[f32]) -> Tensor {
-        Tensor::from_slice(values)
-            .view([1, 2, 1, 2])
-            .to_kind(Kind::Float)
-            .to_device(Device::Cpu)
-    }
-
-    fn assert_close(actual: &Tensor, expected: &[f64]) {
-        let actual = Vec::<f64>::try_from(&actual.flatten(0, -1)).unwrap();
-        assert_eq!(actual.len(), expected.len());
-        for (a, e) in actual.iter().zip(expected) {
-            assert!(
-                (a - e).abs() <= 1e-5 * (1.0 + e.abs()),
-                "{actual:?} vs {expected:?}"
             );
         }
     }

@@ -149,7 +149,7 @@ impl Scheduler for EulerAncestralScheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+    use crate::pipeline::schedulers::test_util::{assert_close, t};
 
     /// SD v1-4's scheduler_config.json (`sd14` in the Python references below).
     fn sd14() -> SchedulerConfig {
@@ -202,24 +202,6 @@ mod tests {
             EulerAncestralScheduler::new(&c, 10),
             Err(Error::Unsupported { .. })
         ));
-    }
-
-    fn t(values: &[f32]) -> Tensor {
-        Tensor::from_slice(values)
-            .view([1, 2, 1, 2])
-            .to_kind(Kind::Float)
-            .to_device(Device::Cpu)
-    }
-
-    fn assert_close(actual: &Tensor, expected: &[f64]) {
-        let actual = Vec::<f64>::try_from(&actual.flatten(0, -1)).unwrap();
-        assert_eq!(actual.len(), expected.len());
-        for (a, e) in actual.iter().zip(expected) {
-            assert!(
-                (a - e).abs() <= 1e-5 * (1.0 + e.abs()),
-                "{actual:?} vs {expected:?}"
-            );
-        }
     }
 
     #[test]

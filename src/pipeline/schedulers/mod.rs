@@ -30,10 +30,14 @@ pub trait Scheduler: Send {
     fn timesteps(&self) -> &[f64];
 
     /// Standard deviation of the initial noise: the pipeline multiplies the N(0, 1) latents by it.
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
     /// Scales the denoising model input for step `step_index` (identity for most schedulers).
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Tensor;
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Tensor {
+        sample.shallow_clone()
+    }
 
     /// Whether `step` consumes fresh N(0, 1) noise (ancestral samplers). The pipeline then draws one
     /// noise tensor of the latents' shape per step from each image's own generator and passes it in.
@@ -115,5 +119,31 @@ impl std::str::FromStr for SchedulerKind {
 impl std::fmt::Display for SchedulerKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// Helpers shared by the schedulers' unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use tch::{Device, Kind, Tensor};
+
+    /// A `[1, 2, 1, 2]` float tensor.
+    pub fn t(values: &[f32]) -> Tensor {
+        Tensor::from_slice(values)
+            .view([1, 2, 1, 2])
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu)
+    }
+
+    /// Element-wise closeness with a relative tolerance of 1e-5.
+    pub fn assert_close(actual: &Tensor, expected: &[f64]) {
+        let actual = Vec::<f64>::try_from(&actual.flatten(0, -1)).unwrap();
+        assert_eq!(actual.len(), expected.len());
+        for (a, e) in actual.iter().zip(expected) {
+            assert!(
+                (a - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                "{actual:?} vs {expected:?}"
+            );
+        }
     }
 }

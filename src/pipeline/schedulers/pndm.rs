@@ -141,14 +141,6 @@ impl Scheduler for PndmScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Tensor {
-        sample.shallow_clone()
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -204,7 +196,7 @@ impl Scheduler for PndmScheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Device, Kind};
+    use crate::pipeline::schedulers::test_util::{assert_close, t};
 
     /// SD v1-4's scheduler_config.json (`sd14` in the Python references below).
     fn sd14() -> SchedulerConfig {
@@ -266,24 +258,6 @@ mod tests {
             PndmScheduler::new(&sd14(), 1001),
             Err(Error::InvalidArgument(_))
         ));
-    }
-
-    fn t(values: &[f32]) -> Tensor {
-        Tensor::from_slice(values)
-            .view([1, 2, 1, 2])
-            .to_kind(Kind::Float)
-            .to_device(Device::Cpu)
-    }
-
-    fn assert_close(actual: &Tensor, expected: &[f64]) {
-        let actual = Vec::<f64>::try_from(&actual.flatten(0, -1)).unwrap();
-        assert_eq!(actual.len(), expected.len());
-        for (a, e) in actual.iter().zip(expected) {
-            assert!(
-                (a - e).abs() <= 1e-5 * (1.0 + e.abs()),
-                "{actual:?} vs {expected:?}"
-            );
-        }
     }
 
     #[test]
