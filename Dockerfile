@@ -33,7 +33,13 @@ ENV LD_LIBRARY_PATH=/opt/sdbatch/lib \
     RUST_LOG=info
 # The model is mounted here (docker run -v /models/sd-v1-4:/models/sd:ro ...).
 VOLUME ["/models"]
-USER sdbatch
+# Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+USER 10001:10001
 WORKDIR /home/sdbatch
+EXPOSE 9090
+# The worker serves /healthz on --metrics-addr (default 0.0.0.0:9090); readiness (/readyz) is the
+# orchestrator's business.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
+  CMD ["sh", "-c", "curl -fsS http://127.0.0.1:9090/healthz >/dev/null || exit 1"]
 ENTRYPOINT ["sdbatch"]
-CMD ["--help"]
+CMD ["worker"]
