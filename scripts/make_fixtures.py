@@ -10,15 +10,17 @@ byte-identical reference files on the same machine (and numerically very close
 ones elsewhere). Nothing is downloaded: HF_HUB_OFFLINE=1 is set, the CLIP BPE
 vocabulary comes from the open-clip-torch wheel, and all weights are random.
 
-Default DIR is <repo>/tests/fixtures/generated. The run replaces DIR/tiny-sd and
-DIR/reference (and nothing else in DIR).
+Default DIR is <repo>/tests/fixtures/generated. The run replaces DIR/tiny-sd,
+DIR/tiny-clip and DIR/reference (and nothing else in DIR).
 
 Contract (what the Rust tests may rely on)
 ==========================================
 
 DIR/tiny-sd/  -- a tiny, randomly initialised model in the exact diffusers layout of
                  CompVis/stable-diffusion-v1-4:
-    model_index.json                      StableDiffusionPipeline, safety_checker/feature_extractor null
+    model_index.json                      StableDiffusionPipeline; safety_checker/feature_extractor are
+                                          null while the references above are made, then set as in
+                                          SD v1-4 when the checker is added (see the last section)
     scheduler/scheduler_config.json       verbatim SD v1-4 PNDM config (see SCHEDULER_CONFIG)
     tokenizer/vocab.json, merges.txt      the REAL CLIP BPE vocabulary (49408 tokens, 48894 merges)
     tokenizer/tokenizer.json, tokenizer_config.json, special_tokens_map.json
@@ -71,6 +73,44 @@ DIR/reference/  -- safetensors files (float32 unless stated) and json:
         timesteps [9], init_latents [3,4,8,8], images_f32 [3,64,64,3], images uint8 [3,64,64,3]
     batch_0.png .. batch_2.png   the batch images, for eyeballing
     meta.json          every parameter used above, plus library versions
+
+Safety checker, CLIP preprocessing, CLIP score (made after everything above, with their own seeds,
+so nothing above depends on them):
+
+DIR/tiny-sd/safety_checker/config.json, model.safetensors, model.fp16.safetensors
+        diffusers StableDiffusionSafetyChecker(CLIPConfig): vision tower TINY_VISION_CONFIG (hidden 32,
+        2 layers, 4 heads, intermediate 37, image 32, patch 4, quick_gelu), projection_dim 16,
+        concept_embeds [17,16], special_care_embeds [3,16] and their thresholds chosen from the
+        reference images' cosines so that SAFETY_IMAGES get a mix of decisions (see safety.json)
+DIR/tiny-sd/feature_extractor/preprocessor_config.json   CLIPImageProcessor, shortest edge 32, crop 32
+DIR/tiny-clip/  -- transformers CLIPModel: text TINY_TEXT_CONFIG (real 49408 vocabulary), vision
+                   TINY_VISION_CONFIG with hidden_act gelu, projection_dim 16;
+    config.json, model.safetensors (text_model.*, vision_model.*, text_projection.weight,
+    visual_projection.weight, logit_scale), preprocessor_config.json (as feature_extractor above),
+    vocab.json, merges.txt, special_tokens_map.json (no tokenizer.json: 3.6 MB, sdbatch reads
+    vocab.json/merges.txt; the references tokenize with the in-memory tokenizer)
+
+DIR/reference/
+    clip_preprocess.safetensors + clip_preprocess.json
+        CLIPImageProcessor.from_pretrained(folder with the case's preprocessor_config.json) on a PIL
+        RGB image. transformers 5.23 without torchvision falls back to CLIPImageProcessorPil: PIL
+        resize on uint8, numpy crop/rescale/normalize. Cases (json "cases"): the legacy SD v1-4 file
+        format (int size/crop_size) at 56 px on 128x128 (the 512->224 ratio), 40x24 (up-scaling,
+        portrait), 100x150 (down-scaling, landscape) and 150x60 (tall: Pillow 13's vertical pass
+        first); bilinear, shortest edge 24, crop 32x28 (crop larger than the image: zero padding)
+        on 40x64; exact size 24x40 without crop on 60x30 (HxW).
+        image_K uint8 [H,W,3], pixel_values_K [3,h,w]
+    safety.safetensors + safety.json (image names, thresholds, which image is flagged how)
+        images uint8 [N,64,64,3] (N = 10: batch images, two scheduler images, five synthetic)
+        pixel_values [N,3,32,32]   pipe.feature_extractor(pipe.image_processor.numpy_to_pil(...))
+        pooled_output [N,32], image_embeds [N,16]   vision_model(...)[1], visual_projection(...)
+        special_cos_dist [N,3], cos_dist [N,17]   diffusers' cosine_distance
+        special_scores [N,3], concept_scores [N,17]  the rounded per-concept scores of forward()
+        has_nsfw_concepts uint8 [N]   StableDiffusionSafetyChecker.forward(clip_input, images)
+    clip_score.safetensors + clip_score.json (prompts, image names, scores)
+        input_ids int64 [N,77], text_embeds [N,16], image_embeds [N,16] (get_text_features /
+        get_image_features pooler_output), text_embeds_norm, image_embeds_norm (x / ||x||),
+        cosine [N], score_raw = 100 * cosine, score = max(score_raw, 0)  (torchmetrics CLIPScore)
 
 Tokenizer note: transformers 5.x only has the tokenizers-backed CLIPTokenizer. It
 normalises with NFC, collapses every run of whitespace to one space and lowercases;
@@ -1094,6 +1134,426 @@ def print_summary(out_dir: Path, stds: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Safety checker, CLIP image preprocessing, CLIP score
+# (made after every reference above, each with its own seed: the files above never depend on them)
+# --------------------------------------------------------------------------------------
+
+TINY_VISION_CONFIG = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=4,
+    num_channels=3,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+TINY_PROJECTION_DIM = 16
+# CLIPImageProcessor for a 32-px tower; OpenAI mean/std, bicubic and 1/255 are the class defaults.
+TINY_PROCESSOR = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+SAFETY_WEIGHT_SEED = 10
+CLIP_WEIGHT_SEED = 20
+SYNTHETIC_IMAGE_SEED = 30
+# Every unrounded checker score stays this far from the decision boundary, so float noise between
+# implementations cannot flip a decision.
+SAFETY_MARGIN = 0.002
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# name -> (preprocessor_config.json, (height, width) of the input image)
+PREPROCESS_CASES = [
+    # The legacy format of CompVis/stable-diffusion-v1-4/feature_extractor (ints, no do_rescale keys),
+    # at 56 px instead of 224 to keep the files small: 128 -> 56 is the 512 -> 224 ratio.
+    ("legacy_56_square_down", "legacy", (128, 128)),
+    ("legacy_56_portrait_up", "legacy", (40, 24)),
+    ("legacy_56_landscape_down", "legacy", (100, 150)),
+    # Pillow 13 runs the vertical pass first when the height shrinks by more than twice as many
+    # pixels as the width (python-pillow/Pillow#9549): 150x60 -> 140x56 is such a case.
+    ("legacy_56_tall_down", "legacy", (150, 60)),
+    ("bilinear_pad", "bilinear_pad", (40, 64)),
+    # Exact size, no crop: height down, width up (vertical pass first again).
+    ("exact_no_crop", "exact_no_crop", (60, 30)),
+]
+PREPROCESS_CONFIGS = {
+    "legacy": {
+        "crop_size": 56, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True,
+        "do_resize": True, "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD, "resample": 3, "size": 56,
+    },
+    # Bilinear, and a crop larger than the resized image in one direction (numpy zero padding).
+    "bilinear_pad": {
+        "crop_size": {"height": 32, "width": 28}, "do_center_crop": True, "do_convert_rgb": True,
+        "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3],
+        "image_processor_type": "CLIPImageProcessor", "resample": 2,
+        "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 24},
+    },
+    "exact_no_crop": {
+        "do_center_crop": False, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD,
+        "image_processor_type": "CLIPImageProcessor", "resample": 3,
+        "size": {"height": 24, "width": 40},
+    },
+}
+
+CLIP_SCORE_PROMPTS = {
+    "batch_0": BATCH_PROMPTS[0],
+    "batch_1": BATCH_PROMPTS[1],
+    "batch_2": BATCH_PROMPTS[2],
+    "scheduler_pndm": ASTRONAUT_PROMPT,
+    "scheduler_euler_ancestral": "an astronaut on horseback, digital art",
+    "solid_red": "a plain red square",
+    "gradient": "a smooth colour gradient",
+    "noise": ", ".join(["colourful static noise"] * 30),  # > 77 tokens: truncated
+    "checkerboard": "a black and white checkerboard",
+    "solid_gray": "",
+}
+
+
+def synthetic_image(rng, height: int, width: int):
+    """A uint8 RGB image with gradients, edges and noise (every resampling tap matters)."""
+    import numpy as np
+
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1),
+                     ((xx // 5 + yy // 7) % 2) * 200 + 20], -1)
+    noise = rng.integers(-40, 41, size=(height, width, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def checker_images(ref_dir: Path):
+    """(name, uint8 [64,64,3]) for the safety checker and CLIP score references: pipeline outputs
+    recorded above plus synthetic images."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    out = []
+    batch = load_file(str(ref_dir / "batch.safetensors"))["images"].numpy()
+    out += [(f"batch_{i}", batch[i]) for i in range(len(batch))]
+    for name in ("pndm", "euler_ancestral"):
+        out.append((f"scheduler_{name}", load_file(str(ref_dir / f"scheduler_{name}.safetensors"))["image"][0].numpy()))
+    rng = np.random.default_rng(SYNTHETIC_IMAGE_SEED)
+    s = IMAGE_SIZE
+    yy, xx = np.mgrid[0:s, 0:s]
+    out.append(("solid_red", np.broadcast_to(np.array([200, 30, 30], np.uint8), (s, s, 3)).copy()))
+    out.append(("gradient", np.stack([xx * 4, yy * 4, (xx + yy) * 2], -1).astype(np.uint8)))
+    out.append(("noise", rng.integers(0, 256, (s, s, 3), dtype=np.uint8)))
+    out.append(("checkerboard", np.repeat(((xx // 8 + yy // 8) % 2 * 255).astype(np.uint8)[..., None], 3, -1)))
+    out.append(("solid_gray", np.full((s, s, 3), 128, np.uint8)))
+    assert [n for n, _ in out] == list(CLIP_SCORE_PROMPTS)
+    return out
+
+
+def load_image_processor(config: dict):
+    """CLIPImageProcessor.from_pretrained on a folder holding `config`, as diffusers loads it."""
+    import tempfile
+
+    from transformers import CLIPImageProcessor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        proc = CLIPImageProcessor.from_pretrained(tmp)
+    check_pil_backend(proc)
+    return proc
+
+
+def check_pil_backend(proc) -> None:
+    # sdbatch mirrors the PIL backend (PIL resampling on uint8). With torchvision installed
+    # transformers would pick its torchvision backend instead, and these references would change.
+    if getattr(proc, "backend", None) != "pil":
+        raise SystemExit(f"CLIPImageProcessor backend is {getattr(proc, 'backend', None)!r}, expected 'pil'")
+
+
+def ref_clip_preprocess(ref_dir: Path) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(SYNTHETIC_IMAGE_SEED + 1)
+    tensors, cases = {}, []
+    for k, (name, cfg_name, (h, w)) in enumerate(PREPROCESS_CASES):
+        cfg = PREPROCESS_CONFIGS[cfg_name]
+        image = synthetic_image(rng, h, w)
+        pv = load_image_processor(cfg)(Image.fromarray(image), return_tensors="pt").pixel_values[0]
+        tensors[f"image_{k}"] = torch.from_numpy(image)
+        tensors[f"pixel_values_{k}"] = pv
+        cases.append({"name": name, "config": cfg, "image": f"image_{k}", "pixel_values": f"pixel_values_{k}",
+                      "input_hw": [h, w], "output_chw": list(pv.shape)})
+    save_tensors(ref_dir / "clip_preprocess.safetensors", tensors)
+    (ref_dir / "clip_preprocess.json").write_text(
+        json.dumps({"backend": "pil", "cases": cases}, indent=2) + "\n", encoding="utf-8")
+    return {"clip_preprocess cases": [c["name"] for c in cases]}
+
+
+def safety_scores(cos, sp, concept_w, special_w):
+    """StableDiffusionSafetyChecker.forward's per-image loop, verbatim (float32 numpy with Python
+    float thresholds; `adjustment` turns 0.01 inside the special-care loop)."""
+    out = []
+    for i in range(cos.shape[0]):
+        adjustment = 0.0
+        special, concept, special_care = [], [], False
+        for j in range(sp.shape[1]):
+            score = round(sp[i][j] - float(special_w[j]) + adjustment, 3)
+            special.append(score)
+            if score > 0:
+                special_care = True
+                adjustment = 0.01
+        for j in range(cos.shape[1]):
+            concept.append(round(cos[i][j] - float(concept_w[j]) + adjustment, 3))
+        out.append({"special_scores": special, "concept_scores": concept, "special_care": special_care,
+                    "nsfw": any(c > 0 for c in concept)})
+    return out
+
+
+def safety_margins_ok(cos, sp, concept_w, special_w, margin: float) -> bool:
+    """Every unrounded score, with the adjustment its image really gets, keeps `margin` from the
+    decision boundary (round(s, 3) > 0 <=> s > 0.0005)."""
+    for i in range(cos.shape[0]):
+        adjustment = 0.0
+        for j in range(sp.shape[1]):
+            s = float(sp[i][j]) - float(special_w[j]) + adjustment
+            if abs(s - 0.0005) < margin:
+                return False
+            if s > 0.0005:
+                adjustment = 0.01
+        for j in range(cos.shape[1]):
+            if abs(float(cos[i][j]) - float(concept_w[j]) + adjustment - 0.0005) < margin:
+                return False
+    return True
+
+
+def design_safety_concepts(checker, embeds) -> dict:
+    """Sets the checker's concept / special-care embeddings and thresholds from the reference
+    images' embeddings so that the batch gets every kind of decision:
+      - about half flagged through one concept ("direct"),
+      - image s flagged only through the +0.01 adjustment of a special-care hit; s's special-care
+        concept 1 is a hit only through the adjustment set inside that same loop,
+      - image s2 with a special-care hit but not flagged,
+      - the rest clean; every score SAFETY_MARGIN away from the boundary.
+    The embeddings of s / s2 are their own normalised image embeddings (cosine 1 for them, well
+    below for the others, which must all be < 0.9 alike)."""
+    import numpy as np
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
+
+    en = torch.nn.functional.normalize(embeds)
+    sim = (en @ en.T).numpy()
+    n = en.shape[0]
+    distinct = [i for i in range(n) if max(sim[i, k] for k in range(n) if k != i) < 0.9]
+    base_concepts = checker.concept_embeds.detach().clone()
+    base_special = checker.special_care_embeds.detach().clone()
+    cos0 = cosine_distance(embeds, base_concepts).numpy()
+    for m in range(n // 2 - 1, 1, -1):
+        for jstar in range(2, cos0.shape[1]):
+            order = np.argsort(-cos0[:, jstar])
+            hi, lo = cos0[order[m - 1], jstar], cos0[order[m], jstar]
+            if hi - lo < 0.03:
+                continue
+            direct = {int(x) for x in order[:m]}
+            for s in (i for i in distinct if i not in direct):
+                for s2 in (i for i in distinct if i not in direct and i != s):
+                    concepts, special = base_concepts.clone(), base_special.clone()
+                    special[0] = en[s]
+                    special[1] = en[s]
+                    special[2] = en[s2]
+                    concepts[1] = en[s]
+                    sp = cosine_distance(embeds, special).numpy()
+                    cos = cosine_distance(embeds, concepts).numpy()
+                    special_w = np.array([sp[s, 0] - 0.05, sp[s, 1] + 0.005, sp[s2, 2] - 0.05], np.float32)
+                    concept_w = np.array([cos[:, j].max() + 0.02 + 0.01 * (j % 3) for j in range(cos.shape[1])],
+                                         np.float32)
+                    concept_w[jstar] = 0.5 * (hi + lo)
+                    concept_w[1] = cos[s, 1] + 0.005
+                    if not safety_margins_ok(cos, sp, concept_w, special_w, SAFETY_MARGIN):
+                        continue
+                    res = safety_scores(cos, sp, concept_w, special_w)
+                    flagged = {i for i in range(n) if res[i]["nsfw"]}
+                    without_adjustment = safety_scores(cos, sp * 0 - 1, concept_w, special_w)
+                    if flagged != direct | {s} or without_adjustment[s]["nsfw"]:
+                        continue
+                    if not res[s2]["special_care"] or res[s2]["nsfw"] or res[s]["special_scores"][1] <= 0:
+                        continue
+                    with torch.no_grad():
+                        checker.concept_embeds.copy_(concepts)
+                        checker.special_care_embeds.copy_(special)
+                        checker.concept_embeds_weights.copy_(torch.from_numpy(concept_w))
+                        checker.special_care_embeds_weights.copy_(torch.from_numpy(special_w))
+                    return {"flagged_directly": sorted(direct), "flagged_by_adjustment": s,
+                            "special_care_not_flagged": s2, "direct_concept": jstar, "adjustment_concept": 1,
+                            "margin": SAFETY_MARGIN}
+    raise SystemExit("safety checker fixture: no thresholds give a mixed batch; change SAFETY_WEIGHT_SEED")
+
+
+def check_saved_weights(folder: Path, model, stem: str = "model") -> None:
+    """The saved fp32/fp16 files hold exactly the model's state dict."""
+    import torch
+    from safetensors.torch import load_file
+
+    sd = model.state_dict()
+    for suffix, dtype in ((".safetensors", torch.float32), (".fp16.safetensors", torch.float16)):
+        path = folder / f"{stem}{suffix}"
+        if not path.is_file():
+            continue
+        saved = load_file(str(path))
+        if set(saved) != set(sd):
+            raise SystemExit(f"{path}: saved keys differ: {sorted(set(saved) ^ set(sd))[:5]}")
+        for k, v in sd.items():
+            assert saved[k].dtype == dtype and torch.equal(saved[k], v.to(dtype)), (path, k)
+
+
+def ref_safety_checker(model_dir: Path, ref_dir: Path, images) -> dict:
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker, cosine_distance
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    names = [n for n, _ in images]
+    u8 = np.stack([im for _, im in images])
+    pil = [Image.fromarray(im) for im in u8]
+
+    torch.manual_seed(SAFETY_WEIGHT_SEED)
+    config = CLIPConfig(text_config=dict(TINY_TEXT_CONFIG), vision_config=dict(TINY_VISION_CONFIG),
+                        projection_dim=TINY_PROJECTION_DIM)
+    checker = StableDiffusionSafetyChecker(config).eval()
+    reinit_parameters(checker, SAFETY_WEIGHT_SEED + 1)
+    processor = CLIPImageProcessor(**TINY_PROCESSOR)
+    check_pil_backend(processor)
+    embeds = checker.visual_projection(checker.vision_model(processor(pil, return_tensors="pt").pixel_values)[1])
+    design = design_safety_concepts(checker, embeds)
+
+    checker.save_pretrained(model_dir / "safety_checker", safe_serialization=True)
+    save_fp16_variant(checker, model_dir / "safety_checker")
+    check_saved_weights(model_dir / "safety_checker", checker)
+    processor.save_pretrained(model_dir / "feature_extractor")
+    index_path = model_dir / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    index["requires_safety_checker"] = True
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    # Everything below from the files on disk, through the pipeline exactly as diffusers runs it.
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=torch.float32)
+    assert isinstance(pipe.safety_checker, StableDiffusionSafetyChecker), type(pipe.safety_checker)
+    check_pil_backend(pipe.feature_extractor)
+    images_f32 = u8.astype(np.float32) / 255.0  # what output_type="np" gives; numpy_to_pil rounds back
+    fe_input = pipe.image_processor.numpy_to_pil(images_f32)
+    assert all(np.array_equal(np.asarray(p), im) for p, im in zip(fe_input, u8))
+    pixel_values = pipe.feature_extractor(fe_input, return_tensors="pt").pixel_values
+    sc = pipe.safety_checker
+    pooled = sc.vision_model(pixel_values)[1]
+    image_embeds = sc.visual_projection(pooled)
+    special_cos = cosine_distance(image_embeds, sc.special_care_embeds)
+    cos = cosine_distance(image_embeds, sc.concept_embeds)
+    _, flags = sc(clip_input=pixel_values, images=images_f32.copy())
+    _, flags_pipe = pipe.run_safety_checker(images_f32.copy(), torch.device("cpu"), torch.float32)
+    res = safety_scores(cos.numpy(), special_cos.numpy(), sc.concept_embeds_weights.numpy(),
+                        sc.special_care_embeds_weights.numpy())
+    assert list(flags) == list(flags_pipe) == [r["nsfw"] for r in res], (flags, flags_pipe)
+    expected = set(design["flagged_directly"]) | {design["flagged_by_adjustment"]}
+    assert {i for i, f in enumerate(flags) if f} == expected, (flags, design)
+
+    save_tensors(ref_dir / "safety.safetensors", {
+        "images": torch.from_numpy(u8),
+        "pixel_values": pixel_values,
+        "pooled_output": pooled,
+        "image_embeds": image_embeds,
+        "special_cos_dist": special_cos,
+        "cos_dist": cos,
+        "special_scores": torch.tensor([r["special_scores"] for r in res], dtype=torch.float32),
+        "concept_scores": torch.tensor([r["concept_scores"] for r in res], dtype=torch.float32),
+        "has_nsfw_concepts": torch.tensor([bool(f) for f in flags], dtype=torch.uint8),
+    })
+    names_of = lambda idx: [names[i] for i in idx]
+    info = {
+        "images": names,
+        "has_nsfw_concepts": [bool(f) for f in flags],
+        "special_care": [r["special_care"] for r in res],
+        "flagged_directly": names_of(design["flagged_directly"]),
+        "flagged_by_adjustment": names[design["flagged_by_adjustment"]],
+        "special_care_not_flagged": names[design["special_care_not_flagged"]],
+        "design": design,
+        "concept_embeds_weights": sc.concept_embeds_weights.tolist(),
+        "special_care_embeds_weights": sc.special_care_embeds_weights.tolist(),
+        "feature_extractor": TINY_PROCESSOR,
+        "vision_config": TINY_VISION_CONFIG,
+        "projection_dim": TINY_PROJECTION_DIM,
+    }
+    (ref_dir / "safety.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return {"safety flags": [int(f) for f in flags]}
+
+
+def ref_clip_score(out_dir: Path, ref_dir: Path, tokenizer, vocab, merges, images) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    clip_dir = out_dir / "tiny-clip"
+    if clip_dir.exists():
+        shutil.rmtree(clip_dir)
+    torch.manual_seed(CLIP_WEIGHT_SEED)
+    config = CLIPConfig(text_config=dict(TINY_TEXT_CONFIG),
+                        vision_config=dict(TINY_VISION_CONFIG, hidden_act="gelu"),
+                        projection_dim=TINY_PROJECTION_DIM)
+    model = CLIPModel(config).eval()
+    reinit_parameters(model, CLIP_WEIGHT_SEED + 1)
+    model.save_pretrained(clip_dir, safe_serialization=True)
+    check_saved_weights(clip_dir, model)
+    write_vocab_files(clip_dir, vocab, merges)
+    CLIPImageProcessor(**TINY_PROCESSOR).save_pretrained(clip_dir)
+
+    model = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).eval()
+    processor = CLIPImageProcessor.from_pretrained(clip_dir)
+    check_pil_backend(processor)
+    names = [n for n, _ in images]
+    prompts = [CLIP_SCORE_PROMPTS[n] for n in names]
+    pixel_values = processor([Image.fromarray(im) for _, im in images], return_tensors="pt").pixel_values
+    input_ids = torch.tensor(tokenize(tokenizer, prompts), dtype=torch.int64)
+    text_embeds = model.get_text_features(input_ids=input_ids).pooler_output
+    image_embeds = model.get_image_features(pixel_values=pixel_values).pooler_output
+    # torchmetrics tokenizes with padding=True and an attention mask; with the causal mask and the
+    # first-EOS pooling that is the same as max-length padding without a mask.
+    padded = tokenizer(prompts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+    alt = model.get_text_features(input_ids=padded.input_ids, attention_mask=padded.attention_mask).pooler_output
+    assert torch.allclose(alt, text_embeds, atol=1e-5), (alt - text_embeds).abs().max()
+    tn = text_embeds / text_embeds.norm(p=2, dim=-1, keepdim=True)
+    im = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
+    cosine = (tn * im).sum(dim=-1)
+    score_raw = 100 * cosine
+    score = score_raw.clamp(min=0)
+    save_tensors(ref_dir / "clip_score.safetensors", {
+        "input_ids": input_ids, "text_embeds": text_embeds, "image_embeds": image_embeds,
+        "text_embeds_norm": tn, "image_embeds_norm": im, "cosine": cosine, "score_raw": score_raw, "score": score,
+    })
+    info = {
+        "images": names,
+        "prompts": prompts,
+        "eos_token_id": model.config.text_config.eos_token_id,
+        "logit_scale": float(model.logit_scale),
+        "score_raw": score_raw.tolist(),
+        "score": score.tolist(),
+        "formula": "score = max(100 * cos(text_embeds, image_embeds), 0) (torchmetrics CLIPScore)",
+    }
+    (ref_dir / "clip_score.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    if not (score_raw.min() < 0 < score_raw.max()):
+        print(f"note: CLIP scores are not of mixed sign: {score_raw.tolist()}")
+    return {"clip score_raw": [round(float(x), 3) for x in score_raw]}
+
+
+def make_checker_fixtures(out_dir: Path, model_dir: Path, ref_dir: Path, tokenizer, vocab, merges) -> dict:
+    info = {}
+    info.update(ref_clip_preprocess(ref_dir))
+    images = checker_images(ref_dir)
+    info.update(ref_safety_checker(model_dir, ref_dir, images))
+    info.update(ref_clip_score(out_dir, ref_dir, tokenizer, vocab, merges, images))
+    return info
+
+
+# --------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------
 
@@ -1131,6 +1591,7 @@ def make_tiny(out_dir: Path) -> None:
     sched_info = ref_schedulers(ref_dir, model_dir)
     batch_info = ref_batch(ref_dir, model_dir)
     write_meta(ref_dir, {"tokens": tok_info, "scheduler_runs": sched_info, "batch_result": batch_info})
+    stds.update(make_checker_fixtures(out_dir, model_dir, ref_dir, tokenizer, vocab, merges))
     for name, i in sched_info.items():
         stds[f"scheduler_{name} image pixels (0..255)"] = i["pixel_std"]
     stds["batch image pixels (0..255)"] = batch_info["pixel_std"]

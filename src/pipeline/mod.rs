@@ -5,10 +5,13 @@
 //! its pixels depend only on (prompt, negative prompt, seed, parameters), never on the batch.
 pub mod attention;
 pub mod clip;
+pub mod clip_score;
+pub mod clip_vision;
 pub mod config;
 pub mod nn;
 pub mod noise;
 pub mod resnet;
+pub mod safety;
 pub mod schedulers;
 pub mod tokenizer;
 pub mod transformer;
