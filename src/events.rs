@@ -37,6 +37,21 @@ pub struct ImageRecord {
     pub sha256: String,
     pub width: u32,
     pub height: u32,
+    /// The safety checker's verdict; absent when the checker did not run for this batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nsfw: Option<bool>,
+    /// What the worker did with a flagged image (its `--safety-policy`): `flag` (stored as
+    /// generated), `blank` (a black image was stored instead) or `drop` (nothing stored: `bytes`
+    /// is 0 and `sha256` empty). Absent for images that were not flagged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safety_action: Option<String>,
+    /// CLIP score (100 × cosine of the prompt's and the image's CLIP embeddings, at least 0);
+    /// absent when the worker has no CLIP model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_score: Option<f32>,
+    /// Whether the CLIP score is below the worker's `--min-clip-score` (marked, not dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub low_clip_score: Option<bool>,
 }
 
 impl ImageRecord {
@@ -63,6 +78,10 @@ impl ImageRecord {
             sha256: hex::encode(Sha256::digest(png)),
             width,
             height,
+            nsfw: None,
+            safety_action: None,
+            clip_score: None,
+            low_clip_score: None,
         }
     }
 }
@@ -347,7 +366,13 @@ mod tests {
             .image_requests()
             .iter()
             .map(|(i, n, _)| ImageRecord::new(&b, *i, *n, b"png bytes", 640, 512))
-            .collect();
+            .collect::<Vec<_>>();
+        // The first image carries every optional field, so schema tests see them all.
+        let mut images = images;
+        images[0].nsfw = Some(true);
+        images[0].safety_action = Some("blank".into());
+        images[0].clip_score = Some(31.5);
+        images[0].low_clip_score = Some(false);
         let mut c = BatchCompleted::new(
             &b,
             images,
@@ -588,6 +613,11 @@ mod tests {
             let mut want = keys(value);
             if def == "timings" {
                 want.remove("queue_wait_ms");
+            }
+            if def == "image" {
+                for optional in ["nsfw", "safety_action", "clip_score", "low_clip_score"] {
+                    want.remove(optional);
+                }
             }
             assert_eq!(required, want, "{def}");
         }

@@ -85,6 +85,9 @@ pub struct MessageParams {
     pub scheduler: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<String>,
+    /// Run the safety checker on this batch's images (default: the worker's `--safety-checker`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safety_checker: Option<bool>,
 }
 
 /// Where the images go.
@@ -123,6 +126,7 @@ impl MessageParams {
         "height",
         "scheduler",
         "preset",
+        "safety_checker",
     ];
 
     /// No field set.
@@ -288,10 +292,13 @@ pub enum InvalidReason {
     Preset,
     Bucket,
     Prefix,
+    /// The batch asks for the safety checker and the worker has none (set by the worker, not
+    /// by `parse`).
+    SafetyChecker,
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 17] = [
+    pub const ALL: [InvalidReason; 18] = [
         InvalidReason::NotJson,
         InvalidReason::SchemaVersion,
         InvalidReason::Schema,
@@ -309,6 +316,7 @@ impl InvalidReason {
         InvalidReason::Preset,
         InvalidReason::Bucket,
         InvalidReason::Prefix,
+        InvalidReason::SafetyChecker,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -330,6 +338,7 @@ impl InvalidReason {
             InvalidReason::Preset => "preset",
             InvalidReason::Bucket => "bucket",
             InvalidReason::Prefix => "prefix",
+            InvalidReason::SafetyChecker => "safety_checker",
         }
     }
 }
@@ -375,6 +384,8 @@ pub struct Batch {
     pub params: GenerateParams,
     /// The preset the message named, if any.
     pub preset: Option<String>,
+    /// The message's safety-checker choice (`None`: the worker's default).
+    pub safety_checker: Option<bool>,
     pub bucket: String,
     /// Key prefix without leading or trailing `/`; "" for none.
     pub prefix: String,
@@ -810,6 +821,7 @@ pub fn validate(msg: &BatchMessage, limits: &Limits, native_size: i64) -> Result
             scheduler,
         },
         preset: preset.map(|p| p.name.to_string()),
+        safety_checker: msg.params.as_ref().and_then(|p| p.safety_checker),
         bucket,
         prefix,
     })
@@ -889,6 +901,12 @@ const PARAMS: &[Spec] = &[
         is::<Option<String>>,
     ),
     ("preset", false, InvalidReason::Preset, is::<Option<String>>),
+    (
+        "safety_checker",
+        false,
+        InvalidReason::Schema,
+        is::<Option<bool>>,
+    ),
 ];
 const OUTPUT: &[Spec] = &[
     ("bucket", false, InvalidReason::Bucket, is::<Option<String>>),
@@ -968,7 +986,8 @@ mod tests {
             "items": [{"id": "sku-123", "prompt": "professional product photography of a red sneaker",
                        "negative_prompt": "blurry", "seed": 42, "num_images": 2}],
             "params": {"steps": 25, "guidance_scale": 8.5, "width": 512, "height": 512,
-                       "scheduler": "pndm", "preset": "production"},
+                       "scheduler": "pndm", "preset": "production",
+                       "safety_checker": true},
             "output": {"bucket": "images", "prefix": "catalog/shoes"}})
     }
 
@@ -1662,7 +1681,8 @@ mod tests {
                 "scheduler",
                 "preset",
                 "bucket",
-                "prefix"
+                "prefix",
+                "safety_checker"
             ]
         );
         assert_eq!(InvalidReason::Size.to_string(), "size");

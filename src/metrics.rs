@@ -20,6 +20,10 @@ pub struct Metrics {
     /// Retries by cause: storage, publish.
     pub retries: IntCounterVec,
     pub oom_splits: IntCounter,
+    /// Images the safety checker flagged, by the action taken (flag, blank, drop).
+    pub safety_flagged: IntCounterVec,
+    /// CLIP scores of generated images.
+    pub clip_score: Histogram,
     pub gpu_batches: IntCounter,
     pub gpu_images: IntCounter,
     pub batch_seconds: Histogram,
@@ -105,6 +109,16 @@ impl Metrics {
             oom_splits: counter(
                 "sdbatch_oom_splits_total",
                 "GPU batches split after CUDA ran out of memory.",
+            ),
+            safety_flagged: counter_vec(
+                "sdbatch_safety_flagged_total",
+                "Images the safety checker flagged, by action taken.",
+                "action",
+            ),
+            clip_score: histogram(
+                "sdbatch_clip_score",
+                "CLIP score (100 x cosine) of generated images.",
+                prometheus::linear_buckets(0.0, 5.0, 11).unwrap_or_default(),
             ),
             gpu_batches: counter("sdbatch_gpu_batches_total", "GPU batches run."),
             gpu_images: counter(

@@ -21,6 +21,16 @@ pub struct Sidecar<'a> {
     /// Timings of the batch the image was made in.
     pub batch_size: usize,
     pub timings: &'a Timings,
+    /// Safety checker verdict (absent when it did not run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nsfw: Option<bool>,
+    /// flag, blank or drop: what was done with a flagged image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub safety_action: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_score: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub low_clip_score: Option<bool>,
 }
 
 /// Encodes `image` as PNG bytes.
@@ -38,14 +48,21 @@ pub fn encode_png(image: &RgbImage) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Writes `dir/{stem}.png` and `dir/{stem}.json`.
-pub fn write_image(dir: &Path, stem: &str, image: &RgbImage, sidecar: &Sidecar) -> Result<()> {
+/// Writes `dir/{stem}.png` (unless `image` is `None`: a dropped image) and `dir/{stem}.json`.
+pub fn write_image(
+    dir: &Path,
+    stem: &str,
+    image: Option<&RgbImage>,
+    sidecar: &Sidecar,
+) -> Result<()> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| Error::Io { path, source }
     };
-    let png = dir.join(format!("{stem}.png"));
-    std::fs::write(&png, encode_png(image)?).map_err(io(&png))?;
+    if let Some(image) = image {
+        let png = dir.join(format!("{stem}.png"));
+        std::fs::write(&png, encode_png(image)?).map_err(io(&png))?;
+    }
     let json = dir.join(format!("{stem}.json"));
     let text = serde_json::to_string_pretty(sidecar).map_err(|source| Error::Json {
         path: json.clone(),

@@ -183,3 +183,90 @@ fn bench_prints_a_table() {
         .collect();
     assert_eq!(rows.len(), 2, "{table}");
 }
+
+/// The safety checker and CLIP score through `generate`: the 3-prompt reference batch (whose second
+/// image the tiny checker flags in diffusers) with each policy. Flagged images are kept (flag),
+/// black (blank) or not written (drop); the others are the same bytes in every run; every sidecar
+/// has its verdict and CLIP score.
+#[test]
+fn generate_safety_policies_and_clip_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta_json = common::meta();
+    let b = &meta_json["batch"];
+    let prompts = dir.path().join("p.jsonl");
+    let lines: Vec<String> = (0..3)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": b["prompts"][i], "negative_prompt": b["negative_prompts"][i], "seed": b["seeds"][i],
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&prompts, lines.join("\n")).unwrap();
+    let model = common::model_dir();
+    let clip = common::fixtures().join("tiny-clip");
+    let steps = b["num_inference_steps"].to_string();
+    let run = |policy: &str| {
+        let out = dir.path().join(policy);
+        let o = sdbatch(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            &steps,
+            "--batch-size",
+            "3",
+            "--safety-checker",
+            "--safety-policy",
+            policy,
+            "--clip-model",
+            clip.to_str().unwrap(),
+            "--min-clip-score",
+            "0.5",
+        ]);
+        assert!(o.status.success(), "{policy}: {}", stderr(&o));
+        out
+    };
+    let (flag, blank, drop) = (run("flag"), run("blank"), run("drop"));
+    let meta = |dir: &Path, i: usize| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{i}.json"))).unwrap())
+            .unwrap()
+    };
+    let mut flagged = Vec::new();
+    for i in 0..3 {
+        let m = meta(&flag, i);
+        let nsfw = m["nsfw"].as_bool().expect("verdict in the sidecar");
+        let score = m["clip_score"].as_f64().expect("clip score in the sidecar");
+        assert!((0.0..=100.0).contains(&score));
+        assert_eq!(m["low_clip_score"].as_bool(), Some(score < 0.5));
+        let png = format!("{i}.png");
+        if nsfw {
+            flagged.push(i);
+            assert_eq!(m["safety_action"], "flag");
+            assert!(flag.join(&png).exists());
+            assert_eq!(meta(&blank, i)["safety_action"], "blank");
+            let black = image::open(blank.join(&png)).unwrap().to_rgb8();
+            assert!(
+                black.pixels().all(|p| p.0 == [0, 0, 0]),
+                "blanked image {i} is not black"
+            );
+            assert!(!drop.join(&png).exists(), "dropped image {i} was written");
+            assert_eq!(meta(&drop, i)["safety_action"], "drop");
+        } else {
+            assert!(m.get("safety_action").is_none());
+            let bytes = std::fs::read(flag.join(&png)).unwrap();
+            assert_eq!(bytes, std::fs::read(blank.join(&png)).unwrap());
+            assert_eq!(bytes, std::fs::read(drop.join(&png)).unwrap());
+        }
+    }
+    println!("safety checker: flagged {flagged:?} of the 3 reference images");
+    assert_eq!(
+        flagged,
+        vec![1],
+        "diffusers flags exactly the second image of this batch"
+    );
+}

@@ -13,7 +13,11 @@ fn hadolint_passes() {
         .arg(root().join("scripts/lint-dockerfile.sh"))
         .output()
         .expect("run scripts/lint-dockerfile.sh");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     println!("{text}");
     assert!(out.status.success(), "hadolint:\n{text}");
 }
@@ -21,7 +25,8 @@ fn hadolint_passes() {
 #[test]
 fn image_uses_the_pinned_torch_and_runs_as_non_root() {
     let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
-    let requirements = std::fs::read_to_string(root().join("scripts/requirements-fixtures.txt")).unwrap();
+    let requirements =
+        std::fs::read_to_string(root().join("scripts/requirements-fixtures.txt")).unwrap();
     assert!(requirements.lines().any(|l| l == "torch==2.11.0"));
     // The build installs exactly the torch line of the pinned requirements.
     assert!(dockerfile.contains("grep '^torch==' scripts/requirements-fixtures.txt"));

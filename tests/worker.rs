@@ -473,3 +473,68 @@ async fn redelivered_batch_with_manifest_is_not_regenerated() {
     assert_eq!(stack.keys().await.len(), 2);
     stack.broker.cleanup().await;
 }
+
+/// Safety checker (drop policy) and CLIP scores through the worker: the flagged image is not
+/// stored and the event says so; the others carry their verdict, score and metadata.
+#[tokio::test(flavor = "multi_thread")]
+async fn safety_checker_and_clip_score_through_the_worker() {
+    let stack = Stack::new("safety", 3).await;
+    let mut events = stack.broker.watch_events().await;
+    let clip = common::fixtures().join("tiny-clip");
+    let worker = stack.worker(
+        "w1",
+        &[
+            "--max-batch",
+            "3",
+            "--safety-policy",
+            "drop",
+            "--clip-model",
+            clip.to_str().unwrap(),
+        ],
+    );
+    let meta = common::meta();
+    let b = &meta["batch"];
+    let items: Vec<_> = (0..3)
+        .map(|i| {
+            json!({"id": format!("i{i}"), "prompt": b["prompts"][i], "negative_prompt": b["negative_prompts"][i],
+                   "seed": b["seeds"][i]})
+        })
+        .collect();
+    let body = serde_json::to_vec(&json!({
+        "schema_version": 1, "batch_id": "safe-1", "items": items,
+        "params": {"steps": b["num_inference_steps"], "guidance_scale": 7.5, "safety_checker": true}
+    }))
+    .unwrap();
+    stack.broker.publish(&body).await;
+    let event = events.next(LONG).await.expect("an event");
+    let Event::Completed(done) = event else {
+        panic!("{event:?}")
+    };
+    let verdicts: Vec<_> = done.images.iter().map(|i| i.nsfw).collect();
+    assert_eq!(verdicts, vec![Some(false), Some(true), Some(false)]);
+    let dropped = &done.images[1];
+    assert_eq!(dropped.safety_action.as_deref(), Some("drop"));
+    assert_eq!((dropped.bytes, dropped.sha256.as_str()), (0, ""));
+    assert!(done.images.iter().all(|i| i.clip_score.is_some()));
+    let keys = stack.keys().await;
+    assert_eq!(
+        keys,
+        vec!["safe-1/i0/0.png", "safe-1/i2/0.png", "safe-1/manifest.json"]
+    );
+    let meta0 = stack
+        .storage
+        .head_metadata(&stack.bucket, "safe-1/i0/0.png")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(meta0.get("sdbatch-nsfw").map(String::as_str), Some("false"));
+    assert!(meta0.contains_key("sdbatch-clip-score"));
+    let m = worker.metrics();
+    assert_eq!(
+        metric(&m, r#"sdbatch_safety_flagged_total{action="drop"}"#),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "sdbatch_clip_score_count"), 3.0, "{m}");
+    stack.broker.cleanup().await;
+}

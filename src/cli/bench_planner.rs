@@ -56,6 +56,9 @@ async fn run_mode(
         reconnect_min: Duration::from_millis(500),
         reconnect_max: Duration::from_secs(5),
         publish_attempts: 6,
+        safety_default: false,
+        safety_policy: sdbatch::worker::SafetyPolicy::Flag,
+        min_clip_score: None,
     };
     let conn = queue::connect(amqp_url, "sdbatch bench").await?;
     let channel = conn.create_channel().await?;
@@ -161,7 +164,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         vae_slicing: args.model.vae_slicing,
         ..LoadOptions::new(device, dtype)
     };
-    let gpu = Arc::new(GpuExecutor::start(move || StableDiffusion::load(&dir, options)).await?);
+    let gpu = Arc::new(
+        GpuExecutor::start(move || {
+            StableDiffusion::load(&dir, options).map(sdbatch::worker::gpu::Models::pipeline_only)
+        })
+        .await?,
+    );
     // Warm-up (kernel selection, allocator growth) so neither mode pays for it.
     let native = gpu.info().native_size;
     let warm = GenerateParams {
@@ -178,7 +186,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             seed: i as u64,
         })
         .collect();
-    gpu.generate(reqs, warm).await?;
+    gpu.generate(reqs, warm, false).await?;
 
     let per_message = args.prompts_per_message as usize;
     let modes = [

@@ -6,7 +6,10 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use sdbatch::device::{device_name, dtype_name};
 use sdbatch::output::{Sidecar, write_image};
 use sdbatch::pipeline::ImageRequest;
+use sdbatch::pipeline::clip_score::ClipScorer;
+use sdbatch::pipeline::safety::{SafetyChecker, blank};
 use sdbatch::prompts::{PromptEntry, read_prompts};
+use sdbatch::worker::SafetyPolicy;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -34,6 +37,19 @@ pub struct GenerateArgs {
     /// Negative prompt for entries that have none.
     #[arg(long)]
     pub negative_prompt: Option<String>,
+    /// Run the model folder's safety checker (safety_checker/ + feature_extractor/) on every image.
+    #[arg(long)]
+    pub safety_checker: bool,
+    /// What happens to a flagged image: flag (write it, mark the sidecar), blank (write a black
+    /// image, as diffusers does), drop (write only the sidecar).
+    #[arg(long, value_enum, default_value = "blank", requires = "safety_checker")]
+    pub safety_policy: SafetyPolicy,
+    /// CLIP model folder (transformers layout): a CLIP score per image in its sidecar.
+    #[arg(long)]
+    pub clip_model: Option<PathBuf>,
+    /// Mark images whose CLIP score is below this in their sidecar (they are kept).
+    #[arg(long, requires = "clip_model")]
+    pub min_clip_score: Option<f32>,
 }
 
 /// One image to make, with where it goes.
@@ -99,6 +115,24 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let jobs = plan(&entries, &args, base_seed);
 
     let model = args.model.load()?;
+    let check_options = sdbatch::pipeline::LoadOptions::new(model.device(), model.dtype());
+    let checker = if args.safety_checker {
+        Some(
+            SafetyChecker::load(&args.model.model, &check_options)?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--safety-checker: {} has no safety_checker/ folder",
+                    args.model.model.display()
+                )
+            })?,
+        )
+    } else {
+        None
+    };
+    let scorer = args
+        .clip_model
+        .as_ref()
+        .map(|dir| ClipScorer::load(dir, &check_options))
+        .transpose()?;
     let params = args.sampling.params(&model)?;
     model.validate(&[jobs[0].request.clone()], &params)?;
     let model_name = args.model.model.display().to_string();
@@ -133,7 +167,27 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             steps_bar.set_length(total as u64);
             steps_bar.set_position(i as u64 + 1);
         })?;
-        for (job, image) in chunk.iter().zip(&out.images) {
+        let verdicts = checker.as_ref().map(|c| c.check(&out.images)).transpose()?;
+        let scores = match &scorer {
+            Some(s) => {
+                let prompts: Vec<&str> = requests.iter().map(|r| r.prompt.as_str()).collect();
+                Some(s.scores(&prompts, &out.images)?)
+            }
+            None => None,
+        };
+        for (i, (job, image)) in chunk.iter().zip(&out.images).enumerate() {
+            let nsfw = verdicts.as_ref().map(|v| v[i].nsfw);
+            let action = (nsfw == Some(true)).then_some(args.safety_policy);
+            let clip_score = scores.as_ref().map(|s| s[i]);
+            let blanked;
+            let written = match action {
+                Some(SafetyPolicy::Drop) => None,
+                Some(SafetyPolicy::Blank) => {
+                    blanked = blank(image);
+                    Some(&blanked)
+                }
+                _ => Some(image),
+            };
             let sidecar = Sidecar {
                 prompt: &job.request.prompt,
                 negative_prompt: job.request.negative_prompt.as_deref(),
@@ -148,8 +202,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 dtype,
                 batch_size: requests.len(),
                 timings: &out.timings,
+                nsfw,
+                safety_action: action.map(SafetyPolicy::name),
+                clip_score,
+                low_clip_score: clip_score.zip(args.min_clip_score).map(|(s, min)| s < min),
             };
-            write_image(&args.out, &job.stem, image, &sidecar)?;
+            write_image(&args.out, &job.stem, written, &sidecar)?;
             images_bar.inc(1);
         }
         tracing::debug!(?out.timings, "batch done");

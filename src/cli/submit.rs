@@ -51,6 +51,9 @@ pub struct SubmitArgs {
     /// concept, quality, production or style-test (explicit parameters win).
     #[arg(long)]
     pub preset: Option<String>,
+    /// Ask the workers to run (true) or skip (false) the safety checker (default: theirs).
+    #[arg(long)]
+    pub safety_checker: Option<bool>,
     /// Bucket (must be allowed by the workers; default: the workers' default bucket).
     #[arg(long)]
     pub bucket: Option<String>,
@@ -92,6 +95,7 @@ fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
         height: args.height,
         scheduler: args.scheduler.clone(),
         preset: args.preset.clone(),
+        safety_checker: args.safety_checker,
     };
     let output = MessageOutput {
         bucket: args.bucket.clone(),

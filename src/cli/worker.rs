@@ -5,11 +5,14 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use sdbatch::config::FileConfig;
 use sdbatch::message::Limits;
+use sdbatch::pipeline::clip_score::ClipScorer;
+use sdbatch::pipeline::safety::SafetyChecker;
 use sdbatch::pipeline::{LoadOptions, StableDiffusion};
 use sdbatch::queue::Topology;
 use sdbatch::storage::{Storage, StorageConfig};
 use sdbatch::worker::gpu::GpuExecutor;
-use sdbatch::worker::{Worker, WorkerConfig};
+use sdbatch::worker::gpu::Models;
+use sdbatch::worker::{SafetyPolicy, Worker, WorkerConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +68,24 @@ pub struct WorkerArgs {
     /// Comma-separated buckets messages may name (default: the default bucket only).
     #[arg(long, env = "SDBATCH_ALLOWED_BUCKETS", value_delimiter = ',')]
     pub allowed_buckets: Option<Vec<String>>,
+    /// Run the safety checker on batches that do not choose (`params.safety_checker`). The checker
+    /// is loaded whenever the model folder has `safety_checker/`, so batches can ask for it.
+    #[arg(long, env = "SDBATCH_SAFETY_CHECKER")]
+    pub safety_checker: bool,
+    /// What happens to a flagged image: flag (store, mark), blank (store a black image), drop.
+    #[arg(
+        long,
+        env = "SDBATCH_SAFETY_POLICY",
+        value_enum,
+        default_value = "blank"
+    )]
+    pub safety_policy: SafetyPolicy,
+    /// CLIP model folder (transformers layout) for a CLIP score per image.
+    #[arg(long, env = "SDBATCH_CLIP_MODEL")]
+    pub clip_model: Option<PathBuf>,
+    /// Mark images whose CLIP score is below this (they are kept).
+    #[arg(long, env = "SDBATCH_MIN_CLIP_SCORE", requires = "clip_model")]
+    pub min_clip_score: Option<f32>,
     /// Where /metrics, /healthz and /readyz are served ("off" to disable).
     #[arg(long, env = "SDBATCH_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: String,
@@ -82,6 +103,7 @@ fn default_worker_id() -> String {
 
 /// The resolved settings: flags/env, then the file, then defaults.
 struct Resolved {
+    clip_model: Option<PathBuf>,
     metrics_addr: Option<std::net::SocketAddr>,
     worker: WorkerConfig,
     storage: StorageConfig,
@@ -198,6 +220,9 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
         reconnect_min: Duration::from_millis(500),
         reconnect_max: Duration::from_secs(30),
         publish_attempts: 6,
+        safety_default: args.safety_checker,
+        safety_policy: args.safety_policy,
+        min_clip_score: args.min_clip_score,
     };
     let metrics_addr = match args.metrics_addr.as_str() {
         "off" | "" => None,
@@ -207,6 +232,7 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
         ),
     };
     Ok(Resolved {
+        clip_model: args.clip_model,
         metrics_addr,
         worker,
         storage,
@@ -292,9 +318,28 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         ..LoadOptions::new(device, dtype)
     };
     let started = std::time::Instant::now();
-    let gpu = GpuExecutor::start(move || StableDiffusion::load(&model_dir, options))
-        .await
-        .with_context(|| format!("loading model {}", r.model.display()))?;
+    let clip_dir = r.clip_model.clone();
+    let require_safety = r.worker.safety_default;
+    let gpu = GpuExecutor::start(move || {
+        let safety = SafetyChecker::load(&model_dir, &options)?;
+        if require_safety && safety.is_none() {
+            return Err(sdbatch::Error::MissingFile {
+                path: model_dir.join("safety_checker"),
+            });
+        }
+        // A CLIP folder has no weight variants: load it without the pipeline's `--variant`.
+        let clip_options = LoadOptions::new(options.device, options.dtype);
+        let clip = clip_dir
+            .map(|d| ClipScorer::load(&d, &clip_options))
+            .transpose()?;
+        Ok(Models {
+            sd: StableDiffusion::load(&model_dir, options)?,
+            safety,
+            clip,
+        })
+    })
+    .await
+    .with_context(|| format!("loading model {}", r.model.display()))?;
     tracing::info!(model = %r.model.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
 
     metrics

@@ -2,15 +2,36 @@
 //! runs generation jobs one at a time, in the order they arrive. Async code submits jobs and awaits
 //! the result without blocking the runtime.
 use crate::error::{Error, Result};
+use crate::pipeline::clip_score::ClipScorer;
+use crate::pipeline::safety::{SafetyChecker, SafetyResult};
 use crate::pipeline::{BatchOutput, GenerateParams, ImageRequest, StableDiffusion};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use tch::Device;
 use tokio::sync::oneshot;
 
+/// The models the thread owns: the pipeline and the optional per-image checks.
+pub struct Models {
+    pub sd: StableDiffusion,
+    pub safety: Option<SafetyChecker>,
+    pub clip: Option<ClipScorer>,
+}
+
+impl Models {
+    pub fn pipeline_only(sd: StableDiffusion) -> Self {
+        Self {
+            sd,
+            safety: None,
+            clip: None,
+        }
+    }
+}
+
 struct Job {
     requests: Vec<ImageRequest>,
     params: GenerateParams,
+    /// Run the safety checker on the images.
+    safety: bool,
     span: tracing::Span,
     reply: oneshot::Sender<Result<GpuOutput>>,
 }
@@ -27,6 +48,10 @@ pub struct GpuOutput {
     pub total_bytes: Option<u64>,
     /// How long the model thread waited for this job after finishing the previous one.
     pub idle_before: std::time::Duration,
+    /// The safety checker's verdict per image, when asked for and loaded.
+    pub safety: Option<Vec<SafetyResult>>,
+    /// CLIP score per image, when a CLIP model is loaded.
+    pub clip_scores: Option<Vec<f32>>,
 }
 
 /// What the model thread reports once loading finished.
@@ -38,6 +63,8 @@ pub struct ModelInfo {
     pub size_multiple: i64,
     pub device: Device,
     pub dtype: tch::Kind,
+    pub has_safety_checker: bool,
+    pub has_clip: bool,
 }
 
 #[derive(Default)]
@@ -130,7 +157,7 @@ impl GpuExecutor {
     /// Starts the model thread and loads the model on it; returns once loading finished.
     pub async fn start<F>(load: F) -> Result<Self>
     where
-        F: FnOnce() -> Result<StableDiffusion> + Send + 'static,
+        F: FnOnce() -> Result<Models> + Send + 'static,
     {
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel::<Result<ModelInfo>>();
@@ -139,14 +166,17 @@ impl GpuExecutor {
         std::thread::Builder::new()
             .name("sdbatch-model".into())
             .spawn(move || {
-                let model = match load() {
+                let models = match load() {
                     Ok(m) => m,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
+                let model = &models.sd;
                 let info = ModelInfo {
+                    has_safety_checker: models.safety.is_some(),
+                    has_clip: models.clip.is_some(),
                     total_memory: if model.device().is_cuda() {
                         crate::device::cuda_memory().map(|(_, total)| total)
                     } else {
@@ -166,21 +196,37 @@ impl GpuExecutor {
                     let idle_before = finished.elapsed();
                     let _enter = job.span.enter();
                     let mut report = GpuReport::default();
-                    let result = generate_splitting(
-                        &model,
-                        &job.requests,
-                        &job.params,
-                        &splits,
-                        &mut report,
-                    );
+                    let result =
+                        generate_splitting(model, &job.requests, &job.params, &splits, &mut report)
+                            .and_then(|output| {
+                                // The checks run here, batched, on the device that holds their weights.
+                                let safety = match (&models.safety, job.safety) {
+                                    (Some(checker), true) => Some(checker.check(&output.images)?),
+                                    _ => None,
+                                };
+                                let clip_scores = match &models.clip {
+                                    Some(scorer) => {
+                                        let prompts: Vec<&str> = job
+                                            .requests
+                                            .iter()
+                                            .map(|r| r.prompt.as_str())
+                                            .collect();
+                                        Some(scorer.scores(&prompts, &output.images)?)
+                                    }
+                                    None => None,
+                                };
+                                Ok(GpuOutput {
+                                    output,
+                                    oom_sizes: report.oom_sizes,
+                                    memory: report.memory,
+                                    total_bytes: report.total_bytes,
+                                    idle_before,
+                                    safety,
+                                    clip_scores,
+                                })
+                            });
                     finished = std::time::Instant::now();
-                    let _ = job.reply.send(result.map(|output| GpuOutput {
-                        output,
-                        oom_sizes: report.oom_sizes,
-                        memory: report.memory,
-                        total_bytes: report.total_bytes,
-                        idle_before,
-                    }));
+                    let _ = job.reply.send(result);
                 }
             })
             .map_err(|e| Error::InvalidArgument(format!("cannot start the model thread: {e}")))?;
@@ -203,17 +249,19 @@ impl GpuExecutor {
         self.oom_splits.load(Ordering::Relaxed)
     }
 
-    /// Generates one batch on the model thread.
+    /// Generates one batch on the model thread (and runs the safety checker if `safety`).
     pub async fn generate(
         &self,
         requests: Vec<ImageRequest>,
         params: GenerateParams,
+        safety: bool,
     ) -> Result<GpuOutput> {
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job {
                 requests,
                 params,
+                safety,
                 span: tracing::Span::current(),
                 reply,
             })

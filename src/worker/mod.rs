@@ -68,6 +68,42 @@ pub struct WorkerConfig {
     pub reconnect_max: Duration,
     /// Attempts for publishing an event (each with a fresh confirm).
     pub publish_attempts: usize,
+    /// Run the safety checker on batches that do not say (`params.safety_checker`).
+    pub safety_default: bool,
+    /// What happens to an image the safety checker flags.
+    pub safety_policy: SafetyPolicy,
+    /// CLIP scores below this mark an image (`low_clip_score`); it is kept.
+    pub min_clip_score: Option<f32>,
+}
+
+/// What happens to an image the safety checker flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SafetyPolicy {
+    /// Store it as generated; mark it in its metadata and the event.
+    Flag,
+    /// Store a black image instead (as diffusers does).
+    Blank,
+    /// Store nothing; the event lists the image as dropped.
+    Drop,
+}
+
+impl SafetyPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            SafetyPolicy::Flag => "flag",
+            SafetyPolicy::Blank => "blank",
+            SafetyPolicy::Drop => "drop",
+        }
+    }
+}
+
+/// The per-image results of the optional checks, carried into the record and the metadata.
+#[derive(Debug, Clone, Default)]
+pub struct ImageChecks {
+    pub nsfw: Option<bool>,
+    pub safety_action: Option<SafetyPolicy>,
+    pub clip_score: Option<f32>,
+    pub low_clip_score: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +133,8 @@ type Tag = (u64, usize);
 struct InFlight {
     acker: Acker,
     redelivered: bool,
+    /// Run the safety checker on this message's images.
+    safety: bool,
     previous_failures: i64,
     batch: Arc<Batch>,
     requests: Vec<(usize, u32, ImageRequest)>,
@@ -189,36 +227,65 @@ async fn publish_failed(
 }
 
 /// Encodes one image and uploads it with its metadata. Returns the record, encode and upload ms.
-async fn store_image(
-    cfg: Arc<WorkerConfig>,
-    storage: Arc<Storage>,
+/// One generated image on its way to storage.
+struct ImageJob {
     batch: Arc<Batch>,
     item_index: usize,
     n: u32,
     request: ImageRequest,
     image: crate::pipeline::RgbImage,
+    checks: ImageChecks,
+}
+
+async fn store_image(
+    cfg: Arc<WorkerConfig>,
+    storage: Arc<Storage>,
+    job: ImageJob,
 ) -> Result<(ImageRecord, f64, f64), WorkerError> {
-    let t0 = Instant::now();
-    // PNG encoding is CPU work: off the async runtime.
-    let png = tokio::task::spawn_blocking(move || encode_png(&image))
-        .await
-        .map_err(|e| WorkerError::Other(format!("PNG encoder task failed: {e}")))??;
-    let encode_ms = ms(t0.elapsed());
+    let ImageJob {
+        batch,
+        item_index,
+        n,
+        request,
+        image,
+        checks,
+    } = job;
     let item = &batch.items[item_index];
     let key = batch.image_key(&item.id, n);
-    let record = ImageRecord {
+    let mut record = ImageRecord {
         item_id: item.id.clone(),
         n,
         bucket: batch.bucket.clone(),
         key: key.clone(),
         seed: request.seed,
         seed_derived: item.seed_derived,
-        bytes: png.len() as u64,
-        sha256: sha256_hex(&png),
+        bytes: 0,
+        sha256: String::new(),
         width: batch.params.width as u32,
         height: batch.params.height as u32,
+        nsfw: checks.nsfw,
+        safety_action: checks.safety_action.map(|p| p.name().to_string()),
+        clip_score: checks.clip_score,
+        low_clip_score: checks.low_clip_score,
     };
-    let metadata = vec![
+    if checks.safety_action == Some(SafetyPolicy::Drop) {
+        // Nothing is stored; the event lists the image as dropped.
+        return Ok((record, 0.0, 0.0));
+    }
+    let image = if checks.safety_action == Some(SafetyPolicy::Blank) {
+        crate::pipeline::safety::blank(&image)
+    } else {
+        image
+    };
+    let t0 = Instant::now();
+    // PNG encoding is CPU work: off the async runtime.
+    let png = tokio::task::spawn_blocking(move || encode_png(&image))
+        .await
+        .map_err(|e| WorkerError::Other(format!("PNG encoder task failed: {e}")))??;
+    let encode_ms = ms(t0.elapsed());
+    record.bytes = png.len() as u64;
+    record.sha256 = sha256_hex(&png);
+    let mut metadata = vec![
         ("sdbatch-batch-id".to_string(), batch.batch_id.clone()),
         ("sdbatch-item-id".to_string(), item.id.clone()),
         ("sdbatch-seed".to_string(), request.seed.to_string()),
@@ -237,6 +304,15 @@ async fn store_image(
             sha256_hex(request.prompt.as_bytes()),
         ),
     ];
+    if let Some(nsfw) = checks.nsfw {
+        metadata.push(("sdbatch-nsfw".to_string(), nsfw.to_string()));
+    }
+    if let Some(action) = &record.safety_action {
+        metadata.push(("sdbatch-safety-action".to_string(), action.clone()));
+    }
+    if let Some(score) = checks.clip_score {
+        metadata.push(("sdbatch-clip-score".to_string(), format!("{score:.4}")));
+    }
     let t1 = Instant::now();
     storage
         .put(&batch.bucket, &key, png, "image/png", &metadata)
@@ -538,6 +614,20 @@ impl Session<'_> {
             }
         }
 
+        let safety = batch.safety_checker.unwrap_or(cfg.safety_default);
+        if safety && !self.worker.gpu.info().has_safety_checker {
+            let invalid = Invalid {
+                reason: message::InvalidReason::SafetyChecker,
+                message: "the batch asks for the safety checker, but this worker's model has no \
+                          safety_checker/ folder"
+                    .into(),
+                batch_id: Some(batch.batch_id.clone()),
+            };
+            self.reject_invalid(delivery, invalid)
+                .instrument(span)
+                .await;
+            return;
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         let requests = batch.image_requests();
@@ -561,6 +651,7 @@ impl Session<'_> {
             InFlight {
                 acker: delivery.acker,
                 redelivered: delivery.redelivered,
+                safety,
                 previous_failures,
                 records: vec![None; requests.len()],
                 remaining: requests.len(),
@@ -710,12 +801,17 @@ impl Session<'_> {
                 steps = key.steps,
                 "GPU batch"
             );
+            // One checker pass for the whole batch when any of its messages asked for it; each
+            // message uses the verdicts only if it did.
+            let safety = messages
+                .iter()
+                .any(|seq| self.inflight.get(seq).is_some_and(|m| m.safety));
             let gpu = self.worker.gpu.clone();
             let tx = self.sender();
             self.gpu_jobs += 1;
             let size = requests.len();
             self.tasks.spawn(async move {
-                let result = gpu.generate(requests, params).await;
+                let result = gpu.generate(requests, params, safety).await;
                 let _ = tx.send(Done::Gpu {
                     key,
                     tags,
@@ -816,7 +912,7 @@ impl Session<'_> {
         key: &ShapeKey,
         tags: Vec<Tag>,
         size: usize,
-        out: GpuOutput,
+        mut out: GpuOutput,
         sizer: &mut BatchSizer,
     ) {
         let metrics = &self.worker.metrics;
@@ -842,23 +938,25 @@ impl Session<'_> {
         metrics.text_encode_seconds.observe(t.text_encode_ms / 1e3);
         metrics.vae_decode_seconds.observe(t.vae_decode_ms / 1e3);
         let per_image_ms = out.output.timings.total_ms / size.max(1) as f64;
-        for (tag, image) in tags.into_iter().zip(out.output.images) {
+        let images = std::mem::take(&mut out.output.images);
+        for (position, (tag, image)) in tags.into_iter().zip(images).enumerate() {
             let (seq, index) = tag;
             let Some(m) = self.inflight.get_mut(&seq) else {
                 continue;
             }; // its message failed
             m.generate_ms += per_image_ms;
             let (item_index, n, request) = m.requests[index].clone();
-            let fut = store_image(
-                self.worker.cfg.clone(),
-                self.worker.storage.clone(),
-                m.batch.clone(),
+            let checks = image_checks(&self.worker.cfg, metrics, m.safety, &out, position);
+            let job = ImageJob {
+                batch: m.batch.clone(),
                 item_index,
                 n,
                 request,
                 image,
-            )
-            .instrument(m.span.clone());
+                checks,
+            };
+            let fut = store_image(self.worker.cfg.clone(), self.worker.storage.clone(), job)
+                .instrument(m.span.clone());
             let tx = self.sender();
             self.tasks.spawn(async move {
                 let result = fut.await;
@@ -919,5 +1017,48 @@ impl Session<'_> {
         let batch_id = m.batch.batch_id.clone();
         self.settle(m.acker, Err(error), m.previous_failures, &batch_id)
             .await;
+    }
+}
+
+/// The checks' results for image `position` of a GPU batch, and the policy applied to it.
+fn image_checks(
+    cfg: &WorkerConfig,
+    metrics: &Metrics,
+    safety_requested: bool,
+    out: &GpuOutput,
+    position: usize,
+) -> ImageChecks {
+    let nsfw = if safety_requested {
+        out.safety
+            .as_ref()
+            .and_then(|v| v.get(position))
+            .map(|r| r.nsfw)
+    } else {
+        None
+    };
+    let safety_action = (nsfw == Some(true)).then_some(cfg.safety_policy);
+    if let Some(action) = safety_action {
+        metrics
+            .safety_flagged
+            .with_label_values(&[action.name()])
+            .inc();
+    }
+    let clip_score = out
+        .clip_scores
+        .as_ref()
+        .and_then(|v| v.get(position))
+        .copied();
+    if let Some(score) = clip_score {
+        metrics.clip_score.observe(f64::from(score));
+    }
+    let low_clip_score = match (clip_score, cfg.min_clip_score) {
+        (Some(score), Some(min)) => Some(score < min),
+        _ => None,
+    };
+    ImageChecks {
+        nsfw,
+        safety_action,
+        clip_score,
+        low_clip_score,
     }
 }
