@@ -2,24 +2,13 @@
 //! silently random weight. Each test copies the tiny fixture model and breaks one thing.
 mod common;
 
+use common::copy_dir;
+
 use common::model_dir;
 use sdbatch::Error;
 use sdbatch::pipeline::{LoadOptions, StableDiffusion};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
 
 fn broken_copy() -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();

@@ -8,7 +8,39 @@ use crate::error::{Error, Result};
 use std::path::Path;
 use tch::Tensor;
 
-struct EncoderLayer {
+/// transformers' `ACT2FN` entries CLIP checkpoints use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// `x * sigmoid(1.702 x)`, OpenAI CLIP's approximation (every released CLIP).
+    QuickGelu,
+    /// The exact, erf-based GELU.
+    Gelu,
+}
+
+pub(crate) fn activation(name: &str, path: &Path, key: &str) -> Result<Activation> {
+    match name {
+        "quick_gelu" => Ok(Activation::QuickGelu),
+        "gelu" => Ok(Activation::Gelu),
+        other => Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            key: key.into(),
+            value: format!("{other:?}"),
+            reason: "quick_gelu or gelu".into(),
+        }),
+    }
+}
+
+impl Activation {
+    pub(crate) fn forward(self, xs: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::QuickGelu => xs.f_mul(&xs.f_mul_scalar(1.702)?.f_sigmoid()?)?,
+            Activation::Gelu => xs.f_gelu("none")?,
+        })
+    }
+}
+
+/// One pre-norm transformer layer of a CLIP tower (text or vision).
+pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     q_proj: Linear,
     k_proj: Linear,
@@ -19,13 +51,51 @@ struct EncoderLayer {
     fc2: Linear,
 }
 
+impl EncoderLayer {
+    pub(crate) fn load(s: &Scope, d: i64, intermediate: i64, eps: f64) -> Result<Self> {
+        Ok(Self {
+            layer_norm1: LayerNorm::load(&s.sub("layer_norm1"), d, eps)?,
+            q_proj: Linear::load(&s.sub("self_attn.q_proj"), d, d, true)?,
+            k_proj: Linear::load(&s.sub("self_attn.k_proj"), d, d, true)?,
+            v_proj: Linear::load(&s.sub("self_attn.v_proj"), d, d, true)?,
+            out_proj: Linear::load(&s.sub("self_attn.out_proj"), d, d, true)?,
+            layer_norm2: LayerNorm::load(&s.sub("layer_norm2"), d, eps)?,
+            fc1: Linear::load(&s.sub("mlp.fc1"), d, intermediate, true)?,
+            fc2: Linear::load(&s.sub("mlp.fc2"), intermediate, d, true)?,
+        })
+    }
+
+    /// `xs + attn(ln1(xs))`, then `+ mlp(ln2(.))`; `causal` for the text tower.
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        heads: i64,
+        causal: bool,
+        act: Activation,
+    ) -> Result<Tensor> {
+        let h = self.layer_norm1.forward(xs)?;
+        let attn = attend(
+            &self.q_proj.forward(&h)?,
+            &self.k_proj.forward(&h)?,
+            &self.v_proj.forward(&h)?,
+            heads,
+            causal,
+            None,
+        )?;
+        let xs = xs.f_add(&self.out_proj.forward(&attn)?)?;
+        let h = self.layer_norm2.forward(&xs)?;
+        let h = self.fc2.forward(&act.forward(&self.fc1.forward(&h)?)?)?;
+        Ok(xs.f_add(&h)?)
+    }
+}
+
 pub struct ClipTextModel {
     token_embedding: Tensor,
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
     heads: i64,
-    quick_gelu: bool,
+    act: Activation,
     max_positions: i64,
     vocab_size: i64,
 }
@@ -44,17 +114,12 @@ impl ClipTextModel {
         };
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
-                let s = t.sub(format!("encoder.layers.{i}"));
-                Ok(EncoderLayer {
-                    layer_norm1: LayerNorm::load(&s.sub("layer_norm1"), d, eps)?,
-                    q_proj: Linear::load(&s.sub("self_attn.q_proj"), d, d, true)?,
-                    k_proj: Linear::load(&s.sub("self_attn.k_proj"), d, d, true)?,
-                    v_proj: Linear::load(&s.sub("self_attn.v_proj"), d, d, true)?,
-                    out_proj: Linear::load(&s.sub("self_attn.out_proj"), d, d, true)?,
-                    layer_norm2: LayerNorm::load(&s.sub("layer_norm2"), d, eps)?,
-                    fc1: Linear::load(&s.sub("mlp.fc1"), d, config.intermediate_size, true)?,
-                    fc2: Linear::load(&s.sub("mlp.fc2"), config.intermediate_size, d, true)?,
-                })
+                EncoderLayer::load(
+                    &t.sub(format!("encoder.layers.{i}")),
+                    d,
+                    config.intermediate_size,
+                    eps,
+                )
             })
             .collect::<Result<_>>()?;
         Ok(Self {
@@ -66,7 +131,7 @@ impl ClipTextModel {
             layers,
             final_layer_norm: LayerNorm::load(&t.sub("final_layer_norm"), d, eps)?,
             heads: config.num_attention_heads,
-            quick_gelu: config.hidden_act == "quick_gelu",
+            act: activation(&config.hidden_act, config_path, "hidden_act")?,
             max_positions: config.max_position_embeddings,
             vocab_size: config.vocab_size,
         })
@@ -74,15 +139,6 @@ impl ClipTextModel {
 
     pub fn hidden_size(&self) -> i64 {
         self.token_embedding.size()[1]
-    }
-
-    fn activation(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(if self.quick_gelu {
-            // x * sigmoid(1.702 x), OpenAI CLIP's approximation.
-            xs.f_mul(&xs.f_mul_scalar(1.702)?.f_sigmoid()?)?
-        } else {
-            xs.f_gelu("none")?
-        })
     }
 
     /// `input_ids`: `[batch, tokens]` (int64) → last hidden state `[batch, tokens, hidden]`.
@@ -105,21 +161,7 @@ impl ClipTextModel {
         let mut xs = Tensor::f_embedding(&self.token_embedding, input_ids, -1, false, false)?
             .f_add(&positions.f_unsqueeze(0)?)?;
         for layer in &self.layers {
-            let h = layer.layer_norm1.forward(&xs)?;
-            let attn = attend(
-                &layer.q_proj.forward(&h)?,
-                &layer.k_proj.forward(&h)?,
-                &layer.v_proj.forward(&h)?,
-                self.heads,
-                true,
-                None,
-            )?;
-            xs = xs.f_add(&layer.out_proj.forward(&attn)?)?;
-            let h = layer.layer_norm2.forward(&xs)?;
-            let h = layer
-                .fc2
-                .forward(&self.activation(&layer.fc1.forward(&h)?)?)?;
-            xs = xs.f_add(&h)?;
+            xs = layer.forward(&xs, self.heads, true, self.act)?;
         }
         self.final_layer_norm.forward(&xs)
     }

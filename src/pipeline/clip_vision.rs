@@ -16,9 +16,9 @@
 //! levels off (mean 0.14) on a 512→224 SD-like image, ~0.03 after normalisation, and up to 130 levels
 //! on high-contrast content where PIL clips its intermediate pass to uint8.
 use super::RgbImage;
-use super::attention::attend;
+use super::clip::{Activation, EncoderLayer, activation};
 use super::config::read_json;
-use super::nn::{LayerNorm, Linear};
+use super::nn::LayerNorm;
 use super::weights::Scope;
 use crate::error::{Error, Result};
 use serde::Deserialize;
@@ -114,48 +114,6 @@ fn invalid(path: &Path, message: impl Into<String>) -> Error {
     }
 }
 
-/// transformers' `ACT2FN` entries CLIP checkpoints use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Activation {
-    /// `x * sigmoid(1.702 x)`, OpenAI CLIP's approximation (every released CLIP).
-    QuickGelu,
-    /// The exact, erf-based GELU.
-    Gelu,
-}
-
-pub(crate) fn activation(name: &str, path: &Path, key: &str) -> Result<Activation> {
-    match name {
-        "quick_gelu" => Ok(Activation::QuickGelu),
-        "gelu" => Ok(Activation::Gelu),
-        other => Err(Error::Unsupported {
-            path: path.to_path_buf(),
-            key: key.into(),
-            value: format!("{other:?}"),
-            reason: "quick_gelu or gelu".into(),
-        }),
-    }
-}
-
-impl Activation {
-    pub(crate) fn forward(self, xs: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Activation::QuickGelu => xs.f_mul(&xs.f_mul_scalar(1.702)?.f_sigmoid()?)?,
-            Activation::Gelu => xs.f_gelu("none")?,
-        })
-    }
-}
-
-struct EncoderLayer {
-    layer_norm1: LayerNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-}
-
 /// transformers' `CLIPVisionModel`; `forward` gives the pooled output (`pooler_output`).
 pub struct ClipVisionModel {
     patch_embedding: Tensor,
@@ -180,17 +138,12 @@ impl ClipVisionModel {
         let positions = config.grid() * config.grid() + 1;
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
-                let s = w.sub(format!("encoder.layers.{i}"));
-                Ok(EncoderLayer {
-                    layer_norm1: LayerNorm::load(&s.sub("layer_norm1"), d, eps)?,
-                    q_proj: Linear::load(&s.sub("self_attn.q_proj"), d, d, true)?,
-                    k_proj: Linear::load(&s.sub("self_attn.k_proj"), d, d, true)?,
-                    v_proj: Linear::load(&s.sub("self_attn.v_proj"), d, d, true)?,
-                    out_proj: Linear::load(&s.sub("self_attn.out_proj"), d, d, true)?,
-                    layer_norm2: LayerNorm::load(&s.sub("layer_norm2"), d, eps)?,
-                    fc1: Linear::load(&s.sub("mlp.fc1"), d, config.intermediate_size, true)?,
-                    fc2: Linear::load(&s.sub("mlp.fc2"), config.intermediate_size, d, true)?,
-                })
+                EncoderLayer::load(
+                    &w.sub(format!("encoder.layers.{i}")),
+                    d,
+                    config.intermediate_size,
+                    eps,
+                )
             })
             .collect::<Result<_>>()?;
         let e = w.sub("embeddings");
@@ -247,22 +200,8 @@ impl ClipVisionModel {
             .f_add(&self.position_embedding.f_unsqueeze(0)?)?;
         xs = self.pre_layrnorm.forward(&xs)?;
         for layer in &self.layers {
-            let h = layer.layer_norm1.forward(&xs)?;
             // Every patch attends to every other: no mask (unlike the text tower).
-            let attn = attend(
-                &layer.q_proj.forward(&h)?,
-                &layer.k_proj.forward(&h)?,
-                &layer.v_proj.forward(&h)?,
-                self.heads,
-                false,
-                None,
-            )?;
-            xs = xs.f_add(&layer.out_proj.forward(&attn)?)?;
-            let h = layer.layer_norm2.forward(&xs)?;
-            let h = layer
-                .fc2
-                .forward(&self.act.forward(&layer.fc1.forward(&h)?)?)?;
-            xs = xs.f_add(&h)?;
+            xs = layer.forward(&xs, self.heads, false, self.act)?;
         }
         self.post_layernorm.forward(&xs.f_select(1, 0)?)
     }

@@ -94,4 +94,18 @@ pub fn assert_images_match(what: &str, ours: &[u8], theirs: &[u8]) {
     );
 }
 pub mod broker;
+/// Copies a folder tree (a model folder, to break one of its files in a test).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 pub mod s3;
