@@ -58,7 +58,7 @@ pub fn default_amqp_url() -> String {
 #[derive(Args, Debug, Clone)]
 pub struct BrokerArgs {
     /// AMQP URL (default amqp://guest:guest@127.0.0.1:5672/%2f). Credentials are never logged.
-    #[arg(long = "amqp-url", env = "AMQP_URL")]
+    #[arg(long = "amqp-url", env = "AMQP_URL", value_name = "URL")]
     pub amqp_url_flag: Option<String>,
     /// Prefix of the exchange and queue names (`{prefix}.jobs`, `{prefix}.jobs.dead`, ...).
     #[arg(long, env = "SDBATCH_QUEUE_PREFIX")]

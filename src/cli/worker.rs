@@ -50,7 +50,7 @@ pub struct WorkerArgs {
     /// Fraction of device memory kept free when sizing batches (default 0.10).
     #[arg(long, env = "SDBATCH_MEMORY_MARGIN")]
     pub memory_margin: Option<f64>,
-    /// Seconds the batch in hand may take to finish after SIGTERM.
+    /// Seconds the messages in hand may take to finish after SIGTERM (default 600).
     #[arg(long, env = "SDBATCH_GRACE_PERIOD_SECS")]
     pub grace_period_secs: Option<u64>,
     /// `s3://` or `file:///absolute/folder` (local-directory sink for machines without S3).
