@@ -426,7 +426,7 @@ async fn sigterm_finishes_the_batch_in_hand_and_exits_zero() {
     let mut worker = stack.worker("w1", &["--max-batch", "1"]);
     stack
         .broker
-        .publish(&batch("term-1", 15, &[("a", "a blue vase", 21, 3)]))
+        .publish(&batch("term-1", 30, &[("a", "a blue vase", 21, 3)]))
         .await;
     worker.wait_for_log("GPU batch", LONG).await;
     worker.signal(SIGTERM);
