@@ -5,9 +5,7 @@ use crate::error::{Error, Result};
 use crate::pipeline::clip_score::ClipScorer;
 use crate::pipeline::safety::{SafetyChecker, SafetyResult};
 use crate::pipeline::{BatchOutput, GenerateParams, ImageRequest, StableDiffusion};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
-use tch::Device;
+use std::sync::mpsc;
 use tokio::sync::oneshot;
 
 /// The models the thread owns: the pipeline and the optional per-image checks.
@@ -60,11 +58,7 @@ pub struct ModelInfo {
     /// Total device memory (CUDA), for the batch sizer; `None` on the CPU.
     pub total_memory: Option<u64>,
     pub native_size: i64,
-    pub size_multiple: i64,
-    pub device: Device,
-    pub dtype: tch::Kind,
     pub has_safety_checker: bool,
-    pub has_clip: bool,
 }
 
 #[derive(Default)]
@@ -77,7 +71,6 @@ struct GpuReport {
 pub struct GpuExecutor {
     jobs: mpsc::Sender<Job>,
     info: ModelInfo,
-    oom_splits: Arc<AtomicU64>,
 }
 
 /// CUDA's out-of-memory error as libtorch words it.
@@ -93,7 +86,6 @@ fn generate_splitting(
     model: &StableDiffusion,
     requests: &[ImageRequest],
     params: &GenerateParams,
-    oom_splits: &AtomicU64,
     report: &mut GpuReport,
 ) -> Result<BatchOutput> {
     let cuda = model.device().is_cuda();
@@ -131,7 +123,6 @@ fn generate_splitting(
     }
     match attempt {
         Err(e) if is_oom(&e) && requests.len() > 1 => {
-            oom_splits.fetch_add(1, Ordering::Relaxed);
             report.oom_sizes.push(requests.len());
             let half = requests.len() / 2;
             tracing::warn!(
@@ -139,9 +130,8 @@ fn generate_splitting(
                 half,
                 "CUDA out of memory: splitting the batch"
             );
-            let mut first =
-                generate_splitting(model, &requests[..half], params, oom_splits, report)?;
-            let second = generate_splitting(model, &requests[half..], params, oom_splits, report)?;
+            let mut first = generate_splitting(model, &requests[..half], params, report)?;
+            let second = generate_splitting(model, &requests[half..], params, report)?;
             first.images.extend(second.images);
             first.timings.total_ms += second.timings.total_ms;
             first.timings.denoise_ms += second.timings.denoise_ms;
@@ -161,8 +151,6 @@ impl GpuExecutor {
     {
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel::<Result<ModelInfo>>();
-        let oom_splits = Arc::new(AtomicU64::new(0));
-        let splits = oom_splits.clone();
         std::thread::Builder::new()
             .name("sdbatch-model".into())
             .spawn(move || {
@@ -176,16 +164,12 @@ impl GpuExecutor {
                 let model = &models.sd;
                 let info = ModelInfo {
                     has_safety_checker: models.safety.is_some(),
-                    has_clip: models.clip.is_some(),
                     total_memory: if model.device().is_cuda() {
                         crate::device::cuda_memory().map(|(_, total)| total)
                     } else {
                         None
                     },
                     native_size: model.native_size(),
-                    size_multiple: model.size_multiple(),
-                    device: model.device(),
-                    dtype: model.dtype(),
                 };
                 if ready_tx.send(Ok(info)).is_err() {
                     return;
@@ -196,35 +180,31 @@ impl GpuExecutor {
                     let idle_before = finished.elapsed();
                     let _enter = job.span.enter();
                     let mut report = GpuReport::default();
-                    let result =
-                        generate_splitting(model, &job.requests, &job.params, &splits, &mut report)
-                            .and_then(|output| {
-                                // The checks run here, batched, on the device that holds their weights.
-                                let safety = match (&models.safety, job.safety) {
-                                    (Some(checker), true) => Some(checker.check(&output.images)?),
-                                    _ => None,
-                                };
-                                let clip_scores = match &models.clip {
-                                    Some(scorer) => {
-                                        let prompts: Vec<&str> = job
-                                            .requests
-                                            .iter()
-                                            .map(|r| r.prompt.as_str())
-                                            .collect();
-                                        Some(scorer.scores(&prompts, &output.images)?)
-                                    }
-                                    None => None,
-                                };
-                                Ok(GpuOutput {
-                                    output,
-                                    oom_sizes: report.oom_sizes,
-                                    memory: report.memory,
-                                    total_bytes: report.total_bytes,
-                                    idle_before,
-                                    safety,
-                                    clip_scores,
-                                })
-                            });
+                    let result = generate_splitting(model, &job.requests, &job.params, &mut report)
+                        .and_then(|output| {
+                            // The checks run here, batched, on the device that holds their weights.
+                            let safety = match (&models.safety, job.safety) {
+                                (Some(checker), true) => Some(checker.check(&output.images)?),
+                                _ => None,
+                            };
+                            let clip_scores = match &models.clip {
+                                Some(scorer) => {
+                                    let prompts: Vec<&str> =
+                                        job.requests.iter().map(|r| r.prompt.as_str()).collect();
+                                    Some(scorer.scores(&prompts, &output.images)?)
+                                }
+                                None => None,
+                            };
+                            Ok(GpuOutput {
+                                output,
+                                oom_sizes: report.oom_sizes,
+                                memory: report.memory,
+                                total_bytes: report.total_bytes,
+                                idle_before,
+                                safety,
+                                clip_scores,
+                            })
+                        });
                     finished = std::time::Instant::now();
                     let _ = job.reply.send(result);
                 }
@@ -233,20 +213,11 @@ impl GpuExecutor {
         let info = ready_rx.await.map_err(|_| {
             Error::InvalidArgument("the model thread stopped while loading".into())
         })??;
-        Ok(Self {
-            jobs,
-            info,
-            oom_splits,
-        })
+        Ok(Self { jobs, info })
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
-    }
-
-    /// How often a batch was split after CUDA ran out of memory.
-    pub fn oom_splits(&self) -> u64 {
-        self.oom_splits.load(Ordering::Relaxed)
     }
 
     /// Generates one batch on the model thread (and runs the safety checker if `safety`).

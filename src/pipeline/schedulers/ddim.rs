@@ -148,12 +148,7 @@ impl Scheduler for DdimScheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::schedulers::test_util::{assert_close, t};
-
-    /// SD v1-4's scheduler_config.json (`sd14` in the Python references below).
-    fn sd14() -> SchedulerConfig {
-        SchedulerConfig::default()
-    }
+    use crate::pipeline::schedulers::test_util::{assert_close, sd14, t};
 
     #[test]
     fn timesteps_match_diffusers() {

@@ -125,7 +125,13 @@ impl std::fmt::Display for SchedulerKind {
 /// Helpers shared by the schedulers' unit tests.
 #[cfg(test)]
 pub(crate) mod test_util {
+    use super::SchedulerConfig;
     use tch::{Device, Kind, Tensor};
+
+    /// SD v1-4's scheduler_config.json (`sd14` in the Python references of the tests).
+    pub fn sd14() -> SchedulerConfig {
+        SchedulerConfig::default()
+    }
 
     /// A `[1, 2, 1, 2]` float tensor.
     pub fn t(values: &[f32]) -> Tensor {
