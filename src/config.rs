@@ -14,6 +14,7 @@
 //! max_batch = 64
 //! memory_margin = 0.10
 //! grace_period_secs = 600
+//! broker_timeout_secs = 30
 //!
 //! [storage]
 //! url = "s3://"
@@ -24,6 +25,7 @@
 //! prefix = "sdbatch"
 //!
 //! [limits]
+//! max_message_bytes = 1048576
 //! max_items = 256
 //! max_images_per_item = 16
 //! max_total_images = 1024
@@ -48,6 +50,7 @@ pub struct FileConfig {
     pub max_batch: Option<usize>,
     pub memory_margin: Option<f64>,
     pub grace_period_secs: Option<u64>,
+    pub broker_timeout_secs: Option<u64>,
     #[serde(default)]
     pub storage: StorageSection,
     #[serde(default)]
@@ -68,6 +71,7 @@ pub struct StorageSection {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSection {
+    pub max_message_bytes: Option<usize>,
     pub max_items: Option<usize>,
     pub max_images_per_item: Option<u32>,
     pub max_total_images: Option<usize>,

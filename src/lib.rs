@@ -8,10 +8,12 @@
 //! - [`queue`]: RabbitMQ topology and publishing; [`storage`]: S3 and local-directory sinks.
 //! - [`worker`]: the queue consumer; [`config`]: its TOML file; [`submit_input`]: producer input.
 pub mod batching;
+pub mod bounded;
 pub mod config;
 pub mod device;
 pub mod error;
 pub mod events;
+pub mod keys;
 pub mod message;
 pub mod metrics;
 pub mod output;

@@ -12,15 +12,18 @@
 //! reason code (for headers and metrics), a human message naming the field, and the batch id when
 //! the message had a valid one. The format is documented in `docs/messages.md` and
 //! `docs/batch-message.schema.json`; tests keep both in step with the structs here.
+use crate::keys::id_problem;
 use crate::pipeline::schedulers::SchedulerKind;
 use crate::pipeline::{GenerateParams, ImageRequest};
-use crate::prompts::is_safe_id;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fmt;
+
+/// Default limit of a message body: 1 MiB holds 256 items with 2 KiB prompts each.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
 
 /// The only `schema_version` this code reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -152,6 +155,8 @@ impl MessageOutput {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
+    /// Size of a message body in bytes, checked before it is parsed.
+    pub max_message_bytes: usize,
     /// Items per message.
     pub max_items: usize,
     /// `num_images` of one item.
@@ -176,6 +181,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_items: 256,
             max_images_per_item: 16,
             max_total_images: 1024,
@@ -202,6 +208,9 @@ impl Limits {
         }
         if self.max_side < 8 {
             return Err(format!("max_side {} is below 8", self.max_side));
+        }
+        if self.max_message_bytes == 0 {
+            return Err("max_message_bytes must be >= 1".into());
         }
         if self.max_items == 0 || self.max_images_per_item == 0 || self.max_total_images == 0 {
             return Err("max_items, max_images_per_item and max_total_images must be >= 1".into());
@@ -267,6 +276,8 @@ pub fn preset(name: &str) -> Option<&'static Preset> {
 /// `x-sdbatch-error` header, `batch.failed` events and metrics labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum InvalidReason {
+    /// The body is larger than the worker's `max_message_bytes` (checked before parsing).
+    TooLarge,
     /// Not UTF-8, not JSON, or not a JSON object.
     NotJson,
     /// `schema_version` missing or not 1.
@@ -298,7 +309,8 @@ pub enum InvalidReason {
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 18] = [
+    pub const ALL: [InvalidReason; 19] = [
+        InvalidReason::TooLarge,
         InvalidReason::NotJson,
         InvalidReason::SchemaVersion,
         InvalidReason::Schema,
@@ -321,6 +333,7 @@ impl InvalidReason {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            InvalidReason::TooLarge => "too_large",
             InvalidReason::NotJson => "not_json",
             InvalidReason::SchemaVersion => "schema_version",
             InvalidReason::Schema => "schema",
@@ -355,10 +368,21 @@ impl fmt::Display for InvalidReason {
 pub struct Invalid {
     pub reason: InvalidReason,
     /// For people: names the field (`items[3].id`) and the rule. Quoted user values are cut to
-    /// 64 characters, so the text stays header-sized.
+    /// 64 characters and the whole text to [`crate::bounded::MAX_REASON_BYTES`] (serde's own
+    /// messages quote values whole), so it stays header-sized.
     pub message: String,
     /// The message's `batch_id` when it had a valid one, even if other fields are invalid.
     pub batch_id: Option<String>,
+}
+
+impl Invalid {
+    /// The same rejection with its text cut to [`crate::bounded::MAX_REASON_BYTES`].
+    fn bounded(self) -> Self {
+        Self {
+            message: crate::bounded::reason(&self.message),
+            ..self
+        }
+    }
 }
 
 /// `s` in quotes for error messages, cut to 64 characters.
@@ -496,9 +520,13 @@ pub fn check_prefix(prefix: &str) -> Result<(), String> {
     if prefix.starts_with('/') || prefix.ends_with('/') {
         return Err(format!("{} must not start or end with `/`", quote(prefix)));
     }
-    if let Some(bad) = prefix.split('/').find(|s| !is_safe_id(s)) {
+    if let Some((bad, problem)) = prefix
+        .split('/')
+        .find_map(|s| id_problem(s).map(|p| (s, p)))
+    {
         return Err(format!(
-            "segment {} of {} must match [A-Za-z0-9_.-]{{1,128}} and not be `.` or `..`",
+            "segment {} of {}: {problem} (segments match [A-Za-z0-9_.-]{{1,128}}, not `.`, `..` \
+             or `.sdbatch-*`)",
             quote(bad),
             quote(prefix)
         ));
@@ -530,7 +558,25 @@ fn check_prompt(
 
 /// Parses and validates a message body. `native_size` is the model's native image size, the
 /// default width and height.
+///
+/// The body's size is checked before anything else reads it, so an oversized message costs no
+/// parsing; every rejection's text is bounded ([`crate::bounded::reason`]).
 pub fn parse(body: &[u8], limits: &Limits, native_size: i64) -> Result<Batch, Invalid> {
+    if body.len() > limits.max_message_bytes {
+        return Err(Invalid {
+            reason: InvalidReason::TooLarge,
+            message: format!(
+                "message body is {} bytes, limit {} (max_message_bytes)",
+                body.len(),
+                limits.max_message_bytes
+            ),
+            batch_id: None,
+        });
+    }
+    parse_unbounded(body, limits, native_size).map_err(Invalid::bounded)
+}
+
+fn parse_unbounded(body: &[u8], limits: &Limits, native_size: i64) -> Result<Batch, Invalid> {
     let not_json = |message: String| Invalid {
         reason: InvalidReason::NotJson,
         message,
@@ -584,12 +630,20 @@ pub fn parse(body: &[u8], limits: &Limits, native_size: i64) -> Result<Batch, In
             format!("message does not match the schema: {e}"),
         ))
     })?;
-    validate(&msg, limits, native_size)
+    validate_unbounded(&msg, limits, native_size)
 }
 
 /// Validates a message already in struct form (what `parse` does after deserializing; producers
 /// can use it to check a message before sending it).
 pub fn validate(msg: &BatchMessage, limits: &Limits, native_size: i64) -> Result<Batch, Invalid> {
+    validate_unbounded(msg, limits, native_size).map_err(Invalid::bounded)
+}
+
+fn validate_unbounded(
+    msg: &BatchMessage,
+    limits: &Limits,
+    native_size: i64,
+) -> Result<Batch, Invalid> {
     use InvalidReason as R;
     let batch_id = is_valid_batch_id(&msg.batch_id).then(|| msg.batch_id.clone());
     let fail = |reason: InvalidReason, message: String| Invalid {
@@ -636,11 +690,12 @@ pub fn validate(msg: &BatchMessage, limits: &Limits, native_size: i64) -> Result
     let mut total: usize = 0;
     for (i, item) in msg.items.iter().enumerate() {
         let at = format!("items[{i}]");
-        if !is_safe_id(&item.id) {
+        if let Some(problem) = id_problem(&item.id) {
             return Err(fail(
                 R::ItemId,
                 format!(
-                    "{at}.id {} must match [A-Za-z0-9_.-]{{1,128}} and not be `.` or `..`",
+                    "{at}.id {}: {problem} (ids match [A-Za-z0-9_.-]{{1,128}}, not `.`, `..` or \
+                     `.sdbatch-*`)",
                     quote(&item.id)
                 ),
             ));
@@ -1319,6 +1374,9 @@ mod tests {
             "a b",
             "ü",
             "manifest.json",
+            // The local store's bookkeeping names: one rule for validation and storage.
+            ".sdbatch-meta",
+            ".sdbatch-tmp.1",
             &"x".repeat(129),
         ] {
             let v = with(minimal(), "/items/0/id", Some(json!(bad)));
@@ -1526,6 +1584,8 @@ mod tests {
             "a/..",
             "a b",
             "a\\b",
+            "x/.sdbatch-tmp.1",
+            ".sdbatch-meta/x",
             long_seg.as_str(),
             too_long.as_str(),
         ] {
@@ -1665,6 +1725,7 @@ mod tests {
         assert_eq!(
             codes,
             [
+                "too_large",
                 "not_json",
                 "schema_version",
                 "schema",
@@ -1686,6 +1747,44 @@ mod tests {
             ]
         );
         assert_eq!(InvalidReason::Size.to_string(), "size");
+    }
+
+    #[test]
+    fn oversized_bodies_are_rejected_before_parsing() {
+        let l = Limits {
+            max_message_bytes: 100,
+            ..limits()
+        };
+        // Not even JSON: the size is checked before anything reads the body.
+        let e = parse(&[b'{'; 101], &l, NATIVE).unwrap_err();
+        assert_eq!(e.reason, InvalidReason::TooLarge);
+        assert_eq!(e.batch_id, None);
+        assert!(e.message.contains("101 bytes, limit 100"), "{}", e.message);
+        let body = serde_json::to_vec(&minimal()).unwrap();
+        assert!(body.len() <= 100);
+        assert!(parse(&body, &l, NATIVE).is_ok());
+        assert_eq!(Limits::default().max_message_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn huge_values_are_never_echoed_whole() {
+        // serde quotes a wrongly typed value whole; the reason text must stay header-sized.
+        let huge = "9".repeat(140_000);
+        for (ptr, value) in [
+            ("/params/steps", json!(huge)),
+            ("/params/width", json!(huge)),
+            ("/items/0/seed", json!(huge)),
+            ("/items/0/prompt", json!(huge)),
+            ("/batch_id", json!(huge)),
+            ("/schema_version", json!(huge)),
+        ] {
+            let e = parse_value(&with(example(), ptr, Some(value))).unwrap_err();
+            assert!(
+                e.message.len() <= crate::bounded::MAX_REASON_BYTES,
+                "{ptr}: {} bytes",
+                e.message.len()
+            );
+        }
     }
 
     #[test]
@@ -1853,5 +1952,183 @@ mod tests {
             rest = &body[end + 4..];
         }
         out
+    }
+}
+
+/// Fuzzing the parser and validator with mutated valid messages: never a panic, every rejection
+/// bounded, and every accepted message's keys storable.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn valid() -> Value {
+        json!({"schema_version": 1, "batch_id": "shoes-1",
+            "items": [{"id": "sku-123", "prompt": "a red sneaker", "negative_prompt": "blurry",
+                       "seed": 42, "num_images": 2},
+                      {"id": "sku-124", "prompt": "a boot"}],
+            "params": {"steps": 25, "guidance_scale": 8.5, "width": 512, "height": 512,
+                       "scheduler": "pndm", "preset": "production", "safety_checker": false},
+            "output": {"bucket": "images", "prefix": "catalog/shoes"}})
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            allowed_buckets: vec!["images".into()],
+            default_bucket: Some("images".into()),
+            ..Limits::default()
+        }
+    }
+
+    /// Strings a hostile producer would try: huge, control characters, reserved names, paths.
+    fn nasty_string() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[a-z./_-]{0,12}",
+            Just(".sdbatch-meta".to_string()),
+            Just("x/.sdbatch-tmp.1".to_string()),
+            Just("../..".to_string()),
+            Just("manifest.json".to_string()),
+            Just("a\u{1b}[31m\nb".to_string()),
+            (1usize..200_000).prop_map(|n| "9".repeat(n)),
+        ]
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            nasty_string().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Every JSON pointer of `v` (objects and arrays), the root included.
+    fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
+        out.push(at.clone());
+        match v {
+            Value::Object(m) => {
+                for (k, child) in m {
+                    pointers(child, format!("{at}/{k}"), out);
+                }
+            }
+            Value::Array(a) => {
+                for (i, child) in a.iter().enumerate() {
+                    pointers(child, format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Replace(usize, Value),
+        Remove(usize),
+        AddKey(usize, String, Value),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            (any::<usize>(), json_value()).prop_map(|(i, v)| Mutation::Replace(i, v)),
+            any::<usize>().prop_map(Mutation::Remove),
+            (any::<usize>(), nasty_string(), json_value())
+                .prop_map(|(i, k, v)| Mutation::AddKey(i, k, v)),
+        ]
+    }
+
+    fn apply(v: &mut Value, m: &Mutation) {
+        let mut ptrs = Vec::new();
+        pointers(v, String::new(), &mut ptrs);
+        let pick = |i: usize| ptrs[i % ptrs.len()].clone();
+        match m {
+            Mutation::Replace(i, new) => {
+                if let Some(slot) = v.pointer_mut(&pick(*i)) {
+                    *slot = new.clone();
+                }
+            }
+            Mutation::Remove(i) => {
+                let p = pick(*i);
+                if let Some((parent, last)) = p.rsplit_once('/')
+                    && let Some(Value::Object(obj)) = v.pointer_mut(parent)
+                {
+                    obj.remove(last);
+                }
+            }
+            Mutation::AddKey(i, k, new) => {
+                if let Some(Value::Object(obj)) = v.pointer_mut(&pick(*i)) {
+                    obj.insert(k.clone(), new.clone());
+                }
+            }
+        }
+    }
+
+    fn check(body: &[u8]) -> Result<(), TestCaseError> {
+        match parse(body, &limits(), 512) {
+            Ok(batch) => {
+                // Whatever validation accepts, storage can store.
+                for item in &batch.items {
+                    for n in 0..item.num_images {
+                        let key = batch.image_key(&item.id, n);
+                        prop_assert!(
+                            crate::storage::validate_key("put", &batch.bucket, &key).is_ok(),
+                            "accepted but not storable: {key}"
+                        );
+                    }
+                }
+                prop_assert!(
+                    crate::storage::validate_key("put", &batch.bucket, &batch.manifest_key())
+                        .is_ok()
+                );
+            }
+            Err(e) => {
+                prop_assert!(e.message.len() <= crate::bounded::MAX_REASON_BYTES);
+                prop_assert!(!e.message.chars().any(char::is_control), "{:?}", e.message);
+                prop_assert!(InvalidReason::ALL.contains(&e.reason));
+                if let Some(id) = &e.batch_id {
+                    prop_assert!(is_valid_batch_id(id));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn mutated_messages(mutations in prop::collection::vec(mutation(), 1..4)) {
+            let mut v = valid();
+            for m in &mutations {
+                apply(&mut v, m);
+            }
+            check(&serde_json::to_vec(&v).unwrap())?;
+        }
+
+        #[test]
+        fn mutated_bytes(edits in prop::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 1..8)) {
+            let mut body = serde_json::to_vec(&valid()).unwrap();
+            for (at, byte, op) in edits {
+                let i = at % (body.len() + 1);
+                match op {
+                    0 if i < body.len() => body[i] = byte,
+                    1 => body.insert(i, byte),
+                    _ if i < body.len() => { body.remove(i); }
+                    _ => {}
+                }
+            }
+            check(&body)?;
+        }
     }
 }

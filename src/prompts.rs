@@ -31,16 +31,7 @@ struct JsonLine {
     id: Option<String>,
 }
 
-/// Whether `id` is safe as a file name / object-key segment: `[A-Za-z0-9_.-]{1,128}`, not `.`/`..`.
-pub fn is_safe_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id != "."
-        && id != ".."
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-}
+pub use crate::keys::is_safe_id;
 
 pub fn read_prompts(path: &Path) -> Result<Vec<PromptEntry>> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {

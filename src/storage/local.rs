@@ -13,9 +13,8 @@ use serde::{Deserialize, Serialize};
 use tokio::fs;
 use tokio::io::AsyncWriteExt;
 
-use super::{
-    RESERVED_SEGMENT_PREFIX, Retrier, StorageConfig, StorageError, object_name, validate_key,
-};
+use super::{Retrier, StorageConfig, StorageError, object_name, validate_key};
+use crate::keys::RESERVED_SEGMENT_PREFIX;
 
 /// Per-bucket folder holding the metadata files (a reserved name: no key may start with it).
 const META_DIR: &str = ".sdbatch-meta";
@@ -158,6 +157,24 @@ impl LocalStore {
             return Err(io_error(op, name, "cannot write", path, e));
         }
         Ok(())
+    }
+
+    pub(crate) async fn delete(&self, bucket: &str, key: &str) -> Result<(), StorageError> {
+        const OP: &str = "delete";
+        let name = &object_name(bucket, key);
+        self.retrier
+            .run(OP, name, || async move {
+                let path = self.require_bucket(OP, bucket).await?.join(key);
+                for file in [path, self.meta_path(bucket, key)] {
+                    match fs::remove_file(&file).await {
+                        Ok(()) => {}
+                        Err(e) if is_absent(&e) => {}
+                        Err(e) => return Err(io_error(OP, name, "cannot delete", &file, e)),
+                    }
+                }
+                Ok(())
+            })
+            .await
     }
 
     pub(crate) async fn get(

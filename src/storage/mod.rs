@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 
+use crate::keys::segment_problem;
+
 pub use local::LocalStore;
 pub use s3::S3Store;
 
@@ -29,10 +31,6 @@ pub const MAX_METADATA_BYTES: usize = 2048;
 
 /// The S3 limit on key length (UTF-8 bytes).
 pub const MAX_KEY_BYTES: usize = 1024;
-
-/// First path segments beginning with this are reserved for the local backend's bookkeeping
-/// (metadata folder, temporary files); rejected in keys for both backends.
-const RESERVED_SEGMENT_PREFIX: &str = ".sdbatch-";
 
 /// Bounded exponential backoff with jitter for transient storage errors.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,6 +285,16 @@ impl Storage {
         }
     }
 
+    /// Deletes `bucket/key`; deleting an object that does not exist is not an error (as in S3).
+    /// Used to take back what a batch stored before it was dead-lettered.
+    pub async fn delete(&self, bucket: &str, key: &str) -> Result<(), StorageError> {
+        validate_object("delete", bucket, key)?;
+        match self {
+            Storage::S3(s) => s.delete(bucket, key).await,
+            Storage::Local(l) => l.delete(bucket, key).await,
+        }
+    }
+
     /// The object's bytes, or `None` when it does not exist.
     pub async fn get(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
         validate_object("get", bucket, key)?;
@@ -497,17 +505,6 @@ pub(crate) fn validate_key(op: &'static str, bucket: &str, key: &str) -> Result<
             object_name(bucket, key),
             format!("invalid key: {reason}"),
         )),
-    }
-}
-
-fn segment_problem(segment: &str) -> Option<&'static str> {
-    match segment {
-        "" => Some("empty path segment (leading, trailing or doubled '/')"),
-        "." | ".." => Some("'.' or '..' path segment"),
-        s if s.starts_with(RESERVED_SEGMENT_PREFIX) => {
-            Some("path segment starting with '.sdbatch-' (reserved)")
-        }
-        _ => None,
     }
 }
 

@@ -177,6 +177,23 @@ impl S3Store {
             .await
     }
 
+    pub(crate) async fn delete(&self, bucket: &str, key: &str) -> Result<(), StorageError> {
+        const OP: &str = "delete";
+        let name = &object_name(bucket, key);
+        self.retrier
+            .run(OP, name, || async move {
+                self.client
+                    .delete_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify(OP, name, e))
+            })
+            .await
+    }
+
     pub(crate) async fn get(
         &self,
         bucket: &str,
