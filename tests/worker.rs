@@ -3,97 +3,16 @@
 //! and S3 server, so tests are independent of order and leftovers.
 mod common;
 
-use common::broker::{Broker, WorkerProcess, http_get, metric, unique};
-use common::s3::S3Server;
+use common::broker::{WorkerProcess, http_get, metric};
+use common::stack::{Stack, batch, completed};
 use sdbatch::events::Event;
 use sdbatch::queue::header_str;
-use sdbatch::storage::{StaticCredentials, Storage, StorageConfig};
 use serde_json::json;
 use std::time::Duration;
 
 const SIGTERM: i32 = 15;
 const SIGKILL: i32 = 9;
 const LONG: Duration = Duration::from_secs(120);
-
-async fn store(s3: &S3Server) -> Storage {
-    let mut cfg = StorageConfig::new("s3://");
-    cfg.endpoint = Some(s3.endpoint.clone());
-    Storage::connect_with_credentials(
-        &cfg,
-        StaticCredentials {
-            access_key_id: s3.access_key.clone(),
-            secret_access_key: s3.secret_key.clone(),
-            session_token: None,
-        },
-    )
-    .await
-    .unwrap()
-}
-
-fn batch(batch_id: &str, steps: u32, items: &[(&str, &str, u64, u32)]) -> Vec<u8> {
-    let items: Vec<_> = items
-        .iter()
-        .map(|(id, prompt, seed, n)| json!({"id": id, "prompt": prompt, "seed": seed, "num_images": n}))
-        .collect();
-    serde_json::to_vec(&json!({
-        "schema_version": 1,
-        "batch_id": batch_id,
-        "items": items,
-        "params": {"steps": steps, "guidance_scale": 7.5, "scheduler": "pndm"}
-    }))
-    .unwrap()
-}
-
-fn completed(events: &[Event], batch_id: &str) -> usize {
-    events
-        .iter()
-        .filter(|e| matches!(e, Event::Completed(c) if c.batch_id == batch_id))
-        .count()
-}
-
-/// Setup shared by the tests: S3 server with a bucket, broker topology, event watcher.
-struct Stack {
-    s3: S3Server,
-    storage: Storage,
-    broker: Broker,
-    bucket: String,
-    prefix: String,
-    logs: tempfile::TempDir,
-}
-
-impl Stack {
-    async fn new(name: &str, delivery_limit: u32) -> Stack {
-        let s3 = S3Server::start();
-        let storage = store(&s3).await;
-        let bucket = "images".to_string();
-        storage.create_bucket(&bucket).await.unwrap();
-        let prefix = unique(name);
-        let broker = Broker::new(&prefix, delivery_limit).await;
-        Stack {
-            s3,
-            storage,
-            broker,
-            bucket,
-            prefix,
-            logs: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn worker(&self, name: &str, extra: &[&str]) -> WorkerProcess {
-        WorkerProcess::spawn(
-            &self.prefix,
-            &self.s3,
-            &self.bucket,
-            self.logs.path(),
-            name,
-            extra,
-        )
-    }
-
-    async fn keys(&self) -> Vec<String> {
-        self.storage.list(&self.bucket, "").await.unwrap()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn batch_to_pngs_manifest_and_one_event() {
@@ -312,18 +231,12 @@ async fn storage_outage_is_retried_then_succeeds() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn batch_failing_every_time_is_dead_lettered_after_the_delivery_limit() {
-    let stack = Stack::new("poison", 2).await;
+    let mut stack = Stack::new("poison", 2).await;
     let mut events = stack.broker.watch_events().await;
-    // A worker with the wrong S3 secret: every attempt is refused (403), however often it runs.
-    let _worker = WorkerProcess::spawn_env(
-        &stack.prefix,
-        &stack.s3,
-        &stack.bucket,
-        stack.logs.path(),
-        "w1",
-        &["--delivery-limit", "2"],
-        &[("AWS_SECRET_ACCESS_KEY", "wrong-secret")],
-    );
+    // The store is down for good: every attempt fails transiently (after the in-process retries),
+    // however often the batch is delivered.
+    stack.s3.stop();
+    let _worker = stack.worker("w1", &["--delivery-limit", "2"]);
     stack
         .broker
         .publish(&batch("poison-1", 1, &[("a", "a chair", 4, 1)]))
@@ -362,6 +275,40 @@ async fn batch_failing_every_time_is_dead_lettered_after_the_delivery_limit() {
     assert_eq!(
         attempts, 3,
         "delivery limit 2 = the first delivery + 2 redeliveries"
+    );
+    stack.broker.cleanup().await;
+}
+
+/// A store that refuses the worker's credentials would fail every batch permanently and
+/// dead-letter the whole queue: the worker refuses to start instead, naming the problem.
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_with_refused_credentials_does_not_start() {
+    let stack = Stack::new("badcreds", 2).await;
+    stack
+        .broker
+        .publish(&batch("kept-1", 1, &[("a", "a chair", 4, 1)]))
+        .await;
+    let mut worker = WorkerProcess::spawn_env(
+        &stack.prefix,
+        &stack.s3,
+        &stack.bucket,
+        stack.logs.path(),
+        "w1",
+        &[],
+        &[("AWS_SECRET_ACCESS_KEY", "wrong-secret")],
+    );
+    let status = worker.wait(LONG).await;
+    assert!(!status.success());
+    let log = worker.log_text();
+    assert!(
+        log.contains("default bucket images") && log.contains("403"),
+        "{log}"
+    );
+    assert!(!log.contains("wrong-secret"), "the secret leaked: {log}");
+    // The message was never taken.
+    assert_eq!(
+        stack.broker.ready(&stack.broker.topology.jobs_queue).await,
+        1
     );
     stack.broker.cleanup().await;
 }

@@ -53,6 +53,7 @@ async fn run_mode(
         max_batch,
         memory_margin: 0.10,
         grace_period: Duration::from_secs(600),
+        broker_timeout: queue::DEFAULT_OPERATION_TIMEOUT,
         reconnect_min: Duration::from_millis(500),
         reconnect_max: Duration::from_secs(5),
         publish_attempts: 6,

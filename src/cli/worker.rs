@@ -50,9 +50,18 @@ pub struct WorkerArgs {
     /// Fraction of device memory kept free when sizing batches (default 0.10).
     #[arg(long, env = "SDBATCH_MEMORY_MARGIN")]
     pub memory_margin: Option<f64>,
-    /// Seconds the messages in hand may take to finish after SIGTERM (default 600).
+    /// Seconds the messages in hand may take to finish after SIGTERM (default 600, at most
+    /// 86400).
     #[arg(long, env = "SDBATCH_GRACE_PERIOD_SECS")]
     pub grace_period_secs: Option<u64>,
+    /// Seconds one broker operation (publish with confirm, ack, nack, declare) may take before
+    /// the connection is treated as lost and re-established (default 30, 1..=3600).
+    #[arg(long, env = "SDBATCH_BROKER_TIMEOUT_SECS")]
+    pub broker_timeout_secs: Option<u64>,
+    /// Largest message body accepted, in bytes, checked before parsing (default 1048576 = 1 MiB);
+    /// larger ones are dead-lettered unparsed with reason `too_large`.
+    #[arg(long, env = "SDBATCH_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
     /// `s3://` or `file:///absolute/folder` (local-directory sink for machines without S3).
     #[arg(long, env = "SDBATCH_STORAGE_URL")]
     pub storage_url: Option<String>,
@@ -93,6 +102,9 @@ pub struct WorkerArgs {
     #[arg(long, env = "SDBATCH_PREFIX")]
     pub prefix: Option<String>,
 }
+
+/// Longest grace period accepted: a day. Larger values once overflowed the deadline arithmetic.
+const MAX_GRACE_PERIOD_SECS: u64 = 86_400;
 
 fn default_worker_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -168,6 +180,10 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
     let l = &file.limits;
     let defaults = Limits::default();
     let limits = Limits {
+        max_message_bytes: args
+            .max_message_bytes
+            .or(l.max_message_bytes)
+            .unwrap_or(defaults.max_message_bytes),
         max_items: l.max_items.unwrap_or(defaults.max_items),
         max_images_per_item: l
             .max_images_per_item
@@ -196,6 +212,23 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
     storage.endpoint = args.s3_endpoint.or(s.endpoint.clone());
     storage.region = args.s3_region.or(s.region.clone());
 
+    let grace_period_secs = args
+        .grace_period_secs
+        .or(file.grace_period_secs)
+        .unwrap_or(600);
+    if grace_period_secs > MAX_GRACE_PERIOD_SECS {
+        bail!(
+            "--grace-period-secs {grace_period_secs} is above {MAX_GRACE_PERIOD_SECS} (a day); \
+             Kubernetes' terminationGracePeriodSeconds must exceed it anyway"
+        );
+    }
+    let broker_timeout_secs = args
+        .broker_timeout_secs
+        .or(file.broker_timeout_secs)
+        .unwrap_or(30);
+    if !(1..=3600).contains(&broker_timeout_secs) {
+        bail!("--broker-timeout-secs {broker_timeout_secs} must be in 1..=3600");
+    }
     let worker = WorkerConfig {
         amqp_url,
         topology,
@@ -212,11 +245,8 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
             .unwrap_or(if device_is_cpu { 4 } else { 64 })
             .max(1),
         memory_margin: args.memory_margin.or(file.memory_margin).unwrap_or(0.10),
-        grace_period: Duration::from_secs(
-            args.grace_period_secs
-                .or(file.grace_period_secs)
-                .unwrap_or(600),
-        ),
+        grace_period: Duration::from_secs(grace_period_secs),
+        broker_timeout: Duration::from_secs(broker_timeout_secs),
         reconnect_min: Duration::from_millis(500),
         reconnect_max: Duration::from_secs(30),
         publish_attempts: 6,
@@ -306,10 +336,18 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
             storage.create_bucket(bucket).await?;
         }
     }
-    if let Some(bucket) = &r.worker.limits.default_bucket
-        && let Err(e) = storage.check(bucket).await
-    {
-        tracing::warn!(bucket, error = %e, "default bucket not reachable yet");
+    // A store that refuses the default bucket (bad credentials, no such bucket) would make every
+    // batch fail permanently and be dead-lettered: refuse to start instead, so a misconfigured
+    // pod crash-loops visibly rather than emptying the queue. A store that is merely down may
+    // come back: warn and go on.
+    if let Some(bucket) = &r.worker.limits.default_bucket {
+        match storage.check(bucket).await {
+            Ok(()) => {}
+            Err(e) if e.is_transient() => {
+                tracing::warn!(bucket, error = %e, "default bucket not reachable yet")
+            }
+            Err(e) => bail!("default bucket {bucket}: {e}"),
+        }
     }
 
     let model_dir = r.model.clone();

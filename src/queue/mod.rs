@@ -11,6 +11,28 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::future::Future;
+use std::time::Duration;
+
+/// Default time limit of one broker operation (a publish with its confirm, an ack, a declare).
+/// RabbitMQ answers in milliseconds; a call still waiting after this is a dead connection whose
+/// heartbeat has not noticed yet, and waiting longer would hang the caller.
+pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs one broker operation under `limit`; running out of time is [`QueueError::Timeout`].
+pub async fn within<T, E>(
+    limit: Duration,
+    op: &'static str,
+    fut: impl Future<Output = Result<T, E>>,
+) -> QueueResult<T>
+where
+    QueueError: From<E>,
+{
+    match tokio::time::timeout(limit, fut).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(QueueError::Timeout { op, limit }),
+    }
+}
 
 /// Queue and exchange names plus the delivery limit; every name is configurable so several
 /// deployments (or tests) can share one broker.
@@ -50,6 +72,9 @@ impl Topology {
 pub enum QueueError {
     #[error("RabbitMQ: {0}")]
     Amqp(#[from] lapin::Error),
+    /// A broker operation did not finish in time: the connection is treated as lost.
+    #[error("RabbitMQ: {op} did not finish within {limit:?}")]
+    Timeout { op: &'static str, limit: Duration },
     #[error("RabbitMQ did not confirm the publish to `{exchange}` ({routing_key})")]
     NotConfirmed {
         exchange: String,
@@ -109,11 +134,17 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
-/// Connects with a connection name that shows up in the management UI and `rabbitmqctl`.
+/// Connects with a connection name that shows up in the management UI and `rabbitmqctl`, within
+/// [`DEFAULT_OPERATION_TIMEOUT`].
 pub async fn connect(url: &str, name: &str) -> QueueResult<Connection> {
     let props =
         ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
-    Ok(Connection::connect(url, props).await?)
+    within(
+        DEFAULT_OPERATION_TIMEOUT,
+        "connect",
+        Connection::connect(url, props),
+    )
+    .await
 }
 
 /// Declares the whole topology. Idempotent; a queue that exists with other arguments is a
@@ -218,19 +249,30 @@ pub async fn subscribe_events(
         .await?)
 }
 
-/// A channel in confirm mode: every publish waits for the broker's ack. Clones share the channel.
+/// A channel in confirm mode: every publish waits for the broker's ack, within a time limit.
+/// Clones share the channel.
 #[derive(Clone)]
 pub struct Publisher {
     channel: Channel,
+    timeout: Duration,
 }
 
 impl Publisher {
+    /// A publisher whose publishes time out after [`DEFAULT_OPERATION_TIMEOUT`].
     pub async fn new(connection: &Connection) -> QueueResult<Self> {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Self { channel })
+        Self::with_timeout(connection, DEFAULT_OPERATION_TIMEOUT).await
+    }
+
+    /// A publisher whose publishes (confirm included) time out after `timeout`.
+    pub async fn with_timeout(connection: &Connection, timeout: Duration) -> QueueResult<Self> {
+        let channel = within(timeout, "channel.open", connection.create_channel()).await?;
+        within(
+            timeout,
+            "confirm.select",
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        Ok(Self { channel, timeout })
     }
 
     pub fn channel(&self) -> &Channel {
@@ -253,20 +295,22 @@ impl Publisher {
         if let Some(h) = headers {
             props = props.with_headers(h);
         }
-        let confirm = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory,
-                    ..Default::default()
-                },
-                body,
-                props,
-            )
-            .await?
-            .await?;
+        let confirm = within(self.timeout, "basic.publish", async {
+            self.channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory,
+                        ..Default::default()
+                    },
+                    body,
+                    props,
+                )
+                .await?
+                .await
+        })
+        .await?;
         if confirm.is_ack() && confirm.take_message().is_none() {
             Ok(())
         } else {

@@ -31,7 +31,7 @@ struct Job {
     /// Run the safety checker on the images.
     safety: bool,
     span: tracing::Span,
-    reply: oneshot::Sender<Result<GpuOutput>>,
+    reply: oneshot::Sender<Result<GpuOutput, GpuError>>,
 }
 
 /// A finished batch with what the device went through for it.
@@ -50,6 +50,36 @@ pub struct GpuOutput {
     pub safety: Option<Vec<SafetyResult>>,
     /// CLIP score per image, when a CLIP model is loaded.
     pub clip_scores: Option<Vec<f32>>,
+}
+
+/// Why the model thread could not produce a batch. Told apart because the worker treats them
+/// differently: a pipeline error about the request cannot succeed on retry, a torch error or a
+/// panic might, and a thread that is gone cannot serve anything any more.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// Out of device memory even at batch size 1 (larger batches are split first).
+    #[error("out of device memory at batch size 1: {0}")]
+    OutOfMemory(String),
+    /// The pipeline panicked (a bug, or torch aborting on an unexpected input).
+    #[error("generation panicked: {0}")]
+    Panicked(String),
+    /// The model thread has stopped: nothing can be generated any more.
+    #[error("the model thread has stopped")]
+    ThreadGone,
+    #[error(transparent)]
+    Pipeline(#[from] Error),
+}
+
+impl GpuError {
+    /// Whether the same request would fail the same way however often it is retried.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            GpuError::OutOfMemory(_) => true,
+            GpuError::Panicked(_) | GpuError::ThreadGone => false,
+            // Torch errors can be transient device faults; the rest are about the request.
+            GpuError::Pipeline(e) => !matches!(e, Error::Torch(_)),
+        }
+    }
 }
 
 /// What the model thread reports once loading finished.
@@ -87,7 +117,7 @@ fn generate_splitting(
     requests: &[ImageRequest],
     params: &GenerateParams,
     report: &mut GpuReport,
-) -> Result<BatchOutput> {
+) -> Result<BatchOutput, GpuError> {
     let cuda = model.device().is_cuda();
     let mut min_free = u64::MAX;
     let mut total = 0;
@@ -98,12 +128,20 @@ fn generate_splitting(
         }
     };
     let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        model.generate(requests, params, &mut |_, _, _| {
-            // The UNet's activations are live during the steps: sample memory there.
-            if cuda {
-                sample(&mut min_free, &mut total);
-            }
-        })
+        model
+            .generate(requests, params, &mut |_, _, _| {
+                // The UNet's activations are live during the steps: sample memory there.
+                if cuda {
+                    sample(&mut min_free, &mut total);
+                }
+            })
+            .map_err(|e| {
+                if is_oom(&e) {
+                    GpuError::OutOfMemory(e.to_string())
+                } else {
+                    GpuError::Pipeline(e)
+                }
+            })
     }))
     .unwrap_or_else(|panic| {
         let msg = panic
@@ -111,9 +149,7 @@ fn generate_splitting(
             .cloned()
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "unknown panic".into());
-        Err(Error::InvalidArgument(format!(
-            "generation panicked: {msg}"
-        )))
+        Err(GpuError::Panicked(msg))
     });
     if cuda && min_free != u64::MAX {
         report.total_bytes = Some(total);
@@ -122,7 +158,7 @@ fn generate_splitting(
         }
     }
     match attempt {
-        Err(e) if is_oom(&e) && requests.len() > 1 => {
+        Err(GpuError::OutOfMemory(_)) if requests.len() > 1 => {
             report.oom_sizes.push(requests.len());
             let half = requests.len() / 2;
             tracing::warn!(
@@ -184,14 +220,20 @@ impl GpuExecutor {
                         .and_then(|output| {
                             // The checks run here, batched, on the device that holds their weights.
                             let safety = match (&models.safety, job.safety) {
-                                (Some(checker), true) => Some(checker.check(&output.images)?),
+                                (Some(checker), true) => {
+                                    Some(checker.check(&output.images).map_err(GpuError::from)?)
+                                }
                                 _ => None,
                             };
                             let clip_scores = match &models.clip {
                                 Some(scorer) => {
                                     let prompts: Vec<&str> =
                                         job.requests.iter().map(|r| r.prompt.as_str()).collect();
-                                    Some(scorer.scores(&prompts, &output.images)?)
+                                    Some(
+                                        scorer
+                                            .scores(&prompts, &output.images)
+                                            .map_err(GpuError::from)?,
+                                    )
                                 }
                                 None => None,
                             };
@@ -226,7 +268,7 @@ impl GpuExecutor {
         requests: Vec<ImageRequest>,
         params: GenerateParams,
         safety: bool,
-    ) -> Result<GpuOutput> {
+    ) -> Result<GpuOutput, GpuError> {
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job {
@@ -236,8 +278,7 @@ impl GpuExecutor {
                 span: tracing::Span::current(),
                 reply,
             })
-            .map_err(|_| Error::InvalidArgument("the model thread has stopped".into()))?;
-        rx.await
-            .map_err(|_| Error::InvalidArgument("the model thread stopped mid-job".into()))?
+            .map_err(|_| GpuError::ThreadGone)?;
+        rx.await.map_err(|_| GpuError::ThreadGone)?
     }
 }

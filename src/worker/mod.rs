@@ -10,12 +10,18 @@
 //!
 //! Failure handling:
 //! - invalid message → copied to the dead-letter exchange with `x-sdbatch-error` /
-//!   `x-sdbatch-reason` headers, `batch.failed` published, original acked;
-//! - transient failure (storage, broker) → retried in-process with backoff; still failing → nack
+//!   `x-sdbatch-reason` headers (bounded; none of the producer's headers), `batch.failed`
+//!   published, original acked; a body over `max_message_bytes` is rejected unparsed and the
+//!   broker dead-letters it (no copy of a huge body is published);
+//! - permanent failure (storage refusal, a request the model cannot run) → what the batch stored
+//!   is deleted, then dead-lettered at once like an invalid message;
+//! - transient failure (storage, model) → retried in-process with backoff; still failing → nack
 //!   with requeue, and the quorum queue's delivery limit dead-letters a batch that keeps failing;
 //! - CUDA out of memory → the batch is halved and retried, the shape's batch ceiling lowered;
 //! - redelivery of a batch whose manifest exists → no regeneration: the event is published again;
-//! - lost connection → reconnect with backoff; unacked messages are redelivered by the broker;
+//! - every broker operation has a time limit; a failed or timed-out one ends the session as a lost
+//!   connection → reconnect with backoff (`/readyz` 503 meanwhile); unacked messages are
+//!   redelivered by the broker;
 //! - SIGTERM/SIGINT → stop consuming, finish the messages in hand within the grace period, exit.
 pub mod gpu;
 
@@ -25,15 +31,16 @@ use crate::message::{self, Batch, Invalid, Limits};
 use crate::metrics::Metrics;
 use crate::output::encode_png;
 use crate::pipeline::ImageRequest;
-use crate::queue::{self, Publisher, QueueError, Topology, header_int, header_value};
+use crate::queue::{self, Publisher, QueueError, QueueResult, Topology, header_int, header_value};
 use crate::storage::{Storage, StorageError};
 use backon::{ExponentialBuilder, Retryable};
 use futures_lite::StreamExt;
-use gpu::{GpuExecutor, GpuOutput};
+use gpu::{GpuError, GpuExecutor, GpuOutput};
 use lapin::Acker;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
 };
 use lapin::types::FieldTable;
 use sha2::{Digest, Sha256};
@@ -63,6 +70,9 @@ pub struct WorkerConfig {
     pub memory_margin: f64,
     /// How long the messages in hand may take to finish after SIGTERM.
     pub grace_period: Duration,
+    /// Time limit of one broker operation (publish with confirm, ack, nack, declare). One that
+    /// runs out ends the session as a lost connection instead of hanging the worker.
+    pub broker_timeout: Duration,
     /// Bounds of the reconnect backoff.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -114,10 +124,39 @@ pub enum WorkerError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Pipeline(#[from] crate::Error),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    /// A model-thread failure of a GPU batch that also held other messages' images: it is not
+    /// known to be this message's fault, so it is retried like a transient one.
+    #[error("{0} (in a GPU batch shared with other messages)")]
+    SharedGpu(String),
     #[error("the messages in hand did not finish within the {0:?} grace period")]
     GraceExpired(Duration),
     #[error("{0}")]
     Other(String),
+}
+
+/// Reason codes of the worker's own failures (`x-sdbatch-error`, `batch.failed`, metrics); the
+/// validation codes are [`message::InvalidReason`]'s. docs/messages.md has the table.
+pub mod reasons {
+    /// Failed on every allowed delivery (transient failures that did not go away).
+    pub const DELIVERY_LIMIT: &str = "delivery_limit";
+    /// The store refused the batch's objects (HTTP 4xx other than throttling, invalid key).
+    pub const STORAGE_REFUSED: &str = "storage_refused";
+    /// The model cannot run the request (out of device memory at batch size 1, pipeline error).
+    pub const GENERATION_FAILED: &str = "generation_failed";
+}
+
+impl WorkerError {
+    /// The reason code when retrying cannot help, so the message is dead-lettered at once;
+    /// `None` for transient failures (retried, then requeued under the delivery limit).
+    pub fn permanent_reason(&self) -> Option<&'static str> {
+        match self {
+            WorkerError::Storage(e) if !e.is_transient() => Some(reasons::STORAGE_REFUSED),
+            WorkerError::Gpu(e) if e.is_permanent() => Some(reasons::GENERATION_FAILED),
+            _ => None,
+        }
+    }
 }
 
 /// How a connection's session ended.
@@ -126,12 +165,20 @@ enum SessionEnd {
     ConnectionLost(String),
 }
 
+impl From<QueueError> for SessionEnd {
+    fn from(e: QueueError) -> Self {
+        SessionEnd::ConnectionLost(e.to_string())
+    }
+}
+
 /// Where one image's result goes: (message sequence number, image index in the message).
 type Tag = (u64, usize);
 
 /// A valid message in hand.
 struct InFlight {
     acker: Acker,
+    /// The body as delivered, for dead-lettering it if it fails permanently.
+    body: Vec<u8>,
     redelivered: bool,
     /// Run the safety checker on this message's images.
     safety: bool,
@@ -140,11 +187,26 @@ struct InFlight {
     requests: Vec<(usize, u32, ImageRequest)>,
     records: Vec<Option<ImageRecord>>,
     remaining: usize,
+    /// Upload tasks started and not yet reported back.
+    uploads_pending: usize,
+    /// Set once the message failed: no new uploads start, and it is settled (requeued or
+    /// dead-lettered) when the pending ones have reported, so nothing lands after the verdict.
+    failure: Option<WorkerError>,
     started: Instant,
     generate_ms: f64,
     encode_ms: f64,
     upload_ms: f64,
     span: tracing::Span,
+}
+
+/// A message whose work is over, on its way to be acked, requeued or dead-lettered.
+struct Settling {
+    acker: Acker,
+    body: Vec<u8>,
+    previous_failures: i64,
+    batch: Arc<Batch>,
+    /// Keys this delivery stored, deleted if the message is dead-lettered.
+    stored: Vec<String>,
 }
 
 /// What the tasks of a session report back to its loop.
@@ -153,7 +215,7 @@ enum Done {
         key: ShapeKey,
         tags: Vec<Tag>,
         size: usize,
-        result: crate::Result<GpuOutput>,
+        result: Result<GpuOutput, GpuError>,
     },
     Upload {
         tag: Tag,
@@ -182,7 +244,9 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Publishes an event with confirms, retrying with backoff.
+/// Publishes an event with confirms. A publish the broker refused (nack, unroutable) is retried
+/// with backoff; a broken or silent connection is not (the same channel cannot recover): that
+/// error goes up and ends the session.
 async fn publish_event<T: serde::Serialize>(
     cfg: &WorkerConfig,
     metrics: &Metrics,
@@ -204,6 +268,7 @@ async fn publish_event<T: serde::Serialize>(
             .with_max_times(cfg.publish_attempts.saturating_sub(1))
             .with_jitter(),
     )
+    .when(|e| matches!(e, QueueError::NotConfirmed { .. }))
     .notify(|e, d| {
         metrics.retries.with_label_values(&["publish"]).inc();
         tracing::warn!(error = %e, retry_in = ?d, "publishing {key} failed; retrying")
@@ -212,6 +277,7 @@ async fn publish_event<T: serde::Serialize>(
     Ok(())
 }
 
+/// Publishes `batch.failed` with a bounded error text.
 async fn publish_failed(
     cfg: &WorkerConfig,
     metrics: &Metrics,
@@ -219,11 +285,58 @@ async fn publish_failed(
     batch_id: Option<String>,
     reason: &str,
     error: &str,
-) {
-    let event = BatchFailed::new(batch_id, reason, error, &cfg.worker_id);
-    if let Err(e) = publish_event(cfg, metrics, publisher, events::BATCH_FAILED, &event).await {
-        tracing::error!(error = %e, "could not publish batch.failed");
+) -> Result<(), WorkerError> {
+    let event = BatchFailed::new(
+        batch_id,
+        reason,
+        crate::bounded::reason(error),
+        &cfg.worker_id,
+    );
+    publish_event(cfg, metrics, publisher, events::BATCH_FAILED, &event).await
+}
+
+/// The broker's view of one message: ack, nack or reject, each within the broker timeout.
+async fn ack(cfg: &WorkerConfig, acker: &Acker) -> QueueResult<()> {
+    queue::within(
+        cfg.broker_timeout,
+        "basic.ack",
+        acker.ack(BasicAckOptions::default()),
+    )
+    .await
+    .map(drop)
+}
+
+async fn requeue(cfg: &WorkerConfig, acker: &Acker) -> QueueResult<()> {
+    let options = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    queue::within(cfg.broker_timeout, "basic.nack", acker.nack(options))
+        .await
+        .map(drop)
+}
+
+/// Rejects without requeueing: the queue's dead-letter exchange takes the message as it is.
+async fn reject(cfg: &WorkerConfig, acker: &Acker) -> QueueResult<()> {
+    let options = BasicRejectOptions { requeue: false };
+    queue::within(cfg.broker_timeout, "basic.reject", acker.reject(options))
+        .await
+        .map(drop)
+}
+
+/// The failures a message has had before this delivery. `x-delivery-count` is the quorum queue's
+/// count on a redelivery; on a first delivery it can only be the producer's, so it is ignored
+/// (a producer-set i64::MAX once overflowed the arithmetic). Clamped to the delivery limit.
+fn previous_failures(redelivered: bool, header: Option<i64>, delivery_limit: u32) -> i64 {
+    if !redelivered {
+        return 0;
     }
+    header.unwrap_or(0).clamp(0, i64::from(delivery_limit))
+}
+
+/// Whether this delivery is the last one the queue allows.
+fn is_last_attempt(previous_failures: i64, delivery_limit: u32) -> bool {
+    previous_failures.saturating_add(1) > i64::from(delivery_limit)
 }
 
 /// Encodes one image and uploads it with its metadata. Returns the record, encode and upload ms.
@@ -392,7 +505,11 @@ impl Worker {
             self.metrics.inflight_batches.set(0);
             match outcome {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
-                Err(WorkerError::GraceExpired(d)) => return Err(WorkerError::GraceExpired(d)),
+                Err(
+                    e @ (WorkerError::GraceExpired(_) | WorkerError::Gpu(GpuError::ThreadGone)),
+                ) => {
+                    return Err(e);
+                }
                 Ok(SessionEnd::ConnectionLost(why)) => {
                     tracing::warn!(reason = %why, "broker connection lost; reconnecting")
                 }
@@ -417,25 +534,33 @@ impl Worker {
         sizer: &mut BatchSizer,
     ) -> Result<SessionEnd, WorkerError> {
         let cfg = &self.cfg;
+        let limit = cfg.broker_timeout;
         let conn =
             queue::connect(&cfg.amqp_url, &format!("sdbatch-worker {}", cfg.worker_id)).await?;
-        let channel = conn.create_channel().await.map_err(QueueError::from)?;
-        queue::declare(&channel, &cfg.topology).await?;
-        channel
-            .basic_qos(cfg.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(QueueError::from)?;
-        let publisher = Publisher::new(&conn).await?;
+        let channel = queue::within(limit, "channel.open", conn.create_channel()).await?;
+        queue::within(limit, "declare", async {
+            queue::declare(&channel, &cfg.topology).await
+        })
+        .await?;
+        queue::within(
+            limit,
+            "basic.qos",
+            channel.basic_qos(cfg.prefetch, BasicQosOptions::default()),
+        )
+        .await?;
+        let publisher = Publisher::with_timeout(&conn, limit).await?;
         let tag = format!("sdbatch-{}", cfg.worker_id);
-        let mut consumer = channel
-            .basic_consume(
+        let mut consumer = queue::within(
+            limit,
+            "basic.consume",
+            channel.basic_consume(
                 cfg.topology.jobs_queue.as_str().into(),
                 tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
-            )
-            .await
-            .map_err(QueueError::from)?;
+            ),
+        )
+        .await?;
         tracing::info!(
             broker = %queue::redact_url(&cfg.amqp_url),
             queue = %cfg.topology.jobs_queue,
@@ -467,18 +592,24 @@ impl Worker {
                 .inflight_batches
                 .set(session.inflight.len() as i64);
             if draining && session.is_idle() {
-                let _ = conn.close(200, "worker shutting down".into()).await;
+                let _ = tokio::time::timeout(limit, conn.close(200, "worker shutting down".into()))
+                    .await;
                 return Ok(SessionEnd::Shutdown);
             }
-            tokio::select! {
+            // Every branch below is bounded in time (broker operations by `broker_timeout`), so
+            // a signal is always seen; a broker error ends the session as a lost connection.
+            let step: Result<(), WorkerError> = tokio::select! {
                 changed = shutdown.changed(), if !draining => {
                     if changed.is_err() || *shutdown.borrow() {
                         draining = true;
-                        deadline = Some(tokio::time::Instant::now() + cfg.grace_period);
+                        // A grace period too large to add to "now" means "no deadline".
+                        deadline = tokio::time::Instant::now().checked_add(cfg.grace_period);
                         tracing::info!(in_hand = session.inflight.len(), grace = ?cfg.grace_period,
                             "shutdown requested: finishing the messages in hand");
-                        let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                        let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+                        let _ = tokio::time::timeout(limit, cancel).await;
                     }
+                    Ok(())
                 }
                 _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => {
                     return Err(WorkerError::GraceExpired(cfg.grace_period));
@@ -488,12 +619,12 @@ impl Worker {
                     Some(Err(e)) => return Ok(SessionEnd::ConnectionLost(e.to_string())),
                     None => return Ok(SessionEnd::ConnectionLost("consumer stream ended".into())),
                 },
-                Some(done) = done_rx.recv() => {
-                    if let Err(e) = session.on_done(done, sizer).await {
-                        // An ack or nack failed: the channel is gone; the broker redelivers.
-                        return Ok(SessionEnd::ConnectionLost(e.to_string()));
-                    }
-                }
+                Some(done) = done_rx.recv() => session.on_done(done, sizer).await,
+            };
+            match step {
+                Ok(()) => {}
+                Err(WorkerError::Queue(e)) => return Ok(e.into()),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -524,7 +655,8 @@ impl Session<'_> {
     }
 
     /// Handles a new delivery: invalid → dead letter; already done → republish; else plan it.
-    async fn accept(&mut self, delivery: Delivery) {
+    /// Errors are broker errors (the session ends); a message's own failures are settled here.
+    async fn accept(&mut self, delivery: Delivery) -> Result<(), WorkerError> {
         let cfg = self.worker.cfg.clone();
         let span = tracing::info_span!(
             "batch",
@@ -541,14 +673,18 @@ impl Session<'_> {
                 if let Some(id) = &invalid.batch_id {
                     span.record("batch_id", id.as_str());
                 }
-                self.reject_invalid(delivery, invalid)
+                return self
+                    .reject_invalid(delivery, invalid)
                     .instrument(span)
                     .await;
-                return;
             }
         };
         span.record("batch_id", batch.batch_id.as_str());
-        let previous_failures = header_int(&delivery.properties, "x-delivery-count").unwrap_or(0);
+        let previous_failures = previous_failures(
+            delivery.redelivered,
+            header_int(&delivery.properties, "x-delivery-count"),
+            cfg.topology.delivery_limit,
+        );
 
         // Already done (a previous delivery crashed or lost its connection after uploading):
         // announce it again instead of regenerating.
@@ -583,7 +719,6 @@ impl Session<'_> {
                 }
                 .instrument(span.clone())
                 .await;
-                let _enter = span.enter();
                 if republished.is_ok() {
                     self.worker
                         .metrics
@@ -591,26 +726,25 @@ impl Session<'_> {
                         .with_label_values(&["republished"])
                         .inc();
                 }
-                self.settle(
-                    delivery.acker,
-                    republished,
+                let failed = Settling {
+                    acker: delivery.acker,
+                    body: delivery.data,
                     previous_failures,
-                    &batch.batch_id,
-                )
-                .await;
-                return;
+                    batch: Arc::new(batch),
+                    stored: Vec::new(),
+                };
+                return self.settle(failed, republished).instrument(span).await;
             }
             Ok(None) => {}
             Err(e) => {
-                let _enter = span.enter();
-                self.settle(
-                    delivery.acker,
-                    Err(e.into()),
+                let failed = Settling {
+                    acker: delivery.acker,
+                    body: delivery.data,
                     previous_failures,
-                    &batch.batch_id,
-                )
-                .await;
-                return;
+                    batch: Arc::new(batch),
+                    stored: Vec::new(),
+                };
+                return self.settle(failed, Err(e.into())).instrument(span).await;
             }
         }
 
@@ -623,10 +757,10 @@ impl Session<'_> {
                     .into(),
                 batch_id: Some(batch.batch_id.clone()),
             };
-            self.reject_invalid(delivery, invalid)
+            return self
+                .reject_invalid(delivery, invalid)
                 .instrument(span)
                 .await;
-            return;
         }
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -650,11 +784,14 @@ impl Session<'_> {
             seq,
             InFlight {
                 acker: delivery.acker,
+                body: delivery.data,
                 redelivered: delivery.redelivered,
                 safety,
                 previous_failures,
                 records: vec![None; requests.len()],
                 remaining: requests.len(),
+                uploads_pending: 0,
+                failure: None,
                 requests,
                 batch: Arc::new(batch),
                 started: Instant::now(),
@@ -664,107 +801,144 @@ impl Session<'_> {
                 span,
             },
         );
+        Ok(())
     }
 
-    /// Acks on success; on failure nacks with requeue (the delivery limit dead-letters a batch
-    /// that keeps failing; on its last attempt `batch.failed` is published first).
+    /// Settles a message whose work is over: ack on success; on a permanent failure take back
+    /// what it stored and dead-letter it at once; on a transient one nack with requeue (the
+    /// delivery limit dead-letters a batch that keeps failing; on its last attempt
+    /// `batch.failed` is published first). Errors are broker errors.
     async fn settle(
         &self,
-        acker: Acker,
+        failed: Settling,
         result: Result<(), WorkerError>,
-        previous_failures: i64,
-        batch_id: &str,
-    ) {
+    ) -> Result<(), WorkerError> {
         let cfg = &self.worker.cfg;
-        let outcome = match result {
-            Ok(()) => acker.ack(BasicAckOptions::default()).await,
-            Err(e) => {
-                let last = previous_failures + 1 > i64::from(cfg.topology.delivery_limit);
-                tracing::error!(error = %e, previous_failures, last_attempt = last, "batch failed; requeueing");
-                let m = &self.worker.metrics;
-                m.batches.with_label_values(&["failed"]).inc();
-                if last {
-                    publish_failed(
-                        cfg,
-                        m,
-                        &self.publisher,
-                        Some(batch_id.to_string()),
-                        "delivery_limit",
-                        &e.to_string(),
-                    )
-                    .await;
-                    m.batches.with_label_values(&["dead_lettered"]).inc();
-                    m.dead_letters.with_label_values(&["delivery_limit"]).inc();
-                }
-                acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await
-            }
+        let m = &self.worker.metrics;
+        let error = match result {
+            Ok(()) => return Ok(ack(cfg, &failed.acker).await?),
+            // The broker is gone: nothing can be settled on this channel; it redelivers.
+            Err(WorkerError::Queue(e)) => return Err(e.into()),
+            Err(e) => e,
         };
-        if let Err(e) = outcome {
-            // The channel is gone; the broker redelivers the message to someone.
-            tracing::warn!(error = %e, "could not ack/nack (connection lost?)");
-        }
-    }
-
-    /// Dead-letters an invalid message with its reason, publishes `batch.failed`, acks it.
-    async fn reject_invalid(&self, delivery: Delivery, invalid: Invalid) {
-        let cfg = &self.worker.cfg;
-        tracing::warn!(reason = invalid.reason.as_str(), error = %invalid.message, "invalid message: dead-lettering");
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(
-            "x-sdbatch-error".into(),
-            header_value(invalid.reason.as_str()),
-        );
-        headers.insert("x-sdbatch-reason".into(), header_value(&invalid.message));
-        headers.insert("x-sdbatch-worker".into(), header_value(&cfg.worker_id));
-        let t = &cfg.topology;
-        let dead_lettered = self
-            .publisher
-            .publish_json(
-                &t.dead_exchange,
-                &t.dead_queue,
-                &delivery.data,
-                Some(headers),
-                true,
-            )
-            .await;
-        let outcome = match dead_lettered {
-            Ok(()) => {
-                let m = &self.worker.metrics;
-                m.batches.with_label_values(&["dead_lettered"]).inc();
-                m.dead_letters
-                    .with_label_values(&[invalid.reason.as_str()])
-                    .inc();
-                publish_failed(
-                    cfg,
-                    m,
-                    &self.publisher,
-                    invalid.batch_id.clone(),
-                    invalid.reason.as_str(),
-                    &invalid.message,
+        m.batches.with_label_values(&["failed"]).inc();
+        let batch_id = failed.batch.batch_id.clone();
+        if let Some(reason) = error.permanent_reason() {
+            tracing::error!(error = %error, reason, "batch failed permanently: dead-lettering");
+            // Nothing of a dead-lettered batch stays stored (best effort: the store may be the
+            // very thing refusing).
+            for key in &failed.stored {
+                if let Err(e) = self.worker.storage.delete(&failed.batch.bucket, key).await {
+                    tracing::warn!(key, error = %e, "could not delete an image of the failed batch");
+                }
+            }
+            return self
+                .dead_letter(
+                    &failed.acker,
+                    &failed.body,
+                    Some(batch_id),
+                    reason,
+                    &error.to_string(),
                 )
                 .await;
-                delivery.acker.ack(BasicAckOptions::default()).await
-            }
-            Err(e) => {
-                // Keep the message: it goes back to the queue and is rejected again later.
-                tracing::error!(error = %e, "could not dead-letter the invalid message; requeueing");
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await
-            }
-        };
-        if let Err(e) = outcome {
-            tracing::warn!(error = %e, "could not ack/nack (connection lost?)");
         }
+        let last = is_last_attempt(failed.previous_failures, cfg.topology.delivery_limit);
+        tracing::error!(error = %error, previous_failures = failed.previous_failures,
+            last_attempt = last, "batch failed; requeueing");
+        if last {
+            publish_failed(
+                cfg,
+                m,
+                &self.publisher,
+                Some(batch_id),
+                reasons::DELIVERY_LIMIT,
+                &error.to_string(),
+            )
+            .await?;
+            m.batches.with_label_values(&["dead_lettered"]).inc();
+            m.dead_letters
+                .with_label_values(&[reasons::DELIVERY_LIMIT])
+                .inc();
+        }
+        Ok(requeue(cfg, &failed.acker).await?)
+    }
+
+    /// Copies a message to the dead-letter exchange with the worker's reason headers (bounded;
+    /// none of the producer's headers, which once made this publish exceed the frame size),
+    /// publishes `batch.failed` and acks the original. If the broker refuses the copy, the
+    /// message is requeued instead, so it is never lost.
+    async fn dead_letter(
+        &self,
+        acker: &Acker,
+        body: &[u8],
+        batch_id: Option<String>,
+        reason: &str,
+        text: &str,
+    ) -> Result<(), WorkerError> {
+        let cfg = &self.worker.cfg;
+        let text = crate::bounded::reason(text);
+        let mut headers = FieldTable::default();
+        headers.insert("x-sdbatch-error".into(), header_value(reason));
+        headers.insert("x-sdbatch-reason".into(), header_value(&text));
+        headers.insert(
+            "x-sdbatch-worker".into(),
+            header_value(&crate::bounded::cut(&cfg.worker_id, 128)),
+        );
+        let t = &cfg.topology;
+        let published = self
+            .publisher
+            .publish_json(&t.dead_exchange, &t.dead_queue, body, Some(headers), true)
+            .await;
+        match published {
+            Ok(()) => {}
+            Err(e @ QueueError::NotConfirmed { .. }) => {
+                tracing::error!(error = %e, "the broker refused the dead letter; requeueing");
+                return Ok(requeue(cfg, acker).await?);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let m = &self.worker.metrics;
+        m.batches.with_label_values(&["dead_lettered"]).inc();
+        m.dead_letters.with_label_values(&[reason]).inc();
+        publish_failed(cfg, m, &self.publisher, batch_id, reason, &text).await?;
+        Ok(ack(cfg, acker).await?)
+    }
+
+    /// Dead-letters an invalid message with its reason, publishes `batch.failed`, acks it. A body
+    /// over the size limit is not copied: it is rejected and the queue's own dead-lettering
+    /// moves it (RabbitMQ's `x-first-death-reason: rejected`), with `batch.failed` saying why.
+    async fn reject_invalid(
+        &self,
+        delivery: Delivery,
+        invalid: Invalid,
+    ) -> Result<(), WorkerError> {
+        let cfg = &self.worker.cfg;
+        tracing::warn!(reason = invalid.reason.as_str(), error = %invalid.message, "invalid message: dead-lettering");
+        if invalid.reason == message::InvalidReason::TooLarge {
+            let m = &self.worker.metrics;
+            reject(cfg, &delivery.acker).await?;
+            m.batches.with_label_values(&["dead_lettered"]).inc();
+            m.dead_letters
+                .with_label_values(&[invalid.reason.as_str()])
+                .inc();
+            return publish_failed(
+                cfg,
+                m,
+                &self.publisher,
+                None,
+                invalid.reason.as_str(),
+                &invalid.message,
+            )
+            .await;
+        }
+        self.dead_letter(
+            &delivery.acker,
+            &delivery.data,
+            invalid.batch_id.clone(),
+            invalid.reason.as_str(),
+            &invalid.message,
+        )
+        .await
     }
 
     /// Queues GPU batches while the model thread has room.
@@ -822,6 +996,7 @@ impl Session<'_> {
         }
     }
 
+    /// Handles a task's report. Errors are broker errors or a fatal model-thread failure.
     async fn on_done(&mut self, done: Done, sizer: &mut BatchSizer) -> Result<(), WorkerError> {
         match done {
             Done::Gpu {
@@ -833,15 +1008,19 @@ impl Session<'_> {
                 self.gpu_jobs -= 1;
                 match result {
                     Ok(out) => self.on_gpu_batch(&key, tags, size, out, sizer),
+                    Err(GpuError::ThreadGone) => return Err(GpuError::ThreadGone.into()),
                     Err(e) => {
                         let mut seqs: Vec<u64> = tags.iter().map(|t| t.0).collect();
                         seqs.dedup();
-                        for seq in seqs {
-                            self.fail(
-                                seq,
-                                WorkerError::Pipeline(crate::Error::InvalidArgument(e.to_string())),
-                            )
-                            .await;
+                        // Only a GPU batch of one message's images proves the failure is that
+                        // message's; otherwise every message in it gets a transient failure.
+                        if let [seq] = seqs[..] {
+                            self.fail(seq, WorkerError::Gpu(e)).await?;
+                        } else {
+                            let text = e.to_string();
+                            for seq in seqs {
+                                self.fail(seq, WorkerError::SharedGpu(text.clone())).await?;
+                            }
                         }
                     }
                 }
@@ -849,58 +1028,56 @@ impl Session<'_> {
             Done::Upload {
                 tag: (seq, index),
                 result,
-            } => match result {
-                Ok((record, encode_ms, upload_ms)) => {
-                    let metrics = &self.worker.metrics;
-                    metrics.png_encode_seconds.observe(encode_ms / 1e3);
-                    metrics.upload_seconds.observe(upload_ms / 1e3);
-                    let Some(m) = self.inflight.get_mut(&seq) else {
-                        return Ok(());
-                    };
-                    m.records[index] = Some(record);
-                    m.remaining -= 1;
-                    m.encode_ms += encode_ms;
-                    m.upload_ms += upload_ms;
-                    if m.remaining == 0 {
-                        self.complete(seq);
+            } => {
+                let Some(m) = self.inflight.get_mut(&seq) else {
+                    return Ok(());
+                };
+                m.uploads_pending -= 1;
+                match result {
+                    Ok((record, encode_ms, upload_ms)) => {
+                        let metrics = &self.worker.metrics;
+                        metrics.png_encode_seconds.observe(encode_ms / 1e3);
+                        metrics.upload_seconds.observe(upload_ms / 1e3);
+                        m.records[index] = Some(record);
+                        m.remaining -= 1;
+                        m.encode_ms += encode_ms;
+                        m.upload_ms += upload_ms;
+                        if m.failure.is_none() && m.remaining == 0 {
+                            self.complete(seq);
+                        }
                     }
+                    Err(e) => return self.fail(seq, e).await,
                 }
-                Err(e) => self.fail(seq, e).await,
-            },
+                return self.settle_if_failed(seq).await;
+            }
             Done::Finished { seq, result } => {
                 let Some(m) = self.inflight.remove(&seq) else {
                     return Ok(());
                 };
-                let _enter = m.span.enter();
-                match result {
-                    Ok(()) => {
-                        let metrics = &self.worker.metrics;
-                        metrics.batches.with_label_values(&["completed"]).inc();
-                        metrics
-                            .images
-                            .with_label_values(&["completed"])
-                            .inc_by(m.records.len() as u64);
-                        metrics
-                            .batch_seconds
-                            .observe(m.started.elapsed().as_secs_f64());
-                        tracing::info!(
-                            images = m.records.len(),
-                            total_ms = ms(m.started.elapsed()),
-                            generate_ms = m.generate_ms,
-                            upload_ms = m.upload_ms,
-                            "batch completed"
-                        );
-                        m.acker
-                            .ack(BasicAckOptions::default())
-                            .await
-                            .map_err(QueueError::from)?;
-                    }
-                    Err(e) => {
-                        let batch_id = m.batch.batch_id.clone();
-                        self.settle(m.acker, Err(e), m.previous_failures, &batch_id)
-                            .await;
-                    }
+                let span = m.span.clone();
+                if result.is_ok() {
+                    let _enter = span.enter();
+                    let metrics = &self.worker.metrics;
+                    metrics.batches.with_label_values(&["completed"]).inc();
+                    metrics
+                        .images
+                        .with_label_values(&["completed"])
+                        .inc_by(m.records.len() as u64);
+                    metrics
+                        .batch_seconds
+                        .observe(m.started.elapsed().as_secs_f64());
+                    tracing::info!(
+                        images = m.records.len(),
+                        total_ms = ms(m.started.elapsed()),
+                        generate_ms = m.generate_ms,
+                        upload_ms = m.upload_ms,
+                        "batch completed"
+                    );
                 }
+                let mut settling = m.into_settling();
+                // A manifest that was written belongs to the batch too.
+                settling.stored.push(settling.batch.manifest_key());
+                return self.settle(settling, result).instrument(span).await;
             }
         }
         Ok(())
@@ -943,8 +1120,12 @@ impl Session<'_> {
             let (seq, index) = tag;
             let Some(m) = self.inflight.get_mut(&seq) else {
                 continue;
-            }; // its message failed
+            };
+            if m.failure.is_some() {
+                continue; // its message failed: nothing more of it is stored
+            }
             m.generate_ms += per_image_ms;
+            m.uploads_pending += 1;
             let (item_index, n, request) = m.requests[index].clone();
             let checks = image_checks(&self.worker.cfg, metrics, m.safety, &out, position);
             let job = ImageJob {
@@ -1001,22 +1182,66 @@ impl Session<'_> {
         });
     }
 
-    /// Message `seq` failed: drop its waiting images and requeue it.
-    async fn fail(&mut self, seq: u64, error: WorkerError) {
-        let Some(m) = self.inflight.remove(&seq) else {
-            return;
+    /// Message `seq` failed: drop its waiting images; it is settled once its pending uploads
+    /// have reported. The first failure is the one reported.
+    async fn fail(&mut self, seq: u64, error: WorkerError) -> Result<(), WorkerError> {
+        let Some(m) = self.inflight.get_mut(&seq) else {
+            return Ok(());
         };
-        let dropped = self.planner.remove_where(|t| t.0 == seq);
+        if m.failure.is_none() {
+            let dropped = self.planner.remove_where(|t| t.0 == seq);
+            let _enter = m.span.enter();
+            tracing::debug!(dropped, error = %error, "dropping the failed message's waiting images");
+            m.failure = Some(error);
+        }
+        self.settle_if_failed(seq).await
+    }
+
+    /// Settles a failed message once none of its uploads is pending any more.
+    async fn settle_if_failed(&mut self, seq: u64) -> Result<(), WorkerError> {
+        let ready = self
+            .inflight
+            .get(&seq)
+            .is_some_and(|m| m.failure.is_some() && m.uploads_pending == 0);
+        if !ready {
+            return Ok(());
+        }
+        let Some(mut m) = self.inflight.remove(&seq) else {
+            return Ok(());
+        };
+        let error = m
+            .failure
+            .take()
+            .unwrap_or_else(|| WorkerError::Other("failed".into()));
         self.worker
             .metrics
             .images
             .with_label_values(&["failed"])
             .inc_by(m.records.len() as u64);
-        let _enter = m.span.enter();
-        tracing::debug!(dropped, "dropping the failed message's waiting images");
-        let batch_id = m.batch.batch_id.clone();
-        self.settle(m.acker, Err(error), m.previous_failures, &batch_id)
-            .await;
+        let span = m.span.clone();
+        self.settle(m.into_settling(), Err(error))
+            .instrument(span)
+            .await
+    }
+}
+
+impl InFlight {
+    /// The message's broker handle and what it stored, for settling it.
+    fn into_settling(self) -> Settling {
+        let stored = self
+            .records
+            .iter()
+            .flatten()
+            .filter(|r| r.bytes > 0)
+            .map(|r| r.key.clone())
+            .collect();
+        Settling {
+            acker: self.acker,
+            body: self.body,
+            previous_failures: self.previous_failures,
+            batch: self.batch,
+            stored,
+        }
     }
 }
 
@@ -1060,5 +1285,71 @@ fn image_checks(
         safety_action,
         clip_score,
         low_clip_score,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::StorageError;
+
+    #[test]
+    fn producer_set_delivery_counts_are_ignored_and_clamped() {
+        // First delivery: whatever the producer put in the header does not count.
+        assert_eq!(previous_failures(false, Some(i64::MAX), 3), 0);
+        assert_eq!(previous_failures(false, Some(2), 3), 0);
+        // Redeliveries: the queue's count, clamped to 0..=limit.
+        assert_eq!(previous_failures(true, Some(2), 3), 2);
+        assert_eq!(previous_failures(true, None, 3), 0);
+        assert_eq!(previous_failures(true, Some(i64::MAX), 3), 3);
+        assert_eq!(previous_failures(true, Some(-5), 3), 0);
+    }
+
+    #[test]
+    fn every_reason_code_is_documented() {
+        let doc = include_str!("../../docs/messages.md");
+        let worker_codes = [
+            reasons::DELIVERY_LIMIT,
+            reasons::STORAGE_REFUSED,
+            reasons::GENERATION_FAILED,
+        ];
+        let validation = message::InvalidReason::ALL.map(|r| r.as_str());
+        for code in validation.iter().chain(&worker_codes) {
+            assert!(
+                doc.contains(&format!("| `{code}` |")),
+                "docs/messages.md has no row for {code}"
+            );
+        }
+    }
+
+    #[test]
+    fn last_attempt_without_overflow() {
+        assert!(!is_last_attempt(0, 3));
+        assert!(!is_last_attempt(2, 3));
+        assert!(is_last_attempt(3, 3));
+        assert!(is_last_attempt(i64::MAX, 3));
+    }
+
+    #[test]
+    fn permanent_and_transient_failures() {
+        let refused = WorkerError::Storage(StorageError::permanent("put", "b/k", "HTTP 403"));
+        assert_eq!(refused.permanent_reason(), Some(reasons::STORAGE_REFUSED));
+        let down = WorkerError::Storage(StorageError::transient("put", "b/k", "connect refused"));
+        assert_eq!(down.permanent_reason(), None);
+        let oom = WorkerError::Gpu(GpuError::OutOfMemory("CUDA out of memory".into()));
+        assert_eq!(oom.permanent_reason(), Some(reasons::GENERATION_FAILED));
+        let bad = WorkerError::Gpu(GpuError::Pipeline(crate::Error::Tokenizer("x".into())));
+        assert_eq!(bad.permanent_reason(), Some(reasons::GENERATION_FAILED));
+        for transient in [
+            WorkerError::Gpu(GpuError::Panicked("boom".into())),
+            WorkerError::SharedGpu("out of device memory".into()),
+            WorkerError::Other("PNG encoder task failed".into()),
+            WorkerError::Queue(QueueError::Timeout {
+                op: "basic.ack",
+                limit: Duration::from_secs(1),
+            }),
+        ] {
+            assert_eq!(transient.permanent_reason(), None, "{transient}");
+        }
     }
 }

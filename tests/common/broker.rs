@@ -54,9 +54,14 @@ impl Broker {
     }
 
     pub async fn publish(&self, body: &[u8]) {
+        self.publish_with_headers(body, None).await
+    }
+
+    /// Publishes to the jobs queue with producer headers.
+    pub async fn publish_with_headers(&self, body: &[u8], headers: Option<FieldTable>) {
         let t = &self.topology;
         self.publisher
-            .publish_json(&t.jobs_exchange, &t.jobs_queue, body, None, true)
+            .publish_json(&t.jobs_exchange, &t.jobs_queue, body, headers, true)
             .await
             .unwrap();
     }

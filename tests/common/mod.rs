@@ -93,6 +93,7 @@ pub fn assert_images_match(what: &str, ours: &[u8], theirs: &[u8]) {
         frac * 100.0
     );
 }
+pub mod amqp_proxy;
 pub mod broker;
 /// Copies a folder tree (a model folder, to break one of its files in a test).
 pub fn copy_dir(from: &Path, to: &Path) {
@@ -109,3 +110,4 @@ pub fn copy_dir(from: &Path, to: &Path) {
 }
 
 pub mod s3;
+pub mod stack;
