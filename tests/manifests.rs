@@ -238,6 +238,109 @@ fn each_kind_of_mistake_is_reported_with_its_file_and_line() {
     );
 }
 
+/// Issue 9: the stack must not come up reachable from everywhere with well-known credentials.
+#[test]
+fn unsafe_defaults_are_reported_with_their_file_and_line() {
+    let dir = copy_of_deploy();
+    let d = dir.path();
+    let port = inject(
+        d,
+        "docker-compose.yml",
+        "\"127.0.0.1:15672:15672\"",
+        "\"15672:15672\"",
+    );
+    let literal = inject(
+        d,
+        "docker-compose.yml",
+        "RABBITMQ_DEFAULT_PASS: ${RABBITMQ_PASSWORD:?set RABBITMQ_PASSWORD in deploy/.env (see deploy/.env.example)}",
+        "RABBITMQ_DEFAULT_PASS: guest",
+    );
+    // A default is a fixed password too, only better hidden.
+    let default = inject(
+        d,
+        "docker-compose.yml",
+        "characters.\n      MINIO_ROOT_PASSWORD: ${MINIO_ROOT_PASSWORD:?set MINIO_ROOT_PASSWORD in deploy/.env (see deploy/.env.example)}",
+        "characters.\n      MINIO_ROOT_PASSWORD: ${MINIO_ROOT_PASSWORD:-sdbatch-secret}",
+    ) + 1;
+    let url = inject(
+        d,
+        "docker-compose.yml",
+        "AMQP_URL: amqp://${RABBITMQ_USER:?set RABBITMQ_USER in deploy/.env}:${RABBITMQ_PASSWORD:?set RABBITMQ_PASSWORD in deploy/.env}@",
+        "AMQP_URL: amqp://guest:guest@",
+    );
+
+    let run = validate(Some(d));
+    assert_reports(
+        &run,
+        "docker-compose.yml",
+        port,
+        "\"15672:15672\" is published on all interfaces; bind it to 127.0.0.1",
+    );
+    assert_reports(
+        &run,
+        "docker-compose.yml",
+        literal,
+        "RABBITMQ_DEFAULT_PASS: a credential must come from a required variable",
+    );
+    assert_reports(
+        &run,
+        "docker-compose.yml",
+        default,
+        "MINIO_ROOT_PASSWORD: a credential must come from a required variable",
+    );
+    assert_reports(
+        &run,
+        "docker-compose.yml",
+        url,
+        "AMQP_URL: credentials in a URL must come from required variables",
+    );
+    assert_reports(&run, "docker-compose.yml", url, "guest/guest");
+}
+
+/// The variables deploy/docker-compose.yml requires (`${NAME:?message}`) are the ones
+/// deploy/.env.example lists, without values for the passwords; deploy/.env is ignored by git.
+#[test]
+fn the_env_example_matches_what_compose_requires() {
+    let compose = read("deploy/docker-compose.yml");
+    let mut required: Vec<&str> = compose
+        .split("${")
+        .skip(1)
+        .filter_map(|rest| rest.split_once(":?").map(|(name, _)| name))
+        .filter(|name| name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .collect();
+    required.sort_unstable();
+    required.dedup();
+    assert!(required.len() >= 4, "{required:?}");
+
+    let example = read("deploy/.env.example");
+    let mut listed = Vec::new();
+    for line in example.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        if name.contains("PASSWORD") || name.contains("SECRET") {
+            assert_eq!(
+                value.trim(),
+                "",
+                "deploy/.env.example sets {name}: leave passwords empty, so that each stack gets its own"
+            );
+        }
+        listed.push(name.trim());
+    }
+    listed.sort_unstable();
+    assert_eq!(
+        listed, required,
+        "deploy/.env.example should list exactly the variables docker-compose.yml requires"
+    );
+
+    let ignored = Command::new("git")
+        .args(["check-ignore", "-q", "deploy/.env"])
+        .current_dir(repo())
+        .status()
+        .expect("run git check-ignore");
+    assert!(ignored.success(), "deploy/.env is not ignored by git");
+}
+
 /// The `worker.toml` block of deploy/k8s/configmap.yaml, dedented.
 fn worker_toml() -> String {
     let text = read("deploy/k8s/configmap.yaml");

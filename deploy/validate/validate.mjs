@@ -22,6 +22,8 @@
 //    the worker's SIGTERM grace period fits in the pod's/container's; the ScaledObject points at
 //    an existing Deployment and TriggerAuthentication and reads RabbitMQ over HTTP; compose
 //    depends_on names existing services, with a healthcheck where it waits for service_healthy.
+// 5. Safe defaults: compose publishes ports on 127.0.0.1 only and takes every credential from a
+//    required variable (`${VAR:?message}`), never a literal or a default.
 import { readFileSync, readdirSync } from "node:fs";
 import { basename, dirname, join, relative, isAbsolute } from "node:path";
 import { parseAllDocuments, LineCounter, isMap, isSeq, isScalar } from "yaml";
@@ -308,6 +310,64 @@ for (const entry of objects.filter((e) => e.value.kind === "ScaledObject")) {
         "rabbitmq trigger: set protocol: http (over AMQP KEDA counts only ready messages, so workers busy with prefetched batches are scaled down)");
     }
   });
+}
+
+// Compose values: `${NAME:?message}` (or `${NAME?message}`) fails when NAME is missing; a literal,
+// a plain `${NAME}` (empty when unset) or a `${NAME:-default}` would give every stack the same
+// credentials.
+const INTERPOLATION = /\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[?+-])[^}]*)?\}/g;
+const isRequiredVariable = (v) => {
+  const m = [...String(v).matchAll(INTERPOLATION)];
+  return m.length === 1 && m[0][0] === String(v).trim() && m[0][2]?.endsWith("?");
+};
+const CREDENTIAL_NAME = /USER|PASS|SECRET|TOKEN|ACCESS_KEY|CREDENTIAL/i;
+// A publishing address of a `ports` entry: "127.0.0.1:8080:80" -> 127.0.0.1, "8080:80" -> "".
+function hostIp(port) {
+  if (typeof port === "object" && port !== null) return port.host_ip ?? "";
+  const s = String(port);
+  const v6 = s.match(/^\[([^\]]+)\]:/);
+  if (v6) return v6[1];
+  const parts = s.split("/")[0].split(":");
+  return parts.length === 3 ? parts[0] : "";
+}
+function strings(value, path, out) {
+  if (typeof value === "string") out.push([value, path]);
+  else if (Array.isArray(value)) value.forEach((v, i) => strings(v, [...path, i], out));
+  else if (value && typeof value === "object") for (const [k, v] of Object.entries(value)) strings(v, [...path, k], out);
+  return out;
+}
+
+for (const entry of composeDocs) {
+  for (const [name, svc] of Object.entries(entry.value.services ?? {})) {
+    (svc.ports ?? []).forEach((port, i) => {
+      if (hostIp(port) !== "127.0.0.1") {
+        const shown = typeof port === "object" ? JSON.stringify(port) : `"${port}"`;
+        fail(entry, ["services", name, "ports", i], `services.${name}.ports: ${shown} is published on ${hostIp(port) || "all interfaces"}; bind it to 127.0.0.1 ("127.0.0.1:HOST:CONTAINER"), this stack is for the local machine`);
+      }
+    });
+    const environment = Array.isArray(svc.environment)
+      ? Object.fromEntries(svc.environment.map((kv) => kv.split(/=(.*)/s)))
+      : svc.environment ?? {};
+    for (const [key, value] of Object.entries(environment)) {
+      if (CREDENTIAL_NAME.test(key) && !isRequiredVariable(value ?? "")) {
+        fail(entry, ["services", name, "environment", key], `services.${name}.environment.${key}: a credential must come from a required variable, \${NAME:?message} (deploy/.env), not ${JSON.stringify(value ?? "")}`);
+      }
+    }
+    for (const [text, path] of strings(svc, ["services", name], [])) {
+      // Credentials inside URLs (amqp://user:pass@host): both parts from required variables.
+      const plain = text.replace(INTERPOLATION, (m) => (isRequiredVariable(m) ? "$REQUIRED" : "$LITERAL"));
+      for (const [, user, pass] of plain.matchAll(/[a-z][a-z0-9+.-]*:\/\/([^\s\/@:]*):([^\s\/@]*)@/gi)) {
+        if (user !== "$REQUIRED" || pass !== "$REQUIRED") {
+          fail(entry, path, `${path.join(".")}: credentials in a URL must come from required variables, \${NAME:?message}`);
+        }
+      }
+      // `mc alias set ALIAS URL ACCESS_KEY SECRET_KEY` with literal keys.
+      for (const [, user, pass] of text.matchAll(/mc alias set\s+\S+\s+\S+\s+(\S+)\s+(\S+)/g)) {
+        if (!/^"?\$/.test(user) || !/^"?\$/.test(pass)) fail(entry, path, `${path.join(".")}: mc alias set with literal keys; take them from the environment`);
+      }
+      if (/\bguest:guest\b/.test(text)) fail(entry, path, `${path.join(".")}: guest/guest`);
+    }
+  }
 }
 
 for (const entry of composeDocs) {
