@@ -111,6 +111,8 @@ fn the_real_manifests_pass() {
         "k8s/keda-scaledobject.yaml",
         "k8s/keda-triggerauth.yaml",
         "k8s/kustomization.yaml",
+        "k8s/networkpolicy.yaml",
+        "k8s/secret.example.yaml",
         "docker-compose.yml",
     ] {
         assert!(
@@ -238,7 +240,17 @@ fn each_kind_of_mistake_is_reported_with_its_file_and_line() {
     );
 }
 
-/// Issue 9: the stack must not come up reachable from everywhere with well-known credentials.
+/// The line of the first occurrence of `text` in `file` of the copy (1-based).
+fn line_of(dir: &Path, file: &str, text: &str) -> usize {
+    let content = std::fs::read_to_string(dir.join(file)).unwrap();
+    let at = content
+        .find(text)
+        .unwrap_or_else(|| panic!("{file} has no `{text}`"));
+    content[..at].matches('\n').count() + 1
+}
+
+/// Issue 9: the stack must not come up reachable from everywhere with well-known credentials,
+/// and `kubectl apply -k` must not create Secrets from example values.
 #[test]
 fn unsafe_defaults_are_reported_with_their_file_and_line() {
     let dir = copy_of_deploy();
@@ -268,6 +280,12 @@ fn unsafe_defaults_are_reported_with_their_file_and_line() {
         "AMQP_URL: amqp://${RABBITMQ_USER:?set RABBITMQ_USER in deploy/.env}:${RABBITMQ_PASSWORD:?set RABBITMQ_PASSWORD in deploy/.env}@",
         "AMQP_URL: amqp://guest:guest@",
     );
+    let example = inject(
+        d,
+        "k8s/kustomization.yaml",
+        "  - pdb.yaml\n",
+        "  - pdb.yaml\n  - secret.example.yaml\n",
+    ) + 1;
 
     let run = validate(Some(d));
     assert_reports(
@@ -295,6 +313,62 @@ fn unsafe_defaults_are_reported_with_their_file_and_line() {
         "AMQP_URL: credentials in a URL must come from required variables",
     );
     assert_reports(&run, "docker-compose.yml", url, "guest/guest");
+    assert_reports(
+        &run,
+        "k8s/kustomization.yaml",
+        example,
+        "secret.example.yaml holds example values and must not be applied",
+    );
+}
+
+#[test]
+fn network_policy_mistakes_are_reported_with_their_file_and_line() {
+    // Schema and the rules on what the policy lets through.
+    let dir = copy_of_deploy();
+    let d = dir.path();
+    const NP: &str = "k8s/networkpolicy.yaml";
+    let field = inject(d, NP, "        - ipBlock:", "        - ipblock:");
+    let port = inject(d, NP, "        - port: 9090\n", "        - port: 9091\n");
+    inject(d, NP, "protocol: UDP", "protocol: TCP");
+    let egress = line_of(d, NP, "  egress:");
+    let run = validate(Some(d));
+    assert_reports(
+        &run,
+        NP,
+        field,
+        "unknown field \"ipblock\"; did you mean \"ipBlock\"?",
+    );
+    assert_reports(
+        &run,
+        NP,
+        port,
+        "ingress port 9091/TCP is not a container port of the selected pods",
+    );
+    assert_reports(&run, NP, egress, "DNS (port 53/UDP) is not allowed");
+
+    // A selector that misses the worker's labels protects nothing.
+    let dir = copy_of_deploy();
+    let d = dir.path();
+    let selector = inject(
+        d,
+        NP,
+        "  podSelector:\n    matchLabels:\n      app.kubernetes.io/name: sdbatch\n",
+        "  podSelector:\n    matchLabels:\n      app.kubernetes.io/name: sdbatch-worker\n",
+    );
+    let labels = line_of(d, "k8s/deployment.yaml", "    metadata:\n      labels:") + 1;
+    let run = validate(Some(d));
+    assert_reports(
+        &run,
+        NP,
+        selector,
+        "podSelector selects the pods of no Deployment in namespace sdbatch",
+    );
+    assert_reports(
+        &run,
+        "k8s/deployment.yaml",
+        labels,
+        "no NetworkPolicy with policyTypes Egress selects the worker pods",
+    );
 }
 
 /// The variables deploy/docker-compose.yml requires (`${NAME:?message}`) are the ones
