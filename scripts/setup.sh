@@ -3,7 +3,8 @@
 #   * a Python venv with torch==2.11.0 (libtorch for tch) and the pinned diffusers/transformers used
 #     to make the reference fixtures;
 #   * the tiny random SD model and diffusers' reference outputs (tests/fixtures/…, generated, ignored by git);
-#   * RabbitMQ (Debian package) and the s3s-fs S3 server (built from crates.io into the cache).
+#   * RabbitMQ (Debian package) and the s3s-fs S3 server (built from crates.io into the cache);
+#   * cargo-audit, pinned, built once into the cache (scripts/audit.sh).
 # The venv is large (~4.6 GB), so it lives in a cache folder keyed by the requirements' hash and the
 # project's `.venv` is a link to it: a fresh clone reuses it, and because its path stays the same,
 # torch-sys' C++ build (which reruns when LIBTORCH's path changes) is reused too.
@@ -36,6 +37,9 @@ ln -sfn "$venv" .venv
 
 # The local stack for the worker: RabbitMQ from Debian, the s3s-fs S3 server built once.
 scripts/services.sh install
+
+# cargo-audit for the dependency audit (tests/audit.rs), pinned and built once.
+scripts/audit.sh install
 
 # Fixtures: regenerate only when the generating script or the pinned versions change.
 fx=tests/fixtures/generated

@@ -111,6 +111,8 @@ fn the_real_manifests_pass() {
         "k8s/keda-scaledobject.yaml",
         "k8s/keda-triggerauth.yaml",
         "k8s/kustomization.yaml",
+        "k8s/networkpolicy.yaml",
+        "k8s/secret.example.yaml",
         "docker-compose.yml",
     ] {
         assert!(
@@ -236,6 +238,181 @@ fn each_kind_of_mistake_is_reported_with_its_file_and_line() {
         key,
         "must NOT have additional properties \"restrat\"",
     );
+}
+
+/// The line of the first occurrence of `text` in `file` of the copy (1-based).
+fn line_of(dir: &Path, file: &str, text: &str) -> usize {
+    let content = std::fs::read_to_string(dir.join(file)).unwrap();
+    let at = content
+        .find(text)
+        .unwrap_or_else(|| panic!("{file} has no `{text}`"));
+    content[..at].matches('\n').count() + 1
+}
+
+/// Issue 9: the stack must not come up reachable from everywhere with well-known credentials,
+/// and `kubectl apply -k` must not create Secrets from example values.
+#[test]
+fn unsafe_defaults_are_reported_with_their_file_and_line() {
+    let dir = copy_of_deploy();
+    let d = dir.path();
+    let port = inject(
+        d,
+        "docker-compose.yml",
+        "\"127.0.0.1:15672:15672\"",
+        "\"15672:15672\"",
+    );
+    let literal = inject(
+        d,
+        "docker-compose.yml",
+        "RABBITMQ_DEFAULT_PASS: ${RABBITMQ_PASSWORD:?set RABBITMQ_PASSWORD in deploy/.env (see deploy/.env.example)}",
+        "RABBITMQ_DEFAULT_PASS: guest",
+    );
+    // A default is a fixed password too, only better hidden.
+    let default = inject(
+        d,
+        "docker-compose.yml",
+        "characters.\n      MINIO_ROOT_PASSWORD: ${MINIO_ROOT_PASSWORD:?set MINIO_ROOT_PASSWORD in deploy/.env (see deploy/.env.example)}",
+        "characters.\n      MINIO_ROOT_PASSWORD: ${MINIO_ROOT_PASSWORD:-sdbatch-secret}",
+    ) + 1;
+    let url = inject(
+        d,
+        "docker-compose.yml",
+        "AMQP_URL: amqp://${RABBITMQ_USER:?set RABBITMQ_USER in deploy/.env}:${RABBITMQ_PASSWORD:?set RABBITMQ_PASSWORD in deploy/.env}@",
+        "AMQP_URL: amqp://guest:guest@",
+    );
+    let example = inject(
+        d,
+        "k8s/kustomization.yaml",
+        "  - pdb.yaml\n",
+        "  - pdb.yaml\n  - secret.example.yaml\n",
+    ) + 1;
+
+    let run = validate(Some(d));
+    assert_reports(
+        &run,
+        "docker-compose.yml",
+        port,
+        "\"15672:15672\" is published on all interfaces; bind it to 127.0.0.1",
+    );
+    assert_reports(
+        &run,
+        "docker-compose.yml",
+        literal,
+        "RABBITMQ_DEFAULT_PASS: a credential must come from a required variable",
+    );
+    assert_reports(
+        &run,
+        "docker-compose.yml",
+        default,
+        "MINIO_ROOT_PASSWORD: a credential must come from a required variable",
+    );
+    assert_reports(
+        &run,
+        "docker-compose.yml",
+        url,
+        "AMQP_URL: credentials in a URL must come from required variables",
+    );
+    assert_reports(&run, "docker-compose.yml", url, "guest/guest");
+    assert_reports(
+        &run,
+        "k8s/kustomization.yaml",
+        example,
+        "secret.example.yaml holds example values and must not be applied",
+    );
+}
+
+#[test]
+fn network_policy_mistakes_are_reported_with_their_file_and_line() {
+    // Schema and the rules on what the policy lets through.
+    let dir = copy_of_deploy();
+    let d = dir.path();
+    const NP: &str = "k8s/networkpolicy.yaml";
+    let field = inject(d, NP, "        - ipBlock:", "        - ipblock:");
+    let port = inject(d, NP, "        - port: 9090\n", "        - port: 9091\n");
+    inject(d, NP, "protocol: UDP", "protocol: TCP");
+    let egress = line_of(d, NP, "  egress:");
+    let run = validate(Some(d));
+    assert_reports(
+        &run,
+        NP,
+        field,
+        "unknown field \"ipblock\"; did you mean \"ipBlock\"?",
+    );
+    assert_reports(
+        &run,
+        NP,
+        port,
+        "ingress port 9091/TCP is not a container port of the selected pods",
+    );
+    assert_reports(&run, NP, egress, "DNS (port 53/UDP) is not allowed");
+
+    // A selector that misses the worker's labels protects nothing.
+    let dir = copy_of_deploy();
+    let d = dir.path();
+    let selector = inject(
+        d,
+        NP,
+        "  podSelector:\n    matchLabels:\n      app.kubernetes.io/name: sdbatch\n",
+        "  podSelector:\n    matchLabels:\n      app.kubernetes.io/name: sdbatch-worker\n",
+    );
+    let labels = line_of(d, "k8s/deployment.yaml", "    metadata:\n      labels:") + 1;
+    let run = validate(Some(d));
+    assert_reports(
+        &run,
+        NP,
+        selector,
+        "podSelector selects the pods of no Deployment in namespace sdbatch",
+    );
+    assert_reports(
+        &run,
+        "k8s/deployment.yaml",
+        labels,
+        "no NetworkPolicy with policyTypes Egress selects the worker pods",
+    );
+}
+
+/// The variables deploy/docker-compose.yml requires (`${NAME:?message}`) are the ones
+/// deploy/.env.example lists, without values for the passwords; deploy/.env is ignored by git.
+#[test]
+fn the_env_example_matches_what_compose_requires() {
+    let compose = read("deploy/docker-compose.yml");
+    let mut required: Vec<&str> = compose
+        .split("${")
+        .skip(1)
+        .filter_map(|rest| rest.split_once(":?").map(|(name, _)| name))
+        .filter(|name| name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .collect();
+    required.sort_unstable();
+    required.dedup();
+    assert!(required.len() >= 4, "{required:?}");
+
+    let example = read("deploy/.env.example");
+    let mut listed = Vec::new();
+    for line in example.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        if name.contains("PASSWORD") || name.contains("SECRET") {
+            assert_eq!(
+                value.trim(),
+                "",
+                "deploy/.env.example sets {name}: leave passwords empty, so that each stack gets its own"
+            );
+        }
+        listed.push(name.trim());
+    }
+    listed.sort_unstable();
+    assert_eq!(
+        listed, required,
+        "deploy/.env.example should list exactly the variables docker-compose.yml requires"
+    );
+
+    let ignored = Command::new("git")
+        .args(["check-ignore", "-q", "deploy/.env"])
+        .current_dir(repo())
+        .status()
+        .expect("run git check-ignore");
+    assert!(ignored.success(), "deploy/.env is not ignored by git");
 }
 
 /// The `worker.toml` block of deploy/k8s/configmap.yaml, dedented.

@@ -22,6 +22,11 @@
 //    the worker's SIGTERM grace period fits in the pod's/container's; the ScaledObject points at
 //    an existing Deployment and TriggerAuthentication and reads RabbitMQ over HTTP; compose
 //    depends_on names existing services, with a healthcheck where it waits for service_healthy.
+// 5. Safe defaults: no example Secret (`*.example.yaml`, CHANGE-ME values) in kustomization.yaml;
+//    every worker Deployment is selected by a NetworkPolicy that restricts ingress and egress,
+//    lets DNS through, and opens only ports the pods have; compose publishes ports on 127.0.0.1
+//    only and takes every credential from a required variable (`${VAR:?message}`), never a
+//    literal or a default.
 import { readFileSync, readdirSync } from "node:fs";
 import { basename, dirname, join, relative, isAbsolute } from "node:path";
 import { parseAllDocuments, LineCounter, isMap, isSeq, isScalar } from "yaml";
@@ -256,12 +261,32 @@ const seconds = (d) => {
 };
 const WORKER_DEFAULT_GRACE = 600; // sdbatch worker --grace-period-secs default
 
+// Example files (`secret.example.yaml`) hold placeholder credentials: they must never be applied.
+const isExample = (f) => /\.example\.ya?ml$/.test(f);
+const PLACEHOLDER = /CHANGE-?ME|EXAMPLE/i;
+
 for (const entry of docs.filter((e) => e.value?.kind === "Kustomization")) {
   const dir = dirname(entry.file);
-  const listed = (entry.value.resources ?? []).filter((r) => !r.includes("/") && /\.ya?ml$/.test(r));
+  const resources = entry.value.resources ?? [];
+  const listed = resources.filter((r) => !r.includes("/") && /\.ya?ml$/.test(r));
   const present = readdirSync(dir).filter((f) => /\.ya?ml$/.test(f) && f !== basename(entry.file));
-  for (const f of present.filter((f) => !listed.includes(f))) fail(entry, ["resources"], `resources: ${f} is not listed`);
+  for (const f of present.filter((f) => !listed.includes(f) && !isExample(f))) fail(entry, ["resources"], `resources: ${f} is not listed`);
   for (const f of listed.filter((f) => !present.includes(f))) fail(entry, ["resources"], `resources: ${f} does not exist`);
+  resources.forEach((f, i) => {
+    if (isExample(f)) {
+      fail(entry, ["resources", i], `resources: ${f} holds example values and must not be applied; create the Secrets with kubectl create secret (deploy/README.md)`);
+      return;
+    }
+    // A Secret with placeholder values in a listed file is the same mistake under another name.
+    for (const doc of docs.filter((d) => d.file === join(dir, f) && d.value?.kind === "Secret")) {
+      const values = { ...(doc.value.stringData ?? {}) };
+      for (const [k, v] of Object.entries(doc.value.data ?? {})) values[k] = Buffer.from(String(v), "base64").toString();
+      const bad = Object.keys(values).filter((k) => PLACEHOLDER.test(String(values[k])));
+      if (bad.length > 0) {
+        fail(entry, ["resources", i], `resources: ${f} has a Secret ${doc.value.metadata?.name} with placeholder values (${bad.join(", ")}); create it with kubectl create secret instead`);
+      }
+    }
+  });
 }
 
 // YAML files carried in ConfigMaps (the Prometheus scrape job) must parse.
@@ -308,6 +333,116 @@ for (const entry of objects.filter((e) => e.value.kind === "ScaledObject")) {
         "rabbitmq trigger: set protocol: http (over AMQP KEDA counts only ready messages, so workers busy with prefetched batches are scaled down)");
     }
   });
+}
+
+// Label selectors (matchLabels, matchExpressions) against a set of labels.
+function selects(selector, labels) {
+  if (!selector) return false;
+  for (const [k, v] of Object.entries(selector.matchLabels ?? {})) if (labels[k] !== v) return false;
+  for (const { key, operator, values = [] } of selector.matchExpressions ?? []) {
+    const has = Object.hasOwn(labels, key);
+    const ok = { In: has && values.includes(labels[key]), NotIn: !has || !values.includes(labels[key]), Exists: has, DoesNotExist: !has }[operator];
+    if (!ok) return false;
+  }
+  return true;
+}
+const podsOf = (deployment) => deployment.value.spec?.template ?? {};
+const namespaceOf = (e) => e.value.metadata?.namespace ?? "default";
+const isWorker = (deployment) => (podsOf(deployment).spec?.containers ?? []).some((c) => (c.args ?? c.command ?? []).includes("worker"));
+const policies = objects.filter((e) => e.value.kind === "NetworkPolicy");
+const deployments = objects.filter((e) => e.value.kind === "Deployment");
+
+for (const entry of policies) {
+  const spec = entry.value.spec ?? {};
+  const selected = deployments.filter((d) => namespaceOf(d) === namespaceOf(entry) && selects(spec.podSelector, podsOf(d).metadata?.labels ?? {}));
+  if (selected.length === 0) {
+    fail(entry, ["spec", "podSelector"], `podSelector selects the pods of no Deployment in namespace ${namespaceOf(entry)} among these files (compare with the Deployment's template labels)`);
+  }
+  // A port that no selected container has opens nothing; usually a renamed or renumbered port.
+  const ports = selected.flatMap((d) => (podsOf(d).spec?.containers ?? []).flatMap((c) => c.ports ?? []));
+  (spec.ingress ?? []).forEach((rule, i) =>
+    (rule.ports ?? []).forEach((p, j) => {
+      if (p.port === undefined || selected.length === 0) return;
+      const proto = p.protocol ?? "TCP";
+      const found = ports.some((c) => (c.protocol ?? "TCP") === proto && (typeof p.port === "string" && !/^\d+$/.test(p.port) ? c.name === p.port : c.containerPort === Number(p.port)));
+      if (!found) fail(entry, ["spec", "ingress", i, "ports", j], `ingress port ${p.port}/${proto} is not a container port of the selected pods`);
+    }),
+  );
+  // With Egress restricted, a pod that cannot reach DNS cannot resolve the broker or S3.
+  const types = spec.policyTypes ?? (spec.egress ? ["Ingress", "Egress"] : ["Ingress"]);
+  if (types.includes("Egress")) {
+    for (const proto of ["UDP", "TCP"]) {
+      const dns = (spec.egress ?? []).some((rule) => !rule.ports || rule.ports.some((p) => (p.protocol ?? "TCP") === proto && (p.port === undefined || Number(p.port) === 53 || (p.endPort !== undefined && Number(p.port) <= 53 && 53 <= p.endPort))));
+      if (!dns) fail(entry, ["spec", "egress"], `egress: DNS (port 53/${proto}) is not allowed; the pods could not resolve the broker or S3`);
+    }
+  }
+}
+
+for (const entry of deployments.filter(isWorker)) {
+  const labels = podsOf(entry).metadata?.labels ?? {};
+  const mine = policies.filter((p) => namespaceOf(p) === namespaceOf(entry) && selects(p.value.spec?.podSelector, labels));
+  const restricted = (type) => mine.some((p) => (p.value.spec?.policyTypes ?? []).includes(type));
+  for (const type of ["Ingress", "Egress"].filter((t) => !restricted(t))) {
+    fail(entry, ["spec", "template", "metadata", "labels"], `no NetworkPolicy with policyTypes ${type} selects the worker pods (networkpolicy.yaml)`);
+  }
+}
+
+// Compose values: `${NAME:?message}` (or `${NAME?message}`) fails when NAME is missing; a literal,
+// a plain `${NAME}` (empty when unset) or a `${NAME:-default}` would give every stack the same
+// credentials.
+const INTERPOLATION = /\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[?+-])[^}]*)?\}/g;
+const isRequiredVariable = (v) => {
+  const m = [...String(v).matchAll(INTERPOLATION)];
+  return m.length === 1 && m[0][0] === String(v).trim() && m[0][2]?.endsWith("?");
+};
+const CREDENTIAL_NAME = /USER|PASS|SECRET|TOKEN|ACCESS_KEY|CREDENTIAL/i;
+// A publishing address of a `ports` entry: "127.0.0.1:8080:80" -> 127.0.0.1, "8080:80" -> "".
+function hostIp(port) {
+  if (typeof port === "object" && port !== null) return port.host_ip ?? "";
+  const s = String(port);
+  const v6 = s.match(/^\[([^\]]+)\]:/);
+  if (v6) return v6[1];
+  const parts = s.split("/")[0].split(":");
+  return parts.length === 3 ? parts[0] : "";
+}
+function strings(value, path, out) {
+  if (typeof value === "string") out.push([value, path]);
+  else if (Array.isArray(value)) value.forEach((v, i) => strings(v, [...path, i], out));
+  else if (value && typeof value === "object") for (const [k, v] of Object.entries(value)) strings(v, [...path, k], out);
+  return out;
+}
+
+for (const entry of composeDocs) {
+  for (const [name, svc] of Object.entries(entry.value.services ?? {})) {
+    (svc.ports ?? []).forEach((port, i) => {
+      if (hostIp(port) !== "127.0.0.1") {
+        const shown = typeof port === "object" ? JSON.stringify(port) : `"${port}"`;
+        fail(entry, ["services", name, "ports", i], `services.${name}.ports: ${shown} is published on ${hostIp(port) || "all interfaces"}; bind it to 127.0.0.1 ("127.0.0.1:HOST:CONTAINER"), this stack is for the local machine`);
+      }
+    });
+    const environment = Array.isArray(svc.environment)
+      ? Object.fromEntries(svc.environment.map((kv) => kv.split(/=(.*)/s)))
+      : svc.environment ?? {};
+    for (const [key, value] of Object.entries(environment)) {
+      if (CREDENTIAL_NAME.test(key) && !isRequiredVariable(value ?? "")) {
+        fail(entry, ["services", name, "environment", key], `services.${name}.environment.${key}: a credential must come from a required variable, \${NAME:?message} (deploy/.env), not ${JSON.stringify(value ?? "")}`);
+      }
+    }
+    for (const [text, path] of strings(svc, ["services", name], [])) {
+      // Credentials inside URLs (amqp://user:pass@host): both parts from required variables.
+      const plain = text.replace(INTERPOLATION, (m) => (isRequiredVariable(m) ? "$REQUIRED" : "$LITERAL"));
+      for (const [, user, pass] of plain.matchAll(/[a-z][a-z0-9+.-]*:\/\/([^\s\/@:]*):([^\s\/@]*)@/gi)) {
+        if (user !== "$REQUIRED" || pass !== "$REQUIRED") {
+          fail(entry, path, `${path.join(".")}: credentials in a URL must come from required variables, \${NAME:?message}`);
+        }
+      }
+      // `mc alias set ALIAS URL ACCESS_KEY SECRET_KEY` with literal keys.
+      for (const [, user, pass] of text.matchAll(/mc alias set\s+\S+\s+\S+\s+(\S+)\s+(\S+)/g)) {
+        if (!/^"?\$/.test(user) || !/^"?\$/.test(pass)) fail(entry, path, `${path.join(".")}: mc alias set with literal keys; take them from the environment`);
+      }
+      if (/\bguest:guest\b/.test(text)) fail(entry, path, `${path.join(".")}: guest/guest`);
+    }
+  }
 }
 
 for (const entry of composeDocs) {
