@@ -29,6 +29,7 @@
 //! max_items = 256
 //! max_images_per_item = 16
 //! max_total_images = 1024
+//! max_message_work = 16384.0
 //! max_side = 1024
 //! ```
 use crate::error::{Error, Result};
@@ -75,6 +76,7 @@ pub struct LimitsSection {
     pub max_items: Option<usize>,
     pub max_images_per_item: Option<u32>,
     pub max_total_images: Option<usize>,
+    pub max_message_work: Option<f64>,
     pub max_prompt_bytes: Option<usize>,
     pub max_side: Option<i64>,
     pub max_steps: Option<usize>,

@@ -147,6 +147,14 @@ pub struct BatchCompleted {
     /// manifest instead of regenerating; the stored manifest keeps the value of the delivery that
     /// made it.
     pub redelivered: bool,
+    /// [`Batch::work_sha256`]: what the images were made from. A message reusing the `batch_id`
+    /// with other work is a conflict. Absent in manifests written by older workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_sha256: Option<String>,
+    /// Images an earlier delivery of the same work had stored, taken over instead of generated
+    /// again. Absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_images: Option<usize>,
 }
 
 impl BatchCompleted {
@@ -171,6 +179,8 @@ impl BatchCompleted {
             timings,
             completed_at: now_rfc3339(),
             redelivered,
+            work_sha256: Some(batch.work_sha256()),
+            resumed_images: None,
         }
     }
 
@@ -592,7 +602,11 @@ mod tests {
             "https://json-schema.org/draft/2020-12/schema"
         );
         let defs = &schema["$defs"];
-        let c = serde_json::to_value(completed()).unwrap();
+        let c = serde_json::to_value(BatchCompleted {
+            resumed_images: Some(1),
+            ..completed()
+        })
+        .unwrap();
         let f = serde_json::to_value(failed(None, "r")).unwrap();
         for (def, value) in [
             ("batch_completed", &c),
@@ -613,6 +627,10 @@ mod tests {
             let mut want = keys(value);
             if def == "timings" {
                 want.remove("queue_wait_ms");
+            }
+            if def == "batch_completed" {
+                want.remove("work_sha256");
+                want.remove("resumed_images");
             }
             if def == "image" {
                 for optional in ["nsfw", "safety_action", "clip_score", "low_clip_score"] {

@@ -25,6 +25,10 @@ use std::fmt;
 /// Default limit of a message body: 1 MiB holds 256 items with 2 KiB prompts each.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
 
+/// Default cap of one message's work: 16384 image-steps-megapixels, i.e. 1250 images of 512² at 50
+/// steps (about 7 minutes on an H200, half an hour on a T4-class GPU).
+pub const DEFAULT_MAX_MESSAGE_WORK: f64 = 16384.0;
+
 /// The only `schema_version` this code reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -163,6 +167,9 @@ pub struct Limits {
     pub max_images_per_item: u32,
     /// Images per message, all items together.
     pub max_total_images: usize,
+    /// Work of one message in image-steps-megapixels ([`work_units`]); more is `too_much_work`.
+    /// One message must finish well within the broker's consumer timeout on the slowest GPU.
+    pub max_message_work: f64,
     /// Prompt and negative prompt, in bytes.
     pub max_prompt_bytes: usize,
     /// Width and height, in pixels.
@@ -185,6 +192,7 @@ impl Default for Limits {
             max_items: 256,
             max_images_per_item: 16,
             max_total_images: 1024,
+            max_message_work: DEFAULT_MAX_MESSAGE_WORK,
             max_prompt_bytes: 2048,
             max_side: 1024,
             min_steps: 1,
@@ -208,6 +216,9 @@ impl Limits {
         }
         if self.max_side < 8 {
             return Err(format!("max_side {} is below 8", self.max_side));
+        }
+        if !(self.max_message_work.is_finite() && self.max_message_work > 0.0) {
+            return Err("max_message_work must be a positive number".into());
         }
         if self.max_message_bytes == 0 {
             return Err("max_message_bytes must be >= 1".into());
@@ -299,6 +310,8 @@ pub enum InvalidReason {
     Guidance,
     /// `width` or `height`.
     Size,
+    /// images × steps × megapixels above the worker's `max_message_work`.
+    TooMuchWork,
     Scheduler,
     Preset,
     Bucket,
@@ -306,10 +319,13 @@ pub enum InvalidReason {
     /// The batch asks for the safety checker and the worker has none (set by the worker, not
     /// by `parse`).
     SafetyChecker,
+    /// Objects stored under this `batch_id` were made by a message with different work (set by
+    /// the worker from the manifest or the images' metadata, not by `parse`).
+    BatchIdConflict,
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 19] = [
+    pub const ALL: [InvalidReason; 21] = [
         InvalidReason::TooLarge,
         InvalidReason::NotJson,
         InvalidReason::SchemaVersion,
@@ -324,11 +340,13 @@ impl InvalidReason {
         InvalidReason::Steps,
         InvalidReason::Guidance,
         InvalidReason::Size,
+        InvalidReason::TooMuchWork,
         InvalidReason::Scheduler,
         InvalidReason::Preset,
         InvalidReason::Bucket,
         InvalidReason::Prefix,
         InvalidReason::SafetyChecker,
+        InvalidReason::BatchIdConflict,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -347,11 +365,13 @@ impl InvalidReason {
             InvalidReason::Steps => "steps",
             InvalidReason::Guidance => "guidance",
             InvalidReason::Size => "size",
+            InvalidReason::TooMuchWork => "too_much_work",
             InvalidReason::Scheduler => "scheduler",
             InvalidReason::Preset => "preset",
             InvalidReason::Bucket => "bucket",
             InvalidReason::Prefix => "prefix",
             InvalidReason::SafetyChecker => "safety_checker",
+            InvalidReason::BatchIdConflict => "batch_id_conflict",
         }
     }
 }
@@ -454,9 +474,57 @@ impl Batch {
         out
     }
 
+    /// SHA-256 (hex) of the batch's work as validated: its id, every item (id, prompt, negative
+    /// prompt, resolved seed, image count), the resolved parameters, the safety-checker choice,
+    /// bucket and prefix. The same work gives the same hash however the message was written
+    /// (presets, key order, defaults, derived seeds); the manifest and every image record it, so
+    /// a different message reusing a `batch_id` is recognised as a conflict.
+    pub fn work_sha256(&self) -> String {
+        let p = &self.params;
+        let canonical = serde_json::json!({
+            "v": 1,
+            "batch_id": self.batch_id,
+            "items": self.items.iter().map(|i| serde_json::json!({
+                "id": i.id,
+                "prompt": i.prompt,
+                "negative_prompt": i.negative_prompt,
+                "seed": i.seed,
+                "num_images": i.num_images,
+            })).collect::<Vec<_>>(),
+            "params": {
+                "steps": p.steps,
+                "guidance_scale": p.guidance_scale,
+                "width": p.width,
+                "height": p.height,
+                "scheduler": p.scheduler.name(),
+            },
+            "safety_checker": self.safety_checker,
+            "bucket": self.bucket,
+            "prefix": self.prefix,
+        });
+        // The keys are written in one fixed order (sorted, or as listed here if serde_json's
+        // `preserve_order` is on): canonical bytes either way.
+        hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+    }
+
+    /// Work in image-steps-megapixels: what one message asks of a GPU, for the worker's cap.
+    pub fn work_units(&self) -> f64 {
+        work_units(
+            self.total_images(),
+            self.params.steps,
+            self.params.width,
+            self.params.height,
+        )
+    }
+
     /// `{prefix}/{batch_id}/{item_id}/{n}.png` (no leading `/` without a prefix).
     pub fn image_key(&self, item_id: &str, n: u32) -> String {
         self.key(&format!("{item_id}/{n}.png"))
+    }
+
+    /// `{prefix}/{batch_id}/`: the folder of every object of the batch.
+    pub fn folder_key(&self) -> String {
+        self.key("")
     }
 
     /// `{prefix}/{batch_id}/manifest.json`.
@@ -475,6 +543,12 @@ impl Batch {
             format!("{}/{}/{rest}", self.prefix, self.batch_id)
         }
     }
+}
+
+/// Work in image-steps-megapixels (`images × steps × width × height / 10^6`): a 512² image at 50
+/// steps is 13.1 units. Time on a given GPU is close to proportional to it.
+pub fn work_units(images: usize, steps: usize, width: i64, height: i64) -> f64 {
+    images as f64 * steps as f64 * (width as f64 * height as f64) / 1e6
 }
 
 /// The seed of an item without one: the first 8 bytes (big-endian) of
@@ -839,6 +913,18 @@ fn validate_unbounded(
             )
         })?,
     };
+
+    let work = work_units(total, steps, size[0], size[1]);
+    if work > limits.max_message_work {
+        return Err(fail(
+            R::TooMuchWork,
+            format!(
+                "{work:.0} image-steps-megapixels ({total} images x {steps} steps x {}x{}), limit \
+                 {:.0} per message: split it into several messages (sdbatch submit does)",
+                size[0], size[1], limits.max_message_work
+            ),
+        ));
+    }
 
     // Output.
     let out = msg.output.clone().unwrap_or_default();
@@ -1739,14 +1825,67 @@ mod tests {
                 "steps",
                 "guidance",
                 "size",
+                "too_much_work",
                 "scheduler",
                 "preset",
                 "bucket",
                 "prefix",
-                "safety_checker"
+                "safety_checker",
+                "batch_id_conflict"
             ]
         );
         assert_eq!(InvalidReason::Size.to_string(), "size");
+    }
+
+    #[test]
+    fn work_is_capped() {
+        let l = Limits {
+            max_message_work: 100.0,
+            ..limits()
+        };
+        // 2 images x 25 steps x 512x512 = 13.1 units: fine; 8 images x 50 steps = 104.9: not.
+        let small = json!({"schema_version": 1, "batch_id": "b",
+            "items": [{"id": "a", "prompt": "p", "num_images": 2}], "params": {"steps": 25}});
+        let run = |v: &Value| parse(&serde_json::to_vec(v).unwrap(), &l, NATIVE);
+        let b = run(&small).unwrap();
+        assert!((b.work_units() - 13.1072).abs() < 1e-9);
+        let big = with(small, "/items/0/num_images", Some(json!(8)));
+        let big = with(big, "/params/steps", Some(json!(50)));
+        let e = run(&big).unwrap_err();
+        assert_eq!(e.reason, InvalidReason::TooMuchWork);
+        assert!(
+            e.message.contains("105 image-steps-megapixels"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("limit 100"), "{}", e.message);
+        // The default admits the default maximum batch at the default settings.
+        let d = Limits::default();
+        assert!(work_units(d.max_total_images, 50, 512, 512) <= d.max_message_work);
+    }
+
+    #[test]
+    fn work_hash_is_canonical() {
+        let a = parse_value(&example()).unwrap();
+        // Same work written differently: keys reordered, preset steps spelled out.
+        let text = r#"{"output": {"prefix": "catalog/shoes", "bucket": "images"},
+            "params": {"preset": "production", "steps": 25, "guidance_scale": 8.5,
+                       "width": 512, "height": 512, "scheduler": "pndm", "safety_checker": true},
+            "items": [{"num_images": 2, "seed": 42, "negative_prompt": "blurry",
+                       "prompt": "professional product photography of a red sneaker", "id": "sku-123"}],
+            "batch_id": "shoes-2026-11-26-0001", "schema_version": 1}"#;
+        let b = parse(text.as_bytes(), &limits(), NATIVE).unwrap();
+        assert_eq!(a.work_sha256(), b.work_sha256());
+        assert_eq!(a.work_sha256().len(), 64);
+        for (ptr, v) in [
+            ("/items/0/prompt", json!("another prompt")),
+            ("/items/0/seed", json!(43)),
+            ("/params/steps", json!(26)),
+            ("/output/prefix", json!("other")),
+        ] {
+            let c = parse_value(&with(example(), ptr, Some(v))).unwrap();
+            assert_ne!(a.work_sha256(), c.work_sha256(), "{ptr}");
+        }
     }
 
     #[test]

@@ -512,20 +512,32 @@ pub fn expand_template(template: &str, vars: &[(String, Vec<String>)]) -> Result
 // Messages
 // ---------------------------------------------------------------------------------------------
 
-/// Splits `items` into messages of at most `batch_size` items, with batch ids
-/// `{batch_prefix}-0001`, `{batch_prefix}-0002`, …, each carrying `params` and `output` (left
-/// out of the JSON when empty).
+/// How `into_messages` cuts a list of items into messages.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Split {
+    /// Items per message at most.
+    pub max_items: usize,
+    /// Work per message at most, in image-steps-megapixels ([`crate::message::work_units`]): the
+    /// worker's `max_message_work`, so no message is refused as `too_much_work`.
+    pub max_work: f64,
+    /// Work of one image at the batch's parameters.
+    pub work_per_image: f64,
+}
+
+/// Splits `items` into messages of at most `split.max_items` items and `split.max_work` work, in
+/// order, with batch ids `{batch_prefix}-0001`, `{batch_prefix}-0002`, …, each carrying `params`
+/// and `output` (left out of the JSON when empty).
 ///
 /// The worker's other limits (images per message, prompt length, buckets) are not checked here:
 /// run [`crate::message::validate`] on each message with the worker's limits for that.
 pub fn into_messages(
     items: Vec<SubmitItem>,
-    batch_size: usize,
+    split: Split,
     batch_prefix: &str,
     params: &MessageParams,
     output: &MessageOutput,
 ) -> Result<Vec<BatchMessage>> {
-    if batch_size == 0 {
+    if split.max_items == 0 {
         return Err(Error::InvalidArgument(
             "batch size must be at least 1".into(),
         ));
@@ -533,26 +545,55 @@ pub fn into_messages(
     if items.is_empty() {
         return Err(Error::InvalidArgument("no prompts to submit".into()));
     }
-    let count = items.len().div_ceil(batch_size);
-    let last_id = format!("{batch_prefix}-{count:04}");
+    let item_work = |i: &SubmitItem| f64::from(i.num_images.unwrap_or(1)) * split.work_per_image;
+    if let Some((index, item)) = items
+        .iter()
+        .enumerate()
+        .find(|(_, i)| item_work(i) > split.max_work)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "item {} ({}) alone is {:.0} image-steps-megapixels, over the {:.0} a message may hold: \
+             ask for fewer images, steps or pixels",
+            index + 1,
+            item.id,
+            item_work(item),
+            split.max_work
+        )));
+    }
+    // Greedy, in order: a message closes when the next item would break either limit.
+    let mut chunks: Vec<Vec<MessageItem>> = Vec::new();
+    let mut work = 0.0;
+    for item in items {
+        let w = item_work(&item);
+        let full = chunks
+            .last()
+            .is_none_or(|c| c.len() >= split.max_items || work + w > split.max_work);
+        if full {
+            chunks.push(Vec::new());
+            work = 0.0;
+        }
+        work += w;
+        if let Some(chunk) = chunks.last_mut() {
+            chunk.push(item.into());
+        }
+    }
+    let last_id = format!("{batch_prefix}-{:04}", chunks.len());
     if !is_valid_batch_id(&last_id) {
         return Err(Error::InvalidArgument(format!(
             "batch prefix {batch_prefix:?}: batch ids like `{last_id}` must match [A-Za-z0-9_-]{{1,128}}"
         )));
     }
-    let mut messages = Vec::with_capacity(count);
-    let mut items = items.into_iter().peekable();
-    while items.peek().is_some() {
-        let chunk: Vec<MessageItem> = items.by_ref().take(batch_size).map(Into::into).collect();
-        messages.push(BatchMessage {
+    Ok(chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| BatchMessage {
             schema_version: SCHEMA_VERSION,
-            batch_id: format!("{batch_prefix}-{:04}", messages.len() + 1),
+            batch_id: format!("{batch_prefix}-{:04}", i + 1),
             items: chunk,
             params: (!params.is_empty()).then(|| params.clone()),
             output: (!output.is_empty()).then(|| output.clone()),
-        });
-    }
-    Ok(messages)
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -892,6 +933,41 @@ mod tests {
         }
     }
 
+    fn by_items(n: usize) -> Split {
+        Split {
+            max_items: n,
+            max_work: f64::INFINITY,
+            work_per_image: 1.0,
+        }
+    }
+
+    #[test]
+    fn messages_split_under_the_work_cap() {
+        let mut items: Vec<SubmitItem> = (0..5).map(|i| item(&format!("i{i}"), "p")).collect();
+        items[2].num_images = Some(3);
+        // Work per image 2, cap 6: [i0 i1] (4), [i2] (6), [i3 i4] (4).
+        let split = Split {
+            max_items: 10,
+            max_work: 6.0,
+            work_per_image: 2.0,
+        };
+        let p = MessageParams::default();
+        let o = MessageOutput::default();
+        let msgs = into_messages(items.clone(), split, "w", &p, &o).unwrap();
+        let ids: Vec<Vec<&str>> = msgs
+            .iter()
+            .map(|m| m.items.iter().map(|i| i.id.as_str()).collect())
+            .collect();
+        assert_eq!(ids, [vec!["i0", "i1"], vec!["i2"], vec!["i3", "i4"]]);
+        // An item that alone exceeds the cap cannot be sent.
+        let tight = Split {
+            max_work: 5.0,
+            ..split
+        };
+        let e = msg(into_messages(items, tight, "w", &p, &o).unwrap_err());
+        assert!(e.contains("item 3 (i2) alone is 6"), "{e}");
+    }
+
     #[test]
     fn messages_split_by_batch_size() {
         let items: Vec<SubmitItem> = (1..=5)
@@ -905,7 +981,14 @@ mod tests {
             bucket: Some("images".into()),
             prefix: Some("catalog/shoes".into()),
         };
-        let msgs = into_messages(items.clone(), 2, "shoes-2026-11-26", &params, &output).unwrap();
+        let msgs = into_messages(
+            items.clone(),
+            by_items(2),
+            "shoes-2026-11-26",
+            &params,
+            &output,
+        )
+        .unwrap();
         let shape: Vec<(&str, Vec<&str>)> = msgs
             .iter()
             .map(|m| {
@@ -937,7 +1020,7 @@ mod tests {
         // Empty params/output are left out of the JSON.
         let m = into_messages(
             items.clone(),
-            10,
+            by_items(10),
             "b",
             &MessageParams::default(),
             &MessageOutput::default(),
@@ -954,11 +1037,22 @@ mod tests {
             (2, "a.b", "must match"),
             (2, &"x".repeat(124), "must match"),
         ] {
-            let m = msg(into_messages(items.clone(), size, prefix, &params, &output).unwrap_err());
+            let m = msg(
+                into_messages(items.clone(), by_items(size), prefix, &params, &output).unwrap_err(),
+            );
             assert!(m.contains(needle), "{prefix}: {m}");
         }
-        assert!(into_messages(items.clone(), 2, &"x".repeat(123), &params, &output).is_ok());
-        assert!(into_messages(vec![], 2, "b", &params, &output).is_err());
+        assert!(
+            into_messages(
+                items.clone(),
+                by_items(2),
+                &"x".repeat(123),
+                &params,
+                &output
+            )
+            .is_ok()
+        );
+        assert!(into_messages(vec![], by_items(2), "b", &params, &output).is_err());
     }
 
     #[test]
@@ -981,7 +1075,7 @@ mod tests {
         assert_eq!(items.len(), 6);
         let msgs = into_messages(
             items,
-            4,
+            by_items(4),
             "shoes",
             &MessageParams::default(),
             &MessageOutput::default(),

@@ -319,36 +319,61 @@ async fn killed_worker_batch_is_completed_by_another_with_identical_images() {
     let mut events = stack.broker.watch_events().await;
     let body = batch(
         "crash-1",
-        40,
-        &[("a", "a red apple", 11, 2), ("b", "a green pear", 12, 2)],
+        8,
+        &[
+            ("a", "a red apple", 11, 2),
+            ("b", "a green pear", 12, 2),
+            ("c", "a blue plum", 13, 2),
+        ],
     );
+    let n = 6;
 
-    // Same batch size everywhere: batched kernels are only bit-identical for the same batch shape.
-    let mut first = stack.worker("w1", &["--max-batch", "2"]);
+    // Batch size 1 everywhere: batched kernels are only bit-identical for the same batch shape,
+    // and a resumed run regenerates a subset of the images.
+    let mut first = stack.worker("w1", &["--max-batch", "1"]);
     stack.broker.publish(&body).await;
-    // Killed as soon as its first GPU batch is dispatched: 40 steps leave it far from done.
-    first.wait_for_log("GPU batch", LONG).await;
+    // Killed once two of its images are stored (objects appear whole or not at all).
+    let pngs = |keys: Vec<String>| keys.into_iter().filter(|k| k.ends_with(".png")).count();
+    let start = std::time::Instant::now();
+    while pngs(stack.keys().await) < 2 {
+        assert!(
+            start.elapsed() < LONG,
+            "no image stored:\n{}",
+            first.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     first.signal(SIGKILL);
     first.wait(LONG).await;
+    let stored = pngs(stack.keys().await);
+    assert!(stored < n, "the first worker finished before the kill");
 
-    let _second = stack.worker("w2", &["--max-batch", "2"]);
+    let second = stack.worker("w2", &["--max-batch", "1"]);
     let event = events.next(LONG).await.expect("an event");
     let Event::Completed(done) = event else {
         panic!("{event:?}")
     };
     assert_eq!(done.worker_id, "w2");
     assert!(done.redelivered);
+    assert_eq!(done.images.len(), n, "the event lists every image");
+    assert_eq!(done.resumed_images, Some(stored));
+    let generated = metric(&second.metrics(), "sdbatch_gpu_images_total") as usize;
+    assert_eq!(
+        generated,
+        n - stored,
+        "only the missing images are generated"
+    );
     let keys = stack.keys().await;
     assert_eq!(
         keys.len(),
-        5,
-        "4 images + manifest, no extra objects: {keys:?}"
+        n + 1,
+        "6 images + manifest, no extra objects: {keys:?}"
     );
 
     // The same message through a clean run elsewhere gives the same bytes.
     let clean = Stack::new("sigkill-ref", 3).await;
     let mut clean_events = clean.broker.watch_events().await;
-    let _w = clean.worker("ref", &["--max-batch", "2"]);
+    let _w = clean.worker("ref", &["--max-batch", "1"]);
     clean.broker.publish(&body).await;
     let Some(Event::Completed(reference)) = clean_events.next(LONG).await else {
         panic!("no reference event")
@@ -356,12 +381,22 @@ async fn killed_worker_batch_is_completed_by_another_with_identical_images() {
     for (a, b) in done.images.iter().zip(&reference.images) {
         assert_eq!(a.key, b.key);
         assert_eq!(a.sha256, b.sha256, "{} differs from a clean run", a.key);
+        let png = stack
+            .storage
+            .get(&stack.bucket, &a.key)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(png.len() as u64, a.bytes);
     }
     assert!(
         events.drain(Duration::from_secs(1)).await.is_empty(),
         "one event only"
     );
-    println!("SIGKILL: 1 message sent, 1 completed, 0 dead-lettered, 0 duplicate objects");
+    println!(
+        "SIGKILL after {stored} of {n} images stored: the next worker generated {generated}, \
+         sha256 of all {n} equal to a clean run"
+    );
     stack.broker.cleanup().await;
     clean.broker.cleanup().await;
 }

@@ -9,7 +9,7 @@ use lapin::options::BasicAckOptions;
 use sdbatch::events::{self, Event};
 use sdbatch::message::{self, BatchMessage, Limits, MessageOutput, MessageParams};
 use sdbatch::queue::{self, Publisher};
-use sdbatch::submit_input::{expand_template, into_messages, parse_var, read_items};
+use sdbatch::submit_input::{Split, expand_template, into_messages, parse_var, read_items};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,6 +35,11 @@ pub struct SubmitArgs {
     /// Prompts per message.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub batch_size: u32,
+    /// Work per message at most, in image-steps-megapixels (images x steps x width x height /
+    /// 10^6): the workers' `max_message_work`. Messages are split under it as well as under
+    /// --batch-size. Without --width/--height, images are counted as 512x512 (SD 1.x).
+    #[arg(long, default_value_t = sdbatch::message::DEFAULT_MAX_MESSAGE_WORK)]
+    pub max_work: f64,
     /// Batch ids are `{batch-prefix}-0001`, ... (default: `batch-<unix seconds>`).
     #[arg(long)]
     pub batch_prefix: Option<String>,
@@ -101,7 +106,27 @@ fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
         bucket: args.bucket.clone(),
         prefix: args.prefix.clone(),
     };
-    let messages = into_messages(items, args.batch_size as usize, &prefix, &params, &output)?;
+    if !(args.max_work.is_finite() && args.max_work > 0.0) {
+        anyhow::bail!("--max-work must be a positive number");
+    }
+    let steps = params
+        .steps
+        .map(|s| s as usize)
+        .or_else(|| {
+            params
+                .preset
+                .as_deref()
+                .and_then(message::preset)
+                .map(|p| p.steps)
+        })
+        .unwrap_or(message::DEFAULT_STEPS);
+    let side = |v: Option<u32>| v.map_or(512, i64::from);
+    let split = Split {
+        max_items: args.batch_size as usize,
+        max_work: args.max_work,
+        work_per_image: message::work_units(1, steps, side(params.width), side(params.height)),
+    };
+    let messages = into_messages(items, split, &prefix, &params, &output)?;
     // Catch what a worker would reject before anything is published (bucket allow-lists and
     // size limits are the workers' to enforce).
     let limits = Limits {

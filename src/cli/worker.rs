@@ -62,6 +62,11 @@ pub struct WorkerArgs {
     /// larger ones are dead-lettered unparsed with reason `too_large`.
     #[arg(long, env = "SDBATCH_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
+    /// Largest work of one message in image-steps-megapixels (images x steps x width x height /
+    /// 10^6; default 16384, e.g. 1250 images of 512x512 at 50 steps); more is dead-lettered as
+    /// `too_much_work`.
+    #[arg(long, env = "SDBATCH_MAX_MESSAGE_WORK")]
+    pub max_message_work: Option<f64>,
     /// `s3://` or `file:///absolute/folder` (local-directory sink for machines without S3).
     #[arg(long, env = "SDBATCH_STORAGE_URL")]
     pub storage_url: Option<String>,
@@ -189,6 +194,10 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
             .max_images_per_item
             .unwrap_or(defaults.max_images_per_item),
         max_total_images: l.max_total_images.unwrap_or(defaults.max_total_images),
+        max_message_work: args
+            .max_message_work
+            .or(l.max_message_work)
+            .unwrap_or(defaults.max_message_work),
         max_prompt_bytes: l.max_prompt_bytes.unwrap_or(defaults.max_prompt_bytes),
         max_side: l.max_side.unwrap_or(defaults.max_side),
         max_steps: l.max_steps.unwrap_or(defaults.max_steps),

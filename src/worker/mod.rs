@@ -24,6 +24,7 @@
 //!   redelivered by the broker;
 //! - SIGTERM/SIGINT → stop consuming, finish the messages in hand within the grace period, exit.
 pub mod gpu;
+pub mod resume;
 
 use crate::batching::{BatchSizer, MemorySample, PlannedBatch, Planner, ShapeKey};
 use crate::events::{self, BatchCompleted, BatchFailed, ImageRecord};
@@ -184,8 +185,11 @@ struct InFlight {
     safety: bool,
     previous_failures: i64,
     batch: Arc<Batch>,
+    work: Arc<str>,
     requests: Vec<(usize, u32, ImageRequest)>,
     records: Vec<Option<ImageRecord>>,
+    /// Images an earlier delivery had stored (taken over, not generated).
+    resumed: usize,
     remaining: usize,
     /// Upload tasks started and not yet reported back.
     uploads_pending: usize,
@@ -343,6 +347,8 @@ fn is_last_attempt(previous_failures: i64, delivery_limit: u32) -> bool {
 /// One generated image on its way to storage.
 struct ImageJob {
     batch: Arc<Batch>,
+    /// The batch's [`Batch::work_sha256`], recorded on the object for resuming.
+    work: Arc<str>,
     item_index: usize,
     n: u32,
     request: ImageRequest,
@@ -357,6 +363,7 @@ async fn store_image(
 ) -> Result<(ImageRecord, f64, f64), WorkerError> {
     let ImageJob {
         batch,
+        work,
         item_index,
         n,
         request,
@@ -401,7 +408,10 @@ async fn store_image(
     let mut metadata = vec![
         ("sdbatch-batch-id".to_string(), batch.batch_id.clone()),
         ("sdbatch-item-id".to_string(), item.id.clone()),
-        ("sdbatch-seed".to_string(), request.seed.to_string()),
+        (resume::META_SEED.to_string(), request.seed.to_string()),
+        (resume::META_WORK.to_string(), work.to_string()),
+        (resume::META_SHA256.to_string(), record.sha256.clone()),
+        (resume::META_BYTES.to_string(), record.bytes.to_string()),
         ("sdbatch-steps".to_string(), batch.params.steps.to_string()),
         (
             "sdbatch-guidance".to_string(),
@@ -411,20 +421,20 @@ async fn store_image(
             "sdbatch-scheduler".to_string(),
             batch.params.scheduler.name().to_string(),
         ),
-        ("sdbatch-model".to_string(), cfg.model_name.clone()),
+        (resume::META_MODEL.to_string(), cfg.model_name.clone()),
         (
             "sdbatch-prompt-sha256".to_string(),
             sha256_hex(request.prompt.as_bytes()),
         ),
     ];
     if let Some(nsfw) = checks.nsfw {
-        metadata.push(("sdbatch-nsfw".to_string(), nsfw.to_string()));
+        metadata.push((resume::META_NSFW.to_string(), nsfw.to_string()));
     }
     if let Some(action) = &record.safety_action {
-        metadata.push(("sdbatch-safety-action".to_string(), action.clone()));
+        metadata.push((resume::META_SAFETY_ACTION.to_string(), action.clone()));
     }
     if let Some(score) = checks.clip_score {
-        metadata.push(("sdbatch-clip-score".to_string(), format!("{score:.4}")));
+        metadata.push((resume::META_CLIP_SCORE.to_string(), score.to_string()));
     }
     let t1 = Instant::now();
     storage
@@ -696,6 +706,26 @@ impl Session<'_> {
             .await;
         match manifest {
             Ok(Some(bytes)) => {
+                let work = batch.work_sha256();
+                let stored_work = serde_json::from_slice::<BatchCompleted>(&bytes)
+                    .ok()
+                    .and_then(|e| e.work_sha256);
+                if stored_work.is_some_and(|w| w != work) {
+                    let invalid = Invalid {
+                        reason: message::InvalidReason::BatchIdConflict,
+                        message: format!(
+                            "batch {} already completed with other work (its manifest {} records \
+                             another work hash): give new work a new batch_id",
+                            batch.batch_id,
+                            batch.manifest_key()
+                        ),
+                        batch_id: Some(batch.batch_id.clone()),
+                    };
+                    return self
+                        .reject_invalid(delivery, invalid)
+                        .instrument(span)
+                        .await;
+                }
                 let republished = async {
                     let mut event: BatchCompleted =
                         serde_json::from_slice(&bytes).map_err(|e| {
@@ -762,22 +792,66 @@ impl Session<'_> {
                 .instrument(span)
                 .await;
         }
+        // What an earlier delivery of the same work already stored is taken over; objects of
+        // other work under this batch id are a conflict.
+        let work: Arc<str> = batch.work_sha256().into();
+        let requests = batch.image_requests();
+        let records = match self
+            .stored_images(&batch, &work, &requests)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(resume::Verdict::Resume(records)) => records,
+            Ok(resume::Verdict::Conflict(key)) => {
+                let invalid = Invalid {
+                    reason: message::InvalidReason::BatchIdConflict,
+                    message: format!(
+                        "{key} under batch {} was made from other work: give new work a new \
+                         batch_id",
+                        batch.batch_id
+                    ),
+                    batch_id: Some(batch.batch_id.clone()),
+                };
+                return self
+                    .reject_invalid(delivery, invalid)
+                    .instrument(span)
+                    .await;
+            }
+            Err(e) => {
+                let failed = Settling {
+                    acker: delivery.acker,
+                    body: delivery.data,
+                    previous_failures,
+                    batch: Arc::new(batch),
+                    stored: Vec::new(),
+                };
+                return self.settle(failed, Err(e.into())).instrument(span).await;
+            }
+        };
+        let resumed = records.iter().flatten().count();
+        let remaining = requests.len() - resumed;
         let seq = self.next_seq;
         self.next_seq += 1;
-        let requests = batch.image_requests();
         {
             let _enter = span.enter();
             tracing::info!(
                 images = requests.len(),
+                resumed,
                 redelivered = delivery.redelivered,
                 "planned"
             );
         }
+        self.worker
+            .metrics
+            .images
+            .with_label_values(&["resumed"])
+            .inc_by(resumed as u64);
         self.planner.push(
             &batch.params,
             requests
                 .iter()
                 .enumerate()
+                .filter(|(i, _)| records[*i].is_none())
                 .map(|(i, (_, _, r))| ((seq, i), r.clone())),
         );
         self.inflight.insert(
@@ -788,11 +862,13 @@ impl Session<'_> {
                 redelivered: delivery.redelivered,
                 safety,
                 previous_failures,
-                records: vec![None; requests.len()],
-                remaining: requests.len(),
+                records,
+                resumed,
+                remaining,
                 uploads_pending: 0,
                 failure: None,
                 requests,
+                work,
                 batch: Arc::new(batch),
                 started: Instant::now(),
                 generate_ms: 0.0,
@@ -801,7 +877,74 @@ impl Session<'_> {
                 span,
             },
         );
+        if remaining == 0 {
+            // Every image was stored by an earlier delivery; only the manifest is missing.
+            self.complete(seq);
+        }
         Ok(())
+    }
+
+    /// Which of `requests` an earlier delivery stored under the batch's folder (one listing, a
+    /// HEAD per stored image), or the key that shows other work under this batch id.
+    async fn stored_images(
+        &self,
+        batch: &Batch,
+        work: &str,
+        requests: &[(usize, u32, ImageRequest)],
+    ) -> Result<resume::Verdict, StorageError> {
+        let storage = &self.worker.storage;
+        let cfg = &self.worker.cfg;
+        let expected: Vec<ImageRecord> = requests
+            .iter()
+            .map(|(item_index, n, request)| {
+                let item = &batch.items[*item_index];
+                ImageRecord {
+                    item_id: item.id.clone(),
+                    n: *n,
+                    bucket: batch.bucket.clone(),
+                    key: batch.image_key(&item.id, *n),
+                    seed: request.seed,
+                    seed_derived: item.seed_derived,
+                    bytes: 0,
+                    sha256: String::new(),
+                    width: batch.params.width as u32,
+                    height: batch.params.height as u32,
+                    nsfw: None,
+                    safety_action: None,
+                    clip_score: None,
+                    low_clip_score: None,
+                }
+            })
+            .collect();
+        let listed = storage.list(&batch.bucket, &batch.folder_key()).await?;
+        let wanted: std::collections::HashSet<&str> =
+            expected.iter().map(|r| r.key.as_str()).collect();
+        // Every expected image that exists, and one other image, enough to see other work.
+        let mut to_head: Vec<&String> = listed
+            .iter()
+            .filter(|k| wanted.contains(k.as_str()))
+            .collect();
+        to_head.extend(
+            listed
+                .iter()
+                .find(|k| k.ends_with(".png") && !wanted.contains(k.as_str())),
+        );
+        let mut found = HashMap::new();
+        for key in to_head {
+            if let Some(meta) = storage.head_metadata(&batch.bucket, key).await? {
+                found.insert(key.clone(), meta);
+            }
+        }
+        let mut verdict = resume::decide(work, &cfg.model_name, &expected, &found);
+        if let resume::Verdict::Resume(records) = &mut verdict {
+            for r in records.iter_mut().flatten() {
+                r.low_clip_score = r
+                    .clip_score
+                    .zip(cfg.min_clip_score)
+                    .map(|(score, min)| score < min);
+            }
+        }
+        Ok(verdict)
     }
 
     /// Settles a message whose work is over: ack on success; on a permanent failure take back
@@ -1130,6 +1273,7 @@ impl Session<'_> {
             let checks = image_checks(&self.worker.cfg, metrics, m.safety, &out, position);
             let job = ImageJob {
                 batch: m.batch.clone(),
+                work: m.work.clone(),
                 item_index,
                 n,
                 request,
@@ -1166,6 +1310,10 @@ impl Session<'_> {
             },
             m.redelivered,
         );
+        let event = BatchCompleted {
+            resumed_images: (m.resumed > 0).then_some(m.resumed),
+            ..event
+        };
         let fut = finish_batch(
             self.worker.cfg.clone(),
             self.worker.metrics.clone(),
