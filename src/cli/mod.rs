@@ -58,14 +58,19 @@ pub fn default_amqp_url() -> String {
 #[derive(Args, Debug, Clone)]
 pub struct BrokerArgs {
     /// AMQP URL (default amqp://guest:guest@127.0.0.1:5672/%2f). Credentials are never logged.
-    #[arg(long = "amqp-url", env = "AMQP_URL", value_name = "URL")]
+    #[arg(
+        long = "amqp-url",
+        env = "AMQP_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub amqp_url_flag: Option<String>,
     /// Prefix of the exchange and queue names (`{prefix}.jobs`, `{prefix}.jobs.dead`, ...).
-    #[arg(long, env = "SDBATCH_QUEUE_PREFIX")]
+    #[arg(long, env = "SDBATCH_QUEUE_PREFIX", hide_env_values = true)]
     pub queue_prefix: Option<String>,
     /// Deliveries before a failing batch is dead-lettered (x-delivery-limit; default 3). Must
     /// match the existing queue's.
-    #[arg(long, env = "SDBATCH_DELIVERY_LIMIT")]
+    #[arg(long, env = "SDBATCH_DELIVERY_LIMIT", hide_env_values = true)]
     pub delivery_limit: Option<u32>,
     #[arg(skip = default_amqp_url())]
     pub amqp_url: String,
@@ -208,5 +213,30 @@ pub fn run(cli: Cli) -> Result<()> {
             args.broker = args.broker.resolved();
             runtime()?.block_on(topology::run(args))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument read from the environment hides its value in `--help` (an AMQP URL
+    /// carries a password), including arguments added later.
+    #[test]
+    fn help_never_shows_environment_values() {
+        fn check(cmd: &clap::Command, path: &str, shown: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                if arg.get_env().is_some() && !arg.is_hide_env_values_set() {
+                    shown.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                check(sub, &format!("{path} {}", sub.get_name()), shown);
+            }
+        }
+        let mut shown = Vec::new();
+        check(&Cli::command(), "sdbatch", &mut shown);
+        assert!(shown.is_empty(), "add hide_env_values = true to: {shown:?}");
     }
 }
