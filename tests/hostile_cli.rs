@@ -1,8 +1,10 @@
 //! The producer-side commands against hostile or careless input (issue 9): `--help` with secrets
-//! in the environment.
+//! in the environment, unique default batch ids. Against the real broker (see
+//! tests/common/broker.rs); no worker and no model needed.
 mod common;
 
-use common::broker::amqp_url;
+use common::broker::{Broker, amqp_url, unique};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use std::process::{Command, Output};
 
 fn sdbatch(args: &[String], env: &[(&str, &str)]) -> Output {
@@ -12,6 +14,14 @@ fn sdbatch(args: &[String], env: &[(&str, &str)]) -> Output {
         .env("RUST_LOG", "warn")
         .envs(env.iter().copied())
         .output()
+        .unwrap()
+}
+
+/// Runs `sdbatch` off the async runtime (the tests hold broker connections on it).
+async fn run(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || sdbatch(&args, &[]))
+        .await
         .unwrap()
 }
 
@@ -51,4 +61,83 @@ fn help_does_not_print_environment_values() {
     // The variables are still named, only their values hidden.
     let o = sdbatch(&["submit".into(), "--help".into()], &env);
     assert!(stdout(&o).contains("AMQP_URL"), "{}", stdout(&o));
+}
+
+/// Takes (acks) every message of the jobs queue and returns their batch ids, in queue order.
+async fn take_batch_ids(broker: &Broker) -> Vec<String> {
+    let mut ids = Vec::new();
+    while let Some(m) = broker
+        .channel
+        .basic_get(
+            broker.topology.jobs_queue.as_str().into(),
+            BasicGetOptions::default(),
+        )
+        .await
+        .unwrap()
+    {
+        m.delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+        ids.push(v["batch_id"].as_str().unwrap().to_string());
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submits_without_a_batch_prefix_get_distinct_time_ordered_ids() {
+    let prefix = unique("submit-ids");
+    let broker = Broker::new(&prefix, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(&prompts, "a red sneaker\na leather handbag\na wool hat\n").unwrap();
+    let prompts = prompts.to_str().unwrap();
+    // Back to back: the old default (`batch-<unix seconds>`) gave both the same ids.
+    let submit = [
+        "submit",
+        "--queue-prefix",
+        &prefix,
+        "--prompts",
+        prompts,
+        "--batch-size",
+        "2",
+    ];
+    for _ in 0..2 {
+        let o = run(&submit).await;
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stdout(&o).contains("submitted 2 batch(es)"),
+            "{}",
+            stdout(&o)
+        );
+    }
+    let ids = take_batch_ids(&broker).await;
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 4, "batch ids collide: {ids:?}");
+    let mut uuids = Vec::new();
+    for (id, n) in ids.iter().zip(["0001", "0002", "0001", "0002"]) {
+        assert!(sdbatch::message::is_valid_batch_id(id), "{id}");
+        let uuid = id
+            .strip_prefix("batch-")
+            .and_then(|rest| rest.strip_suffix(&format!("-{n}")))
+            .unwrap_or_else(|| panic!("{id}: expected batch-<uuid>-{n}"));
+        let uuid = uuid::Uuid::parse_str(uuid).unwrap();
+        assert_eq!(uuid.get_version_num(), 7, "{id}");
+        uuids.push(uuid);
+    }
+    // One prefix per submit; the second submit's sorts after the first's.
+    assert_eq!(uuids[0], uuids[1]);
+    assert_eq!(uuids[2], uuids[3]);
+    assert!(uuids[0] < uuids[2], "{ids:?}");
+
+    // A chosen prefix is still used as it is.
+    let mut chosen = submit.to_vec();
+    chosen.extend(["--batch-prefix", "mine"]);
+    let o = run(&chosen).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(take_batch_ids(&broker).await, ["mine-0001", "mine-0002"]);
+    broker.cleanup().await;
 }

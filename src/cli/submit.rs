@@ -35,7 +35,7 @@ pub struct SubmitArgs {
     /// Prompts per message.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub batch_size: u32,
-    /// Batch ids are `{batch-prefix}-0001`, ... (default: `batch-<unix seconds>`).
+    /// Batch ids are `{batch-prefix}-0001`, ... (default: `batch-<UUIDv7>`, unique per submit).
     #[arg(long)]
     pub batch_prefix: Option<String>,
     #[arg(long)]
@@ -81,13 +81,13 @@ fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
         }
         (None, None) => bail!("pass --prompts FILE or --template TEXT"),
     };
-    let prefix = args.batch_prefix.clone().unwrap_or_else(|| {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default();
-        format!("batch-{secs}")
-    });
+    // A UUIDv7 rather than the time in seconds: two submits in the same second got the same ids,
+    // and workers answer a known batch id with the images they already made for it. v7 ids still
+    // sort by creation time. `batch-` + 36 + `-NNNN` stays far inside the 128-character limit.
+    let prefix = args
+        .batch_prefix
+        .clone()
+        .unwrap_or_else(|| format!("batch-{}", uuid::Uuid::now_v7()));
     let params = MessageParams {
         steps: args.steps,
         guidance_scale: args.guidance,
