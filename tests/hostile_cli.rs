@@ -1,10 +1,11 @@
 //! The producer-side commands against hostile or careless input (issue 9): `--help` with secrets
-//! in the environment, unique default batch ids. Against the real broker (see
-//! tests/common/broker.rs); no worker and no model needed.
+//! in the environment, unique default batch ids, dead letters carrying terminal escapes. Against
+//! the real broker (see tests/common/broker.rs); no worker and no model needed.
 mod common;
 
 use common::broker::{Broker, amqp_url, unique};
 use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use std::process::{Command, Output};
 
 fn sdbatch(args: &[String], env: &[(&str, &str)]) -> Output {
@@ -139,5 +140,104 @@ async fn submits_without_a_batch_prefix_get_distinct_time_ordered_ids() {
     let o = run(&chosen).await;
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(take_batch_ids(&broker).await, ["mine-0001", "mine-0002"]);
+    broker.cleanup().await;
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// Puts a letter straight into the dead-letter queue, with `headers` as a worker or the broker
+/// would have set them.
+async fn dead_letter(broker: &Broker, batch_id: &str, headers: &[(&str, &str)]) {
+    let mut table = FieldTable::default();
+    for (k, v) in headers {
+        table.insert(ShortString::from(*k), long(v));
+    }
+    let body = serde_json::json!({"schema_version": 1, "batch_id": batch_id, "items": [{"id": "a", "prompt": "a cat"}]});
+    let t = &broker.topology;
+    broker
+        .publisher
+        .publish_json(
+            &t.dead_exchange,
+            &t.dead_queue,
+            &serde_json::to_vec(&body).unwrap(),
+            Some(table),
+            true,
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dlq_listings_escape_producer_text() {
+    let prefix = unique("dlq-escape");
+    let broker = Broker::new(&prefix, 3).await;
+    let evil_id = "evil\x1b[31m\nFORGED-LINE\r\u{9b}2J";
+    dead_letter(
+        &broker,
+        evil_id,
+        &[
+            ("x-sdbatch-error", "schema\x1b]0;pwned\x07"),
+            ("x-sdbatch-reason", "bad\nFORGED-DETAIL"),
+            ("x-note\x1b[2J", "v\x1b[31m\r\nFORGED-HEADER"),
+        ],
+    )
+    .await;
+    let long_id = "L".repeat(500);
+    dead_letter(&broker, &long_id, &[("x-sdbatch-reason", &"R".repeat(500))]).await;
+
+    let check = |what: &str, out: &str| {
+        for bad in ['\x1b', '\r', '\u{9b}', '\x07'] {
+            assert!(!out.contains(bad), "{what} printed {bad:?} raw:\n{out:?}");
+        }
+        for forged in ["FORGED-LINE", "FORGED-DETAIL", "FORGED-HEADER"] {
+            assert!(
+                !out.lines().any(|l| l.starts_with(forged)),
+                "{what}: a newline in producer text started a line:\n{out}"
+            );
+        }
+        // Fields are capped; `show`'s body (pretty JSON, lines starting with `{`, `}` or
+        // spaces) is printed in full, only escaped.
+        for l in out.lines().filter(|l| !l.starts_with([' ', '{', '}'])) {
+            assert!(!l.contains(&"L".repeat(129)), "{what}: id not capped: {l}");
+            assert!(
+                !l.contains(&"R".repeat(129)),
+                "{what}: detail not capped: {l}"
+            );
+        }
+    };
+
+    let o = run(&["dlq", "--queue-prefix", &prefix, "list"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    check("list", &out);
+    assert!(
+        out.contains(r"evil\u{1b}[31m\nFORGED-LINE\r\u{9b}2J"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("{}…", "L".repeat(128))), "{out}");
+    assert!(out.contains("2 dead letter(s)"), "{out}");
+
+    let o = run(&["dlq", "--queue-prefix", &prefix, "show", evil_id]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    check("show", &out);
+    assert!(
+        out.contains(r"header x-note\u{1b}[2J: v\u{1b}[31m\r\nFORGED-HEADER"),
+        "{out}"
+    );
+
+    let o = run(&["dlq", "--queue-prefix", &prefix, "show", &long_id]).await;
+    check("show", &stdout(&o));
+
+    let o = run(&["dlq", "--queue-prefix", &prefix, "requeue", "--all"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    check("requeue", &stdout(&o));
+    assert!(
+        stdout(&o).contains("2 dead letter(s) sent back"),
+        "{}",
+        stdout(&o)
+    );
     broker.cleanup().await;
 }

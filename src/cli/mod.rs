@@ -175,6 +175,45 @@ impl SamplingArgs {
     }
 }
 
+/// Characters of a producer- or worker-supplied field (batch id, reason, header) printed at most.
+pub const MAX_FIELD_CHARS: usize = 128;
+
+/// `text` made safe to print on a terminal, cut to `max_chars` characters (then ending in `…`).
+/// Dead letters and events carry text anyone with publish rights chose: raw, an escape sequence
+/// (`\x1b[...`) could rewrite the terminal and a newline could forge output lines. Control
+/// characters, bidirectional overrides and backslashes are written as Rust escapes (`\u{1b}`,
+/// `\n`, `\\`), so the output stays one unambiguous line per field.
+pub fn printable(text: &str, max_chars: usize) -> String {
+    escaped(text, max_chars, true)
+}
+
+/// [`printable`] for text with escapes of its own (serde_json's output): backslashes stay as
+/// they are; control characters serde_json leaves raw (DEL, C1) are still escaped.
+pub fn printable_json(text: &str, max_chars: usize) -> String {
+    escaped(text, max_chars, false)
+}
+
+fn escaped(text: &str, max_chars: usize, backslashes: bool) -> String {
+    let mut out = String::new();
+    let mut chars = 0;
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        let piece: String = if c.is_control() || bidi || (backslashes && c == '\\') {
+            c.escape_default().collect()
+        } else {
+            c.to_string()
+        };
+        let len = piece.chars().count();
+        if chars + len > max_chars {
+            out.push('…');
+            break;
+        }
+        out.push_str(&piece);
+        chars += len;
+    }
+    out
+}
+
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -220,6 +259,22 @@ pub fn run(cli: Cli) -> Result<()> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn printable_escapes_control_characters_and_caps_the_length() {
+        assert_eq!(printable("a cat", 128), "a cat");
+        assert_eq!(printable("café 🎨", 128), "café 🎨");
+        assert_eq!(
+            printable("id\x1b[31mred\nforged line\r\t\\", 128),
+            "id\\u{1b}[31mred\\nforged line\\r\\t\\\\"
+        );
+        assert_eq!(printable("\u{202e}txt", 128), "\\u{202e}txt");
+        assert_eq!(printable("\u{9b}31m", 128), "\\u{9b}31m", "8-bit CSI");
+        let long = "x".repeat(500);
+        assert_eq!(printable(&long, 128), format!("{}…", "x".repeat(128)));
+        // An escape is never cut in half.
+        assert_eq!(printable("abc\x1b", 5), "abc…");
+    }
 
     /// Every argument read from the environment hides its value in `--help` (an AMQP URL
     /// carries a password), including arguments added later.

@@ -1,6 +1,6 @@
 //! `sdbatch submit`: prompts file or template → batch messages, published with confirms;
 //! `--wait` follows the events exchange until every batch is accounted for.
-use super::BrokerArgs;
+use super::{BrokerArgs, MAX_FIELD_CHARS, printable};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use futures_lite::StreamExt;
@@ -205,18 +205,22 @@ pub async fn run(args: SubmitArgs) -> Result<()> {
         match event {
             Event::Completed(c) => {
                 bar.inc(c.images.len() as u64);
+                // Worker-supplied text: printed escaped (see `printable`).
                 completed.insert(
                     id,
                     c.images
                         .iter()
-                        .map(|i| format!("s3://{}/{}", i.bucket, i.key))
+                        .map(|i| printable(&format!("s3://{}/{}", i.bucket, i.key), 1024))
                         .collect(),
                 );
             }
             Event::Failed(f) => {
                 failed_images += expected[&id];
                 bar.set_message(format!("{failed_images} failed"));
-                failed.insert(id, format!("{}: {}", f.reason, f.error));
+                failed.insert(
+                    id,
+                    printable(&format!("{}: {}", f.reason, f.error), 4 * MAX_FIELD_CHARS),
+                );
             }
         }
     }
