@@ -1,6 +1,7 @@
 //! The producer-side commands against hostile or careless input (issue 9): `--help` with secrets
-//! in the environment, unique default batch ids, dead letters carrying terminal escapes. Against
-//! the real broker (see tests/common/broker.rs); no worker and no model needed.
+//! in the environment, unique default batch ids, dead letters carrying terminal escapes, and
+//! `dlq requeue` leaving invalid letters where they are. Against the real broker (see
+//! tests/common/broker.rs); no worker and no model needed.
 mod common;
 
 use common::broker::{Broker, amqp_url, unique};
@@ -169,6 +170,17 @@ async fn dead_letter(broker: &Broker, batch_id: &str, headers: &[(&str, &str)]) 
         .unwrap();
 }
 
+/// What a worker sets on a message it rejects as invalid.
+const INVALID: &[(&str, &str)] = &[
+    ("x-sdbatch-error", "steps"),
+    (
+        "x-sdbatch-reason",
+        "params.steps 100 exceeds the maximum 50",
+    ),
+];
+/// What the broker sets on a message that failed on every delivery.
+const POISON: &[(&str, &str)] = &[("x-first-death-reason", "delivery_limit")];
+
 #[tokio::test(flavor = "multi_thread")]
 async fn dlq_listings_escape_producer_text() {
     let prefix = unique("dlq-escape");
@@ -231,7 +243,15 @@ async fn dlq_listings_escape_producer_text() {
     let o = run(&["dlq", "--queue-prefix", &prefix, "show", &long_id]).await;
     check("show", &stdout(&o));
 
-    let o = run(&["dlq", "--queue-prefix", &prefix, "requeue", "--all"]).await;
+    let o = run(&[
+        "dlq",
+        "--queue-prefix",
+        &prefix,
+        "requeue",
+        "--all",
+        "--include-invalid",
+    ])
+    .await;
     assert!(o.status.success(), "{}", stderr(&o));
     check("requeue", &stdout(&o));
     assert!(
@@ -239,5 +259,58 @@ async fn dlq_listings_escape_producer_text() {
         "{}",
         stdout(&o)
     );
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requeue_leaves_letters_a_worker_rejected_as_invalid() {
+    let prefix = unique("dlq-invalid");
+    let broker = Broker::new(&prefix, 3).await;
+    dead_letter(&broker, "invalid-1", INVALID).await;
+    dead_letter(&broker, "poison-1", POISON).await;
+    let jobs = broker.topology.jobs_queue.clone();
+    let dead = broker.topology.dead_queue.clone();
+
+    // --all: the failed-on-every-delivery letter goes back, the invalid one stays.
+    let o = run(&["dlq", "--queue-prefix", &prefix, "requeue", "--all"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    println!("{out}");
+    assert!(out.contains("requeued poison-1"), "{out}");
+    assert!(
+        out.contains("skipped invalid-1: a worker rejected it as invalid (steps)"),
+        "{out}"
+    );
+    assert!(out.contains("1 dead letter(s) sent back"), "{out}");
+    assert!(
+        out.contains("1 dead letter(s) skipped") && out.contains("--include-invalid"),
+        "{out}"
+    );
+    assert_eq!(take_batch_ids(&broker).await, ["poison-1"]);
+    assert_eq!(broker.ready(&dead).await, 1);
+
+    // Named explicitly, still skipped without --include-invalid, and the output says so.
+    let o = run(&["dlq", "--queue-prefix", &prefix, "requeue", "invalid-1"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("skipped invalid-1"), "{out}");
+    assert!(out.contains("0 dead letter(s) sent back"), "{out}");
+    assert!(out.contains("--include-invalid"), "{out}");
+    assert_eq!(broker.ready(&jobs).await, 0);
+    assert_eq!(broker.ready(&dead).await, 1);
+
+    let o = run(&[
+        "dlq",
+        "--queue-prefix",
+        &prefix,
+        "requeue",
+        "invalid-1",
+        "--include-invalid",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("requeued invalid-1"), "{}", stdout(&o));
+    assert_eq!(broker.ready(&dead).await, 0);
+    assert_eq!(take_batch_ids(&broker).await, ["invalid-1"]);
     broker.cleanup().await;
 }

@@ -26,11 +26,16 @@ pub enum DlqCommand {
     },
     /// Print one dead letter's headers and body.
     Show { batch_id: String },
-    /// Send dead letters back to the jobs queue (all, or the given batch ids).
+    /// Send dead letters back to the jobs queue (all, or the given batch ids). Letters a worker
+    /// rejected as invalid are skipped unless --include-invalid.
     Requeue {
         batch_ids: Vec<String>,
         #[arg(long)]
         all: bool,
+        /// Also requeue letters a worker rejected as invalid (`x-sdbatch-error` header): unless
+        /// the workers' limits changed, they come straight back.
+        #[arg(long)]
+        include_invalid: bool,
     },
     /// Delete every dead letter.
     Purge {
@@ -46,6 +51,9 @@ struct DeadLetter {
     batch_id: String,
     reason: String,
     detail: String,
+    /// A worker judged the message itself invalid (`x-sdbatch-error`), as opposed to the broker
+    /// dead-lettering it after failed deliveries.
+    invalid: bool,
 }
 
 fn describe(msg: BasicGetMessage) -> DeadLetter {
@@ -68,11 +76,16 @@ fn describe(msg: BasicGetMessage) -> DeadLetter {
         }
         _ => String::new(),
     });
+    let invalid = props
+        .headers()
+        .as_ref()
+        .is_some_and(|h| h.inner().contains_key("x-sdbatch-error"));
     DeadLetter {
         msg,
         batch_id,
         reason,
         detail,
+        invalid,
     }
 }
 
@@ -198,15 +211,32 @@ pub async fn run(args: DlqArgs) -> Result<()> {
             }
             println!("{}", render_body(&l.msg.delivery.data));
         }
-        DlqCommand::Requeue { batch_ids, all } => {
+        DlqCommand::Requeue {
+            batch_ids,
+            all,
+            include_invalid,
+        } => {
             if batch_ids.is_empty() && !all {
                 bail!("name the batch ids to requeue, or pass --all");
             }
             let publisher = Publisher::new(&conn).await?;
             let letters = read_all(&channel, dead, usize::MAX).await?;
             let mut sent = 0;
+            let mut skipped = 0;
             for l in letters {
                 if !all && !batch_ids.contains(&l.batch_id) {
+                    continue;
+                }
+                // A worker's verdict on the message itself: sent back unchanged it is
+                // dead-lettered again at once, unless the workers' limits have changed since
+                // (what --include-invalid is for). Unacked, it stays in the dead-letter queue.
+                if l.invalid && !include_invalid {
+                    println!(
+                        "skipped {}: a worker rejected it as invalid ({})",
+                        printable(&l.batch_id, MAX_FIELD_CHARS),
+                        printable(&l.reason, MAX_FIELD_CHARS)
+                    );
+                    skipped += 1;
                     continue;
                 }
                 // A fresh message: the dead-lettering headers describe the old life, and
@@ -239,6 +269,13 @@ pub async fn run(args: DlqArgs) -> Result<()> {
                 sent += 1;
             }
             println!("{sent} dead letter(s) sent back to {}", topology.jobs_queue);
+            if skipped > 0 {
+                println!(
+                    "{skipped} dead letter(s) skipped: rejected by a worker as invalid \
+                     (x-sdbatch-error header), they would come straight back; pass \
+                     --include-invalid to requeue them anyway"
+                );
+            }
         }
         DlqCommand::Purge { yes } => {
             if !yes {
