@@ -90,9 +90,81 @@ impl FileConfig {
         })?;
         toml::from_str(&text).map_err(|e| Error::Config {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            message: describe_error(&text, &e),
         })
     }
+}
+
+/// `line L, column C: <kind>` for a TOML error, without the file's text. toml's own message
+/// quotes the offending line, and serde's quote the offending value (`invalid type: string
+/// "amqp://user:password@host"`): either can be a secret, and errors end up in logs.
+fn describe_error(text: &str, e: &toml::de::Error) -> String {
+    let kind = error_kind(text, e.message());
+    match e.span() {
+        Some(span) => {
+            // Bytes, not a str slice: a span off a character boundary must not panic.
+            let bytes = text.as_bytes();
+            let before = bytes.get(..span.start).unwrap_or(bytes);
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let line_start = before
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            let column = String::from_utf8_lossy(&before[line_start..])
+                .chars()
+                .count()
+                + 1;
+            format!("line {line}, column {column}: {kind}")
+        }
+        None => kind,
+    }
+}
+
+/// The kind of a TOML error in words that cannot carry the file's text.
+fn error_kind(text: &str, message: &str) -> String {
+    // Not even TOML: the parser's messages are fixed descriptions ("invalid basic string,
+    // expected `\"`"); cut to their first line all the same.
+    if text.parse::<toml::Table>().is_err() {
+        let description = message.lines().next().unwrap_or("").trim();
+        return format!("invalid TOML: {}", one_line(description));
+    }
+    // TOML, but not our schema: serde's messages, whose fixed parts we keep. Key names are
+    // shown when they look like key names (a typo's name is the point of the message).
+    let first_quoted = |s: &str| {
+        s.split('`')
+            .nth(1)
+            .filter(|k| {
+                !k.is_empty()
+                    && k.len() <= 64
+                    && k.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            })
+            .map(|k| format!(" `{k}`"))
+            .unwrap_or_default()
+    };
+    // The part after serde's last ", expected " names a type of ours (`u16`, `a sequence`).
+    let expected = || {
+        message
+            .rsplit_once(", expected ")
+            .map(|(_, e)| format!(", expected {}", one_line(e)))
+            .unwrap_or_default()
+    };
+    if let Some(rest) = message.strip_prefix("unknown field") {
+        format!("unknown key{}", first_quoted(rest))
+    } else if let Some(rest) = message.strip_prefix("duplicate field") {
+        format!("duplicate key{}", first_quoted(rest))
+    } else if message.starts_with("invalid type") {
+        format!("wrong type of value{}", expected())
+    } else if message.starts_with("invalid value") || message.starts_with("invalid length") {
+        format!("invalid value{}", expected())
+    } else {
+        "invalid value".to_owned()
+    }
+}
+
+/// Our own wording cut to one short line.
+fn one_line(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(120).collect()
 }
 
 #[cfg(test)]
@@ -126,5 +198,63 @@ mod tests {
         std::fs::write(&path, "prefech = 4\n").unwrap();
         let err = FileConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("w.toml") && err.contains("prefech"), "{err}");
+    }
+
+    fn load_err(text: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.toml");
+        std::fs::write(&path, text).unwrap();
+        FileConfig::load(&path).unwrap_err().to_string()
+    }
+
+    /// The file's text, which may hold a password, never reaches the error: only the file,
+    /// the position and the kind of error.
+    #[test]
+    fn errors_name_the_position_not_the_text() {
+        let cases = [
+            // Syntax errors on the line with the password.
+            (
+                "prefetch = 1\namqp_url = \"amqp://u:s3cret@h/\" x\n",
+                "line 2, column 33: invalid TOML",
+            ),
+            (
+                "prefetch = 1\namqp_url = \"amqp://u:s3cret@h/\n",
+                "line 2, column ",
+            ),
+            (
+                "amqp_url \"amqp://u:s3cret@h/\"\n",
+                "line 1, column 10: invalid TOML",
+            ),
+            // Columns count characters, not bytes.
+            (
+                "worker_id = \"é\" \"s3cret\"\n",
+                "line 1, column 17: invalid TOML",
+            ),
+            // Schema errors: an unknown key next to the password, a password where a number
+            // goes, a password as a key.
+            (
+                "amqp_url = \"amqp://u:s3cret@h/\"\nprefech = 4\n",
+                "line 2, column 1: unknown key `prefech`",
+            ),
+            (
+                "delivery_limit = \"amqp://u:s3cret@h/\"\n",
+                "line 1, column 18: wrong type of value, expected u32",
+            ),
+            (
+                "\"amqp://u:s3cret@h/\" = 1\n",
+                "line 1, column 1: unknown key",
+            ),
+            (
+                "[storage]\nendpoint = [\"http://u:s3cret@h\"]\n",
+                "line 2, column 12: wrong type of value",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = load_err(text);
+            assert!(!err.contains("s3cret"), "{text:?} leaked: {err}");
+            assert!(!err.contains("amqp://"), "{text:?} leaked: {err}");
+            assert!(err.contains("worker.toml: invalid config: "), "{err}");
+            assert!(err.contains(expected), "{text:?}: {err} lacks {expected:?}");
+        }
     }
 }

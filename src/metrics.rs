@@ -8,6 +8,7 @@ use prometheus::{
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 pub struct Metrics {
     pub registry: Registry,
@@ -40,6 +41,9 @@ pub struct Metrics {
     /// Time the model thread waited between batches.
     pub gpu_idle_seconds: prometheus::Counter,
     pub gpu_busy_seconds: prometheus::Counter,
+    /// Connections to this endpoint closed unserved because `ServerLimits::max_connections` were
+    /// open.
+    pub http_connections_refused: IntCounter,
     /// Readiness inputs.
     pub model_loaded: AtomicBool,
     pub broker_connected: AtomicBool,
@@ -190,6 +194,10 @@ impl Metrics {
                 "sdbatch_gpu_busy_seconds_total",
                 "Time the model thread spent generating.",
             ),
+            http_connections_refused: counter(
+                "sdbatch_http_connections_refused_total",
+                "Connections to the metrics endpoint closed unserved: too many were open.",
+            ),
             model_loaded: AtomicBool::new(false),
             broker_connected: AtomicBool::new(false),
             storage_reachable: AtomicBool::new(false),
@@ -234,13 +242,56 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+/// Limits of the HTTP server behind `/metrics`, `/healthz` and `/readyz`. Its clients are probes
+/// and Prometheus: a few short GETs a minute. Anything slower or bigger is a broken or hostile
+/// client, and must not cost the worker file descriptors or memory (the broker connection and the
+/// store need them) nor starve the probes.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Time a client has to send a whole request head (request line and headers). The clock
+    /// starts when the connection is accepted and again after each response on a kept-alive
+    /// connection, so this is the idle timeout too. Default 5 s.
+    pub header_read_timeout: Duration,
+    /// A connection is closed this long after it was accepted, whatever it is doing (a client
+    /// that reads the response slowly, or keeps sending requests). Default 30 s.
+    pub connection_lifetime: Duration,
+    /// Open connections at most. Connections beyond it are closed as soon as they are accepted,
+    /// not queued: a queue would hold their file descriptors all the same. Default 64.
+    pub max_connections: usize,
+    /// Size of a request head (request line and headers) in bytes; larger heads are answered
+    /// 431. Default 4096.
+    pub max_header_bytes: usize,
+    /// Declared request body size in bytes; larger bodies, and bodies of undeclared size
+    /// (`Transfer-Encoding`), are answered 413. These are GET endpoints. Default 0.
+    pub max_body_bytes: u64,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            header_read_timeout: Duration::from_secs(5),
+            connection_lifetime: Duration::from_secs(30),
+            max_connections: 64,
+            max_header_bytes: 4096,
+            max_body_bytes: 0,
+        }
+    }
+}
+
+/// Headers per request at most (hyper's default is 100; probes send a handful).
+const MAX_HEADERS: usize = 32;
+/// hyper's smallest read buffer; it must hold a whole request head.
+const MIN_READ_BUFFER_BYTES: usize = 8192;
+/// Pause after a failed `accept` (typically out of file descriptors): retrying at once would
+/// spin, and the connections in hand free theirs as they end.
+const ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+fn router(metrics: Arc<Metrics>, max_body_bytes: u64) -> axum::Router {
     use axum::http::StatusCode;
     use axum::routing::get;
     let m1 = metrics.clone();
     let m2 = metrics;
-    let app = axum::Router::new()
+    axum::Router::new()
         .route(
             "/metrics",
             get(move || {
@@ -273,10 +324,100 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
                     )
                 }
             }),
-        );
+        )
+        // `layer` rather than `route_layer`: unknown paths are refused the same way.
+        .layer(axum::middleware::from_fn_with_state(
+            max_body_bytes,
+            refuse_bodies,
+        ))
+}
+
+/// Answers 413 to requests that declare a body over the limit or send one of undeclared size.
+/// The handlers never read bodies; this stops a client from streaming one into the connection.
+async fn refuse_bodies(
+    axum::extract::State(max_body_bytes): axum::extract::State<u64>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let headers = req.headers();
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
+    let too_large = match declared {
+        // Unparseable lengths never get here (hyper answers 400), but refuse them all the same.
+        Some(None) => true,
+        Some(Some(n)) => n > max_body_bytes,
+        None => headers.contains_key(header::TRANSFER_ENCODING),
+    };
+    if too_large {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            [(header::CONNECTION, "close")],
+            "request bodies are not accepted here\n",
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends, with the
+/// default [`ServerLimits`].
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "metrics and health endpoints listening");
-    axum::serve(listener, app).await
+    serve_on(listener, metrics, ServerLimits::default()).await
+}
+
+/// Serves the endpoints on an already bound listener until the process ends. Only a failure to
+/// accept is retried (after a pause); nothing a client does ends the loop.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    limits: ServerLimits,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let service = hyper_util::service::TowerToHyperService::new(router(
+        metrics.clone(),
+        limits.max_body_bytes,
+    ));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_bytes)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(limits.max_header_bytes.max(MIN_READ_BUFFER_BYTES))
+        .keep_alive(true);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint: accept failed; pausing");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Dropping the stream closes it. Logged at debug: a flood must not flood the log too.
+            metrics.http_connections_refused.inc();
+            tracing::debug!(%peer, "metrics endpoint: connection limit reached, closing");
+            drop(stream);
+            continue;
+        };
+        let conn = http.serve_connection(TokioIo::new(stream), service.clone());
+        let lifetime = limits.connection_lifetime;
+        tokio::spawn(async move {
+            // Dropping the connection (on error or at the end of its lifetime) closes the socket.
+            match tokio::time::timeout(lifetime, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics connection failed"),
+                Err(_) => tracing::debug!(%peer, "metrics connection closed: lifetime over"),
+            }
+            drop(slot);
+        });
+    }
 }
 
 #[cfg(test)]
@@ -298,5 +439,258 @@ mod tests {
         m.broker_connected.store(true, Ordering::Relaxed);
         m.storage_reachable.store(true, Ordering::Relaxed);
         assert!(m.readiness().0);
+    }
+
+    // The server against real TCP clients on 127.0.0.1. The clients are blocking std sockets on
+    // the test thread; the server runs on its own runtime thread, as in the worker.
+    use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+    use std::net::TcpStream;
+
+    /// Starts the server on an ephemeral port of 127.0.0.1 and returns the port once it listens.
+    fn start(limits: ServerLimits) -> (u16, Arc<Metrics>) {
+        let metrics = Metrics::new();
+        let m = metrics.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+                // A backlog for the 500-connection burst (std's default is 128).
+                let listener = socket.listen(1024).unwrap();
+                tx.send(listener.local_addr().unwrap().port()).unwrap();
+                serve_on(listener, m, limits).await.unwrap();
+            });
+        });
+        (rx.recv().unwrap(), metrics)
+    }
+
+    /// 500 client sockets and their 500 server ends live in this process: lift the soft
+    /// descriptor limit to the hard one where it is lower.
+    fn raise_fd_limit() {
+        // SAFETY: getrlimit/setrlimit on a local struct.
+        unsafe {
+            let mut l = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+                l.rlim_cur = l.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+            }
+        }
+    }
+
+    fn connect(port: u16) -> TcpStream {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        // Only an outer bound: every wait below ends on an event (a response or an EOF).
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s
+    }
+
+    /// Sends `request` on a fresh connection and returns the status code of the answer (0 when
+    /// the connection was closed without one).
+    fn send(port: u16, request: &[u8]) -> u16 {
+        let mut s = connect(port);
+        let _ = s.write_all(request);
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn get(port: u16, path: &str) -> u16 {
+        send(
+            port,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+    }
+
+    /// A request head cut off in the middle of a header, as a slowloris client sends it.
+    const PARTIAL: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaa";
+
+    /// Whether the server has closed `s` (EOF or reset) without waiting.
+    fn closed_now(s: &TcpStream) -> bool {
+        s.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        let closed = match (&*s).read(&mut buf) {
+            Ok(_) => true,
+            Err(e) => e.kind() != ErrorKind::WouldBlock,
+        };
+        s.set_nonblocking(false).unwrap();
+        closed
+    }
+
+    /// Reads until the server closes `s`; returns what it sent. Panics if it never does.
+    fn read_until_closed(mut s: &TcpStream) -> String {
+        let mut out = Vec::new();
+        match s.read_to_end(&mut out) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("the server did not close the connection: {e}"),
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// One line, or None once the server closed the connection. Panics when it neither
+    /// answers nor closes.
+    fn read_line(reader: &mut BufReader<&TcpStream>) -> Option<String> {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(line),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => None,
+            Err(e) => panic!("the server neither answered nor closed: {e}"),
+        }
+    }
+
+    /// Reads one response of a kept-alive connection: its status, or None once the server
+    /// closed the connection.
+    fn read_response(reader: &mut BufReader<&TcpStream>) -> Option<u16> {
+        let status = read_line(reader)?;
+        let mut length = 0;
+        loop {
+            let line = read_line(reader)?;
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).ok()?;
+        status.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    #[test]
+    fn slow_headers_do_not_block_health_and_are_closed_after_the_header_timeout() {
+        raise_fd_limit();
+        let (port, _) = start(ServerLimits {
+            header_read_timeout: Duration::from_secs(5),
+            max_connections: 1000,
+            ..ServerLimits::default()
+        });
+        let slow: Vec<TcpStream> = (0..500)
+            .map(|_| {
+                let mut s = connect(port);
+                s.write_all(PARTIAL).unwrap();
+                s
+            })
+            .collect();
+        assert_eq!(get(port, "/healthz"), 200);
+        // Opening 500 local connections takes far less than the 5 s header timeout, so every
+        // one is still open while the probe was answered.
+        let early = slow.iter().filter(|s| closed_now(s)).count();
+        assert_eq!(
+            early, 0,
+            "slow connections closed before the header timeout"
+        );
+        for s in &slow {
+            let sent = read_until_closed(s);
+            assert!(
+                !sent.contains("200"),
+                "a partial request was answered: {sent}"
+            );
+        }
+        assert_eq!(get(port, "/healthz"), 200);
+    }
+
+    #[test]
+    fn connections_over_the_limit_are_closed_at_once() {
+        let (port, metrics) = start(ServerLimits {
+            // Far longer than the test: only the limit can close a connection.
+            header_read_timeout: Duration::from_secs(600),
+            connection_lifetime: Duration::from_secs(600),
+            max_connections: 4,
+            ..ServerLimits::default()
+        });
+        let held: Vec<TcpStream> = (0..4)
+            .map(|_| {
+                let mut s = connect(port);
+                s.write_all(PARTIAL).unwrap();
+                s
+            })
+            .collect();
+        // Accepted after the four (one accept loop, in order), so refused and closed.
+        let mut extra = connect(port);
+        let _ = extra.write_all(PARTIAL);
+        read_until_closed(&extra);
+        assert_eq!(get(port, "/healthz"), 0, "a fifth connection is refused");
+        assert!(
+            held.iter().all(|s| !closed_now(s)),
+            "the first four stay open"
+        );
+        assert!(metrics.http_connections_refused.get() >= 2);
+
+        // Once they go, the slots are free again (their release follows the clients' close,
+        // so try until one is served).
+        drop(held);
+        let mut attempts = 0;
+        while get(port, "/healthz") != 200 {
+            attempts += 1;
+            assert!(attempts < 10_000, "slots never freed");
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn oversized_heads_and_bodies_are_refused() {
+        let (port, _) = start(ServerLimits::default());
+        assert_eq!(get(port, "/healthz"), 200);
+        let big = format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",
+            "a".repeat(5000)
+        );
+        assert_eq!(send(port, big.as_bytes()), 431);
+        let body = b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n";
+        assert_eq!(send(port, body), 413);
+        let chunked = b"GET /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+        assert_eq!(send(port, chunked), 413);
+    }
+
+    #[test]
+    fn idle_and_long_lived_connections_are_closed() {
+        let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+
+        // Idle after one answer: closed by the header timeout, which restarts per request.
+        let (port, _) = start(ServerLimits {
+            header_read_timeout: Duration::from_secs(1),
+            connection_lifetime: Duration::from_secs(600),
+            ..ServerLimits::default()
+        });
+        let idle = connect(port);
+        (&idle).write_all(request).unwrap();
+        let mut reader = BufReader::new(&idle);
+        assert_eq!(read_response(&mut reader), Some(200));
+        assert_eq!(read_response(&mut reader), None, "idle connection closed");
+
+        // Never idle: requests back to back until the lifetime closes the connection.
+        let (port, _) = start(ServerLimits {
+            header_read_timeout: Duration::from_secs(600),
+            connection_lifetime: Duration::from_secs(1),
+            ..ServerLimits::default()
+        });
+        let busy = connect(port);
+        let mut reader = BufReader::new(&busy);
+        let mut answered = 0u64;
+        // Only an outer bound, far beyond the 1 s lifetime.
+        let give_up = std::time::Instant::now() + Duration::from_secs(60);
+        while (&busy).write_all(request).is_ok() && read_response(&mut reader) == Some(200) {
+            answered += 1;
+            assert!(
+                std::time::Instant::now() < give_up,
+                "connection never closed"
+            );
+        }
+        assert!(answered > 0);
     }
 }

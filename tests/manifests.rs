@@ -515,8 +515,9 @@ fn the_environment_the_manifests_set_is_read_by_the_worker() {
                 None => continue,
             };
             if is_worker_var(name) {
+                // `[env: NAME]`: the CLI hides the values (they can hold secrets).
                 assert!(
-                    help.contains(&format!("[env: {name}=")),
+                    help.contains(&format!("[env: {name}]")),
                     "{rel} sets {name}, which `sdbatch worker` does not read"
                 );
                 checked += 1;

@@ -215,13 +215,21 @@ async fn dlq_list_show_requeue_purge() {
     assert!(stdout(&o).contains("\"steps\": 100"), "{}", stdout(&o));
 
     let r = run.clone();
-    let o = tokio::task::spawn_blocking(move || r(vec!["requeue".into(), "too-long-1".into()]))
-        .await
-        .unwrap();
+    // The worker rejected it as invalid: requeued only when asked for explicitly.
+    let o = tokio::task::spawn_blocking(move || {
+        r(vec![
+            "requeue".into(),
+            "too-long-1".into(),
+            "--include-invalid".into(),
+        ])
+    })
+    .await
+    .unwrap();
     assert!(
         stdout(&o).contains("1 dead letter(s) sent back"),
-        "{}",
-        stdout(&o)
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
     );
     assert_eq!(broker.ready(&broker.topology.jobs_queue).await, 1);
     assert_eq!(broker.ready(&broker.topology.dead_queue).await, 1);

@@ -52,13 +52,13 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1800)]
     pub planner_timeout_secs: u64,
     /// --planner: AMQP URL (default amqp://guest:guest@127.0.0.1:5672/%2f).
-    #[arg(long, env = "AMQP_URL")]
+    #[arg(long, env = "AMQP_URL", hide_env_values = true)]
     pub amqp_url: Option<String>,
     /// --planner: `s3://` (default) or `file:///folder`.
     #[arg(long)]
     pub storage_url: Option<String>,
     /// --planner: S3 endpoint (MinIO, s3s-fs, ...).
-    #[arg(long, env = "S3_ENDPOINT")]
+    #[arg(long, env = "S3_ENDPOINT", hide_env_values = true)]
     pub s3_endpoint: Option<String>,
     /// --planner: bucket for the images (created if missing).
     #[arg(long, default_value = "sdbatch-bench")]

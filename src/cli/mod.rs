@@ -58,14 +58,19 @@ pub fn default_amqp_url() -> String {
 #[derive(Args, Debug, Clone)]
 pub struct BrokerArgs {
     /// AMQP URL (default amqp://guest:guest@127.0.0.1:5672/%2f). Credentials are never logged.
-    #[arg(long = "amqp-url", env = "AMQP_URL", value_name = "URL")]
+    #[arg(
+        long = "amqp-url",
+        env = "AMQP_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub amqp_url_flag: Option<String>,
     /// Prefix of the exchange and queue names (`{prefix}.jobs`, `{prefix}.jobs.dead`, ...).
-    #[arg(long, env = "SDBATCH_QUEUE_PREFIX")]
+    #[arg(long, env = "SDBATCH_QUEUE_PREFIX", hide_env_values = true)]
     pub queue_prefix: Option<String>,
     /// Deliveries before a failing batch is dead-lettered (x-delivery-limit; default 3). Must
     /// match the existing queue's.
-    #[arg(long, env = "SDBATCH_DELIVERY_LIMIT")]
+    #[arg(long, env = "SDBATCH_DELIVERY_LIMIT", hide_env_values = true)]
     pub delivery_limit: Option<u32>,
     #[arg(skip = default_amqp_url())]
     pub amqp_url: String,
@@ -170,6 +175,45 @@ impl SamplingArgs {
     }
 }
 
+/// Characters of a producer- or worker-supplied field (batch id, reason, header) printed at most.
+pub const MAX_FIELD_CHARS: usize = 128;
+
+/// `text` made safe to print on a terminal, cut to `max_chars` characters (then ending in `…`).
+/// Dead letters and events carry text anyone with publish rights chose: raw, an escape sequence
+/// (`\x1b[...`) could rewrite the terminal and a newline could forge output lines. Control
+/// characters, bidirectional overrides and backslashes are written as Rust escapes (`\u{1b}`,
+/// `\n`, `\\`), so the output stays one unambiguous line per field.
+pub fn printable(text: &str, max_chars: usize) -> String {
+    escaped(text, max_chars, true)
+}
+
+/// [`printable`] for text with escapes of its own (serde_json's output): backslashes stay as
+/// they are; control characters serde_json leaves raw (DEL, C1) are still escaped.
+pub fn printable_json(text: &str, max_chars: usize) -> String {
+    escaped(text, max_chars, false)
+}
+
+fn escaped(text: &str, max_chars: usize, backslashes: bool) -> String {
+    let mut out = String::new();
+    let mut chars = 0;
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        let piece: String = if c.is_control() || bidi || (backslashes && c == '\\') {
+            c.escape_default().collect()
+        } else {
+            c.to_string()
+        };
+        let len = piece.chars().count();
+        if chars + len > max_chars {
+            out.push('…');
+            break;
+        }
+        out.push_str(&piece);
+        chars += len;
+    }
+    out
+}
+
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -208,5 +252,46 @@ pub fn run(cli: Cli) -> Result<()> {
             args.broker = args.broker.resolved();
             runtime()?.block_on(topology::run(args))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn printable_escapes_control_characters_and_caps_the_length() {
+        assert_eq!(printable("a cat", 128), "a cat");
+        assert_eq!(printable("café 🎨", 128), "café 🎨");
+        assert_eq!(
+            printable("id\x1b[31mred\nforged line\r\t\\", 128),
+            "id\\u{1b}[31mred\\nforged line\\r\\t\\\\"
+        );
+        assert_eq!(printable("\u{202e}txt", 128), "\\u{202e}txt");
+        assert_eq!(printable("\u{9b}31m", 128), "\\u{9b}31m", "8-bit CSI");
+        let long = "x".repeat(500);
+        assert_eq!(printable(&long, 128), format!("{}…", "x".repeat(128)));
+        // An escape is never cut in half.
+        assert_eq!(printable("abc\x1b", 5), "abc…");
+    }
+
+    /// Every argument read from the environment hides its value in `--help` (an AMQP URL
+    /// carries a password), including arguments added later.
+    #[test]
+    fn help_never_shows_environment_values() {
+        fn check(cmd: &clap::Command, path: &str, shown: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                if arg.get_env().is_some() && !arg.is_hide_env_values_set() {
+                    shown.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                check(sub, &format!("{path} {}", sub.get_name()), shown);
+            }
+        }
+        let mut shown = Vec::new();
+        check(&Cli::command(), "sdbatch", &mut shown);
+        assert!(shown.is_empty(), "add hide_env_values = true to: {shown:?}");
     }
 }

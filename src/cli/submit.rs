@@ -1,6 +1,6 @@
 //! `sdbatch submit`: prompts file or template → batch messages, published with confirms;
 //! `--wait` follows the events exchange until every batch is accounted for.
-use super::BrokerArgs;
+use super::{BrokerArgs, MAX_FIELD_CHARS, printable};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use futures_lite::StreamExt;
@@ -40,7 +40,7 @@ pub struct SubmitArgs {
     /// --batch-size. Without --width/--height, images are counted as 512x512 (SD 1.x).
     #[arg(long, default_value_t = sdbatch::message::DEFAULT_MAX_MESSAGE_WORK)]
     pub max_work: f64,
-    /// Batch ids are `{batch-prefix}-0001`, ... (default: `batch-<unix seconds>`).
+    /// Batch ids are `{batch-prefix}-0001`, ... (default: `batch-<UUIDv7>`, unique per submit).
     #[arg(long)]
     pub batch_prefix: Option<String>,
     #[arg(long)]
@@ -86,13 +86,13 @@ fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
         }
         (None, None) => bail!("pass --prompts FILE or --template TEXT"),
     };
-    let prefix = args.batch_prefix.clone().unwrap_or_else(|| {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default();
-        format!("batch-{secs}")
-    });
+    // A UUIDv7 rather than the time in seconds: two submits in the same second got the same ids,
+    // and workers answer a known batch id with the images they already made for it. v7 ids still
+    // sort by creation time. `batch-` + 36 + `-NNNN` stays far inside the 128-character limit.
+    let prefix = args
+        .batch_prefix
+        .clone()
+        .unwrap_or_else(|| format!("batch-{}", uuid::Uuid::now_v7()));
     let params = MessageParams {
         steps: args.steps,
         guidance_scale: args.guidance,
@@ -230,18 +230,22 @@ pub async fn run(args: SubmitArgs) -> Result<()> {
         match event {
             Event::Completed(c) => {
                 bar.inc(c.images.len() as u64);
+                // Worker-supplied text: printed escaped (see `printable`).
                 completed.insert(
                     id,
                     c.images
                         .iter()
-                        .map(|i| format!("s3://{}/{}", i.bucket, i.key))
+                        .map(|i| printable(&format!("s3://{}/{}", i.bucket, i.key), 1024))
                         .collect(),
                 );
             }
             Event::Failed(f) => {
                 failed_images += expected[&id];
                 bar.set_message(format!("{failed_images} failed"));
-                failed.insert(id, format!("{}: {}", f.reason, f.error));
+                failed.insert(
+                    id,
+                    printable(&format!("{}: {}", f.reason, f.error), 4 * MAX_FIELD_CHARS),
+                );
             }
         }
     }

@@ -20,91 +20,107 @@ use std::time::Duration;
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
     /// Optional TOML config file (flags and environment variables take precedence).
-    #[arg(long, env = "SDBATCH_CONFIG")]
+    #[arg(long, env = "SDBATCH_CONFIG", hide_env_values = true)]
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub broker: BrokerArgs,
     /// Unacked batch messages held at once (basic.qos prefetch, default 8); GPU batches are
     /// planned across all of them.
-    #[arg(long, env = "SDBATCH_PREFETCH")]
+    #[arg(long, env = "SDBATCH_PREFETCH", hide_env_values = true)]
     pub prefetch: Option<u16>,
     /// Worker id in events, logs and the consumer tag (default: host name and pid).
-    #[arg(long, env = "SDBATCH_WORKER_ID")]
+    #[arg(long, env = "SDBATCH_WORKER_ID", hide_env_values = true)]
     pub worker_id: Option<String>,
     /// Model folder in the diffusers layout.
-    #[arg(long, env = "SDBATCH_MODEL")]
+    #[arg(long, env = "SDBATCH_MODEL", hide_env_values = true)]
     pub model: Option<PathBuf>,
     /// auto, cpu, cuda, cuda:N.
-    #[arg(long, env = "SDBATCH_DEVICE")]
+    #[arg(long, env = "SDBATCH_DEVICE", hide_env_values = true)]
     pub device: Option<String>,
     /// auto, fp32, fp16, bf16.
-    #[arg(long, env = "SDBATCH_DTYPE")]
+    #[arg(long, env = "SDBATCH_DTYPE", hide_env_values = true)]
     pub dtype: Option<String>,
     /// Weights variant (e.g. fp16).
     #[arg(long)]
     pub variant: Option<String>,
     /// Images per GPU batch at most (default 64 on CUDA, where free memory decides below it; 4 on
     /// the CPU, where it is the batch size).
-    #[arg(long, env = "SDBATCH_MAX_BATCH")]
+    #[arg(long, env = "SDBATCH_MAX_BATCH", hide_env_values = true)]
     pub max_batch: Option<usize>,
     /// Fraction of device memory kept free when sizing batches (default 0.10).
-    #[arg(long, env = "SDBATCH_MEMORY_MARGIN")]
+    #[arg(long, env = "SDBATCH_MEMORY_MARGIN", hide_env_values = true)]
     pub memory_margin: Option<f64>,
     /// Seconds the messages in hand may take to finish after SIGTERM (default 600, at most
     /// 86400).
-    #[arg(long, env = "SDBATCH_GRACE_PERIOD_SECS")]
+    #[arg(long, env = "SDBATCH_GRACE_PERIOD_SECS", hide_env_values = true)]
     pub grace_period_secs: Option<u64>,
     /// Seconds one broker operation (publish with confirm, ack, nack, declare) may take before
     /// the connection is treated as lost and re-established (default 30, 1..=3600).
-    #[arg(long, env = "SDBATCH_BROKER_TIMEOUT_SECS")]
+    #[arg(long, env = "SDBATCH_BROKER_TIMEOUT_SECS", hide_env_values = true)]
     pub broker_timeout_secs: Option<u64>,
     /// Largest message body accepted, in bytes, checked before parsing (default 1048576 = 1 MiB);
     /// larger ones are dead-lettered unparsed with reason `too_large`.
-    #[arg(long, env = "SDBATCH_MAX_MESSAGE_BYTES")]
+    #[arg(long, env = "SDBATCH_MAX_MESSAGE_BYTES", hide_env_values = true)]
     pub max_message_bytes: Option<usize>,
     /// Largest work of one message in image-steps-megapixels (images x steps x width x height /
     /// 10^6; default 16384, e.g. 1250 images of 512x512 at 50 steps); more is dead-lettered as
     /// `too_much_work`.
-    #[arg(long, env = "SDBATCH_MAX_MESSAGE_WORK")]
+    #[arg(long, env = "SDBATCH_MAX_MESSAGE_WORK", hide_env_values = true)]
     pub max_message_work: Option<f64>,
     /// `s3://` or `file:///absolute/folder` (local-directory sink for machines without S3).
-    #[arg(long, env = "SDBATCH_STORAGE_URL")]
+    #[arg(long, env = "SDBATCH_STORAGE_URL", hide_env_values = true)]
     pub storage_url: Option<String>,
     /// S3 endpoint for MinIO, Garage, s3s-fs (path-style addressing is then used).
-    #[arg(long, env = "S3_ENDPOINT")]
+    #[arg(long, env = "S3_ENDPOINT", hide_env_values = true)]
     pub s3_endpoint: Option<String>,
     /// S3 region (default us-east-1).
-    #[arg(long, env = "AWS_REGION")]
+    #[arg(long, env = "AWS_REGION", hide_env_values = true)]
     pub s3_region: Option<String>,
     /// Bucket for messages that name none.
-    #[arg(long, env = "S3_BUCKET")]
+    #[arg(long, env = "S3_BUCKET", hide_env_values = true)]
     pub bucket: Option<String>,
     /// Comma-separated buckets messages may name (default: the default bucket only).
-    #[arg(long, env = "SDBATCH_ALLOWED_BUCKETS", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "SDBATCH_ALLOWED_BUCKETS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
     pub allowed_buckets: Option<Vec<String>>,
     /// Run the safety checker on batches that do not choose (`params.safety_checker`). The checker
     /// is loaded whenever the model folder has `safety_checker/`, so batches can ask for it.
-    #[arg(long, env = "SDBATCH_SAFETY_CHECKER")]
+    #[arg(long, env = "SDBATCH_SAFETY_CHECKER", hide_env_values = true)]
     pub safety_checker: bool,
     /// What happens to a flagged image: flag (store, mark), blank (store a black image), drop.
     #[arg(
         long,
         env = "SDBATCH_SAFETY_POLICY",
+        hide_env_values = true,
         value_enum,
         default_value = "blank"
     )]
     pub safety_policy: SafetyPolicy,
     /// CLIP model folder (transformers layout) for a CLIP score per image.
-    #[arg(long, env = "SDBATCH_CLIP_MODEL")]
+    #[arg(long, env = "SDBATCH_CLIP_MODEL", hide_env_values = true)]
     pub clip_model: Option<PathBuf>,
     /// Mark images whose CLIP score is below this (they are kept).
-    #[arg(long, env = "SDBATCH_MIN_CLIP_SCORE", requires = "clip_model")]
+    #[arg(
+        long,
+        env = "SDBATCH_MIN_CLIP_SCORE",
+        hide_env_values = true,
+        requires = "clip_model"
+    )]
     pub min_clip_score: Option<f32>,
     /// Where /metrics, /healthz and /readyz are served ("off" to disable).
-    #[arg(long, env = "SDBATCH_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    #[arg(
+        long,
+        env = "SDBATCH_METRICS_ADDR",
+        hide_env_values = true,
+        default_value = "0.0.0.0:9090"
+    )]
     pub metrics_addr: String,
     /// Key prefix for messages that name none.
-    #[arg(long, env = "SDBATCH_PREFIX")]
+    #[arg(long, env = "SDBATCH_PREFIX", hide_env_values = true)]
     pub prefix: Option<String>,
 }
 

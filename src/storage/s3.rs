@@ -45,6 +45,43 @@ impl fmt::Debug for S3Store {
     }
 }
 
+/// Why `endpoint` cannot be an S3 endpoint URL. The SDK would accept user info, a query or a
+/// fragment, and the endpoint then appears in request errors and `batch.failed` events, secrets
+/// and all. Credentials belong in the AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ...).
+/// The reasons never quote the URL.
+fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
+    const NOT_HTTP: &str = "expected an http:// or https:// URL";
+    let url = url::Url::parse(endpoint).map_err(|_| NOT_HTTP)?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(NOT_HTTP);
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("the URL names no host");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "the URL must not contain credentials (user:password@); give the keys in \
+             AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or another source of the AWS chain",
+        );
+    }
+    if url.query().is_some() {
+        return Err("the URL must not have a query (?...)");
+    }
+    if url.fragment().is_some() {
+        return Err("the URL must not have a fragment (#...)");
+    }
+    Ok(())
+}
+
+/// Scheme, host and port of a rejected endpoint, to name it in the error: its path, like its
+/// user info and query, may carry a token.
+fn endpoint_origin(endpoint: &str) -> String {
+    match url::Url::parse(endpoint).map(|u| u.origin()) {
+        Ok(origin) if origin.is_tuple() => origin.ascii_serialization(),
+        _ => "<S3 endpoint>".to_owned(),
+    }
+}
+
 impl S3Store {
     pub(crate) async fn connect(
         cfg: &StorageConfig,
@@ -53,15 +90,13 @@ impl S3Store {
         const OP: &str = "connect";
         if let Some(endpoint) = &cfg.endpoint {
             // Checked here rather than failing every request later with a construction error.
-            let ok = url::Url::parse(endpoint)
-                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-            if !ok {
-                return Err(StorageError::permanent(
+            check_endpoint(endpoint).map_err(|why| {
+                StorageError::permanent(
                     OP,
-                    redact_url(endpoint),
-                    "invalid S3 endpoint: expected an http:// or https:// URL",
-                ));
-            }
+                    endpoint_origin(endpoint),
+                    format!("invalid S3 endpoint: {why}"),
+                )
+            })?;
         }
         let region = cfg
             .region
@@ -517,6 +552,33 @@ fn status_hint(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn endpoints_with_secrets_or_without_a_host_are_refused_at_connect() {
+        let cases = [
+            ("http://user:s3cret@127.0.0.1:9000", "credentials"),
+            ("http://s3cret@127.0.0.1:9000", "credentials"),
+            ("https://127.0.0.1:9000/?X-Amz-Signature=s3cret", "query"),
+            ("https://127.0.0.1:9000/#s3cret", "fragment"),
+            ("ftp://127.0.0.1/s3cret", "http:// or https://"),
+            ("unix:/run/s3cret", "http:// or https://"),
+            ("http://u:s3cret@/", "http:// or https://"),
+            ("127.0.0.1:9000", "http:// or https://"),
+        ];
+        for (endpoint, why) in cases {
+            let mut cfg = StorageConfig::new("s3://");
+            cfg.endpoint = Some(endpoint.to_owned());
+            let err = S3Store::connect(&cfg, None).await.unwrap_err();
+            let text = err.to_string();
+            assert!(!err.is_transient(), "{text}");
+            assert!(text.contains("invalid S3 endpoint"), "{text}");
+            assert!(text.contains(why), "{endpoint}: {text}");
+            assert!(!text.contains("s3cret"), "{endpoint} leaked: {text}");
+        }
+        for endpoint in ["http://127.0.0.1:9000", "https://s3.example.com/base/path"] {
+            assert_eq!(check_endpoint(endpoint), Ok(()), "{endpoint}");
+        }
+    }
 
     #[tokio::test]
     async fn pages_are_concatenated_until_the_last() {
