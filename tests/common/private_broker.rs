@@ -394,20 +394,43 @@ impl Drop for PrivateBroker {
     }
 }
 
+/// A free port below the kernel's ephemeral range when there is room there (the usual 32768+):
+/// ports from `bind(0)` (other tests' S3 servers and metrics endpoints) and the local ports of
+/// outgoing connections come from that range, and the node's ports must stay free while it boots
+/// and between `stop_app` and `start_app`. Falls back to `bind(0)`.
 fn free_port() -> u16 {
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    if ephemeral_low > LOWEST + 1000 {
+        for _ in 0..50 {
+            let port = (LOWEST + random_u32() % (ephemeral_low - LOWEST)) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("cannot find a free port")
         .port()
 }
 
-/// A random Erlang cookie (letters only), from the kernel's random source.
-fn cookie() -> String {
-    let mut bytes = [0u8; 24];
+fn random_u32() -> u32 {
+    let mut bytes = [0u8; 4];
     File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .expect("cannot read /dev/urandom");
-    bytes.iter().map(|b| (b'A' + b % 26) as char).collect()
+    u32::from_ne_bytes(bytes)
+}
+
+/// A random Erlang cookie (letters only), from the kernel's random source.
+fn cookie() -> String {
+    (0..24)
+        .map(|_| (b'A' + (random_u32() % 26) as u8) as char)
+        .collect()
 }
 
 /// Erlang refuses a cookie file that others can read.
