@@ -1,27 +1,16 @@
 //! The broker restarts while a worker is mid-batch: the worker reconnects and finishes, nothing is
-//! lost or stored twice. Its own test binary, because it restarts the shared RabbitMQ node (cargo
-//! runs test binaries one after another, so no other test sees the restart).
+//! lost or stored twice, and /readyz says 503 while the broker is away. The restart is of a
+//! private RabbitMQ node of this test's own (`PrivateBroker`), never the shared one, so tests
+//! running at the same time (cargo-nextest runs every test in parallel) do not see it.
 mod common;
 
 use common::broker::{Broker, WorkerProcess, http_get, unique};
+use common::private_broker::PrivateBroker;
 use common::s3::S3Server;
 use sdbatch::events::Event;
 use sdbatch::storage::{StaticCredentials, Storage, StorageConfig};
 use serde_json::json;
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl on PATH");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn body(batch_id: &str, steps: u32) -> Vec<u8> {
     serde_json::to_vec(&json!({
@@ -50,15 +39,23 @@ async fn worker_reconnects_after_broker_restart_and_finishes() {
     storage.create_bucket("images").await.unwrap();
     let prefix = unique("restart");
     let logs = tempfile::tempdir().unwrap();
+    let mut rabbit = PrivateBroker::start().await;
+    println!(
+        "private RabbitMQ node {} started in {:.2} s",
+        rabbit.node(),
+        rabbit.startup_time().as_secs_f64()
+    );
+    let url = rabbit.url();
 
-    let broker = Broker::new(&prefix, 3).await;
-    let worker = WorkerProcess::spawn(
+    let broker = Broker::connect(&url, &prefix, 3).await;
+    let worker = WorkerProcess::spawn_env(
         &prefix,
         &s3,
         "images",
         logs.path(),
         "w1",
         &["--max-batch", "1"],
+        &[("AMQP_URL", &url)],
     );
     worker
         .wait_for_log("consuming", Duration::from_secs(120))
@@ -69,7 +66,7 @@ async fn worker_reconnects_after_broker_restart_and_finishes() {
         .await;
     drop(broker);
 
-    rabbitmqctl(&["stop_app"]);
+    rabbit.stop_app().await;
     // Not ready while the broker is away...
     let start = Instant::now();
     while http_get(worker.metrics_port, "/readyz").0 != 503 {
@@ -86,11 +83,10 @@ async fn worker_reconnects_after_broker_restart_and_finishes() {
         "still alive"
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    rabbitmqctl(&["start_app"]);
-    rabbitmqctl(&["await_startup"]);
+    rabbit.start_app().await;
 
     // The first batch is finished (stored once) and its message acked after the reconnect.
-    let broker = Broker::new(&prefix, 3).await;
+    let broker = Broker::connect(&url, &prefix, 3).await;
     let mut events = broker.watch_events().await;
     let start = Instant::now();
     loop {

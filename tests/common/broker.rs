@@ -37,9 +37,24 @@ pub struct Broker {
 impl Broker {
     /// Connects and declares the topology for `prefix` with `delivery_limit`.
     pub async fn new(prefix: &str, delivery_limit: u32) -> Broker {
-        let conn = queue::connect(&amqp_url(), &format!("test {prefix}"))
+        Self::open(
+            &amqp_url(),
+            prefix,
+            delivery_limit,
+            "RabbitMQ on 127.0.0.1:5672 (run scripts/services.sh)",
+        )
+        .await
+    }
+
+    /// Like `new`, on the broker at `url` (a `PrivateBroker`'s, say) instead of the shared one.
+    pub async fn connect(url: &str, prefix: &str, delivery_limit: u32) -> Broker {
+        Self::open(url, prefix, delivery_limit, &format!("RabbitMQ at {url}")).await
+    }
+
+    async fn open(url: &str, prefix: &str, delivery_limit: u32, what: &str) -> Broker {
+        let conn = queue::connect(url, &format!("test {prefix}"))
             .await
-            .expect("RabbitMQ on 127.0.0.1:5672 (run scripts/services.sh)");
+            .expect(what);
         let channel = conn.create_channel().await.unwrap();
         let mut topology = Topology::with_prefix(prefix);
         topology.delivery_limit = delivery_limit;

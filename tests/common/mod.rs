@@ -95,6 +95,7 @@ pub fn assert_images_match(what: &str, ours: &[u8], theirs: &[u8]) {
 }
 pub mod amqp_proxy;
 pub mod broker;
+pub mod private_broker;
 /// Copies a folder tree (a model folder, to break one of its files in a test).
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
