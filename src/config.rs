@@ -15,6 +15,8 @@
 //! memory_margin = 0.10
 //! grace_period_secs = 600
 //! broker_timeout_secs = 30
+//! consumer_timeout_secs = 1800
+//! max_pending_images = 256
 //!
 //! [storage]
 //! url = "s3://"
@@ -52,6 +54,8 @@ pub struct FileConfig {
     pub memory_margin: Option<f64>,
     pub grace_period_secs: Option<u64>,
     pub broker_timeout_secs: Option<u64>,
+    pub consumer_timeout_secs: Option<u64>,
+    pub max_pending_images: Option<usize>,
     #[serde(default)]
     pub storage: StorageSection,
     #[serde(default)]

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub inflight_batches: IntGauge,
     /// Images in the last GPU batch.
     pub batch_size: IntGauge,
+    /// The prefetch the worker last asked the broker for (work-aware holding).
+    pub prefetch: IntGauge,
     pub device_memory_bytes: IntGaugeVec,
     pub model_load_seconds: prometheus::Gauge,
     /// Time the model thread waited between batches.
@@ -164,6 +166,10 @@ impl Metrics {
                 "Messages in hand (delivered, not yet acked).",
             ),
             batch_size: gauge("sdbatch_batch_size", "Images in the last GPU batch."),
+            prefetch: gauge(
+                "sdbatch_prefetch",
+                "Messages the worker currently lets the broker deliver (work-aware basic.qos).",
+            ),
             device_memory_bytes: {
                 let g = IntGaugeVec::new(
                     Opts::new("sdbatch_device_memory_bytes", "CUDA device memory."),

@@ -5,7 +5,7 @@ mod common;
 
 use common::broker::{Broker, WorkerProcess, amqp_url, unique};
 use common::s3::S3Server;
-use sdbatch::storage::{StaticCredentials, Storage, StorageConfig};
+use common::stack::store;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -26,25 +26,10 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-async fn s3_store(s3: &S3Server) -> Storage {
-    let mut cfg = StorageConfig::new("s3://");
-    cfg.endpoint = Some(s3.endpoint.clone());
-    Storage::connect_with_credentials(
-        &cfg,
-        StaticCredentials {
-            access_key_id: s3.access_key.clone(),
-            secret_access_key: s3.secret_key.clone(),
-            session_token: None,
-        },
-    )
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn submit_template_and_wait_lists_the_keys() {
     let s3 = S3Server::start();
-    let storage = s3_store(&s3).await;
+    let storage = store(&s3).await;
     storage.create_bucket("catalog").await.unwrap();
     let prefix = unique("submit");
     let broker = Broker::new(&prefix, 3).await;
@@ -157,7 +142,7 @@ async fn dlq_list_show_requeue_purge() {
     let prefix = unique("dlq");
     let broker = Broker::new(&prefix, 3).await;
     let s3 = S3Server::start();
-    s3_store(&s3).await.create_bucket("images").await.unwrap();
+    store(&s3).await.create_bucket("images").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     // Worker rejects an over-limit message (steps 100 > its configured max of 50 in the config file).
     let config = dir.path().join("worker.toml");

@@ -7,8 +7,8 @@ mod common;
 use common::broker::{Broker, WorkerProcess, http_get, unique};
 use common::private_broker::PrivateBroker;
 use common::s3::S3Server;
+use common::stack::store;
 use sdbatch::events::Event;
-use sdbatch::storage::{StaticCredentials, Storage, StorageConfig};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -24,18 +24,7 @@ fn body(batch_id: &str, steps: u32) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread")]
 async fn worker_reconnects_after_broker_restart_and_finishes() {
     let s3 = S3Server::start();
-    let mut cfg = StorageConfig::new("s3://");
-    cfg.endpoint = Some(s3.endpoint.clone());
-    let storage = Storage::connect_with_credentials(
-        &cfg,
-        StaticCredentials {
-            access_key_id: s3.access_key.clone(),
-            secret_access_key: s3.secret_key.clone(),
-            session_token: None,
-        },
-    )
-    .await
-    .unwrap();
+    let storage = store(&s3).await;
     storage.create_bucket("images").await.unwrap();
     let prefix = unique("restart");
     let logs = tempfile::tempdir().unwrap();

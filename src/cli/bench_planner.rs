@@ -54,6 +54,8 @@ async fn run_mode(
         memory_margin: 0.10,
         grace_period: Duration::from_secs(600),
         broker_timeout: queue::DEFAULT_OPERATION_TIMEOUT,
+        consumer_timeout: Duration::from_secs(1800),
+        max_pending_images: 256,
         reconnect_min: Duration::from_millis(500),
         reconnect_max: Duration::from_secs(5),
         publish_attempts: 6,

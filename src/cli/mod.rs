@@ -41,7 +41,8 @@ pub enum Command {
     /// Measure throughput per batch size and print a table.
     Bench(bench::BenchArgs),
     /// Consume batch messages from RabbitMQ, upload images to S3, publish completion events.
-    Worker(worker::WorkerArgs),
+    // Boxed: the worker has many flags, and the enum is built once.
+    Worker(Box<worker::WorkerArgs>),
     /// Publish batch messages from a prompts file or a template (optionally wait for the results).
     Submit(submit::SubmitArgs),
     /// Inspect, requeue or purge dead-lettered batches.
@@ -239,7 +240,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
-        Command::Worker(args) => runtime()?.block_on(worker::run(args)),
+        Command::Worker(args) => runtime()?.block_on(worker::run(*args)),
         Command::Submit(mut args) => {
             args.broker = args.broker.resolved();
             runtime()?.block_on(submit::run(args))

@@ -58,6 +58,14 @@ pub struct WorkerArgs {
     /// the connection is treated as lost and re-established (default 30, 1..=3600).
     #[arg(long, env = "SDBATCH_BROKER_TIMEOUT_SECS", hide_env_values = true)]
     pub broker_timeout_secs: Option<u64>,
+    /// The broker's consumer timeout in seconds (RabbitMQ's `consumer_timeout`, default 1800):
+    /// the worker holds no more work than it can finish within 80 % of it.
+    #[arg(long, env = "SDBATCH_CONSUMER_TIMEOUT_SECS", hide_env_values = true)]
+    pub consumer_timeout_secs: Option<u64>,
+    /// Images generated but not yet stored, at most (default 256): a slow store slows the GPU
+    /// instead of filling host memory.
+    #[arg(long, env = "SDBATCH_MAX_PENDING_IMAGES", hide_env_values = true)]
+    pub max_pending_images: Option<usize>,
     /// Largest message body accepted, in bytes, checked before parsing (default 1048576 = 1 MiB);
     /// larger ones are dead-lettered unparsed with reason `too_large`.
     #[arg(long, env = "SDBATCH_MAX_MESSAGE_BYTES", hide_env_values = true)]
@@ -254,6 +262,13 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
     if !(1..=3600).contains(&broker_timeout_secs) {
         bail!("--broker-timeout-secs {broker_timeout_secs} must be in 1..=3600");
     }
+    let consumer_timeout_secs = args
+        .consumer_timeout_secs
+        .or(file.consumer_timeout_secs)
+        .unwrap_or(1800);
+    if !(1..=7 * 86_400).contains(&consumer_timeout_secs) {
+        bail!("--consumer-timeout-secs {consumer_timeout_secs} must be in 1..=604800");
+    }
     let worker = WorkerConfig {
         amqp_url,
         topology,
@@ -272,6 +287,12 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
         memory_margin: args.memory_margin.or(file.memory_margin).unwrap_or(0.10),
         grace_period: Duration::from_secs(grace_period_secs),
         broker_timeout: Duration::from_secs(broker_timeout_secs),
+        consumer_timeout: Duration::from_secs(consumer_timeout_secs),
+        max_pending_images: args
+            .max_pending_images
+            .or(file.max_pending_images)
+            .unwrap_or(256)
+            .max(1),
         reconnect_min: Duration::from_millis(500),
         reconnect_max: Duration::from_secs(30),
         publish_attempts: 6,

@@ -72,6 +72,9 @@ impl Topology {
 pub enum QueueError {
     #[error("RabbitMQ: {0}")]
     Amqp(#[from] lapin::Error),
+    /// An ack, nack or reject could not be sent: its channel is closed.
+    #[error("RabbitMQ: {op} not sent: the channel is closed")]
+    ChannelClosed { op: &'static str },
     /// A broker operation did not finish in time: the connection is treated as lost.
     #[error("RabbitMQ: {op} did not finish within {limit:?}")]
     Timeout { op: &'static str, limit: Duration },

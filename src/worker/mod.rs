@@ -24,6 +24,7 @@
 //!   redelivered by the broker;
 //! - SIGTERM/SIGINT → stop consuming, finish the messages in hand within the grace period, exit.
 pub mod gpu;
+pub mod holding;
 pub mod resume;
 
 use crate::batching::{BatchSizer, MemorySample, PlannedBatch, Planner, ShapeKey};
@@ -37,6 +38,7 @@ use crate::storage::{Storage, StorageError};
 use backon::{ExponentialBuilder, Retryable};
 use futures_lite::StreamExt;
 use gpu::{GpuError, GpuExecutor, GpuOutput};
+use holding::Holding;
 use lapin::Acker;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -71,6 +73,14 @@ pub struct WorkerConfig {
     pub memory_margin: f64,
     /// How long the messages in hand may take to finish after SIGTERM.
     pub grace_period: Duration,
+    /// The broker's consumer timeout (RabbitMQ's `consumer_timeout`, 30 min by default): a
+    /// delivery unacked for longer closes the channel. The worker holds no more work than it can
+    /// finish within [`CONSUMER_TIMEOUT_SAFETY`] of it, and asks brokers that support it
+    /// (RabbitMQ ≥ 3.12) for exactly this timeout on its consumer.
+    pub consumer_timeout: Duration,
+    /// Images generated but not yet encoded and stored, at most: a slow store then slows the
+    /// GPU instead of filling host memory.
+    pub max_pending_images: usize,
     /// Time limit of one broker operation (publish with confirm, ack, nack, declare). One that
     /// runs out ends the session as a lost connection instead of hanging the worker.
     pub broker_timeout: Duration,
@@ -137,6 +147,16 @@ pub enum WorkerError {
     Other(String),
 }
 
+/// Fraction of the consumer timeout the work in hand may take (see [`holding`]).
+pub const CONSUMER_TIMEOUT_SAFETY: f64 = 0.8;
+
+/// What the worker learns about its device while it runs, kept across broker connections: the
+/// memory model of the batch sizer and the measured speed that bounds the work it holds.
+struct Learned {
+    sizer: BatchSizer,
+    holding: Holding,
+}
+
 /// Reason codes of the worker's own failures (`x-sdbatch-error`, `batch.failed`, metrics); the
 /// validation codes are [`message::InvalidReason`]'s. docs/messages.md has the table.
 pub mod reasons {
@@ -193,6 +213,12 @@ struct InFlight {
     remaining: usize,
     /// Upload tasks started and not yet reported back.
     uploads_pending: usize,
+    /// The consumer (generation) that delivered it.
+    consumer_gen: u64,
+    /// Images not yet back from the GPU (planned or generating): the work still to do.
+    ungenerated: usize,
+    /// Work of one image of this message ([`message::work_units`]).
+    units_per_image: f64,
     /// Set once the message failed: no new uploads start, and it is settled (requeued or
     /// dead-lettered) when the pending ones have reported, so nothing lands after the verdict.
     failure: Option<WorkerError>,
@@ -211,6 +237,19 @@ struct Settling {
     batch: Arc<Batch>,
     /// Keys this delivery stored, deleted if the message is dead-lettered.
     stored: Vec<String>,
+}
+
+impl Settling {
+    /// A delivery settled before any of its work started.
+    fn unstarted(delivery: Delivery, previous_failures: i64, batch: Batch) -> Self {
+        Self {
+            acker: delivery.acker,
+            body: delivery.data,
+            previous_failures,
+            batch: Arc::new(batch),
+            stored: Vec::new(),
+        }
+    }
 }
 
 /// What the tasks of a session report back to its loop.
@@ -307,7 +346,17 @@ async fn ack(cfg: &WorkerConfig, acker: &Acker) -> QueueResult<()> {
         acker.ack(BasicAckOptions::default()),
     )
     .await
-    .map(drop)
+    .and_then(|sent| delivered(sent, "basic.ack"))
+}
+
+/// lapin answers `Ok(false)` for an ack/nack/reject it could not send (its channel is closed,
+/// e.g. by the broker's consumer timeout): that is a lost connection, not a success.
+fn delivered(sent: bool, op: &'static str) -> QueueResult<()> {
+    if sent {
+        Ok(())
+    } else {
+        Err(QueueError::ChannelClosed { op })
+    }
 }
 
 async fn requeue(cfg: &WorkerConfig, acker: &Acker) -> QueueResult<()> {
@@ -317,7 +366,7 @@ async fn requeue(cfg: &WorkerConfig, acker: &Acker) -> QueueResult<()> {
     };
     queue::within(cfg.broker_timeout, "basic.nack", acker.nack(options))
         .await
-        .map(drop)
+        .and_then(|sent| delivered(sent, "basic.nack"))
 }
 
 /// Rejects without requeueing: the queue's dead-letter exchange takes the message as it is.
@@ -325,7 +374,7 @@ async fn reject(cfg: &WorkerConfig, acker: &Acker) -> QueueResult<()> {
     let options = BasicRejectOptions { requeue: false };
     queue::within(cfg.broker_timeout, "basic.reject", acker.reject(options))
         .await
-        .map(drop)
+        .and_then(|sent| delivered(sent, "basic.reject"))
 }
 
 /// The failures a message has had before this delivery. `x-delivery-count` is the quorum queue's
@@ -501,14 +550,20 @@ impl Worker {
     /// Runs until `shutdown` turns true (then finishes the messages in hand) or a fatal error.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
         let mut delay = self.cfg.reconnect_min;
-        // The sizer's memory model outlives connections.
-        let mut sizer = BatchSizer::new(self.cfg.max_batch, self.cfg.memory_margin);
+        let mut learned = Learned {
+            sizer: BatchSizer::new(self.cfg.max_batch, self.cfg.memory_margin),
+            holding: Holding::new(
+                self.cfg.consumer_timeout,
+                CONSUMER_TIMEOUT_SAFETY,
+                self.cfg.prefetch,
+            ),
+        };
         loop {
             if *shutdown.borrow() {
                 return Ok(());
             }
             let started = Instant::now();
-            let outcome = self.session(&mut shutdown, &mut sizer).await;
+            let outcome = self.session(&mut shutdown, &mut learned).await;
             self.metrics
                 .broker_connected
                 .store(false, Ordering::Relaxed);
@@ -541,7 +596,7 @@ impl Worker {
     async fn session(
         &self,
         shutdown: &mut watch::Receiver<bool>,
-        sizer: &mut BatchSizer,
+        learned: &mut Learned,
     ) -> Result<SessionEnd, WorkerError> {
         let cfg = &self.cfg;
         let limit = cfg.broker_timeout;
@@ -552,25 +607,7 @@ impl Worker {
             queue::declare(&channel, &cfg.topology).await
         })
         .await?;
-        queue::within(
-            limit,
-            "basic.qos",
-            channel.basic_qos(cfg.prefetch, BasicQosOptions::default()),
-        )
-        .await?;
         let publisher = Publisher::with_timeout(&conn, limit).await?;
-        let tag = format!("sdbatch-{}", cfg.worker_id);
-        let mut consumer = queue::within(
-            limit,
-            "basic.consume",
-            channel.basic_consume(
-                cfg.topology.jobs_queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await?;
         tracing::info!(
             broker = %queue::redact_url(&cfg.amqp_url),
             queue = %cfg.topology.jobs_queue,
@@ -582,6 +619,11 @@ impl Worker {
 
         let mut session = Session {
             worker: self,
+            channel: channel.clone(),
+            consumer_prefetch: 0,
+            consumer_gen: 0,
+            gpu_images: 0,
+            pending_images: 0,
             publisher,
             planner: Planner::default(),
             inflight: HashMap::new(),
@@ -592,11 +634,23 @@ impl Worker {
         };
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         session.done_tx = Some(done_tx);
+        // Subscribed (and re-subscribed with another prefetch) by `adjust_consumer`.
+        let mut consumer: Option<lapin::Consumer> = None;
         let mut draining = false;
         let mut deadline: Option<tokio::time::Instant> = None;
 
         loop {
-            session.dispatch(sizer);
+            session.dispatch(&learned.sizer);
+            if !draining {
+                match session
+                    .adjust_consumer(&mut consumer, &mut learned.holding)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(WorkerError::Queue(e)) => return Ok(e.into()),
+                    Err(e) => return Err(e),
+                }
+            }
             self.sync_storage_retries();
             self.metrics
                 .inflight_batches
@@ -616,20 +670,24 @@ impl Worker {
                         deadline = tokio::time::Instant::now().checked_add(cfg.grace_period);
                         tracing::info!(in_hand = session.inflight.len(), grace = ?cfg.grace_period,
                             "shutdown requested: finishing the messages in hand");
-                        let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
-                        let _ = tokio::time::timeout(limit, cancel).await;
+                        // Deliveries still on their way stay unacked and go back to the queue
+                        // when the connection closes.
+                        if consumer.take().is_some() {
+                            let cancel = channel.basic_cancel(session.consumer_tag().as_str().into(), BasicCancelOptions::default());
+                            let _ = tokio::time::timeout(limit, cancel).await;
+                        }
                     }
                     Ok(())
                 }
                 _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => {
                     return Err(WorkerError::GraceExpired(cfg.grace_period));
                 }
-                next = consumer.next(), if !draining => match next {
-                    Some(Ok(delivery)) => session.accept(delivery).await,
+                next = async { consumer.as_mut().expect("guarded by is_some").next().await }, if !draining && consumer.is_some() => match next {
+                    Some(Ok(delivery)) => session.accept(delivery, &mut learned.holding).await,
                     Some(Err(e)) => return Ok(SessionEnd::ConnectionLost(e.to_string())),
                     None => return Ok(SessionEnd::ConnectionLost("consumer stream ended".into())),
                 },
-                Some(done) = done_rx.recv() => session.on_done(done, sizer).await,
+                Some(done) = done_rx.recv() => session.on_done(done, learned).await,
             };
             match step {
                 Ok(()) => {}
@@ -643,6 +701,17 @@ impl Worker {
 /// The state of one broker connection: the messages in hand and the work in progress for them.
 struct Session<'w> {
     worker: &'w Worker,
+    /// The consuming channel.
+    channel: lapin::Channel,
+    /// The current consumer's prefetch (RabbitMQ applies a prefetch per consumer, fixed when it
+    /// subscribes: changing it means subscribing anew).
+    consumer_prefetch: u16,
+    /// Numbers the consumers of this session; a message remembers which one delivered it.
+    consumer_gen: u64,
+    /// Images in GPU batches queued or running.
+    gpu_images: usize,
+    /// Images generated and not yet stored (all messages).
+    pending_images: usize,
     publisher: Publisher,
     planner: Planner<Tag>,
     inflight: HashMap<u64, InFlight>,
@@ -666,7 +735,11 @@ impl Session<'_> {
 
     /// Handles a new delivery: invalid → dead letter; already done → republish; else plan it.
     /// Errors are broker errors (the session ends); a message's own failures are settled here.
-    async fn accept(&mut self, delivery: Delivery) -> Result<(), WorkerError> {
+    async fn accept(
+        &mut self,
+        delivery: Delivery,
+        holding: &mut Holding,
+    ) -> Result<(), WorkerError> {
         let cfg = self.worker.cfg.clone();
         let span = tracing::info_span!(
             "batch",
@@ -756,24 +829,12 @@ impl Session<'_> {
                         .with_label_values(&["republished"])
                         .inc();
                 }
-                let failed = Settling {
-                    acker: delivery.acker,
-                    body: delivery.data,
-                    previous_failures,
-                    batch: Arc::new(batch),
-                    stored: Vec::new(),
-                };
+                let failed = Settling::unstarted(delivery, previous_failures, batch);
                 return self.settle(failed, republished).instrument(span).await;
             }
             Ok(None) => {}
             Err(e) => {
-                let failed = Settling {
-                    acker: delivery.acker,
-                    body: delivery.data,
-                    previous_failures,
-                    batch: Arc::new(batch),
-                    stored: Vec::new(),
-                };
+                let failed = Settling::unstarted(delivery, previous_failures, batch);
                 return self.settle(failed, Err(e.into())).instrument(span).await;
             }
         }
@@ -818,18 +879,19 @@ impl Session<'_> {
                     .await;
             }
             Err(e) => {
-                let failed = Settling {
-                    acker: delivery.acker,
-                    body: delivery.data,
-                    previous_failures,
-                    batch: Arc::new(batch),
-                    stored: Vec::new(),
-                };
+                let failed = Settling::unstarted(delivery, previous_failures, batch);
                 return self.settle(failed, Err(e.into())).instrument(span).await;
             }
         };
         let resumed = records.iter().flatten().count();
         let remaining = requests.len() - resumed;
+        let units_per_image = message::work_units(
+            1,
+            batch.params.steps,
+            batch.params.width,
+            batch.params.height,
+        );
+        holding.observe_message(units_per_image * remaining as f64);
         let seq = self.next_seq;
         self.next_seq += 1;
         {
@@ -866,6 +928,9 @@ impl Session<'_> {
                 resumed,
                 remaining,
                 uploads_pending: 0,
+                consumer_gen: self.consumer_gen,
+                ungenerated: remaining,
+                units_per_image,
                 failure: None,
                 requests,
                 work,
@@ -1084,6 +1149,119 @@ impl Session<'_> {
         .await
     }
 
+    fn consumer_tag(&self) -> String {
+        format!(
+            "sdbatch-{}-{}",
+            self.worker.cfg.worker_id, self.consumer_gen
+        )
+    }
+
+    /// Lets the broker deliver as many messages as the work in hand leaves room for (see
+    /// [`holding`]). RabbitMQ fixes a consumer's prefetch when it subscribes, so a different
+    /// number means cancelling the consumer (the deliveries already on their way are taken in)
+    /// and subscribing again with the room that is left; no room, no consumer.
+    async fn adjust_consumer(
+        &mut self,
+        consumer: &mut Option<lapin::Consumer>,
+        holding: &mut Holding,
+    ) -> Result<(), WorkerError> {
+        let remaining: f64 = self
+            .inflight
+            .values()
+            .map(|m| m.ungenerated as f64 * m.units_per_image)
+            .sum();
+        let in_hand = self.inflight.len();
+        let wanted = usize::from(holding.prefetch(in_hand, remaining));
+        let current = self
+            .inflight
+            .values()
+            .filter(|m| m.consumer_gen == self.consumer_gen)
+            .count();
+        let unchanged = match consumer {
+            Some(_) => usize::from(self.consumer_prefetch) + (in_hand - current) == wanted,
+            None => wanted <= in_hand,
+        };
+        if unchanged {
+            return Ok(());
+        }
+        let limit = self.worker.cfg.broker_timeout;
+        if let Some(mut old) = consumer.take() {
+            queue::within(
+                limit,
+                "basic.cancel",
+                self.channel.basic_cancel(
+                    self.consumer_tag().as_str().into(),
+                    BasicCancelOptions::default(),
+                ),
+            )
+            .await?;
+            // lapin ends the stream after the deliveries that arrived before the cancel-ok.
+            loop {
+                match tokio::time::timeout(limit, old.next()).await {
+                    Ok(Some(Ok(delivery))) => self.accept(delivery, holding).await?,
+                    Ok(Some(Err(e))) => return Err(QueueError::from(e).into()),
+                    Ok(None) => break,
+                    Err(_) => {
+                        return Err(QueueError::Timeout {
+                            op: "basic.cancel (draining)",
+                            limit,
+                        }
+                        .into());
+                    }
+                }
+            }
+        }
+        let room = wanted.saturating_sub(self.inflight.len());
+        self.worker.metrics.prefetch.set(room as i64);
+        if room == 0 {
+            tracing::debug!(
+                in_hand = self.inflight.len(),
+                "no room for more work: not consuming"
+            );
+            return Ok(());
+        }
+        let room = u16::try_from(room).unwrap_or(u16::MAX);
+        queue::within(
+            limit,
+            "basic.qos",
+            self.channel.basic_qos(room, BasicQosOptions::default()),
+        )
+        .await?;
+        self.consumer_gen += 1;
+        let cfg = &self.worker.cfg;
+        // RabbitMQ ≥ 3.12 takes the consumer timeout per consumer; older brokers ignore the
+        // argument and the worker relies on holding less.
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-consumer-timeout".into(),
+            lapin::types::AMQPValue::LongLongInt(
+                i64::try_from(cfg.consumer_timeout.as_millis()).unwrap_or(i64::MAX),
+            ),
+        );
+        let tag = self.consumer_tag();
+        *consumer = Some(
+            queue::within(
+                limit,
+                "basic.consume",
+                self.channel.basic_consume(
+                    cfg.topology.jobs_queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    args,
+                ),
+            )
+            .await?,
+        );
+        self.consumer_prefetch = room;
+        tracing::debug!(
+            prefetch = room,
+            in_hand = self.inflight.len(),
+            remaining_s = holding.seconds_for(remaining),
+            "consuming with a new prefetch"
+        );
+        Ok(())
+    }
+
     /// Queues GPU batches while the model thread has room.
     fn dispatch(&mut self, sizer: &BatchSizer) {
         while self.gpu_jobs < GPU_QUEUE_DEPTH {
@@ -1092,6 +1270,12 @@ impl Session<'_> {
             };
             let total = self.worker.gpu.info().total_memory;
             let size = sizer.choose(&key, total);
+            // Host memory: images generated but not yet stored are bounded. A slow store holds
+            // the GPU back rather than filling RAM (one batch may always run when none wait).
+            let waiting = self.pending_images + self.gpu_images;
+            if waiting > 0 && waiting + size > self.worker.cfg.max_pending_images {
+                return;
+            }
             let Some(PlannedBatch {
                 key,
                 params,
@@ -1126,6 +1310,7 @@ impl Session<'_> {
             let gpu = self.worker.gpu.clone();
             let tx = self.sender();
             self.gpu_jobs += 1;
+            self.gpu_images += requests.len();
             let size = requests.len();
             self.tasks.spawn(async move {
                 let result = gpu.generate(requests, params, safety).await;
@@ -1140,7 +1325,7 @@ impl Session<'_> {
     }
 
     /// Handles a task's report. Errors are broker errors or a fatal model-thread failure.
-    async fn on_done(&mut self, done: Done, sizer: &mut BatchSizer) -> Result<(), WorkerError> {
+    async fn on_done(&mut self, done: Done, learned: &mut Learned) -> Result<(), WorkerError> {
         match done {
             Done::Gpu {
                 key,
@@ -1149,8 +1334,14 @@ impl Session<'_> {
                 result,
             } => {
                 self.gpu_jobs -= 1;
+                self.gpu_images -= size;
+                for seq in tags.iter().map(|t| t.0) {
+                    if let Some(m) = self.inflight.get_mut(&seq) {
+                        m.ungenerated = m.ungenerated.saturating_sub(1);
+                    }
+                }
                 match result {
-                    Ok(out) => self.on_gpu_batch(&key, tags, size, out, sizer),
+                    Ok(out) => self.on_gpu_batch(&key, tags, size, out, learned),
                     Err(GpuError::ThreadGone) => return Err(GpuError::ThreadGone.into()),
                     Err(e) => {
                         let mut seqs: Vec<u64> = tags.iter().map(|t| t.0).collect();
@@ -1172,6 +1363,7 @@ impl Session<'_> {
                 tag: (seq, index),
                 result,
             } => {
+                self.pending_images -= 1;
                 let Some(m) = self.inflight.get_mut(&seq) else {
                     return Ok(());
                 };
@@ -1233,9 +1425,14 @@ impl Session<'_> {
         tags: Vec<Tag>,
         size: usize,
         mut out: GpuOutput,
-        sizer: &mut BatchSizer,
+        learned: &mut Learned,
     ) {
         let metrics = &self.worker.metrics;
+        learned.holding.record_batch(
+            message::work_units(size, key.steps, key.width, key.height),
+            out.output.timings.total_ms / 1e3,
+        );
+        let sizer = &mut learned.sizer;
         for &oom in &out.oom_sizes {
             sizer.record_oom(key, oom);
             metrics.oom_splits.inc();
@@ -1269,6 +1466,7 @@ impl Session<'_> {
             }
             m.generate_ms += per_image_ms;
             m.uploads_pending += 1;
+            self.pending_images += 1;
             let (item_index, n, request) = m.requests[index].clone();
             let checks = image_checks(&self.worker.cfg, metrics, m.safety, &out, position);
             let job = ImageJob {

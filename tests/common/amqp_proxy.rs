@@ -68,13 +68,7 @@ impl AmqpProxy {
 
     /// Waits until the first connection has carried its first delivery and is frozen.
     pub async fn wait_frozen(&self) {
-        loop {
-            let notified = self.state.frozen_notify.notified();
-            if self.state.frozen.load(Ordering::SeqCst) {
-                return;
-            }
-            notified.await;
-        }
+        wait_frozen_state(&self.state).await
     }
 
     /// Closes the frozen connection: the broker then requeues the messages it held.
