@@ -369,8 +369,8 @@ fn silent_worker(stack: &Stack, proxy: &AmqpProxy, extra: &[&str]) -> WorkerProc
 
 /// The broker stops answering on the worker's connection right after it delivered a batch (the
 /// socket stays open, as with a half-dead peer the heartbeat notices only after minutes). The
-/// worker's confirm wait runs out, it reconnects, and once the silent connection is gone the
-/// redelivered batch is announced from its manifest without being generated again.
+/// worker's next broker call runs out of time, it reconnects, and once the silent connection is
+/// gone the redelivered batch completes from what was stored, without being generated again.
 #[tokio::test(flavor = "multi_thread")]
 async fn silent_broker_connection_times_out_and_the_batch_is_not_lost() {
     let stack = Stack::new("silent", 3).await;
@@ -410,9 +410,13 @@ async fn silent_broker_connection_times_out_and_the_batch_is_not_lost() {
         1.0,
         "generated once"
     );
-    assert_eq!(
-        metric(&m, r#"sdbatch_batches_total{status="republished"}"#),
-        1.0
+    // Which broker call ran into the silence decides how the redelivery finds the batch: after
+    // the manifest (republished) or before it (its stored image taken over). Either way, once.
+    let republished = metric(&m, r#"sdbatch_batches_total{status="republished"}"#);
+    assert!(
+        republished == 1.0 || done.resumed_images == Some(1),
+        "republished {republished}, resumed {:?}",
+        done.resumed_images
     );
     assert!(worker.log_text().contains("did not finish within 2s"));
     stack.broker.cleanup().await;
