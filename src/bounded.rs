@@ -13,37 +13,23 @@ pub const MAX_REASON_BYTES: usize = 512;
 /// ≥ 3, the size of the mark).
 pub fn cut(text: &str, max_bytes: usize) -> String {
     const MARK: &str = "…";
-    let mut out = String::with_capacity(text.len().min(max_bytes));
-    let budget = max_bytes.saturating_sub(MARK.len());
-    let mut chars = text.chars();
-    for c in chars.by_ref() {
-        let piece: String = if c.is_control() {
-            c.escape_default().collect()
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
         } else {
-            c.to_string()
-        };
-        if out.len() + piece.len() > budget {
-            // Does the rest (this char included) still fit without a mark?
-            let rest: String = std::iter::once(c)
-                .chain(chars)
-                .flat_map(|c| {
-                    if c.is_control() {
-                        c.escape_default().collect::<Vec<_>>()
-                    } else {
-                        vec![c]
-                    }
-                })
-                .collect();
-            if out.len() + rest.len() <= max_bytes {
-                out.push_str(&rest);
-            } else {
-                out.push_str(MARK);
-            }
-            return out;
+            escaped.push(c);
         }
-        out.push_str(&piece);
     }
-    out
+    if escaped.len() <= max_bytes {
+        return escaped;
+    }
+    // A cut may end inside an escape (`\u{1`): still inert text.
+    let mut end = max_bytes.saturating_sub(MARK.len());
+    while !escaped.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MARK}", &escaped[..end])
 }
 
 /// A reason text for headers and events: [`cut`] to [`MAX_REASON_BYTES`].

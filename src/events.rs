@@ -66,6 +66,20 @@ impl ImageRecord {
         width: u32,
         height: u32,
     ) -> Self {
+        Self {
+            bytes: png.len() as u64,
+            sha256: hex::encode(Sha256::digest(png)),
+            width,
+            height,
+            ..Self::planned(batch, item_index, n)
+        }
+    }
+
+    /// The record image `n` of `batch.items[item_index]` will have, before its PNG exists
+    /// (`bytes` 0, `sha256` empty, the batch's size, no check results).
+    ///
+    /// Panics if `item_index` is out of range.
+    pub fn planned(batch: &Batch, item_index: usize, n: u32) -> Self {
         let item = &batch.items[item_index];
         Self {
             item_id: item.id.clone(),
@@ -74,10 +88,10 @@ impl ImageRecord {
             key: batch.image_key(&item.id, n),
             seed: item.image_seed(n),
             seed_derived: item.seed_derived,
-            bytes: png.len() as u64,
-            sha256: hex::encode(Sha256::digest(png)),
-            width,
-            height,
+            bytes: 0,
+            sha256: String::new(),
+            width: batch.params.width as u32,
+            height: batch.params.height as u32,
             nsfw: None,
             safety_action: None,
             clip_score: None,
@@ -179,7 +193,8 @@ impl BatchCompleted {
             timings,
             completed_at: now_rfc3339(),
             redelivered,
-            work_sha256: Some(batch.work_sha256()),
+            // Set by the worker, which hashes the batch's work once per delivery.
+            work_sha256: None,
             resumed_images: None,
         }
     }
@@ -221,7 +236,8 @@ impl BatchFailed {
             event: BATCH_FAILED.to_string(),
             batch_id,
             reason: reason.into(),
-            error: error.into(),
+            // Error texts often quote what a producer sent: bounded here, for every publisher.
+            error: crate::bounded::reason(&error.into()),
             worker_id: worker_id.into(),
             failed_at: now_rfc3339(),
         }
@@ -603,6 +619,7 @@ mod tests {
         );
         let defs = &schema["$defs"];
         let c = serde_json::to_value(BatchCompleted {
+            work_sha256: Some("0".repeat(64)),
             resumed_images: Some(1),
             ..completed()
         })

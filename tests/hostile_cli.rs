@@ -5,7 +5,6 @@
 mod common;
 
 use common::broker::{Broker, amqp_url, unique};
-use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use std::process::{Command, Output};
 
@@ -67,25 +66,15 @@ fn help_does_not_print_environment_values() {
 
 /// Takes (acks) every message of the jobs queue and returns their batch ids, in queue order.
 async fn take_batch_ids(broker: &Broker) -> Vec<String> {
-    let mut ids = Vec::new();
-    while let Some(m) = broker
-        .channel
-        .basic_get(
-            broker.topology.jobs_queue.as_str().into(),
-            BasicGetOptions::default(),
-        )
+    broker
+        .drain(&broker.topology.jobs_queue)
         .await
-        .unwrap()
-    {
-        m.delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
-        ids.push(v["batch_id"].as_str().unwrap().to_string());
-    }
-    ids
+        .iter()
+        .map(|d| {
+            let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+            v["batch_id"].as_str().unwrap().to_string()
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,6 +4,7 @@
 //! message is back in the queue.
 mod common;
 
+use common::broker::ready_count;
 use common::private_broker::PrivateBroker;
 use futures_lite::StreamExt;
 use lapin::options::{
@@ -22,23 +23,6 @@ async fn connect(url: &str) -> Connection {
     Connection::connect(url, ConnectionProperties::default())
         .await
         .unwrap_or_else(|e| panic!("connect {url}: {e}"))
-}
-
-async fn ready(conn: &Connection, queue: &str) -> u32 {
-    let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let _ = ch.close(200, "".into()).await;
-    q.message_count()
 }
 
 async fn publish_confirmed(ch: &Channel, queue: &str, body: &[u8]) {
@@ -179,7 +163,7 @@ async fn consumer_timeout_closes_the_channel_and_requeues_the_message() {
     // The queue requeues the message when the closed channel's process is gone, just after the
     // client saw the close: wait (bounded) for it to be ready again.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while ready(&conn, queue).await != 1 {
+    while ready_count(&conn, queue).await != 1 {
         assert!(
             Instant::now() < deadline,
             "the message did not come back to the queue"
@@ -193,7 +177,7 @@ async fn consumer_timeout_closes_the_channel_and_requeues_the_message() {
         .expect("the message is in the queue");
     assert_eq!(again.delivery.data, b"slow job");
     assert!(again.delivery.redelivered, "it comes back as a redelivery");
-    assert_eq!(ready(&conn, queue).await, 0);
+    assert_eq!(ready_count(&conn, queue).await, 0);
     let _ = conn.close(200, "".into()).await;
 }
 
@@ -263,7 +247,11 @@ async fn restart_drops_connections_then_accepts_them_again() {
         started.elapsed().as_secs_f64()
     );
     let conn = connect(&url).await;
-    assert_eq!(ready(&conn, "durable").await, 1, "durable data survives");
+    assert_eq!(
+        ready_count(&conn, "durable").await,
+        1,
+        "durable data survives"
+    );
     let _ = conn.close(200, "".into()).await;
 
     let node = broker.node().to_string();

@@ -320,7 +320,7 @@ async fn publish_event<T: serde::Serialize>(
     Ok(())
 }
 
-/// Publishes `batch.failed` with a bounded error text.
+/// Publishes `batch.failed` ([`BatchFailed::new`] bounds the error text).
 async fn publish_failed(
     cfg: &WorkerConfig,
     metrics: &Metrics,
@@ -329,12 +329,7 @@ async fn publish_failed(
     reason: &str,
     error: &str,
 ) -> Result<(), WorkerError> {
-    let event = BatchFailed::new(
-        batch_id,
-        reason,
-        crate::bounded::reason(error),
-        &cfg.worker_id,
-    );
+    let event = BatchFailed::new(batch_id, reason, error, &cfg.worker_id);
     publish_event(cfg, metrics, publisher, events::BATCH_FAILED, &event).await
 }
 
@@ -420,22 +415,12 @@ async fn store_image(
         checks,
     } = job;
     let item = &batch.items[item_index];
-    let key = batch.image_key(&item.id, n);
     let mut record = ImageRecord {
-        item_id: item.id.clone(),
-        n,
-        bucket: batch.bucket.clone(),
-        key: key.clone(),
-        seed: request.seed,
-        seed_derived: item.seed_derived,
-        bytes: 0,
-        sha256: String::new(),
-        width: batch.params.width as u32,
-        height: batch.params.height as u32,
         nsfw: checks.nsfw,
         safety_action: checks.safety_action.map(|p| p.name().to_string()),
         clip_score: checks.clip_score,
         low_clip_score: checks.low_clip_score,
+        ..ImageRecord::planned(&batch, item_index, n)
     };
     if checks.safety_action == Some(SafetyPolicy::Drop) {
         // Nothing is stored; the event lists the image as dropped.
@@ -487,7 +472,7 @@ async fn store_image(
     }
     let t1 = Instant::now();
     storage
-        .put(&batch.bucket, &key, png, "image/png", &metadata)
+        .put(&batch.bucket, &record.key, png, "image/png", &metadata)
         .await?;
     Ok((record, encode_ms, ms(t1.elapsed())))
 }
@@ -611,7 +596,7 @@ impl Worker {
         tracing::info!(
             broker = %queue::redact_url(&cfg.amqp_url),
             queue = %cfg.topology.jobs_queue,
-            prefetch = cfg.prefetch,
+            max_prefetch = cfg.prefetch,
             max_batch = cfg.max_batch,
             "consuming"
         );
@@ -769,6 +754,9 @@ impl Session<'_> {
             cfg.topology.delivery_limit,
         );
 
+        // Hashed once per delivery: the manifest, the stored images and the event compare or
+        // record it.
+        let work: Arc<str> = batch.work_sha256().into();
         // Already done (a previous delivery crashed or lost its connection after uploading):
         // announce it again instead of regenerating.
         let manifest = self
@@ -779,11 +767,14 @@ impl Session<'_> {
             .await;
         match manifest {
             Ok(Some(bytes)) => {
-                let work = batch.work_sha256();
-                let stored_work = serde_json::from_slice::<BatchCompleted>(&bytes)
-                    .ok()
-                    .and_then(|e| e.work_sha256);
-                if stored_work.is_some_and(|w| w != work) {
+                let stored = serde_json::from_slice::<BatchCompleted>(&bytes).map_err(|e| {
+                    WorkerError::Other(format!(
+                        "{}: unreadable manifest: {e}",
+                        batch.manifest_key()
+                    ))
+                });
+                let stored_work = stored.as_ref().ok().and_then(|e| e.work_sha256.as_deref());
+                if stored_work.is_some_and(|w| w != &*work) {
                     let invalid = Invalid {
                         reason: message::InvalidReason::BatchIdConflict,
                         message: format!(
@@ -800,13 +791,7 @@ impl Session<'_> {
                         .await;
                 }
                 let republished = async {
-                    let mut event: BatchCompleted =
-                        serde_json::from_slice(&bytes).map_err(|e| {
-                            WorkerError::Other(format!(
-                                "{}: unreadable manifest: {e}",
-                                batch.manifest_key()
-                            ))
-                        })?;
+                    let mut event = stored?;
                     event.redelivered = true;
                     tracing::info!(
                         "manifest exists: republishing batch.completed without regenerating"
@@ -855,7 +840,6 @@ impl Session<'_> {
         }
         // What an earlier delivery of the same work already stored is taken over; objects of
         // other work under this batch id are a conflict.
-        let work: Arc<str> = batch.work_sha256().into();
         let requests = batch.image_requests();
         let records = match self
             .stored_images(&batch, &work, &requests)
@@ -961,25 +945,7 @@ impl Session<'_> {
         let cfg = &self.worker.cfg;
         let expected: Vec<ImageRecord> = requests
             .iter()
-            .map(|(item_index, n, request)| {
-                let item = &batch.items[*item_index];
-                ImageRecord {
-                    item_id: item.id.clone(),
-                    n: *n,
-                    bucket: batch.bucket.clone(),
-                    key: batch.image_key(&item.id, *n),
-                    seed: request.seed,
-                    seed_derived: item.seed_derived,
-                    bytes: 0,
-                    sha256: String::new(),
-                    width: batch.params.width as u32,
-                    height: batch.params.height as u32,
-                    nsfw: None,
-                    safety_action: None,
-                    clip_score: None,
-                    low_clip_score: None,
-                }
-            })
+            .map(|(item_index, n, _)| ImageRecord::planned(batch, *item_index, *n))
             .collect();
         let listed = storage.list(&batch.bucket, &batch.folder_key()).await?;
         let wanted: std::collections::HashSet<&str> =
@@ -1509,6 +1475,7 @@ impl Session<'_> {
             m.redelivered,
         );
         let event = BatchCompleted {
+            work_sha256: Some(m.work.to_string()),
             resumed_images: (m.resumed > 0).then_some(m.resumed),
             ..event
         };

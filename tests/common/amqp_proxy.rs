@@ -83,14 +83,20 @@ impl AmqpProxy {
     }
 }
 
-async fn wait_killed(st: &State) {
+/// Waits until `flag` is set (its setter notifies `notify` after setting it).
+async fn wait_set(flag: &AtomicBool, notify: &Notify) {
     loop {
-        let notified = st.kill_notify.notified();
-        if st.killed.load(Ordering::SeqCst) {
+        // Registered before the check, so a notification between the two is not missed.
+        let notified = notify.notified();
+        if flag.load(Ordering::SeqCst) {
             return;
         }
         notified.await;
     }
+}
+
+async fn wait_killed(st: &State) {
+    wait_set(&st.killed, &st.kill_notify).await
 }
 
 async fn plain(mut from: OwnedReadHalf, mut to: OwnedWriteHalf) {
@@ -138,13 +144,7 @@ async fn client_to_server(
 }
 
 async fn wait_frozen_state(st: &State) {
-    loop {
-        let notified = st.frozen_notify.notified();
-        if st.frozen.load(Ordering::SeqCst) {
-            return;
-        }
-        notified.await;
-    }
+    wait_set(&st.frozen, &st.frozen_notify).await
 }
 
 /// Server → client, frame by frame, until the first delivery is complete; then frozen.

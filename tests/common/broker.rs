@@ -27,6 +27,24 @@ pub fn unique(name: &str) -> String {
     format!("t-{name}-{}-{nanos}", std::process::id())
 }
 
+/// Ready messages in `queue_name` on `conn` (not counting ones delivered and unacked).
+pub async fn ready_count(conn: &Connection, queue_name: &str) -> u32 {
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue_name.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = ch.close(200, "".into()).await;
+    q.message_count()
+}
+
 pub struct Broker {
     pub conn: Connection,
     pub channel: Channel,
@@ -83,31 +101,20 @@ impl Broker {
 
     /// Ready messages in `queue` (not counting ones delivered and unacked).
     pub async fn ready(&self, queue_name: &str) -> u32 {
-        let ch = self.conn.create_channel().await.unwrap();
-        let q = ch
-            .queue_declare(
-                queue_name.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let _ = ch.close(200, "".into()).await;
-        q.message_count()
+        ready_count(&self.conn, queue_name).await
     }
 
     /// Takes (acks) every dead letter.
     pub async fn drain_dead(&self) -> Vec<lapin::message::Delivery> {
+        self.drain(&self.topology.dead_queue).await
+    }
+
+    /// Takes (acks) every message of `queue_name`, in queue order.
+    pub async fn drain(&self, queue_name: &str) -> Vec<lapin::message::Delivery> {
         let mut out = Vec::new();
         while let Some(m) = self
             .channel
-            .basic_get(
-                self.topology.dead_queue.as_str().into(),
-                BasicGetOptions::default(),
-            )
+            .basic_get(queue_name.into(), BasicGetOptions::default())
             .await
             .unwrap()
         {
