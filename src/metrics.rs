@@ -5,7 +5,6 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -368,15 +367,8 @@ async fn refuse_bodies(
     next.run(req).await
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends, with the
-/// default [`ServerLimits`].
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "metrics and health endpoints listening");
-    serve_on(listener, metrics, ServerLimits::default()).await
-}
-
-/// Serves the endpoints on an already bound listener until the process ends. Only a failure to
+/// Serves `/metrics`, `/healthz` and `/readyz` on an already bound listener (bound by the caller,
+/// so a port conflict fails its start-up) until the process ends. Only a failure to
 /// accept is retried (after a pause); nothing a client does ends the loop.
 pub async fn serve_on(
     listener: tokio::net::TcpListener,

@@ -360,14 +360,16 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
 
     let metrics = sdbatch::metrics::Metrics::new();
     if let Some(addr) = r.metrics_addr {
-        // Bind now so a port conflict fails the start-up instead of going unnoticed.
-        drop(
-            std::net::TcpListener::bind(addr)
-                .with_context(|| format!("binding --metrics-addr {addr}"))?,
-        );
+        // Bound here, once, so a port conflict fails the start-up instead of going unnoticed
+        // (binding, dropping and binding again left the port to anyone in between).
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-addr {addr}"))?;
+        tracing::info!(%addr, "metrics and health endpoints listening");
         let m = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = sdbatch::metrics::serve(addr, m).await {
+            let limits = sdbatch::metrics::ServerLimits::default();
+            if let Err(e) = sdbatch::metrics::serve_on(listener, m, limits).await {
                 tracing::error!(error = %e, "metrics endpoint failed");
             }
         });
