@@ -15,10 +15,11 @@
 use crate::keys::id_problem;
 use crate::pipeline::schedulers::SchedulerKind;
 use crate::pipeline::{GenerateParams, ImageRequest};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeOwned, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -658,8 +659,14 @@ fn parse_unbounded(body: &[u8], limits: &Limits, native_size: i64) -> Result<Bat
     };
     let text =
         std::str::from_utf8(body).map_err(|e| not_json(format!("body is not UTF-8: {e}")))?;
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| not_json(format!("body is not JSON: {e}")))?;
+    // The body is parsed once, into a tree that remembers duplicate keys (`Value` alone would
+    // keep the last one silently); the structs are then read from that tree, not from the text.
+    let duplicate = RefCell::new(None);
+    let value = StrictValue {
+        duplicate: &duplicate,
+    }
+    .deserialize(&mut serde_json::Deserializer::from_str(text))
+    .map_err(|e| not_json(format!("body is not JSON: {e}")))?;
     let Some(obj) = value.as_object() else {
         return Err(not_json("body is not a JSON object".into()));
     };
@@ -694,11 +701,17 @@ fn parse_unbounded(body: &[u8], limits: &Limits, native_size: i64) -> Result<Bat
         }
     }
 
+    if let Some(path) = duplicate.into_inner() {
+        return Err(invalid((
+            InvalidReason::Schema,
+            format!("duplicate field {path}"),
+        )));
+    }
     // `check_shape` blames the field of a wrong key or type, and refuses what serde's derive
     // would take but the format does not have (a struct written as an array: `"params": [30]`).
-    // The structs then have the last word (duplicate keys included).
+    // The structs then have the last word.
     check_shape(obj).map_err(invalid)?;
-    let msg: BatchMessage = serde_json::from_str(text).map_err(|e| {
+    let msg = BatchMessage::deserialize(&value).map_err(|e| {
         invalid((
             InvalidReason::Schema,
             format!("message does not match the schema: {e}"),
@@ -969,6 +982,87 @@ fn validate_unbounded(
 }
 
 // ---------------------------------------------------------------------------------------------
+// One parse: a JSON tree that notices duplicate keys
+// ---------------------------------------------------------------------------------------------
+
+/// Reads any JSON value into a `serde_json::Value`, recording the first duplicate object key
+/// (quoted and cut) instead of letting the last one win. Nesting depth stays bounded by
+/// serde_json's recursion limit, which applies to every `deserialize_any` below.
+#[derive(Clone, Copy)]
+struct StrictValue<'a> {
+    duplicate: &'a RefCell<Option<String>>,
+}
+
+impl<'de> DeserializeSeed<'de> for StrictValue<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StrictValue<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // JSON text cannot spell NaN or infinity; `from` maps them to null all the same.
+        Ok(Value::from(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(v) = seq.next_element_seed(self)? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let v = map.next_value_seed(self)?;
+            if out.contains_key(&key) {
+                let mut first = self.duplicate.borrow_mut();
+                if first.is_none() {
+                    *first = Some(quote(&key));
+                }
+            } else {
+                out.insert(key, v);
+            }
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Shape checks: which field is wrong
 // ---------------------------------------------------------------------------------------------
 
@@ -976,6 +1070,23 @@ type Check = fn(&Value) -> Result<(), serde_json::Error>;
 
 fn is<T: DeserializeOwned>(v: &Value) -> Result<(), serde_json::Error> {
     T::deserialize(v).map(drop)
+}
+
+/// `is::<Vec<Map<..>>>` without copying the items when they are right; serde's wording when not.
+fn objects(v: &Value) -> Result<(), serde_json::Error> {
+    match v.as_array() {
+        Some(a) if a.iter().all(Value::is_object) => Ok(()),
+        _ => is::<Vec<Map<String, Value>>>(v),
+    }
+}
+
+/// `is::<Option<Map<..>>>` without copying the object when it is right.
+fn object_or_null(v: &Value) -> Result<(), serde_json::Error> {
+    if v.is_object() || v.is_null() {
+        Ok(())
+    } else {
+        is::<Option<Map<String, Value>>>(v)
+    }
 }
 
 /// One field of an object: name, required, reason code, type check.
@@ -989,24 +1100,9 @@ const TOP: &[Spec] = &[
         is::<u32>,
     ),
     ("batch_id", true, InvalidReason::BatchId, is::<String>),
-    (
-        "items",
-        true,
-        InvalidReason::Items,
-        is::<Vec<Map<String, Value>>>,
-    ),
-    (
-        "params",
-        false,
-        InvalidReason::Schema,
-        is::<Option<Map<String, Value>>>,
-    ),
-    (
-        "output",
-        false,
-        InvalidReason::Schema,
-        is::<Option<Map<String, Value>>>,
-    ),
+    ("items", true, InvalidReason::Items, objects),
+    ("params", false, InvalidReason::Schema, object_or_null),
+    ("output", false, InvalidReason::Schema, object_or_null),
 ];
 const ITEM: &[Spec] = &[
     ("id", true, InvalidReason::ItemId, is::<String>),
@@ -1392,6 +1488,17 @@ mod tests {
         let e = parse(body, &limits(), NATIVE).unwrap_err();
         assert_eq!(e.reason, S);
         assert!(e.message.contains("duplicate field"), "{}", e.message);
+        assert_eq!(e.batch_id.as_deref(), Some("b1"));
+        // Nested ones too, though the tree is read once and `Value` alone would merge them.
+        for body in [
+            &br#"{"schema_version": 1, "batch_id": "b1", "items": [{"id": "a", "prompt": "p", "prompt": "q"}]}"#[..],
+            br#"{"schema_version": 1, "batch_id": "b1", "items": [{"id": "a", "prompt": "p"}], "params": {"steps": 5, "steps": 6}}"#,
+            br#"{"schema_version": 1, "batch_id": "b1", "items": [{"id": "a", "prompt": "p"}], "output": {"x": {"k": 1, "k": 2}}}"#,
+        ] {
+            let e = parse(body, &limits(), NATIVE).unwrap_err();
+            assert_eq!(e.reason, S, "{}", e.message);
+            assert!(e.message.contains("duplicate field"), "{}", e.message);
+        }
         // null is the same as absent for optional fields.
         let v = with(
             with(minimal(), "/params", Some(Value::Null)),
@@ -1903,6 +2010,16 @@ mod tests {
         assert!(body.len() <= 100);
         assert!(parse(&body, &l, NATIVE).is_ok());
         assert_eq!(Limits::default().max_message_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_overflowing_the_stack() {
+        // A body within the size limit but nested far beyond serde_json's recursion limit.
+        let mut body = br#"{"schema_version": 1, "batch_id": "b1", "items": "#.to_vec();
+        body.extend(std::iter::repeat_n(b'[', 100_000));
+        let e = parse(&body, &limits(), NATIVE).unwrap_err();
+        assert_eq!(e.reason, InvalidReason::NotJson);
+        assert!(e.message.contains("recursion limit"), "{}", e.message);
     }
 
     #[test]
