@@ -1,0 +1,771 @@
+//! The worker's bookkeeping of the messages in hand, with no I/O: which images wait for the GPU,
+//! which are on their way to storage, when a message is complete, and how a message that is over
+//! is settled (ack, dead-letter, requeue). The session shell (`session.rs`) feeds it what happened
+//! (a delivery admitted, a GPU batch back, an upload back, a manifest written) and carries out what
+//! it answers, so every decision here is unit-tested without a broker, a store or a model.
+//!
+//! A message goes through: admitted (its images not stored by an earlier delivery are queued in
+//! the [`Planner`]) → its images generated in GPU batches shared with other messages → each image
+//! stored → [`Next::Complete`] (the shell writes the manifest and publishes the event) →
+//! [`Ledger::finished`] → settled. A failure on the way marks the message failed: its waiting
+//! images are dropped, generated ones are no longer stored, and it is settled once the uploads
+//! already started have reported, so nothing of it lands after the verdict.
+use super::WorkerError;
+use crate::batching::{PlannedBatch, Planner, ShapeKey};
+use crate::events::ImageRecord;
+use crate::message::Batch;
+use crate::pipeline::{GenerateParams, ImageRequest};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Where one image's result goes: (message sequence number, image index in the message).
+pub type Tag = (u64, usize);
+
+/// GPU batches queued on the model thread at once: one running, one ready, so it never waits.
+pub const GPU_QUEUE_DEPTH: usize = 2;
+
+/// A valid delivery the shell has checked (not done before, no conflict) and wants worked on.
+pub struct Admission {
+    pub batch: Arc<Batch>,
+    /// The batch's [`Batch::work_sha256`].
+    pub work: Arc<str>,
+    /// Every image of the batch, in order: (item index, image number, request).
+    pub requests: Vec<(usize, u32, ImageRequest)>,
+    /// Per request, the record of the image an earlier delivery already stored.
+    pub records: Vec<Option<ImageRecord>>,
+    /// Run the safety checker on this message's images.
+    pub safety: bool,
+    /// Failed deliveries before this one (see `previous_failures`).
+    pub previous_failures: i64,
+    /// Work of one image ([`crate::message::work_units`]).
+    pub units_per_image: f64,
+}
+
+/// A message in hand. `handle` is the shell's (broker handle, body, tracing span, clock).
+pub struct Message<H> {
+    pub handle: H,
+    pub batch: Arc<Batch>,
+    pub work: Arc<str>,
+    pub requests: Vec<(usize, u32, ImageRequest)>,
+    pub records: Vec<Option<ImageRecord>>,
+    pub safety: bool,
+    pub previous_failures: i64,
+    /// Images an earlier delivery had stored (taken over, not generated).
+    pub resumed: usize,
+    pub generate_ms: f64,
+    pub encode_ms: f64,
+    pub upload_ms: f64,
+    /// Images not yet stored.
+    remaining: usize,
+    /// Upload tasks started and not yet reported back.
+    uploads_pending: usize,
+    /// The consumer (generation) that delivered it.
+    consumer_gen: u64,
+    /// Images not yet back from the GPU (planned or generating): the work still to do.
+    ungenerated: usize,
+    units_per_image: f64,
+    /// Set once the message failed; the first failure is the one reported.
+    failure: Option<WorkerError>,
+}
+
+impl<H> Message<H> {
+    /// Keys this delivery stored (dropped images have no object).
+    fn stored_keys(&self) -> Vec<String> {
+        self.records
+            .iter()
+            .flatten()
+            .filter(|r| r.bytes > 0)
+            .map(|r| r.key.clone())
+            .collect()
+    }
+}
+
+/// How a message whose work is over leaves the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Ack,
+    /// Retrying cannot help: delete what it stored, dead-letter it at once with this reason.
+    DeadLetter {
+        reason: &'static str,
+    },
+    /// Transient: nack with requeue. On the last allowed delivery `batch.failed` is published
+    /// first (the queue's delivery limit dead-letters it).
+    Requeue {
+        last_attempt: bool,
+    },
+    /// The broker connection is gone: nothing can be settled; the broker redelivers.
+    Abandon,
+}
+
+/// The verdict for a message that ended with `result` after `previous_failures` failed
+/// deliveries, under the queue's `delivery_limit`.
+pub fn verdict(
+    result: &Result<(), WorkerError>,
+    previous_failures: i64,
+    delivery_limit: u32,
+) -> Verdict {
+    match result {
+        Ok(()) => Verdict::Ack,
+        Err(WorkerError::Queue(_)) => Verdict::Abandon,
+        Err(e) => match e.permanent_reason() {
+            Some(reason) => Verdict::DeadLetter { reason },
+            None => Verdict::Requeue {
+                last_attempt: is_last_attempt(previous_failures, delivery_limit),
+            },
+        },
+    }
+}
+
+/// Whether this delivery is the last one the queue allows.
+pub fn is_last_attempt(previous_failures: i64, delivery_limit: u32) -> bool {
+    previous_failures.saturating_add(1) > i64::from(delivery_limit)
+}
+
+/// A message taken out of the ledger to be settled.
+pub struct Settled<H> {
+    pub message: Message<H>,
+    pub result: Result<(), WorkerError>,
+    pub verdict: Verdict,
+    /// Keys this delivery stored (the manifest included once written): deleted on a dead letter.
+    pub stored: Vec<String>,
+}
+
+/// What the shell does next for a message.
+pub enum Next<H> {
+    /// Every image is stored: write the manifest and publish `batch.completed`, then report
+    /// back with [`Ledger::finished`].
+    Complete(u64),
+    Settle(Box<Settled<H>>),
+}
+
+/// A GPU batch for the model thread.
+pub struct GpuJob {
+    pub key: ShapeKey,
+    pub params: GenerateParams,
+    pub tags: Vec<Tag>,
+    pub requests: Vec<ImageRequest>,
+    /// Any of its messages asked for the safety checker (one pass for the whole batch; each
+    /// message uses the verdicts only if it asked).
+    pub safety: bool,
+}
+
+/// The messages in hand of one broker session and the work in progress for them.
+pub struct Ledger<H> {
+    messages: HashMap<u64, Message<H>>,
+    planner: Planner<Tag>,
+    next_seq: u64,
+    /// GPU batches queued or running, and their images.
+    gpu_jobs: usize,
+    gpu_images: usize,
+    /// Images generated and not yet stored (all messages).
+    pending_images: usize,
+    /// Numbers the consumers of the session; a message remembers which one delivered it.
+    consumer_gen: u64,
+    delivery_limit: u32,
+    max_pending_images: usize,
+}
+
+impl<H> Ledger<H> {
+    pub fn new(delivery_limit: u32, max_pending_images: usize) -> Self {
+        Self {
+            messages: HashMap::new(),
+            planner: Planner::default(),
+            next_seq: 0,
+            gpu_jobs: 0,
+            gpu_images: 0,
+            pending_images: 0,
+            consumer_gen: 0,
+            delivery_limit,
+            max_pending_images,
+        }
+    }
+
+    pub fn get(&self, seq: u64) -> Option<&Message<H>> {
+        self.messages.get(&seq)
+    }
+
+    /// Messages in hand.
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// No message in hand and nothing on the model thread.
+    pub fn is_idle(&self) -> bool {
+        self.messages.is_empty() && self.gpu_jobs == 0
+    }
+
+    /// Work not yet generated, over all messages in hand (what holding bounds).
+    pub fn ungenerated_units(&self) -> f64 {
+        self.messages
+            .values()
+            .map(|m| m.ungenerated as f64 * m.units_per_image)
+            .sum()
+    }
+
+    /// The current consumer's number.
+    pub fn consumer_gen(&self) -> u64 {
+        self.consumer_gen
+    }
+
+    /// A new consumer subscribes: later deliveries are counted as its own.
+    pub fn next_consumer(&mut self) -> u64 {
+        self.consumer_gen += 1;
+        self.consumer_gen
+    }
+
+    /// Messages in hand delivered by the current consumer (its prefetch counts only those).
+    pub fn from_current_consumer(&self) -> usize {
+        self.messages
+            .values()
+            .filter(|m| m.consumer_gen == self.consumer_gen)
+            .count()
+    }
+
+    /// Takes a message in hand and queues its images that are not stored yet. Returns its
+    /// sequence number and, when an earlier delivery stored everything, [`Next::Complete`].
+    pub fn admit(&mut self, handle: H, a: Admission) -> (u64, Option<Next<H>>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let resumed = a.records.iter().flatten().count();
+        let remaining = a.requests.len() - resumed;
+        self.planner.push(
+            &a.batch.params,
+            a.requests
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| a.records[*i].is_none())
+                .map(|(i, (_, _, r))| ((seq, i), r.clone())),
+        );
+        self.messages.insert(
+            seq,
+            Message {
+                handle,
+                batch: a.batch,
+                work: a.work,
+                requests: a.requests,
+                records: a.records,
+                safety: a.safety,
+                previous_failures: a.previous_failures,
+                resumed,
+                generate_ms: 0.0,
+                encode_ms: 0.0,
+                upload_ms: 0.0,
+                remaining,
+                uploads_pending: 0,
+                consumer_gen: self.consumer_gen,
+                ungenerated: remaining,
+                units_per_image: a.units_per_image,
+                failure: None,
+            },
+        );
+        // Every image was stored by an earlier delivery; only the manifest is missing.
+        let next = (remaining == 0).then_some(Next::Complete(seq));
+        (seq, next)
+    }
+
+    /// The next GPU batch, if the model thread has room and host memory allows: `size_for` says
+    /// how many images of a shape fit the device. Images generated but not yet stored are
+    /// bounded by `max_pending_images`, so a slow store holds the GPU back rather than filling
+    /// RAM (one batch may always run when none wait).
+    pub fn next_gpu_batch(&mut self, size_for: impl Fn(&ShapeKey) -> usize) -> Option<GpuJob> {
+        if self.gpu_jobs >= GPU_QUEUE_DEPTH {
+            return None;
+        }
+        let size = size_for(self.planner.next_key()?);
+        let waiting = self.pending_images + self.gpu_images;
+        if waiting > 0 && waiting + size > self.max_pending_images {
+            return None;
+        }
+        let PlannedBatch {
+            key,
+            params,
+            images,
+        } = self.planner.next_batch(size)?;
+        let tags: Vec<Tag> = images.iter().map(|i| i.tag).collect();
+        let requests: Vec<ImageRequest> = images.into_iter().map(|i| i.request).collect();
+        let safety = tags
+            .iter()
+            .any(|(seq, _)| self.messages.get(seq).is_some_and(|m| m.safety));
+        self.gpu_jobs += 1;
+        self.gpu_images += requests.len();
+        Some(GpuJob {
+            key,
+            params,
+            tags,
+            requests,
+            safety,
+        })
+    }
+
+    /// A GPU batch is back (either way): its images are no longer work to do.
+    fn gpu_returned(&mut self, tags: &[Tag]) {
+        self.gpu_jobs -= 1;
+        self.gpu_images -= tags.len();
+        for (seq, _) in tags {
+            if let Some(m) = self.messages.get_mut(seq) {
+                m.ungenerated = m.ungenerated.saturating_sub(1);
+            }
+        }
+    }
+
+    /// A GPU batch generated its images (in `tags` order) in `total_ms`. Returns the images to
+    /// store as (position in the batch, tag); those of failed messages are left out.
+    pub fn gpu_succeeded(&mut self, tags: &[Tag], total_ms: f64) -> Vec<(usize, Tag)> {
+        self.gpu_returned(tags);
+        let per_image_ms = total_ms / tags.len().max(1) as f64;
+        let mut store = Vec::with_capacity(tags.len());
+        for (position, &tag) in tags.iter().enumerate() {
+            let Some(m) = self.messages.get_mut(&tag.0) else {
+                continue;
+            };
+            if m.failure.is_some() {
+                continue; // its message failed: nothing more of it is stored
+            }
+            m.generate_ms += per_image_ms;
+            m.uploads_pending += 1;
+            self.pending_images += 1;
+            store.push((position, tag));
+        }
+        store
+    }
+
+    /// A GPU batch failed. Only a batch of one message's images proves the failure is that
+    /// message's; otherwise every message in it gets a transient failure
+    /// ([`WorkerError::SharedGpu`]).
+    pub fn gpu_failed(&mut self, tags: &[Tag], error: WorkerError) -> Vec<Settled<H>> {
+        self.gpu_returned(tags);
+        let mut seqs: Vec<u64> = tags.iter().map(|t| t.0).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        if let [seq] = seqs[..] {
+            return self.fail(seq, error).into_iter().collect();
+        }
+        let text = error.to_string();
+        seqs.into_iter()
+            .filter_map(|seq| self.fail(seq, WorkerError::SharedGpu(text.clone())))
+            .collect()
+    }
+
+    /// An upload reported back: the record with encode and upload ms, or its error.
+    pub fn upload_done(
+        &mut self,
+        (seq, index): Tag,
+        result: Result<(ImageRecord, f64, f64), WorkerError>,
+    ) -> Option<Next<H>> {
+        self.pending_images -= 1;
+        let m = self.messages.get_mut(&seq)?;
+        m.uploads_pending -= 1;
+        match result {
+            Ok((record, encode_ms, upload_ms)) => {
+                m.records[index] = Some(record);
+                m.remaining -= 1;
+                m.encode_ms += encode_ms;
+                m.upload_ms += upload_ms;
+                if m.failure.is_none() && m.remaining == 0 {
+                    return Some(Next::Complete(seq));
+                }
+                self.settle_if_failed(seq)
+                    .map(|s| Next::Settle(Box::new(s)))
+            }
+            Err(e) => self.fail(seq, e).map(|s| Next::Settle(Box::new(s))),
+        }
+    }
+
+    /// The manifest and event of a complete message are done (or failed): settle it.
+    pub fn finished(&mut self, seq: u64, result: Result<(), WorkerError>) -> Option<Settled<H>> {
+        let m = self.messages.remove(&seq)?;
+        let mut stored = m.stored_keys();
+        // A manifest that was written belongs to the batch too.
+        stored.push(m.batch.manifest_key());
+        Some(Settled {
+            verdict: verdict(&result, m.previous_failures, self.delivery_limit),
+            message: m,
+            result,
+            stored,
+        })
+    }
+
+    /// Message `seq` failed: its waiting images are dropped; it is settled once its pending
+    /// uploads have reported (now, when none are pending). The first failure is the one reported.
+    pub fn fail(&mut self, seq: u64, error: WorkerError) -> Option<Settled<H>> {
+        let m = self.messages.get_mut(&seq)?;
+        if m.failure.is_none() {
+            let dropped = self.planner.remove_where(|t| t.0 == seq);
+            m.ungenerated = m.ungenerated.saturating_sub(dropped);
+            tracing::debug!(dropped, error = %error, "dropping the failed message's waiting images");
+            m.failure = Some(error);
+        }
+        self.settle_if_failed(seq)
+    }
+
+    fn settle_if_failed(&mut self, seq: u64) -> Option<Settled<H>> {
+        let ready = self
+            .messages
+            .get(&seq)
+            .is_some_and(|m| m.failure.is_some() && m.uploads_pending == 0);
+        if !ready {
+            return None;
+        }
+        let mut m = self.messages.remove(&seq)?;
+        let error = m
+            .failure
+            .take()
+            .unwrap_or_else(|| WorkerError::Other("failed".into()));
+        let result = Err(error);
+        Some(Settled {
+            verdict: verdict(&result, m.previous_failures, self.delivery_limit),
+            stored: m.stored_keys(),
+            message: m,
+            result,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Limits, parse};
+    use crate::queue::QueueError;
+    use crate::storage::StorageError;
+    use crate::worker::gpu::GpuError;
+    use crate::worker::reasons;
+    use std::time::Duration;
+
+    const LIMIT: u32 = 3;
+
+    /// A batch of `images` images (one item) with its own id and shape (`steps`).
+    fn admission(id: &str, images: u32, steps: u32) -> Admission {
+        let body = serde_json::json!({"schema_version": 1, "batch_id": id,
+            "items": [{"id": "a", "prompt": "p", "num_images": images}],
+            "params": {"steps": steps}});
+        let limits = Limits {
+            default_bucket: Some("images".into()),
+            ..Limits::default()
+        };
+        let batch = parse(&serde_json::to_vec(&body).unwrap(), &limits, 64).unwrap();
+        let requests = batch.image_requests();
+        Admission {
+            records: vec![None; requests.len()],
+            work: batch.work_sha256().into(),
+            batch: Arc::new(batch),
+            requests,
+            safety: false,
+            previous_failures: 0,
+            units_per_image: 1.0,
+        }
+    }
+
+    fn record(a: &Admission, index: usize) -> ImageRecord {
+        let (item, n, _) = a.requests[index];
+        ImageRecord {
+            bytes: 10,
+            ..ImageRecord::planned(&a.batch, item, n)
+        }
+    }
+
+    fn stored(ledger: &Ledger<&'static str>, tag: Tag) -> (ImageRecord, f64, f64) {
+        let m = ledger.get(tag.0).unwrap();
+        let (item, n, _) = m.requests[tag.1];
+        let r = ImageRecord {
+            bytes: 10,
+            ..ImageRecord::planned(&m.batch, item, n)
+        };
+        (r, 1.0, 2.0)
+    }
+
+    fn refused() -> WorkerError {
+        WorkerError::Storage(StorageError::permanent("put", "b/k", "HTTP 403"))
+    }
+
+    fn down() -> WorkerError {
+        WorkerError::Storage(StorageError::transient("put", "b/k", "connection refused"))
+    }
+
+    fn settled(next: Option<Next<&'static str>>) -> Settled<&'static str> {
+        match next {
+            Some(Next::Settle(s)) => *s,
+            Some(Next::Complete(seq)) => panic!("expected a settle, got Complete({seq})"),
+            None => panic!("expected a settle, got nothing"),
+        }
+    }
+
+    #[test]
+    fn verdicts() {
+        assert_eq!(verdict(&Ok(()), 0, LIMIT), Verdict::Ack);
+        let lost = Err(WorkerError::Queue(QueueError::Timeout {
+            op: "basic.ack",
+            limit: Duration::from_secs(1),
+        }));
+        assert_eq!(verdict(&lost, 0, LIMIT), Verdict::Abandon);
+        assert_eq!(
+            verdict(&Err(refused()), 0, LIMIT),
+            Verdict::DeadLetter {
+                reason: reasons::STORAGE_REFUSED
+            }
+        );
+        let oom = Err(WorkerError::Gpu(GpuError::OutOfMemory("x".into())));
+        assert_eq!(
+            verdict(&oom, 0, LIMIT),
+            Verdict::DeadLetter {
+                reason: reasons::GENERATION_FAILED
+            }
+        );
+        for (failures, last_attempt) in [(0, false), (2, false), (3, true), (i64::MAX, true)] {
+            assert_eq!(
+                verdict(&Err(down()), failures, LIMIT),
+                Verdict::Requeue { last_attempt },
+                "{failures}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_message_goes_from_admitted_to_acked() {
+        let mut l = Ledger::new(LIMIT, 256);
+        let (seq, next) = l.admit("m", admission("b1", 3, 5));
+        assert!(next.is_none());
+        assert_eq!(l.ungenerated_units(), 3.0);
+        let job = l.next_gpu_batch(|_| 2).unwrap();
+        assert_eq!(job.tags, vec![(seq, 0), (seq, 1)]);
+        assert!(!job.safety);
+        let store = l.gpu_succeeded(&job.tags, 100.0);
+        assert_eq!(store, vec![(0, (seq, 0)), (1, (seq, 1))]);
+        assert_eq!(l.ungenerated_units(), 1.0);
+        assert_eq!(l.get(seq).unwrap().generate_ms, 100.0);
+        let r = stored(&l, (seq, 0));
+        assert!(l.upload_done((seq, 0), Ok(r)).is_none());
+        let job = l.next_gpu_batch(|_| 2).unwrap();
+        assert_eq!(job.tags, vec![(seq, 2)]);
+        assert!(l.next_gpu_batch(|_| 2).is_none(), "nothing left to plan");
+        assert_eq!(l.gpu_succeeded(&job.tags, 50.0), vec![(0, (seq, 2))]);
+        let r = stored(&l, (seq, 2));
+        assert!(l.upload_done((seq, 2), Ok(r)).is_none());
+        let r = stored(&l, (seq, 1));
+        assert!(matches!(l.upload_done((seq, 1), Ok(r)), Some(Next::Complete(s)) if s == seq));
+        assert!(!l.is_idle(), "in hand until the manifest is written");
+        let s = l.finished(seq, Ok(())).unwrap();
+        assert_eq!(s.verdict, Verdict::Ack);
+        assert_eq!(s.message.handle, "m");
+        assert_eq!(s.message.records.iter().flatten().count(), 3);
+        assert_eq!(s.message.encode_ms, 3.0);
+        assert_eq!(s.message.upload_ms, 6.0);
+        assert!(s.stored.contains(&s.message.batch.manifest_key()));
+        assert!(l.is_idle());
+        assert!(l.finished(seq, Ok(())).is_none(), "settled once");
+    }
+
+    #[test]
+    fn gpu_batches_cross_messages_and_are_bounded() {
+        let mut l = Ledger::new(LIMIT, 5);
+        let (a, _) = l.admit("a", admission("a", 2, 5));
+        let (b, _) = l.admit("b", admission("b", 3, 5));
+        let (c, _) = l.admit("c", admission("c", 1, 7)); // another shape
+        let mut safe = admission("d", 1, 5);
+        safe.safety = true;
+        let (d, _) = l.admit("d", safe);
+        let first = l.next_gpu_batch(|_| 3).unwrap();
+        assert_eq!(first.tags, vec![(a, 0), (a, 1), (b, 0)]);
+        // 3 on the GPU; another 3 would exceed the 5 pending images allowed.
+        assert!(l.next_gpu_batch(|_| 3).is_none());
+        let second = l.next_gpu_batch(|_| 2).unwrap();
+        assert_eq!(second.tags, vec![(b, 1), (b, 2)]);
+        assert!(!second.safety);
+        // Two batches queued: the model thread is full whatever the size.
+        assert!(l.next_gpu_batch(|_| 1).is_none());
+        l.gpu_succeeded(&first.tags, 30.0);
+        l.gpu_succeeded(&second.tags, 20.0);
+        // 5 images wait for storage: no new batch until some are stored.
+        assert!(l.next_gpu_batch(|_| 1).is_none());
+        let r = stored(&l, (a, 0));
+        l.upload_done((a, 0), Ok(r));
+        // The sizer's size counts, not the images that happen to wait: 4 more would not fit.
+        assert!(l.next_gpu_batch(|_| 4).is_none());
+        let third = l.next_gpu_batch(|_| 1).unwrap();
+        assert_eq!(third.tags, vec![(c, 0)], "oldest waiting image first");
+        let r = stored(&l, (a, 1));
+        l.upload_done((a, 1), Ok(r));
+        let fourth = l.next_gpu_batch(|_| 1).unwrap();
+        assert_eq!(fourth.tags, vec![(d, 0)]);
+        assert!(fourth.safety);
+    }
+
+    #[test]
+    fn resumed_images_are_not_generated_again() {
+        let mut l = Ledger::new(LIMIT, 256);
+        let mut a = admission("b1", 3, 5);
+        a.records[1] = Some(record(&a, 1));
+        let (seq, next) = l.admit("m", a);
+        assert!(next.is_none());
+        assert_eq!(l.get(seq).unwrap().resumed, 1);
+        assert_eq!(l.ungenerated_units(), 2.0);
+        let job = l.next_gpu_batch(|_| 8).unwrap();
+        assert_eq!(job.tags, vec![(seq, 0), (seq, 2)]);
+
+        // Everything stored before: complete at once.
+        let mut all = admission("b2", 2, 5);
+        all.records = vec![Some(record(&all, 0)), Some(record(&all, 1))];
+        let (seq2, next) = l.admit("n", all);
+        assert!(matches!(next, Some(Next::Complete(s)) if s == seq2));
+        let s = l.finished(seq2, Ok(())).unwrap();
+        assert_eq!(s.verdict, Verdict::Ack);
+    }
+
+    #[test]
+    fn a_failed_upload_waits_for_the_others_then_dead_letters_what_was_stored() {
+        let mut l = Ledger::new(LIMIT, 256);
+        let (seq, _) = l.admit("m", admission("b1", 4, 5));
+        let job = l.next_gpu_batch(|_| 3).unwrap();
+        l.gpu_succeeded(&job.tags, 30.0);
+        let r = stored(&l, (seq, 0));
+        assert!(l.upload_done((seq, 0), Ok(r)).is_none());
+        // The store refuses image 1 while image 2 is still uploading: no verdict yet, and the
+        // waiting image 3 is dropped.
+        assert!(l.upload_done((seq, 1), Err(refused())).is_none());
+        assert!(
+            l.next_gpu_batch(|_| 3).is_none(),
+            "its waiting image is dropped"
+        );
+        assert_eq!(l.ungenerated_units(), 0.0);
+        let r = stored(&l, (seq, 2));
+        let s = settled(l.upload_done((seq, 2), Ok(r)));
+        assert_eq!(
+            s.verdict,
+            Verdict::DeadLetter {
+                reason: reasons::STORAGE_REFUSED
+            }
+        );
+        let m = &s.message;
+        assert_eq!(
+            s.stored,
+            vec![m.batch.image_key("a", 0), m.batch.image_key("a", 2)],
+            "what it stored is deleted"
+        );
+        assert!(l.is_idle());
+    }
+
+    #[test]
+    fn images_of_a_failed_message_are_not_stored() {
+        let mut l = Ledger::new(LIMIT, 256);
+        let (a, _) = l.admit("a", admission("a", 2, 5));
+        let (b, _) = l.admit("b", admission("b", 2, 5));
+        let job = l.next_gpu_batch(|_| 8).unwrap();
+        assert_eq!(job.tags.len(), 4);
+        // Message a fails (a transient store error of an earlier image, say) while the batch runs.
+        let s = l.fail(a, down()).unwrap();
+        assert_eq!(
+            s.verdict,
+            Verdict::Requeue {
+                last_attempt: false
+            }
+        );
+        assert_eq!(s.message.handle, "a");
+        assert!(s.stored.is_empty());
+        assert!(l.fail(a, refused()).is_none(), "settled once");
+        let store = l.gpu_succeeded(&job.tags, 40.0);
+        assert_eq!(store, vec![(2, (b, 0)), (3, (b, 1))]);
+    }
+
+    #[test]
+    fn gpu_failures_blame_a_message_only_when_the_batch_was_all_its_own() {
+        let mut l = Ledger::new(LIMIT, 256);
+        let (a, _) = l.admit("a", admission("a", 1, 5));
+        let (b, _) = l.admit("b", admission("b", 1, 5));
+        let shared = l.next_gpu_batch(|_| 8).unwrap();
+        let oom = || WorkerError::Gpu(GpuError::OutOfMemory("CUDA out of memory".into()));
+        let mut settled = l.gpu_failed(&shared.tags, oom());
+        settled.sort_by_key(|s| s.message.handle);
+        assert_eq!(settled.len(), 2);
+        for s in &settled {
+            assert_eq!(
+                s.verdict,
+                Verdict::Requeue {
+                    last_attempt: false
+                }
+            );
+            assert!(matches!(s.result, Err(WorkerError::SharedGpu(_))));
+        }
+        assert_eq!(
+            (settled[0].message.handle, settled[1].message.handle),
+            ("a", "b")
+        );
+        let _ = (a, b);
+
+        let mut own = admission("c", 1, 5);
+        own.previous_failures = 3;
+        let (c, _) = l.admit("c", own);
+        let job = l.next_gpu_batch(|_| 8).unwrap();
+        assert_eq!(job.tags, vec![(c, 0)]);
+        let s = l.gpu_failed(&job.tags, oom()).pop().unwrap();
+        assert_eq!(
+            s.verdict,
+            Verdict::DeadLetter {
+                reason: reasons::GENERATION_FAILED
+            }
+        );
+        let (d, _) = {
+            let mut last = admission("d", 1, 5);
+            last.previous_failures = 3;
+            l.admit("d", last)
+        };
+        let job = l.next_gpu_batch(|_| 8).unwrap();
+        let panicked = WorkerError::Gpu(GpuError::Panicked("boom".into()));
+        let s = l.gpu_failed(&job.tags, panicked).pop().unwrap();
+        assert_eq!(s.message.handle, "d");
+        assert_eq!(s.verdict, Verdict::Requeue { last_attempt: true });
+        let _ = d;
+        assert!(l.is_idle());
+    }
+
+    #[test]
+    fn a_failed_manifest_is_settled_with_the_manifest_among_what_was_stored() {
+        let mut l = Ledger::new(LIMIT, 256);
+        let (seq, _) = l.admit("m", admission("b1", 1, 5));
+        let job = l.next_gpu_batch(|_| 8).unwrap();
+        l.gpu_succeeded(&job.tags, 1.0);
+        let r = stored(&l, (seq, 0));
+        assert!(matches!(
+            l.upload_done((seq, 0), Ok(r)),
+            Some(Next::Complete(_))
+        ));
+        let s = l.finished(seq, Err(refused())).unwrap();
+        assert_eq!(
+            s.verdict,
+            Verdict::DeadLetter {
+                reason: reasons::STORAGE_REFUSED
+            }
+        );
+        assert_eq!(s.stored.len(), 2);
+        assert_eq!(s.stored[1], s.message.batch.manifest_key());
+
+        // A broker failure while publishing: nothing to settle on that channel.
+        let (seq, _) = l.admit("n", admission("b2", 1, 5));
+        let job = l.next_gpu_batch(|_| 8).unwrap();
+        l.gpu_succeeded(&job.tags, 1.0);
+        let r = stored(&l, (seq, 0));
+        l.upload_done((seq, 0), Ok(r));
+        let lost = WorkerError::Queue(QueueError::ChannelClosed {
+            op: "basic.publish",
+        });
+        assert_eq!(
+            l.finished(seq, Err(lost)).unwrap().verdict,
+            Verdict::Abandon
+        );
+    }
+
+    #[test]
+    fn consumers_count_their_own_deliveries() {
+        let mut l: Ledger<&str> = Ledger::new(LIMIT, 256);
+        l.admit("a", admission("a", 1, 5));
+        assert_eq!(l.from_current_consumer(), 1);
+        assert_eq!(l.next_consumer(), 1);
+        assert_eq!(l.from_current_consumer(), 0);
+        l.admit("b", admission("b", 1, 5));
+        l.admit("c", admission("c", 1, 5));
+        assert_eq!((l.len(), l.from_current_consumer()), (3, 2));
+        assert_eq!(l.consumer_gen(), 1);
+    }
+}

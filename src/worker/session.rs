@@ -1,0 +1,941 @@
+//! One broker connection: the shell around the [`Ledger`]. It turns deliveries into admissions
+//! (after the checks that need the store: manifest, stored images, conflicts), runs the GPU
+//! batches, uploads and manifests the ledger asks for on tasks that report back to one loop, and
+//! carries out the ledger's verdicts on the broker.
+use super::broker::{ack, previous_failures, publish_event, publish_failed, reject, requeue};
+use super::gpu::{GpuError, GpuOutput};
+use super::holding::Holding;
+use super::ledger::{Admission, GpuJob, Ledger, Next, Settled, Tag, Verdict, verdict};
+use super::store::{ImageJob, finish_batch, image_checks, ms, store_image};
+use super::{Learned, Worker, WorkerError, reasons, resume};
+use crate::batching::{MemorySample, ShapeKey};
+use crate::events::{self, BatchCompleted, ImageRecord};
+use crate::message::{self, Batch, Invalid};
+use crate::pipeline::ImageRequest;
+use crate::queue::{self, Publisher, QueueError, header_int, header_value};
+use crate::storage::StorageError;
+use futures_lite::StreamExt;
+use lapin::Acker;
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+/// How a connection's session ended.
+pub(super) enum SessionEnd {
+    Shutdown,
+    ConnectionLost(String),
+}
+
+impl From<QueueError> for SessionEnd {
+    fn from(e: QueueError) -> Self {
+        SessionEnd::ConnectionLost(e.to_string())
+    }
+}
+
+/// What the ledger does not need to know of a message: its broker handle, body, clock and span.
+pub(super) struct Handle {
+    acker: Acker,
+    /// The body as delivered, for dead-lettering it if it fails permanently.
+    body: Vec<u8>,
+    redelivered: bool,
+    started: Instant,
+    span: tracing::Span,
+}
+
+/// A message whose work is over, on its way to be acked, requeued or dead-lettered.
+struct Settling {
+    acker: Acker,
+    body: Vec<u8>,
+    previous_failures: i64,
+    batch_id: String,
+    bucket: String,
+    /// Keys this delivery stored, deleted if the message is dead-lettered.
+    stored: Vec<String>,
+}
+
+impl Settling {
+    /// A delivery settled before any of its work started.
+    fn unstarted(delivery: Delivery, previous_failures: i64, batch: &Batch) -> Self {
+        Self {
+            acker: delivery.acker,
+            body: delivery.data,
+            previous_failures,
+            batch_id: batch.batch_id.clone(),
+            bucket: batch.bucket.clone(),
+            stored: Vec::new(),
+        }
+    }
+
+    fn from_ledger(s: Settled<Handle>) -> (Self, Result<(), WorkerError>, tracing::Span) {
+        let m = s.message;
+        let settling = Settling {
+            acker: m.handle.acker,
+            body: m.handle.body,
+            previous_failures: m.previous_failures,
+            batch_id: m.batch.batch_id.clone(),
+            bucket: m.batch.bucket.clone(),
+            stored: s.stored,
+        };
+        (settling, s.result, m.handle.span)
+    }
+}
+
+/// What the tasks of a session report back to its loop.
+enum Done {
+    Gpu {
+        key: ShapeKey,
+        tags: Vec<Tag>,
+        result: Result<GpuOutput, GpuError>,
+    },
+    Upload {
+        tag: Tag,
+        result: Result<(ImageRecord, f64, f64), WorkerError>,
+    },
+    Finished {
+        seq: u64,
+        result: Result<(), WorkerError>,
+    },
+}
+
+impl Worker {
+    /// Connects, consumes and works until shutdown (after finishing the messages in hand) or a
+    /// lost connection.
+    pub(super) async fn session(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+        learned: &mut Learned,
+    ) -> Result<SessionEnd, WorkerError> {
+        let cfg = &self.cfg;
+        let limit = cfg.broker_timeout;
+        let conn =
+            queue::connect(&cfg.amqp_url, &format!("sdbatch-worker {}", cfg.worker_id)).await?;
+        let channel = queue::within(limit, "channel.open", conn.create_channel()).await?;
+        queue::within(limit, "declare", async {
+            queue::declare(&channel, &cfg.topology).await
+        })
+        .await?;
+        let publisher = Publisher::with_timeout(&conn, limit).await?;
+        tracing::info!(
+            broker = %queue::redact_url(&cfg.amqp_url),
+            queue = %cfg.topology.jobs_queue,
+            max_prefetch = cfg.prefetch,
+            max_batch = cfg.max_batch,
+            "consuming"
+        );
+        self.metrics.broker_connected.store(true, Ordering::Relaxed);
+
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+        let mut session = Session {
+            worker: self,
+            channel: channel.clone(),
+            consumer_prefetch: 0,
+            publisher,
+            ledger: Ledger::new(cfg.topology.delivery_limit, cfg.max_pending_images),
+            tasks: JoinSet::new(),
+            done_tx,
+        };
+        // Subscribed (and re-subscribed with another prefetch) by `adjust_consumer`.
+        let mut consumer: Option<lapin::Consumer> = None;
+        let mut draining = false;
+        let mut deadline: Option<tokio::time::Instant> = None;
+
+        loop {
+            session.dispatch(learned);
+            if !draining {
+                match session
+                    .adjust_consumer(&mut consumer, &mut learned.holding)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(WorkerError::Queue(e)) => return Ok(e.into()),
+                    Err(e) => return Err(e),
+                }
+            }
+            self.sync_storage_retries();
+            self.metrics
+                .inflight_batches
+                .set(session.ledger.len() as i64);
+            if draining && session.ledger.is_idle() {
+                let _ = tokio::time::timeout(limit, conn.close(200, "worker shutting down".into()))
+                    .await;
+                return Ok(SessionEnd::Shutdown);
+            }
+            // Every branch below is bounded in time (broker operations by `broker_timeout`), so
+            // a signal is always seen; a broker error ends the session as a lost connection.
+            let step: Result<(), WorkerError> = tokio::select! {
+                changed = shutdown.changed(), if !draining => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        draining = true;
+                        // A grace period too large to add to "now" means "no deadline".
+                        deadline = tokio::time::Instant::now().checked_add(cfg.grace_period);
+                        tracing::info!(in_hand = session.ledger.len(), grace = ?cfg.grace_period,
+                            "shutdown requested: finishing the messages in hand");
+                        // Deliveries still on their way stay unacked and go back to the queue
+                        // when the connection closes.
+                        if consumer.take().is_some() {
+                            let cancel = channel.basic_cancel(session.consumer_tag().as_str().into(), BasicCancelOptions::default());
+                            let _ = tokio::time::timeout(limit, cancel).await;
+                        }
+                    }
+                    Ok(())
+                }
+                _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => {
+                    return Err(WorkerError::GraceExpired(cfg.grace_period));
+                }
+                next = async { consumer.as_mut().expect("guarded by is_some").next().await }, if !draining && consumer.is_some() => match next {
+                    Some(Ok(delivery)) => session.accept(delivery, &mut learned.holding).await,
+                    Some(Err(e)) => return Ok(SessionEnd::ConnectionLost(e.to_string())),
+                    None => return Ok(SessionEnd::ConnectionLost("consumer stream ended".into())),
+                },
+                Some(done) = done_rx.recv() => session.on_done(done, learned).await,
+            };
+            match step {
+                Ok(()) => {}
+                Err(WorkerError::Queue(e)) => return Ok(e.into()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// The state of one broker connection: the ledger of the messages in hand and the I/O for them.
+struct Session<'w> {
+    worker: &'w Worker,
+    /// The consuming channel.
+    channel: lapin::Channel,
+    /// The current consumer's prefetch (RabbitMQ applies a prefetch per consumer, fixed when it
+    /// subscribes: changing it means subscribing anew).
+    consumer_prefetch: u16,
+    publisher: Publisher,
+    ledger: Ledger<Handle>,
+    tasks: JoinSet<()>,
+    done_tx: mpsc::UnboundedSender<Done>,
+}
+
+impl Session<'_> {
+    /// Handles a new delivery: invalid → dead letter; already done → republish; else admit it.
+    /// Errors are broker errors (the session ends); a message's own failures are settled here.
+    async fn accept(
+        &mut self,
+        delivery: Delivery,
+        holding: &mut Holding,
+    ) -> Result<(), WorkerError> {
+        let cfg = self.worker.cfg.clone();
+        let span = tracing::info_span!(
+            "batch",
+            batch_id = tracing::field::Empty,
+            tag = delivery.delivery_tag
+        );
+        let batch = match message::parse(
+            &delivery.data,
+            &cfg.limits,
+            self.worker.gpu.info().native_size,
+        ) {
+            Ok(b) => b,
+            Err(invalid) => {
+                if let Some(id) = &invalid.batch_id {
+                    span.record("batch_id", id.as_str());
+                }
+                return self
+                    .reject_invalid(delivery, invalid)
+                    .instrument(span)
+                    .await;
+            }
+        };
+        span.record("batch_id", batch.batch_id.as_str());
+        let previous_failures = previous_failures(
+            delivery.redelivered,
+            header_int(&delivery.properties, "x-delivery-count"),
+            cfg.topology.delivery_limit,
+        );
+
+        // Hashed once per delivery: the manifest, the stored images and the event compare or
+        // record it.
+        let work: Arc<str> = batch.work_sha256().into();
+        // Already done (a previous delivery crashed or lost its connection after uploading):
+        // announce it again instead of regenerating.
+        let manifest = self
+            .worker
+            .storage
+            .get(&batch.bucket, &batch.manifest_key())
+            .instrument(span.clone())
+            .await;
+        match manifest {
+            Ok(Some(bytes)) => {
+                return self
+                    .republish(delivery, batch, &bytes, &work, previous_failures)
+                    .instrument(span)
+                    .await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let failed = Settling::unstarted(delivery, previous_failures, &batch);
+                return self.settle(failed, Err(e.into())).instrument(span).await;
+            }
+        }
+
+        let safety = batch.safety_checker.unwrap_or(cfg.safety_default);
+        if safety && !self.worker.gpu.info().has_safety_checker {
+            let invalid = Invalid {
+                reason: message::InvalidReason::SafetyChecker,
+                message: "the batch asks for the safety checker, but this worker's model has no \
+                          safety_checker/ folder"
+                    .into(),
+                batch_id: Some(batch.batch_id.clone()),
+            };
+            return self
+                .reject_invalid(delivery, invalid)
+                .instrument(span)
+                .await;
+        }
+        // What an earlier delivery of the same work already stored is taken over; objects of
+        // other work under this batch id are a conflict.
+        let requests = batch.image_requests();
+        let records = match self
+            .stored_images(&batch, &work, &requests)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(resume::Verdict::Resume(records)) => records,
+            Ok(resume::Verdict::Conflict(key)) => {
+                let invalid = Invalid {
+                    reason: message::InvalidReason::BatchIdConflict,
+                    message: format!(
+                        "{key} under batch {} was made from other work: give new work a new \
+                         batch_id",
+                        batch.batch_id
+                    ),
+                    batch_id: Some(batch.batch_id.clone()),
+                };
+                return self
+                    .reject_invalid(delivery, invalid)
+                    .instrument(span)
+                    .await;
+            }
+            Err(e) => {
+                let failed = Settling::unstarted(delivery, previous_failures, &batch);
+                return self.settle(failed, Err(e.into())).instrument(span).await;
+            }
+        };
+        let units_per_image = message::work_units(
+            1,
+            batch.params.steps,
+            batch.params.width,
+            batch.params.height,
+        );
+        let resumed = records.iter().flatten().count();
+        holding.observe_message(units_per_image * (requests.len() - resumed) as f64);
+        {
+            let _enter = span.enter();
+            tracing::info!(
+                images = requests.len(),
+                resumed,
+                redelivered = delivery.redelivered,
+                "planned"
+            );
+        }
+        self.worker
+            .metrics
+            .images
+            .with_label_values(&["resumed"])
+            .inc_by(resumed as u64);
+        let handle = Handle {
+            acker: delivery.acker,
+            body: delivery.data,
+            redelivered: delivery.redelivered,
+            started: Instant::now(),
+            span,
+        };
+        let admission = Admission {
+            batch: Arc::new(batch),
+            work,
+            requests,
+            records,
+            safety,
+            previous_failures,
+            units_per_image,
+        };
+        let (_, next) = self.ledger.admit(handle, admission);
+        if let Some(next) = next {
+            self.carry_out(next).await?;
+        }
+        Ok(())
+    }
+
+    /// A redelivery of a batch whose manifest exists: the same work is announced again without
+    /// regenerating; other work under the same id is a conflict.
+    async fn republish(
+        &self,
+        delivery: Delivery,
+        batch: Batch,
+        manifest: &[u8],
+        work: &str,
+        previous_failures: i64,
+    ) -> Result<(), WorkerError> {
+        let cfg = &self.worker.cfg;
+        let stored = serde_json::from_slice::<BatchCompleted>(manifest).map_err(|e| {
+            WorkerError::Other(format!(
+                "{}: unreadable manifest: {e}",
+                batch.manifest_key()
+            ))
+        });
+        let stored_work = stored.as_ref().ok().and_then(|e| e.work_sha256.as_deref());
+        if stored_work.is_some_and(|w| w != work) {
+            let invalid = Invalid {
+                reason: message::InvalidReason::BatchIdConflict,
+                message: format!(
+                    "batch {} already completed with other work (its manifest {} records \
+                     another work hash): give new work a new batch_id",
+                    batch.batch_id,
+                    batch.manifest_key()
+                ),
+                batch_id: Some(batch.batch_id.clone()),
+            };
+            return self.reject_invalid(delivery, invalid).await;
+        }
+        let republished = async {
+            let mut event = stored?;
+            event.redelivered = true;
+            tracing::info!("manifest exists: republishing batch.completed without regenerating");
+            publish_event(
+                cfg,
+                &self.worker.metrics,
+                &self.publisher,
+                events::BATCH_COMPLETED,
+                &event,
+            )
+            .await
+        }
+        .await;
+        if republished.is_ok() {
+            self.worker
+                .metrics
+                .batches
+                .with_label_values(&["republished"])
+                .inc();
+        }
+        let settling = Settling::unstarted(delivery, previous_failures, &batch);
+        self.settle(settling, republished).await
+    }
+
+    /// Which of `requests` an earlier delivery stored under the batch's folder (one listing, a
+    /// HEAD per stored image), or the key that shows other work under this batch id.
+    async fn stored_images(
+        &self,
+        batch: &Batch,
+        work: &str,
+        requests: &[(usize, u32, ImageRequest)],
+    ) -> Result<resume::Verdict, StorageError> {
+        let storage = &self.worker.storage;
+        let cfg = &self.worker.cfg;
+        let expected: Vec<ImageRecord> = requests
+            .iter()
+            .map(|(item_index, n, _)| ImageRecord::planned(batch, *item_index, *n))
+            .collect();
+        let listed = storage.list(&batch.bucket, &batch.folder_key()).await?;
+        let wanted: std::collections::HashSet<&str> =
+            expected.iter().map(|r| r.key.as_str()).collect();
+        // Every expected image that exists, and one other image, enough to see other work.
+        let mut to_head: Vec<&String> = listed
+            .iter()
+            .filter(|k| wanted.contains(k.as_str()))
+            .collect();
+        to_head.extend(
+            listed
+                .iter()
+                .find(|k| k.ends_with(".png") && !wanted.contains(k.as_str())),
+        );
+        let mut found = HashMap::new();
+        for key in to_head {
+            if let Some(meta) = storage.head_metadata(&batch.bucket, key).await? {
+                found.insert(key.clone(), meta);
+            }
+        }
+        let mut verdict = resume::decide(work, &cfg.model_name, &expected, &found);
+        if let resume::Verdict::Resume(records) = &mut verdict {
+            for r in records.iter_mut().flatten() {
+                r.low_clip_score = r
+                    .clip_score
+                    .zip(cfg.min_clip_score)
+                    .map(|(score, min)| score < min);
+            }
+        }
+        Ok(verdict)
+    }
+
+    /// Carries out what the ledger decided for a message.
+    async fn carry_out(&mut self, next: Next<Handle>) -> Result<(), WorkerError> {
+        match next {
+            Next::Complete(seq) => {
+                self.complete(seq);
+                Ok(())
+            }
+            Next::Settle(settled) => self.settle_from_ledger(*settled).await,
+        }
+    }
+
+    async fn settle_from_ledger(&self, settled: Settled<Handle>) -> Result<(), WorkerError> {
+        if settled.result.is_err() {
+            self.worker
+                .metrics
+                .images
+                .with_label_values(&["failed"])
+                .inc_by(settled.message.records.len() as u64);
+        }
+        let (settling, result, span) = Settling::from_ledger(settled);
+        self.settle(settling, result).instrument(span).await
+    }
+
+    /// Settles a message whose work is over ([`verdict`]): ack; on a permanent failure take
+    /// back what it stored and dead-letter it at once; on a transient one nack with requeue (on
+    /// its last attempt `batch.failed` is published first). Errors are broker errors.
+    async fn settle(
+        &self,
+        failed: Settling,
+        result: Result<(), WorkerError>,
+    ) -> Result<(), WorkerError> {
+        let cfg = &self.worker.cfg;
+        let m = &self.worker.metrics;
+        let decided = verdict(
+            &result,
+            failed.previous_failures,
+            cfg.topology.delivery_limit,
+        );
+        let error = match result {
+            Ok(()) => return Ok(ack(cfg, &failed.acker).await?),
+            // The broker is gone: nothing can be settled on this channel; it redelivers.
+            Err(WorkerError::Queue(e)) => return Err(e.into()),
+            Err(e) => e,
+        };
+        m.batches.with_label_values(&["failed"]).inc();
+        match decided {
+            Verdict::DeadLetter { reason } => {
+                tracing::error!(error = %error, reason, "batch failed permanently: dead-lettering");
+                // Nothing of a dead-lettered batch stays stored (best effort: the store may be
+                // the very thing refusing).
+                for key in &failed.stored {
+                    if let Err(e) = self.worker.storage.delete(&failed.bucket, key).await {
+                        tracing::warn!(key, error = %e, "could not delete an image of the failed batch");
+                    }
+                }
+                self.dead_letter(
+                    &failed.acker,
+                    &failed.body,
+                    Some(failed.batch_id),
+                    reason,
+                    &error.to_string(),
+                )
+                .await
+            }
+            Verdict::Requeue { last_attempt } => {
+                tracing::error!(error = %error, previous_failures = failed.previous_failures,
+                    last_attempt, "batch failed; requeueing");
+                if last_attempt {
+                    publish_failed(
+                        cfg,
+                        m,
+                        &self.publisher,
+                        Some(failed.batch_id),
+                        reasons::DELIVERY_LIMIT,
+                        &error.to_string(),
+                    )
+                    .await?;
+                    m.batches.with_label_values(&["dead_lettered"]).inc();
+                    m.dead_letters
+                        .with_label_values(&[reasons::DELIVERY_LIMIT])
+                        .inc();
+                }
+                Ok(requeue(cfg, &failed.acker).await?)
+            }
+            Verdict::Ack | Verdict::Abandon => unreachable!("handled above"),
+        }
+    }
+
+    /// Copies a message to the dead-letter exchange with the worker's reason headers (bounded;
+    /// none of the producer's headers, which once made this publish exceed the frame size),
+    /// publishes `batch.failed` and acks the original. If the broker refuses the copy, the
+    /// message is requeued instead, so it is never lost.
+    async fn dead_letter(
+        &self,
+        acker: &Acker,
+        body: &[u8],
+        batch_id: Option<String>,
+        reason: &str,
+        text: &str,
+    ) -> Result<(), WorkerError> {
+        let cfg = &self.worker.cfg;
+        let text = crate::bounded::reason(text);
+        let mut headers = FieldTable::default();
+        headers.insert("x-sdbatch-error".into(), header_value(reason));
+        headers.insert("x-sdbatch-reason".into(), header_value(&text));
+        headers.insert(
+            "x-sdbatch-worker".into(),
+            header_value(&crate::bounded::cut(&cfg.worker_id, 128)),
+        );
+        let t = &cfg.topology;
+        let published = self
+            .publisher
+            .publish_json(&t.dead_exchange, &t.dead_queue, body, Some(headers), true)
+            .await;
+        match published {
+            Ok(()) => {}
+            Err(e @ QueueError::NotConfirmed { .. }) => {
+                tracing::error!(error = %e, "the broker refused the dead letter; requeueing");
+                return Ok(requeue(cfg, acker).await?);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let m = &self.worker.metrics;
+        m.batches.with_label_values(&["dead_lettered"]).inc();
+        m.dead_letters.with_label_values(&[reason]).inc();
+        publish_failed(cfg, m, &self.publisher, batch_id, reason, &text).await?;
+        Ok(ack(cfg, acker).await?)
+    }
+
+    /// Dead-letters an invalid message with its reason, publishes `batch.failed`, acks it. A body
+    /// over the size limit is not copied: it is rejected and the queue's own dead-lettering
+    /// moves it (RabbitMQ's `x-first-death-reason: rejected`), with `batch.failed` saying why.
+    async fn reject_invalid(
+        &self,
+        delivery: Delivery,
+        invalid: Invalid,
+    ) -> Result<(), WorkerError> {
+        let cfg = &self.worker.cfg;
+        tracing::warn!(reason = invalid.reason.as_str(), error = %invalid.message, "invalid message: dead-lettering");
+        if invalid.reason == message::InvalidReason::TooLarge {
+            let m = &self.worker.metrics;
+            reject(cfg, &delivery.acker).await?;
+            m.batches.with_label_values(&["dead_lettered"]).inc();
+            m.dead_letters
+                .with_label_values(&[invalid.reason.as_str()])
+                .inc();
+            return publish_failed(
+                cfg,
+                m,
+                &self.publisher,
+                None,
+                invalid.reason.as_str(),
+                &invalid.message,
+            )
+            .await;
+        }
+        self.dead_letter(
+            &delivery.acker,
+            &delivery.data,
+            invalid.batch_id.clone(),
+            invalid.reason.as_str(),
+            &invalid.message,
+        )
+        .await
+    }
+
+    fn consumer_tag(&self) -> String {
+        format!(
+            "sdbatch-{}-{}",
+            self.worker.cfg.worker_id,
+            self.ledger.consumer_gen()
+        )
+    }
+
+    /// Lets the broker deliver as many messages as the work in hand leaves room for (see
+    /// [`super::holding`]). RabbitMQ fixes a consumer's prefetch when it subscribes, so a
+    /// different number means cancelling the consumer (the deliveries already on their way are
+    /// taken in) and subscribing again with the room that is left; no room, no consumer.
+    async fn adjust_consumer(
+        &mut self,
+        consumer: &mut Option<lapin::Consumer>,
+        holding: &mut Holding,
+    ) -> Result<(), WorkerError> {
+        let remaining = self.ledger.ungenerated_units();
+        let in_hand = self.ledger.len();
+        let wanted = usize::from(holding.prefetch(in_hand, remaining));
+        let current = self.ledger.from_current_consumer();
+        let unchanged = match consumer {
+            Some(_) => usize::from(self.consumer_prefetch) + (in_hand - current) == wanted,
+            None => wanted <= in_hand,
+        };
+        if unchanged {
+            return Ok(());
+        }
+        let limit = self.worker.cfg.broker_timeout;
+        if let Some(mut old) = consumer.take() {
+            queue::within(
+                limit,
+                "basic.cancel",
+                self.channel.basic_cancel(
+                    self.consumer_tag().as_str().into(),
+                    BasicCancelOptions::default(),
+                ),
+            )
+            .await?;
+            // lapin ends the stream after the deliveries that arrived before the cancel-ok.
+            loop {
+                match tokio::time::timeout(limit, old.next()).await {
+                    Ok(Some(Ok(delivery))) => self.accept(delivery, holding).await?,
+                    Ok(Some(Err(e))) => return Err(QueueError::from(e).into()),
+                    Ok(None) => break,
+                    Err(_) => {
+                        return Err(QueueError::Timeout {
+                            op: "basic.cancel (draining)",
+                            limit,
+                        }
+                        .into());
+                    }
+                }
+            }
+        }
+        let room = wanted.saturating_sub(self.ledger.len());
+        self.worker.metrics.prefetch.set(room as i64);
+        if room == 0 {
+            tracing::debug!(
+                in_hand = self.ledger.len(),
+                "no room for more work: not consuming"
+            );
+            return Ok(());
+        }
+        let room = u16::try_from(room).unwrap_or(u16::MAX);
+        queue::within(
+            limit,
+            "basic.qos",
+            self.channel.basic_qos(room, BasicQosOptions::default()),
+        )
+        .await?;
+        self.ledger.next_consumer();
+        let cfg = &self.worker.cfg;
+        // RabbitMQ ≥ 3.12 takes the consumer timeout per consumer; older brokers ignore the
+        // argument and the worker relies on holding less.
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-consumer-timeout".into(),
+            lapin::types::AMQPValue::LongLongInt(
+                i64::try_from(cfg.consumer_timeout.as_millis()).unwrap_or(i64::MAX),
+            ),
+        );
+        let tag = self.consumer_tag();
+        *consumer = Some(
+            queue::within(
+                limit,
+                "basic.consume",
+                self.channel.basic_consume(
+                    cfg.topology.jobs_queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    args,
+                ),
+            )
+            .await?,
+        );
+        self.consumer_prefetch = room;
+        tracing::debug!(
+            prefetch = room,
+            in_hand = self.ledger.len(),
+            remaining_s = holding.seconds_for(remaining),
+            "consuming with a new prefetch"
+        );
+        Ok(())
+    }
+
+    /// Queues the GPU batches the ledger has room for on the model thread.
+    fn dispatch(&mut self, learned: &Learned) {
+        let total = self.worker.gpu.info().total_memory;
+        while let Some(GpuJob {
+            key,
+            params,
+            tags,
+            requests,
+            safety,
+        }) = self
+            .ledger
+            .next_gpu_batch(|key| learned.sizer.choose(key, total))
+        {
+            let metrics = &self.worker.metrics;
+            metrics.gpu_batches.inc();
+            metrics.gpu_images.inc_by(requests.len() as u64);
+            metrics.batch_size.set(requests.len() as i64);
+            tracing::debug!(
+                batch = requests.len(),
+                width = key.width,
+                steps = key.steps,
+                "GPU batch"
+            );
+            let gpu = self.worker.gpu.clone();
+            let tx = self.done_tx.clone();
+            self.tasks.spawn(async move {
+                let result = gpu.generate(requests, params, safety).await;
+                let _ = tx.send(Done::Gpu { key, tags, result });
+            });
+        }
+    }
+
+    /// Handles a task's report. Errors are broker errors or a fatal model-thread failure.
+    async fn on_done(&mut self, done: Done, learned: &mut Learned) -> Result<(), WorkerError> {
+        match done {
+            Done::Gpu { key, tags, result } => match result {
+                Ok(out) => {
+                    self.on_gpu_batch(&key, &tags, out, learned);
+                    Ok(())
+                }
+                Err(GpuError::ThreadGone) => Err(GpuError::ThreadGone.into()),
+                Err(e) => {
+                    for settled in self.ledger.gpu_failed(&tags, WorkerError::Gpu(e)) {
+                        self.settle_from_ledger(settled).await?;
+                    }
+                    Ok(())
+                }
+            },
+            Done::Upload { tag, result } => {
+                if let Ok((_, encode_ms, upload_ms)) = &result {
+                    let metrics = &self.worker.metrics;
+                    metrics.png_encode_seconds.observe(encode_ms / 1e3);
+                    metrics.upload_seconds.observe(upload_ms / 1e3);
+                }
+                match self.ledger.upload_done(tag, result) {
+                    Some(next) => self.carry_out(next).await,
+                    None => Ok(()),
+                }
+            }
+            Done::Finished { seq, result } => {
+                let Some(settled) = self.ledger.finished(seq, result) else {
+                    return Ok(());
+                };
+                if settled.result.is_ok() {
+                    let m = &settled.message;
+                    let _enter = m.handle.span.enter();
+                    let metrics = &self.worker.metrics;
+                    let elapsed = m.handle.started.elapsed();
+                    metrics.batches.with_label_values(&["completed"]).inc();
+                    metrics
+                        .images
+                        .with_label_values(&["completed"])
+                        .inc_by(m.records.len() as u64);
+                    metrics.batch_seconds.observe(elapsed.as_secs_f64());
+                    tracing::info!(
+                        images = m.records.len(),
+                        total_ms = ms(elapsed),
+                        generate_ms = m.generate_ms,
+                        upload_ms = m.upload_ms,
+                        "batch completed"
+                    );
+                }
+                let (settling, result, span) = Settling::from_ledger(settled);
+                self.settle(settling, result).instrument(span).await
+            }
+        }
+    }
+
+    /// Hands the images of a finished GPU batch to upload tasks; feeds the sizer and holding.
+    fn on_gpu_batch(
+        &mut self,
+        key: &ShapeKey,
+        tags: &[Tag],
+        mut out: GpuOutput,
+        learned: &mut Learned,
+    ) {
+        let metrics = &self.worker.metrics;
+        learned.holding.record_batch(
+            message::work_units(tags.len(), key.steps, key.width, key.height),
+            out.output.timings.total_ms / 1e3,
+        );
+        for &oom in &out.oom_sizes {
+            learned.sizer.record_oom(key, oom);
+            metrics.oom_splits.inc();
+        }
+        for &(batch, peak_used_bytes) in &out.memory {
+            learned.sizer.record(
+                key,
+                MemorySample {
+                    batch,
+                    peak_used_bytes,
+                },
+            );
+        }
+        let t = &out.output.timings;
+        metrics.gpu_busy_seconds.inc_by(t.total_ms / 1e3);
+        metrics
+            .gpu_idle_seconds
+            .inc_by(out.idle_before.as_secs_f64());
+        metrics.unet_step_seconds.observe(t.ms_per_step() / 1e3);
+        metrics.text_encode_seconds.observe(t.text_encode_ms / 1e3);
+        metrics.vae_decode_seconds.observe(t.vae_decode_ms / 1e3);
+        let to_store = self.ledger.gpu_succeeded(tags, t.total_ms);
+        let mut images: Vec<Option<crate::pipeline::RgbImage>> =
+            std::mem::take(&mut out.output.images)
+                .into_iter()
+                .map(Some)
+                .collect();
+        for (position, tag) in to_store {
+            let Some(image) = images.get_mut(position).and_then(Option::take) else {
+                continue;
+            };
+            let Some(m) = self.ledger.get(tag.0) else {
+                continue;
+            };
+            let (item_index, n, request) = m.requests[tag.1].clone();
+            let checks = image_checks(&self.worker.cfg, metrics, m.safety, &out, position);
+            let job = ImageJob {
+                batch: m.batch.clone(),
+                work: m.work.clone(),
+                item_index,
+                n,
+                request,
+                image,
+                checks,
+            };
+            let fut = store_image(self.worker.cfg.clone(), self.worker.storage.clone(), job)
+                .instrument(m.handle.span.clone());
+            let tx = self.done_tx.clone();
+            self.tasks.spawn(async move {
+                let result = fut.await;
+                let _ = tx.send(Done::Upload { tag, result });
+            });
+        }
+    }
+
+    /// Every image of message `seq` is stored: write the manifest and publish the event.
+    fn complete(&mut self, seq: u64) {
+        let Some(m) = self.ledger.get(seq) else {
+            return;
+        };
+        let records: Vec<ImageRecord> = m.records.iter().flatten().cloned().collect();
+        let event = BatchCompleted::new(
+            &m.batch,
+            records,
+            &self.worker.cfg.model_name,
+            &self.worker.cfg.worker_id,
+            events::Timings {
+                queue_wait_ms: None,
+                generate_ms: m.generate_ms,
+                encode_ms: m.encode_ms,
+                upload_ms: m.upload_ms,
+                total_ms: ms(m.handle.started.elapsed()),
+            },
+            m.handle.redelivered,
+        );
+        let event = BatchCompleted {
+            work_sha256: Some(m.work.to_string()),
+            resumed_images: (m.resumed > 0).then_some(m.resumed),
+            ..event
+        };
+        let fut = finish_batch(
+            self.worker.cfg.clone(),
+            self.worker.metrics.clone(),
+            self.worker.storage.clone(),
+            self.publisher.clone(),
+            event,
+            m.batch.clone(),
+        )
+        .instrument(m.handle.span.clone());
+        let tx = self.done_tx.clone();
+        self.tasks.spawn(async move {
+            let result = fut.await;
+            let _ = tx.send(Done::Finished { seq, result });
+        });
+    }
+}

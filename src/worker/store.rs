@@ -1,0 +1,179 @@
+//! One image's way to storage (PNG encoding off the runtime, upload with the metadata resuming
+//! reads back) and a complete batch's manifest and event.
+use super::broker::publish_event;
+use super::gpu::GpuOutput;
+use super::{ImageChecks, SafetyPolicy, WorkerConfig, WorkerError, resume};
+use crate::events::{self, BatchCompleted, ImageRecord};
+use crate::message::Batch;
+use crate::metrics::Metrics;
+use crate::output::encode_png;
+use crate::pipeline::ImageRequest;
+use crate::queue::Publisher;
+use crate::storage::Storage;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub(super) fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+pub(super) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// One generated image on its way to storage.
+pub(super) struct ImageJob {
+    pub(super) batch: Arc<Batch>,
+    /// The batch's [`Batch::work_sha256`], recorded on the object for resuming.
+    pub(super) work: Arc<str>,
+    pub(super) item_index: usize,
+    pub(super) n: u32,
+    pub(super) request: ImageRequest,
+    pub(super) image: crate::pipeline::RgbImage,
+    pub(super) checks: ImageChecks,
+}
+
+/// Encodes one image and uploads it with its metadata. Returns the record, encode and upload ms.
+pub(super) async fn store_image(
+    cfg: Arc<WorkerConfig>,
+    storage: Arc<Storage>,
+    job: ImageJob,
+) -> Result<(ImageRecord, f64, f64), WorkerError> {
+    let ImageJob {
+        batch,
+        work,
+        item_index,
+        n,
+        request,
+        image,
+        checks,
+    } = job;
+    let item = &batch.items[item_index];
+    let mut record = ImageRecord {
+        nsfw: checks.nsfw,
+        safety_action: checks.safety_action.map(|p| p.name().to_string()),
+        clip_score: checks.clip_score,
+        low_clip_score: checks.low_clip_score,
+        ..ImageRecord::planned(&batch, item_index, n)
+    };
+    if checks.safety_action == Some(SafetyPolicy::Drop) {
+        // Nothing is stored; the event lists the image as dropped.
+        return Ok((record, 0.0, 0.0));
+    }
+    let image = if checks.safety_action == Some(SafetyPolicy::Blank) {
+        crate::pipeline::safety::blank(&image)
+    } else {
+        image
+    };
+    let t0 = Instant::now();
+    // PNG encoding is CPU work: off the async runtime.
+    let png = tokio::task::spawn_blocking(move || encode_png(&image))
+        .await
+        .map_err(|e| WorkerError::Other(format!("PNG encoder task failed: {e}")))??;
+    let encode_ms = ms(t0.elapsed());
+    record.bytes = png.len() as u64;
+    record.sha256 = sha256_hex(&png);
+    let mut metadata = vec![
+        ("sdbatch-batch-id".to_string(), batch.batch_id.clone()),
+        ("sdbatch-item-id".to_string(), item.id.clone()),
+        (resume::META_SEED.to_string(), request.seed.to_string()),
+        (resume::META_WORK.to_string(), work.to_string()),
+        (resume::META_SHA256.to_string(), record.sha256.clone()),
+        (resume::META_BYTES.to_string(), record.bytes.to_string()),
+        ("sdbatch-steps".to_string(), batch.params.steps.to_string()),
+        (
+            "sdbatch-guidance".to_string(),
+            batch.params.guidance_scale.to_string(),
+        ),
+        (
+            "sdbatch-scheduler".to_string(),
+            batch.params.scheduler.name().to_string(),
+        ),
+        (resume::META_MODEL.to_string(), cfg.model_name.clone()),
+        (
+            "sdbatch-prompt-sha256".to_string(),
+            sha256_hex(request.prompt.as_bytes()),
+        ),
+    ];
+    if let Some(nsfw) = checks.nsfw {
+        metadata.push((resume::META_NSFW.to_string(), nsfw.to_string()));
+    }
+    if let Some(action) = &record.safety_action {
+        metadata.push((resume::META_SAFETY_ACTION.to_string(), action.clone()));
+    }
+    if let Some(score) = checks.clip_score {
+        metadata.push((resume::META_CLIP_SCORE.to_string(), score.to_string()));
+    }
+    let t1 = Instant::now();
+    storage
+        .put(&batch.bucket, &record.key, png, "image/png", &metadata)
+        .await?;
+    Ok((record, encode_ms, ms(t1.elapsed())))
+}
+
+/// Writes the manifest (last: its presence means every image is stored) and publishes the event.
+pub(super) async fn finish_batch(
+    cfg: Arc<WorkerConfig>,
+    metrics: Arc<Metrics>,
+    storage: Arc<Storage>,
+    publisher: Publisher,
+    event: BatchCompleted,
+    batch: Arc<Batch>,
+) -> Result<(), WorkerError> {
+    let manifest =
+        serde_json::to_vec_pretty(&event).map_err(|e| WorkerError::Other(e.to_string()))?;
+    storage
+        .put(
+            &batch.bucket,
+            &batch.manifest_key(),
+            manifest,
+            "application/json",
+            &[],
+        )
+        .await?;
+    publish_event(&cfg, &metrics, &publisher, events::BATCH_COMPLETED, &event).await
+}
+
+/// The checks' results for image `position` of a GPU batch, and the policy applied to it.
+pub(super) fn image_checks(
+    cfg: &WorkerConfig,
+    metrics: &Metrics,
+    safety_requested: bool,
+    out: &GpuOutput,
+    position: usize,
+) -> ImageChecks {
+    let nsfw = if safety_requested {
+        out.safety
+            .as_ref()
+            .and_then(|v| v.get(position))
+            .map(|r| r.nsfw)
+    } else {
+        None
+    };
+    let safety_action = (nsfw == Some(true)).then_some(cfg.safety_policy);
+    if let Some(action) = safety_action {
+        metrics
+            .safety_flagged
+            .with_label_values(&[action.name()])
+            .inc();
+    }
+    let clip_score = out
+        .clip_scores
+        .as_ref()
+        .and_then(|v| v.get(position))
+        .copied();
+    if let Some(score) = clip_score {
+        metrics.clip_score.observe(f64::from(score));
+    }
+    let low_clip_score = match (clip_score, cfg.min_clip_score) {
+        (Some(score), Some(min)) => Some(score < min),
+        _ => None,
+    };
+    ImageChecks {
+        nsfw,
+        safety_action,
+        clip_score,
+        low_clip_score,
+    }
+}
