@@ -45,11 +45,15 @@ pub struct Metrics {
     /// Connections to this endpoint closed unserved because `ServerLimits::max_connections` were
     /// open.
     pub http_connections_refused: IntCounter,
+    /// Called before each rendering, for values kept elsewhere (the store's retry count).
+    refreshers: std::sync::Mutex<Vec<Refresher>>,
     /// Readiness inputs.
     pub model_loaded: AtomicBool,
     pub broker_connected: AtomicBool,
     pub storage_reachable: AtomicBool,
 }
+
+type Refresher = Box<dyn Fn(&Metrics) + Send + Sync>;
 
 fn buckets(start: f64, factor: f64, count: usize) -> Vec<f64> {
     prometheus::exponential_buckets(start, factor, count).unwrap_or_default()
@@ -203,6 +207,7 @@ impl Metrics {
                 "sdbatch_http_connections_refused_total",
                 "Connections to the metrics endpoint closed unserved: too many were open.",
             ),
+            refreshers: std::sync::Mutex::new(Vec::new()),
             model_loaded: AtomicBool::new(false),
             broker_connected: AtomicBool::new(false),
             storage_reachable: AtomicBool::new(false),
@@ -223,8 +228,21 @@ impl Metrics {
         }
     }
 
+    /// Runs `f` before every rendering, so a scrape sees values counted outside the registry as
+    /// they are now, not as of the last time the worker's loop carried them over.
+    pub fn on_render(&self, f: impl Fn(&Metrics) + Send + Sync + 'static) {
+        if let Ok(mut r) = self.refreshers.lock() {
+            r.push(Box::new(f));
+        }
+    }
+
     pub fn render(&self) -> String {
         self.sample_device_memory();
+        if let Ok(refreshers) = self.refreshers.lock() {
+            for f in refreshers.iter() {
+                f(self);
+            }
+        }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()

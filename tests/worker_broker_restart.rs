@@ -46,12 +46,10 @@ async fn worker_reconnects_after_broker_restart_and_finishes() {
         &["--max-batch", "1"],
         &[("AMQP_URL", &url)],
     );
-    worker
-        .wait_for_log("consuming", Duration::from_secs(120))
-        .await;
+    worker.wait_ready(Duration::from_secs(120)).await;
     broker.publish(&body("before-restart", 40)).await;
     worker
-        .wait_for_log("GPU batch", Duration::from_secs(120))
+        .wait_for_metric("sdbatch_gpu_batches_total", 1.0, Duration::from_secs(120))
         .await;
     drop(broker);
 
@@ -71,7 +69,6 @@ async fn worker_reconnects_after_broker_restart_and_finishes() {
         200,
         "still alive"
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
     rabbit.start_app().await;
 
     // The first batch is finished (stored once) and its message acked after the reconnect.

@@ -183,7 +183,19 @@ pub struct Worker {
     storage: Arc<Storage>,
     metrics: Arc<Metrics>,
     /// Storage retries already added to the retries metric.
-    storage_retries_seen: AtomicU64,
+    storage_retries_seen: Arc<AtomicU64>,
+}
+
+/// Carries the store's retry count into the retries metric (the count only grows).
+fn sync_storage_retries(storage: &Storage, seen: &AtomicU64, metrics: &Metrics) {
+    let now = storage.retries();
+    let before = seen.swap(now, Ordering::Relaxed);
+    if now > before {
+        metrics
+            .retries
+            .with_label_values(&["storage"])
+            .inc_by(now - before);
+    }
 }
 
 impl Worker {
@@ -193,12 +205,17 @@ impl Worker {
         storage: Arc<Storage>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let seen = Arc::new(AtomicU64::new(0));
+        // A scrape sees the retries of an operation still retrying (the loop may be waiting on
+        // it), not only those carried over after it.
+        let (s, n) = (storage.clone(), seen.clone());
+        metrics.on_render(move |m| sync_storage_retries(&s, &n, m));
         Self {
             cfg: Arc::new(cfg),
             gpu,
             storage,
             metrics,
-            storage_retries_seen: AtomicU64::new(0),
+            storage_retries_seen: seen,
         }
     }
 
@@ -208,14 +225,7 @@ impl Worker {
 
     /// Carries the store's retry count into the retries metric.
     fn sync_storage_retries(&self) {
-        let now = self.storage.retries();
-        let seen = self.storage_retries_seen.swap(now, Ordering::Relaxed);
-        if now > seen {
-            self.metrics
-                .retries
-                .with_label_values(&["storage"])
-                .inc_by(now - seen);
-        }
+        sync_storage_retries(&self.storage, &self.storage_retries_seen, &self.metrics);
     }
 
     /// Runs until `shutdown` turns true (then finishes the messages in hand) or a fatal error.

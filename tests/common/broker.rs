@@ -304,13 +304,27 @@ impl WorkerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until the log contains `needle` (panics with the log after `timeout`).
-    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) {
+    /// Waits until `/readyz` answers 200: model loaded, broker connected, store reachable.
+    pub async fn wait_ready(&self, timeout: Duration) {
         let start = Instant::now();
-        while !self.log_text().contains(needle) {
+        while http_get(self.metrics_port, "/readyz").0 != 200 {
             assert!(
                 start.elapsed() < timeout,
-                "worker log never said {needle:?}:\n{}",
+                "worker never ready:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the metric `series` reaches `at_least` (an event the worker counted, not a
+    /// log line that may come before or after the work it names).
+    pub async fn wait_for_metric(&self, series: &str, at_least: f64, timeout: Duration) {
+        let start = Instant::now();
+        while metric(&self.metrics(), series) < at_least {
+            assert!(
+                start.elapsed() < timeout,
+                "{series} never reached {at_least}:\n{}",
                 self.log_text()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
