@@ -131,8 +131,29 @@ impl<T: Clone + PartialEq> Planner<T> {
     }
 }
 
+/// What a batch's device memory depends on: the image size and whether guidance doubles the UNet
+/// batch. Steps, scheduler and the guidance value do not change it, so one calibration serves
+/// every shape of the same size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct MemoryKey {
+    pub width: i64,
+    pub height: i64,
+    pub guided: bool,
+}
+
+impl MemoryKey {
+    pub fn of(key: &ShapeKey) -> Self {
+        Self {
+            width: key.width,
+            height: key.height,
+            // As the pipeline: guidance only above 1.
+            guided: f64::from_bits(key.guidance_bits) > 1.0,
+        }
+    }
+}
+
 /// Memory measured for one batch: how many images, and the device memory in use at its peak.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MemorySample {
     pub batch: usize,
     pub peak_used_bytes: u64,
@@ -153,7 +174,7 @@ pub struct BatchSizer {
     max_batch: usize,
     /// Fraction of the device kept free (fragmentation, other processes, cuDNN workspaces).
     margin: f64,
-    shapes: HashMap<ShapeKey, ShapeStats>,
+    shapes: HashMap<MemoryKey, ShapeStats>,
 }
 
 impl BatchSizer {
@@ -171,7 +192,7 @@ impl BatchSizer {
 
     fn ceiling(&self, key: &ShapeKey) -> usize {
         self.shapes
-            .get(key)
+            .get(&MemoryKey::of(key))
             .and_then(|s| s.ceiling)
             .unwrap_or(self.max_batch)
             .min(self.max_batch)
@@ -180,7 +201,7 @@ impl BatchSizer {
     /// Linear memory model `used(n) = base + n * per_image` from the two most distant batch
     /// sizes measured, if the fit is meaningful.
     pub fn model(&self, key: &ShapeKey) -> Option<(f64, f64)> {
-        let s = self.shapes.get(key)?;
+        let s = self.shapes.get(&MemoryKey::of(key))?;
         let lo = s.samples.iter().min_by_key(|m| m.batch)?;
         let hi = s.samples.iter().max_by_key(|m| m.batch)?;
         if hi.batch == lo.batch || hi.peak_used_bytes <= lo.peak_used_bytes {
@@ -203,7 +224,10 @@ impl BatchSizer {
         let Some(total) = total_bytes else {
             return ceiling;
         };
-        let samples = self.shapes.get(key).map_or(0, |s| s.samples.len());
+        let samples = self
+            .shapes
+            .get(&MemoryKey::of(key))
+            .map_or(0, |s| s.samples.len());
         if samples < 2 {
             return (samples + 1).min(ceiling);
         }
@@ -225,7 +249,12 @@ impl BatchSizer {
 
     /// Records the peak memory of a batch that ran.
     pub fn record(&mut self, key: &ShapeKey, sample: MemorySample) {
-        let s = self.shapes.entry(key.clone()).or_default();
+        self.record_memory(MemoryKey::of(key), sample);
+    }
+
+    /// Records a sample by memory key (calibrations loaded from a file, warm-up batches).
+    pub fn record_memory(&mut self, key: MemoryKey, sample: MemorySample) {
+        let s = self.shapes.entry(key).or_default();
         match s.samples.iter_mut().find(|m| m.batch == sample.batch) {
             Some(m) => m.peak_used_bytes = m.peak_used_bytes.min(sample.peak_used_bytes),
             None => s.samples.push(sample),
@@ -233,15 +262,20 @@ impl BatchSizer {
     }
 
     /// A batch of `batch` images of `key` ran out of memory: halve this shape's ceiling.
+    /// The samples measured for a memory key (what a calibration file keeps).
+    pub fn samples(&self, key: &MemoryKey) -> &[MemorySample] {
+        self.shapes.get(key).map_or(&[], |s| &s.samples)
+    }
+
     pub fn record_oom(&mut self, key: &ShapeKey, batch: usize) {
-        let s = self.shapes.entry(key.clone()).or_default();
+        let s = self.shapes.entry(MemoryKey::of(key)).or_default();
         s.ooms += 1;
         let lowered = (batch / 2).max(1);
         s.ceiling = Some(s.ceiling.map_or(lowered, |c| c.min(lowered)));
     }
 
     pub fn ooms(&self, key: &ShapeKey) -> u64 {
-        self.shapes.get(key).map_or(0, |s| s.ooms)
+        self.shapes.get(&MemoryKey::of(key)).map_or(0, |s| s.ooms)
     }
 }
 
@@ -485,5 +519,34 @@ mod tests {
         assert_eq!(sizer.choose(&key, Some(80 * GIB)), 1);
         sizer.record_oom(&key, 1);
         assert_eq!(sizer.choose(&key, Some(80 * GIB)), 1);
+    }
+
+    #[test]
+    fn memory_is_shared_by_shapes_of_one_size() {
+        // A calibration at one step (the warm-up) sizes 50-step batches of another scheduler.
+        let mut sizer = BatchSizer::new(64, 0.1);
+        let warm = ShapeKey::of(&params(512, 1));
+        let real = ShapeKey {
+            scheduler: SchedulerKind::EulerAncestral,
+            ..ShapeKey::of(&params(512, 50))
+        };
+        for (batch, gib) in [(1, 4), (2, 5)] {
+            sizer.record(
+                &warm,
+                MemorySample {
+                    batch,
+                    peak_used_bytes: gib << 30,
+                },
+            );
+        }
+        let total = Some(20u64 << 30);
+        assert_eq!(sizer.choose(&real, total), 15, "(18 GiB - 3) / 1 GiB");
+        // Another size, or no guidance, is another memory key: calibrated on its own.
+        assert_eq!(sizer.choose(&ShapeKey::of(&params(768, 50)), total), 1);
+        let unguided = ShapeKey {
+            guidance_bits: 1.0f64.to_bits(),
+            ..real.clone()
+        };
+        assert_eq!(sizer.choose(&unguided, total), 1);
     }
 }

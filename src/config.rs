@@ -1,42 +1,48 @@
-//! The worker's optional TOML configuration file. Precedence: command-line flags and environment
-//! variables, then this file, then built-in defaults. Unknown keys are errors (a typo must not
-//! silently fall back to a default).
+//! The worker's optional TOML configuration file, and every worker default in one place
+//! ([`defaults`]). Precedence: command-line flags and environment variables, then this file, then
+//! the defaults. Unknown keys are errors (a typo must not silently fall back to a default).
 //!
-//! ```toml
-//! amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f"
-//! queue_prefix = "sdbatch"
-//! delivery_limit = 3
-//! prefetch = 1
-//! worker_id = "gpu-0"
-//! model = "/models/stable-diffusion-v1-4"
-//! device = "auto"
-//! dtype = "auto"
-//! max_batch = 64
-//! memory_margin = 0.10
-//! grace_period_secs = 600
-//! broker_timeout_secs = 30
-//! consumer_timeout_secs = 1800
-//! max_pending_images = 256
-//!
-//! [storage]
-//! url = "s3://"
-//! endpoint = "http://127.0.0.1:9000"
-//! region = "us-east-1"
-//! bucket = "images"
-//! allowed_buckets = ["images", "concept-art"]
-//! prefix = "sdbatch"
-//!
-//! [limits]
-//! max_message_bytes = 1048576
-//! max_items = 256
-//! max_images_per_item = 16
-//! max_total_images = 1024
-//! max_message_work = 16384.0
-//! max_side = 1024
-//! ```
+//! `docs/worker.toml` is the reference: every key, each set to its default (a test checks that
+//! the file covers every `sdbatch worker` flag and that loading it changes nothing).
 use crate::error::{Error, Result};
 use serde::Deserialize;
 use std::path::Path;
+
+/// The worker's defaults: what a flag, its environment variable and the config file leave unset.
+/// Limits on messages have theirs in [`crate::message::Limits::default`].
+pub mod defaults {
+    pub const QUEUE_PREFIX: &str = "sdbatch";
+    /// Deliveries before a failing batch is dead-lettered (the quorum queue's `x-delivery-limit`).
+    pub const DELIVERY_LIMIT: u32 = 3;
+    /// Messages held at once at most (holding may take fewer, see `worker::holding`).
+    pub const PREFETCH: u16 = 8;
+    /// Images per GPU batch at most on CUDA (free memory decides below it).
+    pub const MAX_BATCH_CUDA: usize = 64;
+    /// Images per batch on the CPU (the batch size itself).
+    pub const MAX_BATCH_CPU: usize = 4;
+    pub const MEMORY_MARGIN: f64 = 0.10;
+    pub const GRACE_PERIOD_SECS: u64 = 600;
+    /// Longest grace period accepted: a day (larger values once overflowed the deadline).
+    pub const MAX_GRACE_PERIOD_SECS: u64 = 86_400;
+    pub const BROKER_TIMEOUT_SECS: u64 = crate::queue::DEFAULT_OPERATION_TIMEOUT.as_secs();
+    /// RabbitMQ's own default `consumer_timeout`.
+    pub const CONSUMER_TIMEOUT_SECS: u64 = 1800;
+    /// Fraction of the consumer timeout the work in hand may take.
+    pub const CONSUMER_TIMEOUT_SAFETY: f64 = 0.8;
+    pub const MAX_PENDING_IMAGES: usize = 256;
+    pub const METRICS_ADDR: &str = "0.0.0.0:9090";
+    pub const DEVICE: &str = "auto";
+    pub const DTYPE: &str = "auto";
+    pub const STORAGE_URL: &str = "s3://";
+    pub const SAFETY_CHECKER: bool = false;
+    pub const SAFETY_POLICY: &str = "blank";
+    /// Run the calibration batches before turning ready (CUDA only).
+    pub const WARM_UP: bool = true;
+    /// Reconnect backoff bounds, and attempts to publish one event.
+    pub const RECONNECT_MIN_MS: u64 = 500;
+    pub const RECONNECT_MAX_SECS: u64 = 30;
+    pub const PUBLISH_ATTEMPTS: usize = 6;
+}
 
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +62,13 @@ pub struct FileConfig {
     pub broker_timeout_secs: Option<u64>,
     pub consumer_timeout_secs: Option<u64>,
     pub max_pending_images: Option<usize>,
+    pub metrics_addr: Option<String>,
+    pub safety_checker: Option<bool>,
+    pub safety_policy: Option<String>,
+    pub clip_model: Option<String>,
+    pub min_clip_score: Option<f32>,
+    pub warm_up: Option<bool>,
+    pub calibration_file: Option<String>,
     #[serde(default)]
     pub storage: StorageSection,
     #[serde(default)]
@@ -176,23 +189,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_the_documented_example() {
-        let doc = include_str!("config.rs");
-        let example: String = doc
-            .lines()
-            .skip_while(|l| !l.starts_with("//! ```toml"))
-            .skip(1)
-            .take_while(|l| !l.starts_with("//! ```"))
-            .map(|l| l.trim_start_matches("//!").trim_start())
-            .collect::<Vec<_>>()
-            .join("\n");
-        let cfg: FileConfig = toml::from_str(&example).unwrap();
-        assert_eq!(cfg.prefetch, Some(1));
-        assert_eq!(
-            cfg.storage.allowed_buckets.as_deref(),
-            Some(&["images".to_string(), "concept-art".to_string()][..])
-        );
+    fn parses_the_reference_file() {
+        let cfg: FileConfig = toml::from_str(include_str!("../docs/worker.toml")).unwrap();
+        assert_eq!(cfg.prefetch, Some(defaults::PREFETCH));
+        assert_eq!(cfg.storage.allowed_buckets.as_deref(), Some(&[][..]));
         assert_eq!(cfg.limits.max_side, Some(1024));
+        assert_eq!(cfg.warm_up, Some(defaults::WARM_UP));
     }
 
     #[test]

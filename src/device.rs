@@ -124,6 +124,39 @@ pub fn cuda_memory() -> Option<(u64, u64)> {
     }
 }
 
+/// The CUDA device's product name ("NVIDIA H200"), from the driver libtorch loaded (tch exposes
+/// none). `None` without CUDA. Keys calibrations: memory figures hold for one kind of GPU.
+pub fn cuda_device_name(index: usize) -> Option<String> {
+    type GetName = unsafe extern "C" fn(*mut libc::c_char, i32, i32) -> i32;
+    let index = i32::try_from(index).ok()?;
+    // SAFETY: looks a symbol up by a valid NUL-terminated name; calls cuDeviceGetName with a
+    // buffer of the length it is told, as the driver API documents; the result is cut at the
+    // first NUL inside the buffer.
+    unsafe {
+        let mut sym = libc::dlsym(libc::RTLD_DEFAULT, c"cuDeviceGetName".as_ptr());
+        if sym.is_null() {
+            let h = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+            if !h.is_null() {
+                sym = libc::dlsym(h, c"cuDeviceGetName".as_ptr());
+            }
+        }
+        if sym.is_null() {
+            return None;
+        }
+        let f: GetName = std::mem::transmute(sym);
+        let mut buf = [0 as libc::c_char; 256];
+        if f(buf.as_mut_ptr(), buf.len() as i32, index) != 0 {
+            return None;
+        }
+        let bytes: Vec<u8> = buf
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        Some(String::from_utf8_lossy(&bytes).trim().to_string())
+    }
+}
+
 /// Peak resident memory of this process in bytes (the CPU's counterpart of device memory).
 pub fn peak_rss() -> Option<u64> {
     // SAFETY: getrusage fills the struct we pass; zeroed is a valid initial value.

@@ -20,6 +20,8 @@ pub struct Metrics {
     /// Retries by cause: storage, publish.
     pub retries: IntCounterVec,
     pub oom_splits: IntCounter,
+    /// Calibration batches run at start-up (CUDA only; none when a calibration file had them).
+    pub warm_up_batches: IntCounter,
     /// Images the safety checker flagged, by the action taken (flag, blank, drop).
     pub safety_flagged: IntCounterVec,
     /// CLIP scores of generated images.
@@ -118,6 +120,10 @@ impl Metrics {
             oom_splits: counter(
                 "sdbatch_oom_splits_total",
                 "GPU batches split after CUDA ran out of memory.",
+            ),
+            warm_up_batches: counter(
+                "sdbatch_warm_up_batches_total",
+                "Calibration batches run at start-up (CUDA only).",
             ),
             safety_flagged: counter_vec(
                 "sdbatch_safety_flagged_total",

@@ -525,3 +525,39 @@ async fn safety_checker_and_clip_score_through_the_worker() {
     assert_eq!(metric(&m, "sdbatch_clip_score_count"), 3.0, "{m}");
     stack.broker.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_up_and_calibration_file_are_a_no_op_on_the_cpu() {
+    let stack = Stack::new("warmup", 3).await;
+    let mut events = stack.broker.watch_events().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Not a calibration file at all: on the CPU it is neither read nor rewritten.
+    let file = dir.path().join("calibrations.json");
+    std::fs::write(&file, "left alone").unwrap();
+    let worker = stack.worker(
+        "w1",
+        &["--warm-up", "--calibration-file", file.to_str().unwrap()],
+    );
+    worker.wait_ready(LONG).await;
+    let m = worker.metrics();
+    assert_eq!(metric(&m, "sdbatch_warm_up_batches_total"), 0.0, "{m}");
+    assert_eq!(metric(&m, "sdbatch_gpu_batches_total"), 0.0, "{m}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "left alone");
+    assert!(
+        !worker.log_text().contains("calibration file"),
+        "{}",
+        worker.log_text()
+    );
+    // Ready means ready: the first batch runs at the configured CPU batch size.
+    stack
+        .broker
+        .publish(&batch("warm-1", 2, &[("a", "a lamp", 3, 2)]))
+        .await;
+    let event = events.next(LONG).await.expect("an event");
+    assert!(
+        matches!(&event, Event::Completed(c) if c.batch_id == "warm-1"),
+        "{event:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "left alone");
+    stack.broker.cleanup().await;
+}

@@ -5,6 +5,7 @@ use super::bench::BenchArgs;
 use anyhow::{Context, Result, bail};
 use futures_lite::StreamExt;
 use lapin::options::BasicAckOptions;
+use sdbatch::config::defaults;
 use sdbatch::events::Event;
 use sdbatch::message::Limits;
 use sdbatch::pipeline::{GenerateParams, ImageRequest, LoadOptions, StableDiffusion};
@@ -51,17 +52,21 @@ async fn run_mode(
             ..Limits::default()
         },
         max_batch,
-        memory_margin: 0.10,
-        grace_period: Duration::from_secs(600),
+        memory_margin: defaults::MEMORY_MARGIN,
+        grace_period: Duration::from_secs(defaults::GRACE_PERIOD_SECS),
         broker_timeout: queue::DEFAULT_OPERATION_TIMEOUT,
-        consumer_timeout: Duration::from_secs(1800),
-        max_pending_images: 256,
-        reconnect_min: Duration::from_millis(500),
+        consumer_timeout: Duration::from_secs(defaults::CONSUMER_TIMEOUT_SECS),
+        max_pending_images: defaults::MAX_PENDING_IMAGES,
+        reconnect_min: Duration::from_millis(defaults::RECONNECT_MIN_MS),
+        // Shorter than a worker's: a bench run that loses the broker should end soon.
         reconnect_max: Duration::from_secs(5),
-        publish_attempts: 6,
+        publish_attempts: defaults::PUBLISH_ATTEMPTS,
         safety_default: false,
         safety_policy: sdbatch::worker::SafetyPolicy::Flag,
         min_clip_score: None,
+        // As a production worker: calibrated before the first message (CUDA only).
+        warm_up: defaults::WARM_UP,
+        calibration_file: None,
     };
     let conn = queue::connect(amqp_url, "sdbatch bench").await?;
     let channel = conn.create_channel().await?;

@@ -2,8 +2,8 @@
 //! signals wired to a graceful shutdown.
 use super::BrokerArgs;
 use anyhow::{Context, Result, anyhow, bail};
-use clap::Args;
-use sdbatch::config::FileConfig;
+use clap::{Args, ValueEnum};
+use sdbatch::config::{FileConfig, defaults};
 use sdbatch::message::Limits;
 use sdbatch::pipeline::clip_score::ClipScorer;
 use sdbatch::pipeline::safety::SafetyChecker;
@@ -95,45 +95,57 @@ pub struct WorkerArgs {
         value_delimiter = ','
     )]
     pub allowed_buckets: Option<Vec<String>>,
-    /// Run the safety checker on batches that do not choose (`params.safety_checker`). The checker
-    /// is loaded whenever the model folder has `safety_checker/`, so batches can ask for it.
-    #[arg(long, env = "SDBATCH_SAFETY_CHECKER", hide_env_values = true)]
-    pub safety_checker: bool,
-    /// What happens to a flagged image: flag (store, mark), blank (store a black image), drop.
+    /// Run the safety checker on batches that do not choose (`params.safety_checker`; default
+    /// false; `--safety-checker` alone means true). The checker is loaded whenever the model
+    /// folder has `safety_checker/`, so batches can ask for it.
+    #[arg(
+        long,
+        env = "SDBATCH_SAFETY_CHECKER",
+        hide_env_values = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub safety_checker: Option<bool>,
+    /// What happens to a flagged image: flag (store, mark), blank (store a black image; the
+    /// default), drop.
     #[arg(
         long,
         env = "SDBATCH_SAFETY_POLICY",
         hide_env_values = true,
-        value_enum,
-        default_value = "blank"
+        value_enum
     )]
-    pub safety_policy: SafetyPolicy,
+    pub safety_policy: Option<SafetyPolicy>,
     /// CLIP model folder (transformers layout) for a CLIP score per image.
     #[arg(long, env = "SDBATCH_CLIP_MODEL", hide_env_values = true)]
     pub clip_model: Option<PathBuf>,
     /// Mark images whose CLIP score is below this (they are kept).
-    #[arg(
-        long,
-        env = "SDBATCH_MIN_CLIP_SCORE",
-        hide_env_values = true,
-        requires = "clip_model"
-    )]
+    #[arg(long, env = "SDBATCH_MIN_CLIP_SCORE", hide_env_values = true)]
     pub min_clip_score: Option<f32>,
-    /// Where /metrics, /healthz and /readyz are served ("off" to disable).
+    /// Where /metrics, /healthz and /readyz are served (default 0.0.0.0:9090; "off" to
+    /// disable).
+    #[arg(long, env = "SDBATCH_METRICS_ADDR", hide_env_values = true)]
+    pub metrics_addr: Option<String>,
+    /// Run calibration batches (sizes 1 and 2, one step, native size) before /readyz turns 200, so
+    /// the first real batches are sized from measured memory (default true; CUDA only, nothing
+    /// to do on the CPU).
     #[arg(
         long,
-        env = "SDBATCH_METRICS_ADDR",
+        env = "SDBATCH_WARM_UP",
         hide_env_values = true,
-        default_value = "0.0.0.0:9090"
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
     )]
-    pub metrics_addr: String,
+    pub warm_up: Option<bool>,
+    /// JSON file keeping measured calibrations per GPU, model, precision and image size: a
+    /// restarted worker with a matching entry skips its warm-up (CUDA only).
+    #[arg(long, env = "SDBATCH_CALIBRATION_FILE", hide_env_values = true)]
+    pub calibration_file: Option<PathBuf>,
     /// Key prefix for messages that name none.
     #[arg(long, env = "SDBATCH_PREFIX", hide_env_values = true)]
     pub prefix: Option<String>,
 }
-
-/// Longest grace period accepted: a day. Larger values once overflowed the deadline arithmetic.
-const MAX_GRACE_PERIOD_SECS: u64 = 86_400;
 
 fn default_worker_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -170,29 +182,22 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
         .queue_prefix
         .clone()
         .or(file.queue_prefix.clone())
-        .unwrap_or_else(|| "sdbatch".into());
+        .unwrap_or_else(|| defaults::QUEUE_PREFIX.into());
     let mut topology = Topology::with_prefix(&prefix);
     topology.delivery_limit = args
         .broker
         .delivery_limit
         .or(file.delivery_limit)
-        .unwrap_or(3);
+        .unwrap_or(defaults::DELIVERY_LIMIT);
     if topology.delivery_limit == 0 {
         bail!("--delivery-limit must be at least 1");
     }
-    let device_is_cpu = args
+    let device = args
         .device
-        .as_deref()
-        .or(file.device.as_deref())
-        .unwrap_or("auto")
-        == "cpu"
-        || (args
-            .device
-            .as_deref()
-            .or(file.device.as_deref())
-            .unwrap_or("auto")
-            == "auto"
-            && !tch::Cuda::is_available());
+        .clone()
+        .or(file.device.clone())
+        .unwrap_or_else(|| defaults::DEVICE.into());
+    let device_is_cpu = device == "cpu" || (device == "auto" && !tch::Cuda::is_available());
     let model = args
         .model
         .or(file.model.map(PathBuf::from))
@@ -240,7 +245,7 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
     let mut storage = StorageConfig::new(
         args.storage_url
             .or(s.url.clone())
-            .unwrap_or_else(|| "s3://".into()),
+            .unwrap_or_else(|| defaults::STORAGE_URL.into()),
     );
     storage.endpoint = args.s3_endpoint.or(s.endpoint.clone());
     storage.region = args.s3_region.or(s.region.clone());
@@ -248,31 +253,44 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
     let grace_period_secs = args
         .grace_period_secs
         .or(file.grace_period_secs)
-        .unwrap_or(600);
-    if grace_period_secs > MAX_GRACE_PERIOD_SECS {
+        .unwrap_or(defaults::GRACE_PERIOD_SECS);
+    if grace_period_secs > defaults::MAX_GRACE_PERIOD_SECS {
         bail!(
-            "--grace-period-secs {grace_period_secs} is above {MAX_GRACE_PERIOD_SECS} (a day); \
-             Kubernetes' terminationGracePeriodSeconds must exceed it anyway"
+            "--grace-period-secs {grace_period_secs} is above {} (a day); \
+             Kubernetes' terminationGracePeriodSeconds must exceed it anyway",
+            defaults::MAX_GRACE_PERIOD_SECS
         );
     }
     let broker_timeout_secs = args
         .broker_timeout_secs
         .or(file.broker_timeout_secs)
-        .unwrap_or(30);
+        .unwrap_or(defaults::BROKER_TIMEOUT_SECS);
     if !(1..=3600).contains(&broker_timeout_secs) {
         bail!("--broker-timeout-secs {broker_timeout_secs} must be in 1..=3600");
     }
     let consumer_timeout_secs = args
         .consumer_timeout_secs
         .or(file.consumer_timeout_secs)
-        .unwrap_or(1800);
+        .unwrap_or(defaults::CONSUMER_TIMEOUT_SECS);
     if !(1..=7 * 86_400).contains(&consumer_timeout_secs) {
         bail!("--consumer-timeout-secs {consumer_timeout_secs} must be in 1..=604800");
     }
+    let safety_policy = match (args.safety_policy, &file.safety_policy) {
+        (Some(p), _) => p,
+        (None, Some(name)) => SafetyPolicy::from_str(name, true).map_err(|_| {
+            anyhow!("safety_policy in the config file: expected flag, blank or drop")
+        })?,
+        (None, None) => SafetyPolicy::from_str(defaults::SAFETY_POLICY, true)
+            .map_err(|e| anyhow!("default safety policy: {e}"))?,
+    };
     let worker = WorkerConfig {
         amqp_url,
         topology,
-        prefetch: args.prefetch.or(file.prefetch).unwrap_or(8).max(1),
+        prefetch: args
+            .prefetch
+            .or(file.prefetch)
+            .unwrap_or(defaults::PREFETCH)
+            .max(1),
         worker_id: args
             .worker_id
             .or(file.worker_id)
@@ -282,25 +300,49 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
         max_batch: args
             .max_batch
             .or(file.max_batch)
-            .unwrap_or(if device_is_cpu { 4 } else { 64 })
+            .unwrap_or(if device_is_cpu {
+                defaults::MAX_BATCH_CPU
+            } else {
+                defaults::MAX_BATCH_CUDA
+            })
             .max(1),
-        memory_margin: args.memory_margin.or(file.memory_margin).unwrap_or(0.10),
+        memory_margin: args
+            .memory_margin
+            .or(file.memory_margin)
+            .unwrap_or(defaults::MEMORY_MARGIN),
         grace_period: Duration::from_secs(grace_period_secs),
         broker_timeout: Duration::from_secs(broker_timeout_secs),
         consumer_timeout: Duration::from_secs(consumer_timeout_secs),
         max_pending_images: args
             .max_pending_images
             .or(file.max_pending_images)
-            .unwrap_or(256)
+            .unwrap_or(defaults::MAX_PENDING_IMAGES)
             .max(1),
-        reconnect_min: Duration::from_millis(500),
-        reconnect_max: Duration::from_secs(30),
-        publish_attempts: 6,
-        safety_default: args.safety_checker,
-        safety_policy: args.safety_policy,
-        min_clip_score: args.min_clip_score,
+        reconnect_min: Duration::from_millis(defaults::RECONNECT_MIN_MS),
+        reconnect_max: Duration::from_secs(defaults::RECONNECT_MAX_SECS),
+        publish_attempts: defaults::PUBLISH_ATTEMPTS,
+        safety_default: args
+            .safety_checker
+            .or(file.safety_checker)
+            .unwrap_or(defaults::SAFETY_CHECKER),
+        safety_policy,
+        min_clip_score: args.min_clip_score.or(file.min_clip_score),
+        warm_up: args.warm_up.or(file.warm_up).unwrap_or(defaults::WARM_UP),
+        calibration_file: args
+            .calibration_file
+            .or(file.calibration_file.map(PathBuf::from)),
     };
-    let metrics_addr = match args.metrics_addr.as_str() {
+    let clip_model = args.clip_model.or(file.clip_model.map(PathBuf::from));
+    if worker.min_clip_score.is_some() && clip_model.is_none() {
+        bail!(
+            "min_clip_score needs a CLIP model: pass --clip-model (or clip_model in the config file)"
+        );
+    }
+    let metrics_addr = args
+        .metrics_addr
+        .or(file.metrics_addr)
+        .unwrap_or_else(|| defaults::METRICS_ADDR.into());
+    let metrics_addr = match metrics_addr.as_str() {
         "off" | "" => None,
         a => Some(
             a.parse()
@@ -308,13 +350,16 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
         ),
     };
     Ok(Resolved {
-        clip_model: args.clip_model,
+        clip_model,
         metrics_addr,
         worker,
         storage,
         model,
-        device: args.device.or(file.device).unwrap_or_else(|| "auto".into()),
-        dtype: args.dtype.or(file.dtype).unwrap_or_else(|| "auto".into()),
+        device,
+        dtype: args
+            .dtype
+            .or(file.dtype)
+            .unwrap_or_else(|| defaults::DTYPE.into()),
         variant: args.variant.or(file.variant),
     })
 }
@@ -428,12 +473,10 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     .with_context(|| format!("loading model {}", r.model.display()))?;
     tracing::info!(model = %r.model.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
 
+    // Readiness ("model: ok") is set by the worker once it has also warmed up.
     metrics
         .model_load_seconds
         .set(started.elapsed().as_secs_f64());
-    metrics
-        .model_loaded
-        .store(true, std::sync::atomic::Ordering::Relaxed);
 
     // Readiness: is the store reachable? Checked in the background every 10 s.
     if let Some(bucket) = r.worker.limits.default_bucket.clone() {
@@ -452,4 +495,182 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     worker.run(rx).await?;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: WorkerArgs,
+    }
+
+    const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/worker.toml");
+
+    /// The config-file key of a flag: its id, unless it lives in a section or is named otherwise.
+    fn toml_key(id: &str) -> String {
+        match id {
+            "amqp_url_flag" => "amqp_url".into(),
+            "storage_url" => "storage.url".into(),
+            "s3_endpoint" => "storage.endpoint".into(),
+            "s3_region" => "storage.region".into(),
+            "bucket" | "allowed_buckets" | "prefix" => format!("storage.{id}"),
+            "max_message_bytes" | "max_message_work" => format!("limits.{id}"),
+            other => other.into(),
+        }
+    }
+
+    /// The reference file with its commented-out keys (`# key = value`) switched on.
+    fn every_key_on() -> String {
+        std::fs::read_to_string(REFERENCE)
+            .unwrap()
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if is_assignment(rest) => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn is_assignment(line: &str) -> bool {
+        line.split_once(" = ").is_some_and(|(k, _)| {
+            !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        })
+    }
+
+    /// `section.key` of every key the reference file sets or shows commented out.
+    fn documented_keys() -> BTreeSet<String> {
+        let mut section = String::new();
+        let mut keys = BTreeSet::new();
+        for line in every_key_on().lines() {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = format!("{name}.");
+            } else if is_assignment(line) {
+                let key = line.split_once(" = ").map(|(k, _)| k).unwrap_or_default();
+                keys.insert(format!("{section}{key}"));
+            }
+        }
+        keys
+    }
+
+    fn resolve_args(args: &[&str]) -> Result<Resolved> {
+        let argv = ["worker"].iter().chain(args).copied();
+        resolve(Cli::try_parse_from(argv)?.args)
+    }
+
+    #[test]
+    fn every_flag_has_a_documented_config_key() {
+        // Every key the reference shows is one the file takes (unknown keys are errors)...
+        let all: FileConfig = toml::from_str(&every_key_on()).unwrap();
+        assert!(all.model.is_some() && all.calibration_file.is_some());
+        // ... and every flag has one.
+        let keys = documented_keys();
+        let cmd = Cli::command();
+        let flags: Vec<String> = cmd
+            .get_arguments()
+            .map(|a| a.get_id().as_str().to_string())
+            .filter(|id| id != "config" && id != "help")
+            .collect();
+        assert!(flags.len() > 25, "{flags:?}");
+        for id in flags {
+            let key = toml_key(&id);
+            assert!(
+                keys.contains(&key),
+                "--{id} has no key {key} in docs/worker.toml"
+            );
+        }
+    }
+
+    /// The reference sets every key to its default: loading it as it is changes nothing.
+    #[test]
+    fn the_reference_file_holds_the_defaults() {
+        let base = [
+            "--model",
+            "/m",
+            "--bucket",
+            "images",
+            "--worker-id",
+            "w",
+            "--max-batch",
+            "4",
+        ];
+        let plain = resolve_args(&base).unwrap();
+        let mut with_file = base.to_vec();
+        with_file.extend(["--config", REFERENCE]);
+        let filed = resolve_args(&with_file).unwrap();
+        assert_eq!(format!("{:?}", plain.worker), format!("{:?}", filed.worker));
+        assert_eq!(
+            format!("{:?}", plain.storage),
+            format!("{:?}", filed.storage)
+        );
+        assert_eq!(
+            (plain.metrics_addr, plain.device, plain.dtype, plain.variant),
+            (filed.metrics_addr, filed.device, filed.dtype, filed.variant)
+        );
+        assert_eq!(plain.clip_model, filed.clip_model);
+        // And the defaults are the documented ones.
+        let w = &plain.worker;
+        assert_eq!(w.prefetch, defaults::PREFETCH);
+        assert_eq!(w.safety_policy, SafetyPolicy::Blank);
+        assert!(w.warm_up && !w.safety_default);
+        assert_eq!(
+            plain.metrics_addr,
+            Some(defaults::METRICS_ADDR.parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.toml");
+        std::fs::write(
+            &path,
+            "model = \"/m\"\nwarm_up = false\nsafety_checker = true\nsafety_policy = \"drop\"\n\
+             metrics_addr = \"off\"\ncalibration_file = \"/c.json\"\nclip_model = \"/clip\"\n\
+             min_clip_score = 0.25\n[storage]\nbucket = \"images\"\n",
+        )
+        .unwrap();
+        let config = path.to_str().unwrap();
+        let r = resolve_args(&["--config", config]).unwrap();
+        let w = &r.worker;
+        assert!(!w.warm_up && w.safety_default);
+        assert_eq!(w.safety_policy, SafetyPolicy::Drop);
+        assert_eq!(r.metrics_addr, None);
+        assert_eq!(w.calibration_file.as_deref(), Some(Path::new("/c.json")));
+        assert_eq!(r.clip_model.as_deref(), Some(Path::new("/clip")));
+        assert_eq!(w.min_clip_score, Some(0.25));
+        let r = resolve_args(&[
+            "--config",
+            config,
+            "--warm-up",
+            "--safety-checker",
+            "false",
+            "--safety-policy",
+            "flag",
+            "--metrics-addr",
+            "127.0.0.1:9191",
+        ])
+        .unwrap();
+        assert!(r.worker.warm_up && !r.worker.safety_default);
+        assert_eq!(r.worker.safety_policy, SafetyPolicy::Flag);
+        assert_eq!(r.metrics_addr, Some("127.0.0.1:9191".parse().unwrap()));
+
+        std::fs::write(&path, "model = \"/m\"\nsafety_policy = \"nuke\"\n").unwrap();
+        let e = resolve_args(&["--config", config, "--bucket", "b"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("safety_policy"), "{e}");
+        let e = resolve_args(&["--model", "/m", "--bucket", "b", "--min-clip-score", "0.2"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("CLIP model"), "{e}");
+    }
 }

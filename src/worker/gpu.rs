@@ -89,6 +89,9 @@ pub struct ModelInfo {
     pub total_memory: Option<u64>,
     pub native_size: i64,
     pub has_safety_checker: bool,
+    /// The GPU's product name (CUDA), which with the dtype keys stored calibrations.
+    pub gpu_name: Option<String>,
+    pub dtype: &'static str,
 }
 
 #[derive(Default)]
@@ -151,6 +154,12 @@ fn generate_splitting(
             .unwrap_or_else(|| "unknown panic".into());
         Err(GpuError::Panicked(msg))
     });
+    // Once more after the VAE decode: libtorch's caching allocator keeps the decoder's blocks
+    // reserved, so free memory now reflects the decode's peak too (at large sizes it exceeds the
+    // UNet's).
+    if cuda && attempt.is_ok() {
+        sample(&mut min_free, &mut total);
+    }
     if cuda && min_free != u64::MAX {
         report.total_bytes = Some(total);
         if attempt.is_ok() {
@@ -206,6 +215,11 @@ impl GpuExecutor {
                         None
                     },
                     native_size: model.native_size(),
+                    gpu_name: match model.device() {
+                        tch::Device::Cuda(i) => crate::device::cuda_device_name(i),
+                        _ => None,
+                    },
+                    dtype: crate::device::dtype_name(model.dtype()),
                 };
                 if ready_tx.send(Ok(info)).is_err() {
                     return;

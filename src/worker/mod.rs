@@ -32,6 +32,7 @@
 //! to hold under the consumer timeout, [`resume`] what an earlier delivery already stored, and
 //! [`gpu`] the model thread.
 mod broker;
+pub mod calibration;
 pub mod gpu;
 pub mod holding;
 pub mod ledger;
@@ -39,9 +40,10 @@ pub mod resume;
 mod session;
 mod store;
 
-use crate::batching::BatchSizer;
+use crate::batching::{BatchSizer, MemoryKey, MemorySample, ShapeKey};
 use crate::message::Limits;
 use crate::metrics::Metrics;
+use crate::pipeline::{GenerateParams, ImageRequest};
 use crate::queue::{QueueError, Topology};
 use crate::storage::{Storage, StorageError};
 use gpu::{GpuError, GpuExecutor};
@@ -92,6 +94,10 @@ pub struct WorkerConfig {
     pub safety_policy: SafetyPolicy,
     /// CLIP scores below this mark an image (`low_clip_score`); it is kept.
     pub min_clip_score: Option<f32>,
+    /// Run the calibration batches at start-up, before turning ready (CUDA only).
+    pub warm_up: bool,
+    /// Where measured calibrations are kept across restarts ([`calibration`]).
+    pub calibration_file: Option<std::path::PathBuf>,
 }
 
 /// What happens to an image the safety checker flags.
@@ -145,7 +151,7 @@ pub enum WorkerError {
 }
 
 /// Fraction of the consumer timeout the work in hand may take (see [`holding`]).
-pub const CONSUMER_TIMEOUT_SAFETY: f64 = 0.8;
+pub const CONSUMER_TIMEOUT_SAFETY: f64 = crate::config::defaults::CONSUMER_TIMEOUT_SAFETY;
 
 /// What the worker learns about its device while it runs, kept across broker connections: the
 /// memory model of the batch sizer and the measured speed that bounds the work it holds.
@@ -228,6 +234,94 @@ impl Worker {
         sync_storage_retries(&self.storage, &self.storage_retries_seen, &self.metrics);
     }
 
+    /// Start-up calibration of the batch sizer for the default shape (see [`calibration`]):
+    /// stored samples, or warm-up batches of one step at the native size. A failed warm-up batch
+    /// only costs the head start; a model thread that is gone is fatal.
+    async fn warm_up(&self, sizer: &mut BatchSizer) -> Result<(), WorkerError> {
+        let info = self.gpu.info();
+        let params = GenerateParams {
+            steps: 1,
+            guidance_scale: crate::message::DEFAULT_GUIDANCE_SCALE,
+            width: info.native_size,
+            height: info.native_size,
+            scheduler: crate::message::DEFAULT_SCHEDULER,
+        };
+        let key = MemoryKey::of(&ShapeKey::of(&params));
+        let identity = info.total_memory.map(|total_bytes| calibration::Identity {
+            gpu: info
+                .gpu_name
+                .clone()
+                .unwrap_or_else(|| "unknown CUDA device".into()),
+            total_bytes,
+            model: self.cfg.model_name.clone(),
+            dtype: info.dtype.to_string(),
+            key,
+        });
+        // Only CUDA reads or writes the file: on the CPU there is nothing to calibrate.
+        let path = self.cfg.calibration_file.as_deref();
+        let stored = path.filter(|_| identity.is_some()).map(|p| {
+            let (file, problem) = calibration::CalibrationFile::load(p);
+            if let Some(why) = problem {
+                tracing::warn!(file = %p.display(), why, "ignoring the calibration file");
+            }
+            file
+        });
+        match calibration::plan(identity.as_ref(), self.cfg.warm_up, stored.as_ref()) {
+            calibration::Plan::Nothing => {}
+            calibration::Plan::Stored(samples) => {
+                tracing::info!(?samples, "calibration taken from the calibration file");
+                for sample in samples {
+                    sizer.record_memory(key, sample);
+                }
+            }
+            calibration::Plan::Run(sizes) => {
+                let started = Instant::now();
+                for n in sizes {
+                    let requests = (0..n as u64)
+                        .map(|seed| ImageRequest {
+                            prompt: String::new(),
+                            negative_prompt: None,
+                            seed,
+                        })
+                        .collect();
+                    self.metrics.warm_up_batches.inc();
+                    match self.gpu.generate(requests, params.clone(), false).await {
+                        Ok(out) => {
+                            for (batch, peak_used_bytes) in out.memory {
+                                sizer.record_memory(
+                                    key,
+                                    MemorySample {
+                                        batch,
+                                        peak_used_bytes,
+                                    },
+                                );
+                            }
+                        }
+                        Err(GpuError::ThreadGone) => return Err(GpuError::ThreadGone.into()),
+                        Err(e) => {
+                            tracing::warn!(batch = n, error = %e, "warm-up batch failed");
+                            return Ok(());
+                        }
+                    }
+                }
+                let samples = sizer.samples(&key).to_vec();
+                tracing::info!(
+                    ?samples,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "warmed up"
+                );
+                if let (Some(path), Some(mut file), Some(identity)) = (path, stored, identity) {
+                    file.upsert(identity, samples);
+                    if let Err(e) = file.save(path) {
+                        tracing::warn!(file = %path.display(), error = %e,
+                            "could not save the calibration file");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs until `shutdown` turns true (then finishes the messages in hand) or a fatal error.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
         let mut delay = self.cfg.reconnect_min;
@@ -239,6 +333,9 @@ impl Worker {
                 self.cfg.prefetch,
             ),
         };
+        self.warm_up(&mut learned.sizer).await?;
+        // Ready means loaded and calibrated: the first batches are sized from measured memory.
+        self.metrics.model_loaded.store(true, Ordering::Relaxed);
         loop {
             if *shutdown.borrow() {
                 return Ok(());
