@@ -39,6 +39,8 @@ pub struct Metrics {
     pub batch_size: IntGauge,
     /// The prefetch the worker last asked the broker for (work-aware holding).
     pub prefetch: IntGauge,
+    /// Images on the GPU or generated and not yet stored (bounded by `--max-pending-images`).
+    pub pending_images: IntGauge,
     pub device_memory_bytes: IntGaugeVec,
     pub model_load_seconds: prometheus::Gauge,
     /// Time the model thread waited between batches.
@@ -178,6 +180,10 @@ impl Metrics {
             prefetch: gauge(
                 "sdbatch_prefetch",
                 "Messages the worker currently lets the broker deliver (work-aware basic.qos).",
+            ),
+            pending_images: gauge(
+                "sdbatch_pending_images",
+                "Images on the GPU or generated and not yet stored (--max-pending-images).",
             ),
             device_memory_bytes: {
                 let g = IntGaugeVec::new(

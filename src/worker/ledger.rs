@@ -198,6 +198,11 @@ impl<H> Ledger<H> {
         self.messages.is_empty() && self.gpu_jobs == 0
     }
 
+    /// Images on the GPU or generated and not yet stored: what `max_pending_images` bounds.
+    pub fn images_in_flight(&self) -> usize {
+        self.gpu_images + self.pending_images
+    }
+
     /// Work not yet generated, over all messages in hand (what holding bounds).
     pub fn ungenerated_units(&self) -> f64 {
         self.messages
@@ -576,6 +581,7 @@ mod tests {
         assert!(!second.safety);
         // Two batches queued: the model thread is full whatever the size.
         assert!(l.next_gpu_batch(|_| 1).is_none());
+        assert_eq!(l.images_in_flight(), 5);
         l.gpu_succeeded(&first.tags, 30.0);
         l.gpu_succeeded(&second.tags, 20.0);
         // 5 images wait for storage: no new batch until some are stored.

@@ -162,6 +162,9 @@ impl Worker {
             self.metrics
                 .inflight_batches
                 .set(session.ledger.len() as i64);
+            self.metrics
+                .pending_images
+                .set(session.ledger.images_in_flight() as i64);
             if draining && session.ledger.is_idle() {
                 let _ = tokio::time::timeout(limit, conn.close(200, "worker shutting down".into()))
                     .await;

@@ -257,6 +257,21 @@ impl WorkerProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> WorkerProcess {
+        Self::spawn_via(prefix, s3, &s3.endpoint, bucket, log_dir, name, extra, env)
+    }
+
+    /// Like `spawn_env`, reaching the store through `endpoint` (a proxy in front of `s3`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_via(
+        prefix: &str,
+        s3: &S3Server,
+        endpoint: &str,
+        bucket: &str,
+        log_dir: &Path,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
         let log = log_dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let model = super::model_dir();
@@ -270,7 +285,7 @@ impl WorkerProcess {
                 "--queue-prefix",
                 prefix,
                 "--s3-endpoint",
-                &s3.endpoint,
+                endpoint,
                 "--bucket",
                 bucket,
                 "--worker-id",
@@ -294,6 +309,10 @@ impl WorkerProcess {
             log,
             metrics_port,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn metrics(&self) -> String {

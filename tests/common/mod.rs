@@ -111,4 +111,5 @@ pub fn copy_dir(from: &Path, to: &Path) {
 }
 
 pub mod s3;
+pub mod slow_proxy;
 pub mod stack;
