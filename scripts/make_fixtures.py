@@ -1017,6 +1017,81 @@ def ref_schedulers(ref_dir: Path, model_dir: Path) -> dict:
     return info
 
 
+CLIP_SKIP_NEGATIVE_PROMPT = "blurry, low quality"
+
+
+def ref_clip_skip(ref_dir: Path, model_dir: Path) -> dict:
+    """Clip skip as AUTOMATIC1111 and ComfyUI number it (c = 1: every layer; c = 2: the
+    penultimate layer's output, diffusers' clip_skip=1), applied to the prompt and the negative
+    prompt alike, then the final layer norm.
+
+    Made from the text encoder's hidden states, not diffusers' `clip_skip` argument: that path of
+    diffusers 0.42.1 raises AttributeError with transformers 5.x, and it would skip layers for the
+    prompt only.
+
+        clip_skip.safetensors: input_ids [2,77] (prompt, negative prompt); embeds_C [2,77,32] for
+        C in 1..=layers; image_2 uint8 [1,64,64,3]: the pipeline on embeds_2 (PNDM).
+    """
+    import numpy as np
+    import torch
+    from diffusers import PNDMScheduler
+
+    sched = PNDMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    pipe = load_pipeline(model_dir, sched)
+    te = pipe.text_encoder
+    layers = te.config.num_hidden_layers
+    ids = torch.tensor(tokenize(pipe.tokenizer, [ASTRONAUT_PROMPT, CLIP_SKIP_NEGATIVE_PROMPT]), dtype=torch.int64)
+    tensors = {"input_ids": ids}
+    with torch.no_grad():
+        out = te(ids, output_hidden_states=True)
+        # hidden_states: the embeddings, then each layer's output (before the final layer norm).
+        assert len(out.hidden_states) == layers + 1
+        # transformers 4 nests the layers under `text_model`; 5 does not.
+        final_layer_norm = getattr(te, "text_model", te).final_layer_norm
+        for c in range(1, layers + 1):
+            tensors[f"embeds_{c}"] = final_layer_norm(out.hidden_states[-c])
+        # c = 1 is the plain path.
+        if not torch.equal(tensors["embeds_1"], out.last_hidden_state):
+            raise SystemExit("clip skip 1 differs from last_hidden_state")
+    emb = tensors["embeds_2"]
+
+    def run(prompt_embeds, negative_prompt_embeds):
+        return pipe(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            guidance_scale=GUIDANCE_SCALE,
+            num_inference_steps=SCHEDULER_STEPS,
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            generator=torch.Generator("cpu").manual_seed(SCHEDULER_SEED),
+            output_type="np",
+        ).images
+
+    images = np.asarray(run(emb[0:1], emb[1:2]), dtype=np.float32)
+    plain = np.asarray(run(tensors["embeds_1"][0:1], tensors["embeds_1"][1:2]), dtype=np.float32)
+    skipped, unskipped = to_uint8(images), to_uint8(plain)
+    if np.array_equal(skipped, unskipped):
+        raise SystemExit("clip skip 2 gives the same image as no skip: the fixture tests nothing")
+    pix_std = float(skipped.astype("float64").std())
+    if pix_std <= 5.0:
+        raise SystemExit(f"clip skip image is (nearly) constant, pixel std {pix_std}")
+    tensors["image_2"] = torch.from_numpy(skipped)
+    save_tensors(ref_dir / "clip_skip.safetensors", tensors)
+    changed = float((skipped.astype("int16") - unskipped.astype("int16")).__abs__().mean())
+    return {
+        "prompt": ASTRONAUT_PROMPT,
+        "negative_prompt": CLIP_SKIP_NEGATIVE_PROMPT,
+        "layers": layers,
+        "seed": SCHEDULER_SEED,
+        "num_inference_steps": SCHEDULER_STEPS,
+        "guidance_scale": GUIDANCE_SCALE,
+        "size": IMAGE_SIZE,
+        "scheduler": "pndm",
+        "mean_abs_pixel_change_vs_no_skip": changed,
+        "pixel_std": pix_std,
+    }
+
+
 def ref_batch(ref_dir: Path, model_dir: Path) -> dict:
     import torch
     from diffusers import PNDMScheduler
@@ -1590,7 +1665,11 @@ def make_tiny(out_dir: Path) -> None:
     stds.update({f"vae {k}": v for k, v in ref_vae(ref_dir, vae).items()})
     sched_info = ref_schedulers(ref_dir, model_dir)
     batch_info = ref_batch(ref_dir, model_dir)
-    write_meta(ref_dir, {"tokens": tok_info, "scheduler_runs": sched_info, "batch_result": batch_info})
+    clip_skip_info = ref_clip_skip(ref_dir, model_dir)
+    write_meta(
+        ref_dir,
+        {"tokens": tok_info, "scheduler_runs": sched_info, "batch_result": batch_info, "clip_skip": clip_skip_info},
+    )
     stds.update(make_checker_fixtures(out_dir, model_dir, ref_dir, tokenizer, vocab, merges))
     for name, i in sched_info.items():
         stds[f"scheduler_{name} image pixels (0..255)"] = i["pixel_std"]

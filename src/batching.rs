@@ -21,6 +21,8 @@ pub struct ShapeKey {
     pub scheduler: SchedulerKind,
     /// The guidance scale's bits (it is one scalar for the whole batch).
     pub guidance_bits: u64,
+    /// The prompts of a batch are encoded in one call, at one clip skip.
+    pub clip_skip: usize,
 }
 
 impl ShapeKey {
@@ -31,6 +33,7 @@ impl ShapeKey {
             steps: p.steps,
             scheduler: p.scheduler,
             guidance_bits: p.guidance_scale.to_bits(),
+            clip_skip: p.clip_skip,
         }
     }
 }
@@ -290,6 +293,7 @@ mod tests {
             width,
             height: 512,
             scheduler: SchedulerKind::Pndm,
+            clip_skip: 1,
         }
     }
 

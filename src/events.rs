@@ -111,6 +111,9 @@ pub struct EventParams {
     pub scheduler: String,
     /// The preset the message named; `null` if none.
     pub preset: Option<String>,
+    /// Clip skip when other than 1 (absent: every text-encoder layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_skip: Option<usize>,
 }
 
 impl EventParams {
@@ -123,6 +126,7 @@ impl EventParams {
             height: p.height,
             scheduler: p.scheduler.name().to_string(),
             preset: batch.preset.clone(),
+            clip_skip: (p.clip_skip != 1).then_some(p.clip_skip),
         }
     }
 }
@@ -461,6 +465,7 @@ mod tests {
                 height: 512,
                 scheduler: "pndm".into(),
                 preset: Some("production".into()),
+                clip_skip: None,
             }
         );
         let keys: Vec<(&str, u32, &str, u64)> = c

@@ -37,6 +37,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub const DEFAULT_STEPS: usize = 50;
 pub const DEFAULT_GUIDANCE_SCALE: f64 = 7.5;
 pub const DEFAULT_SCHEDULER: SchedulerKind = SchedulerKind::Pndm;
+/// Largest `params.clip_skip` a message may ask for (the model may allow fewer: it cannot skip
+/// more layers than its text encoder has).
+pub const MAX_CLIP_SKIP: u32 = 12;
 
 /// Longest accepted batch id, item id and prefix segment, in bytes.
 pub const MAX_ID_LEN: usize = 128;
@@ -96,6 +99,9 @@ pub struct MessageParams {
     /// Run the safety checker on this batch's images (default: the worker's `--safety-checker`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub safety_checker: Option<bool>,
+    /// Text-encoder layers to skip from the end, AUTOMATIC1111/ComfyUI numbering (1 = none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_skip: Option<u32>,
 }
 
 /// Where the images go.
@@ -135,6 +141,7 @@ impl MessageParams {
         "scheduler",
         "preset",
         "safety_checker",
+        "clip_skip",
     ];
 
     /// No field set.
@@ -315,6 +322,8 @@ pub enum InvalidReason {
     TooMuchWork,
     Scheduler,
     Preset,
+    /// `clip_skip` outside 1..=[`MAX_CLIP_SKIP`].
+    ClipSkip,
     Bucket,
     Prefix,
     /// The batch asks for the safety checker and the worker has none (set by the worker, not
@@ -326,7 +335,7 @@ pub enum InvalidReason {
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 21] = [
+    pub const ALL: [InvalidReason; 22] = [
         InvalidReason::TooLarge,
         InvalidReason::NotJson,
         InvalidReason::SchemaVersion,
@@ -344,6 +353,7 @@ impl InvalidReason {
         InvalidReason::TooMuchWork,
         InvalidReason::Scheduler,
         InvalidReason::Preset,
+        InvalidReason::ClipSkip,
         InvalidReason::Bucket,
         InvalidReason::Prefix,
         InvalidReason::SafetyChecker,
@@ -369,6 +379,7 @@ impl InvalidReason {
             InvalidReason::TooMuchWork => "too_much_work",
             InvalidReason::Scheduler => "scheduler",
             InvalidReason::Preset => "preset",
+            InvalidReason::ClipSkip => "clip_skip",
             InvalidReason::Bucket => "bucket",
             InvalidReason::Prefix => "prefix",
             InvalidReason::SafetyChecker => "safety_checker",
@@ -482,7 +493,7 @@ impl Batch {
     /// a different message reusing a `batch_id` is recognised as a conflict.
     pub fn work_sha256(&self) -> String {
         let p = &self.params;
-        let canonical = serde_json::json!({
+        let mut canonical = serde_json::json!({
             "v": 1,
             "batch_id": self.batch_id,
             "items": self.items.iter().map(|i| serde_json::json!({
@@ -503,6 +514,12 @@ impl Batch {
             "bucket": self.bucket,
             "prefix": self.prefix,
         });
+        // Newer parameters only when they change something, so the hash of work that does not
+        // use them is the one earlier versions recorded (a batch in flight across an upgrade
+        // still resumes).
+        if p.clip_skip != 1 {
+            canonical["clip_skip"] = serde_json::json!(p.clip_skip);
+        }
         // The keys are written in one fixed order (sorted, or as listed here if serde_json's
         // `preserve_order` is on): canonical bytes either way.
         hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
@@ -927,6 +944,15 @@ fn validate_unbounded(
         })?,
     };
 
+    let clip_skip = p.clip_skip.unwrap_or(1);
+    if !(1..=MAX_CLIP_SKIP).contains(&clip_skip) {
+        return Err(fail(
+            R::ClipSkip,
+            format!("clip_skip {clip_skip} must be in 1..={MAX_CLIP_SKIP} (1 = no skip)"),
+        ));
+    }
+    let clip_skip = clip_skip as usize;
+
     let work = work_units(total, steps, size[0], size[1]);
     if work > limits.max_message_work {
         return Err(fail(
@@ -973,6 +999,7 @@ fn validate_unbounded(
             width: size[0],
             height: size[1],
             scheduler,
+            clip_skip,
         },
         preset: preset.map(|p| p.name.to_string()),
         safety_checker: msg.params.as_ref().and_then(|p| p.safety_checker),
@@ -1144,6 +1171,12 @@ const PARAMS: &[Spec] = &[
         InvalidReason::Schema,
         is::<Option<bool>>,
     ),
+    (
+        "clip_skip",
+        false,
+        InvalidReason::ClipSkip,
+        is::<Option<u32>>,
+    ),
 ];
 const OUTPUT: &[Spec] = &[
     ("bucket", false, InvalidReason::Bucket, is::<Option<String>>),
@@ -1224,7 +1257,7 @@ mod tests {
                        "negative_prompt": "blurry", "seed": 42, "num_images": 2}],
             "params": {"steps": 25, "guidance_scale": 8.5, "width": 512, "height": 512,
                        "scheduler": "pndm", "preset": "production",
-                       "safety_checker": true},
+                       "safety_checker": true, "clip_skip": 1},
             "output": {"bucket": "images", "prefix": "catalog/shoes"}})
     }
 
@@ -1274,7 +1307,8 @@ mod tests {
                 guidance_scale: 8.5,
                 width: 512,
                 height: 512,
-                scheduler: SchedulerKind::Pndm
+                scheduler: SchedulerKind::Pndm,
+                clip_skip: 1,
             }
         );
         let item = &b.items[0];
@@ -1301,7 +1335,8 @@ mod tests {
                 guidance_scale: DEFAULT_GUIDANCE_SCALE,
                 width: NATIVE,
                 height: NATIVE,
-                scheduler: SchedulerKind::Pndm
+                scheduler: SchedulerKind::Pndm,
+                clip_skip: 1,
             }
         );
         assert_eq!(b.preset, None);
@@ -1935,6 +1970,7 @@ mod tests {
                 "too_much_work",
                 "scheduler",
                 "preset",
+                "clip_skip",
                 "bucket",
                 "prefix",
                 "safety_checker",
@@ -1989,9 +2025,30 @@ mod tests {
             ("/items/0/seed", json!(43)),
             ("/params/steps", json!(26)),
             ("/output/prefix", json!("other")),
+            ("/params/clip_skip", json!(2)),
         ] {
             let c = parse_value(&with(example(), ptr, Some(v))).unwrap();
             assert_ne!(a.work_sha256(), c.work_sha256(), "{ptr}");
+        }
+        // A parameter at its default hashes as if absent: work hashed by an earlier version
+        // (recorded in manifests and image metadata) keeps its hash.
+        let c = parse_value(&with(example(), "/params/clip_skip", Some(json!(1)))).unwrap();
+        assert_eq!(a.work_sha256(), c.work_sha256());
+        assert_eq!(
+            a.work_sha256(),
+            "362a5789dac6d8e713b4e84901ce4d4d28a2967ed82c85b861bf0027aab73e22",
+            "the hash of existing work must not change"
+        );
+    }
+
+    #[test]
+    fn clip_skip() {
+        let p = |v: Value| with(minimal(), "/params", Some(json!({"clip_skip": v})));
+        assert_eq!(parse_value(&minimal()).unwrap().params.clip_skip, 1);
+        assert_eq!(parse_value(&p(json!(2))).unwrap().params.clip_skip, 2);
+        for bad in [json!(0), json!(13), json!(-1), json!("2"), json!(1.5)] {
+            let e = parse_value(&p(bad.clone())).unwrap_err();
+            assert_eq!(e.reason, InvalidReason::ClipSkip, "{bad}: {}", e.message);
         }
     }
 

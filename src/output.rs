@@ -15,6 +15,9 @@ pub struct Sidecar<'a> {
     pub width: i64,
     pub height: i64,
     pub scheduler: &'a str,
+    /// Clip skip when other than 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_skip: Option<usize>,
     pub model: &'a str,
     pub device: &'a str,
     pub dtype: &'a str,

@@ -119,6 +119,7 @@ fn scheduler_run(name: &str, kind: SchedulerKind) {
         width: m["width"].as_i64().unwrap(),
         height: m["height"].as_i64().unwrap(),
         scheduler: kind,
+        clip_skip: 1,
     };
     let request = ImageRequest {
         prompt: m["prompt"].as_str().unwrap().to_string(),
@@ -218,6 +219,7 @@ fn three_prompt_batch_matches_diffusers() {
         width: b["width"].as_i64().unwrap(),
         height: b["height"].as_i64().unwrap(),
         scheduler: SchedulerKind::Pndm,
+        clip_skip: 1,
     };
     let out = model
         .generate(&requests, &params, &mut |_, _, _| {})
@@ -256,6 +258,7 @@ fn image_is_independent_of_its_batch() {
             width: 64,
             height: 64,
             scheduler: kind,
+            clip_skip: 1,
         };
         let mut alone_latents = Tensor::new();
         let alone = model
@@ -308,6 +311,7 @@ fn slicing_options_do_not_change_images() {
         width: 64,
         height: 64,
         scheduler: SchedulerKind::Pndm,
+        clip_skip: 1,
     };
     let plain = load_cpu()
         .generate(&requests, &params, &mut |_, _, _| {})
@@ -327,4 +331,68 @@ fn slicing_options_do_not_change_images() {
     for (a, b) in plain.images.iter().zip(&sliced.images) {
         assert_images_match("sliced vs unsliced", &a.pixels, &b.pixels);
     }
+}
+
+/// Clip skip in AUTOMATIC1111's numbering, against the text encoder's hidden states (made by
+/// transformers), and a pipeline run at clip skip 2 with both prompts skipped.
+#[test]
+fn clip_skip_matches_the_hidden_states_and_the_pipeline() {
+    let model = load_cpu();
+    let meta = meta();
+    let m = &meta["clip_skip"];
+    let r = reference("clip_skip.safetensors");
+    let layers = model.text_encoder.num_layers();
+    assert_eq!(layers as u64, m["layers"].as_u64().unwrap());
+    let _g = tch::no_grad_guard();
+    for c in 1..=layers {
+        let out = model
+            .text_encoder
+            .forward_skipping(&r["input_ids"], c)
+            .unwrap();
+        assert_close(
+            &format!("clip skip {c} embeddings"),
+            &out,
+            &r[&format!("embeds_{c}")],
+            TOL,
+        );
+    }
+    for bad in [0, layers + 1] {
+        let e = model
+            .text_encoder
+            .forward_skipping(&r["input_ids"], bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("clip skip"), "{e}");
+    }
+
+    let params = GenerateParams {
+        steps: m["num_inference_steps"].as_u64().unwrap() as usize,
+        guidance_scale: m["guidance_scale"].as_f64().unwrap(),
+        width: m["size"].as_i64().unwrap(),
+        height: m["size"].as_i64().unwrap(),
+        scheduler: SchedulerKind::Pndm,
+        clip_skip: 2,
+    };
+    let request = ImageRequest {
+        prompt: m["prompt"].as_str().unwrap().to_string(),
+        negative_prompt: Some(m["negative_prompt"].as_str().unwrap().to_string()),
+        seed: m["seed"].as_u64().unwrap(),
+    };
+    let out = model
+        .generate(std::slice::from_ref(&request), &params, &mut |_, _, _| {})
+        .unwrap();
+    assert_images_match(
+        "clip skip 2 image",
+        &out.images[0].pixels,
+        &u8_vec(&r["image_2"]),
+    );
+    let too_many = GenerateParams {
+        clip_skip: layers + 1,
+        ..params
+    };
+    let e = model
+        .validate(&[request], &too_many)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("clip skip"), "{e}");
 }

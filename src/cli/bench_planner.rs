@@ -186,6 +186,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         width: native,
         height: native,
         scheduler: args.sampling.scheduler,
+        clip_skip: 1,
     };
     let reqs: Vec<ImageRequest> = (0..args.planner_max_batch)
         .map(|i| ImageRequest {

@@ -197,6 +197,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 width: params.width,
                 height: params.height,
                 scheduler: params.scheduler.name(),
+                clip_skip: (params.clip_skip != 1).then_some(params.clip_skip),
                 model: &model_name,
                 device: &device,
                 dtype,

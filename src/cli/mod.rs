@@ -161,6 +161,10 @@ pub struct SamplingArgs {
     /// Image height in pixels, a multiple of 8 (default: the model's native size).
     #[arg(long)]
     pub height: Option<i64>,
+    /// Text-encoder layers to skip from the end, as AUTOMATIC1111 and ComfyUI number it: 1 = none,
+    /// 2 = the penultimate layer (diffusers' clip_skip=1). Applies to the negative prompt too.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=12))]
+    pub clip_skip: u32,
 }
 
 impl SamplingArgs {
@@ -172,6 +176,7 @@ impl SamplingArgs {
             width: self.width.unwrap_or(native),
             height: self.height.unwrap_or(native),
             scheduler: self.scheduler,
+            clip_skip: self.clip_skip as usize,
         })
     }
 }

@@ -59,6 +59,9 @@ pub struct SubmitArgs {
     /// Ask the workers to run (true) or skip (false) the safety checker (default: theirs).
     #[arg(long)]
     pub safety_checker: Option<bool>,
+    /// Text-encoder layers to skip from the end (AUTOMATIC1111 numbering: 2 = penultimate).
+    #[arg(long)]
+    pub clip_skip: Option<u32>,
     /// Bucket (must be allowed by the workers; default: the workers' default bucket).
     #[arg(long)]
     pub bucket: Option<String>,
@@ -101,6 +104,7 @@ fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
         scheduler: args.scheduler.clone(),
         preset: args.preset.clone(),
         safety_checker: args.safety_checker,
+        clip_skip: args.clip_skip,
     };
     let output = MessageOutput {
         bucket: args.bucket.clone(),

@@ -141,8 +141,27 @@ impl ClipTextModel {
         self.token_embedding.size()[1]
     }
 
+    /// Transformer layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// `input_ids`: `[batch, tokens]` (int64) → last hidden state `[batch, tokens, hidden]`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.forward_skipping(input_ids, 1)
+    }
+
+    /// Like [`forward`](Self::forward), stopping `clip_skip - 1` layers before the last, then
+    /// the final layer norm: "clip skip" as AUTOMATIC1111 and ComfyUI number it (1 = every layer,
+    /// 2 = the penultimate layer's output, which diffusers calls `clip_skip=1`).
+    pub fn forward_skipping(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+        let layers = self.layers.len();
+        if clip_skip == 0 || clip_skip > layers {
+            return Err(Error::InvalidArgument(format!(
+                "clip skip must be in 1..={layers} for this text encoder ({layers} layers), got \
+                 {clip_skip}"
+            )));
+        }
         let (_, len) = input_ids.size2()?;
         if len > self.max_positions {
             return Err(Error::InvalidArgument(format!(
@@ -160,7 +179,7 @@ impl ClipTextModel {
         let positions = self.position_embedding.f_narrow(0, 0, len)?;
         let mut xs = Tensor::f_embedding(&self.token_embedding, input_ids, -1, false, false)?
             .f_add(&positions.f_unsqueeze(0)?)?;
-        for layer in &self.layers {
+        for layer in &self.layers[..layers - (clip_skip - 1)] {
             xs = layer.forward(&xs, self.heads, true, self.act)?;
         }
         self.final_layer_norm.forward(&xs)

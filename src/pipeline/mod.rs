@@ -70,6 +70,9 @@ pub struct GenerateParams {
     pub width: i64,
     pub height: i64,
     pub scheduler: SchedulerKind,
+    /// Text-encoder layers skipped from the end, numbered as AUTOMATIC1111/ComfyUI do (1 = none,
+    /// 2 = the penultimate layer); applied to the prompt and the negative prompt alike.
+    pub clip_skip: usize,
 }
 
 /// An RGB8 image, row-major, 3 bytes per pixel.
@@ -283,8 +286,14 @@ impl StableDiffusion {
 
     /// Text embeddings (`[n, 77, hidden]`) of `prompts`, in one text-encoder call.
     pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor> {
+        self.encode_prompts_skipping(prompts, 1)
+    }
+
+    /// [`encode_prompts`](Self::encode_prompts) with a clip skip (see [`GenerateParams`]).
+    pub fn encode_prompts_skipping(&self, prompts: &[&str], clip_skip: usize) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
-        self.text_encoder.forward(&self.tokenize(prompts)?)
+        self.text_encoder
+            .forward_skipping(&self.tokenize(prompts)?, clip_skip)
     }
 
     /// Checks parameters before any work is done.
@@ -307,6 +316,13 @@ impl StableDiffusion {
             return bad(format!(
                 "guidance scale must be a finite number >= 0, got {}",
                 p.guidance_scale
+            ));
+        }
+        let layers = self.text_encoder.num_layers();
+        if p.clip_skip == 0 || p.clip_skip > layers {
+            return bad(format!(
+                "clip skip must be in 1..={layers} for this model's text encoder, got {}",
+                p.clip_skip
             ));
         }
         // Scheduler options this config cannot drive (e.g. an unsupported prediction type).
@@ -341,7 +357,9 @@ impl StableDiffusion {
             );
         }
         texts.extend(requests.iter().map(|r| r.prompt.as_str()));
-        let context = self.encode_prompts(&texts)?;
+        // Clip skip applies to the negative prompts too (diffusers applies it to the prompt
+        // only; AUTOMATIC1111 and ComfyUI to both, which is what users who set it expect).
+        let context = self.encode_prompts_skipping(&texts, p.clip_skip)?;
         let text_encode = self.sync_elapsed(t0);
 
         let t1 = Instant::now();

@@ -245,6 +245,7 @@ impl Worker {
             width: info.native_size,
             height: info.native_size,
             scheduler: crate::message::DEFAULT_SCHEDULER,
+            clip_skip: 1,
         };
         let key = MemoryKey::of(&ShapeKey::of(&params));
         let identity = info.total_memory.map(|total_bytes| calibration::Identity {
