@@ -140,7 +140,7 @@ fn unsupported_config_values_are_named() {
     let cases: [(&str, &str, serde_json::Value); 4] = [
         (
             "unet/config.json",
-            "upcast_attention",
+            "center_input_sample",
             serde_json::json!(true),
         ),
         (

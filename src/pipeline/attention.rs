@@ -5,18 +5,44 @@ use super::weights::Scope;
 use crate::error::Result;
 use tch::Tensor;
 
+/// How attention runs, beyond its weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttentionOptions {
+    /// With `Some(n)`, attention runs for `n` batch rows at a time ("attention slicing"),
+    /// trading a little speed for a lower peak of memory on large batches.
+    pub slice: Option<i64>,
+    /// Compute attention in float32 when the model runs in half precision (the UNet config's
+    /// `upcast_attention`, set by SD 2.1 whose fp16 attention scores can overflow). In float32
+    /// it changes nothing, as in diffusers.
+    pub upcast: bool,
+}
+
 /// Attention over `[batch, tokens, heads * head_dim]` projections.
-///
-/// `slice`: with `Some(n)`, attention runs for `n` batch rows at a time ("attention slicing"),
-/// trading a little speed for a lower peak of memory on large batches.
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: i64,
     causal: bool,
-    slice: Option<i64>,
+    options: AttentionOptions,
 ) -> Result<Tensor> {
+    let kind = q.kind();
+    if options.upcast && kind != tch::Kind::Float {
+        let up = |t: &Tensor| t.f_to_kind(tch::Kind::Float);
+        let out = attend(
+            &up(q)?,
+            &up(k)?,
+            &up(v)?,
+            heads,
+            causal,
+            AttentionOptions {
+                upcast: false,
+                ..options
+            },
+        )?;
+        return Ok(out.f_to_kind(kind)?);
+    }
+    let slice = options.slice;
     let (b, n, inner) = q.size3()?;
     let m = k.size()[1];
     let d = inner / heads;
@@ -56,7 +82,7 @@ pub struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: i64,
-    slice: Option<i64>,
+    options: AttentionOptions,
 }
 
 impl Attention {
@@ -69,7 +95,7 @@ impl Attention {
         heads: i64,
         head_dim: i64,
         qkv_bias: bool,
-        slice: Option<i64>,
+        options: AttentionOptions,
     ) -> Result<Self> {
         let inner = heads * head_dim;
         // Checkpoints saved before diffusers 0.14 name the VAE's attention projections
@@ -86,7 +112,7 @@ impl Attention {
             to_v: Linear::load(&s.sub(v), context_dim, inner, qkv_bias)?,
             to_out: Linear::load(&s.sub(o), inner, query_dim, true)?,
             heads,
-            slice,
+            options,
         })
     }
 
@@ -97,7 +123,40 @@ impl Attention {
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        let out = attend(&q, &k, &v, self.heads, false, self.slice)?;
+        let out = attend(&q, &k, &v, self.heads, false, self.options)?;
         self.to_out.forward(&out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn upcast_attention_runs_in_float32_under_half_precision() {
+        tch::manual_seed(0);
+        let t = |_| Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
+        let (q, k, v) = (t(0), t(1), t(2));
+        let half = |x: &Tensor| x.to_kind(Kind::Half);
+        let upcast = AttentionOptions {
+            upcast: true,
+            ..Default::default()
+        };
+        let reference = attend(
+            &half(&q).to_kind(Kind::Float),
+            &half(&k).to_kind(Kind::Float),
+            &half(&v).to_kind(Kind::Float),
+            4,
+            false,
+            AttentionOptions::default(),
+        )
+        .unwrap();
+        let out = attend(&half(&q), &half(&k), &half(&v), 4, false, upcast).unwrap();
+        assert_eq!(out.kind(), Kind::Half);
+        assert!(out.equal(&reference.to_kind(Kind::Half)));
+        // In float32 the flag changes nothing.
+        let plain = attend(&q, &k, &v, 4, false, AttentionOptions::default()).unwrap();
+        assert!(attend(&q, &k, &v, 4, false, upcast).unwrap().equal(&plain));
     }
 }

@@ -1,6 +1,6 @@
 //! transformers' `CLIPTextModel`: token + position embeddings, pre-norm transformer layers with a
 //! causal mask, final layer norm. The pipeline uses the last hidden state.
-use super::attention::attend;
+use super::attention::{AttentionOptions, attend};
 use super::config::ClipTextConfig;
 use super::nn::{LayerNorm, Linear};
 use super::weights::Scope;
@@ -80,7 +80,7 @@ impl EncoderLayer {
             &self.v_proj.forward(&h)?,
             heads,
             causal,
-            None,
+            AttentionOptions::default(),
         )?;
         let xs = xs.f_add(&self.out_proj.forward(&attn)?)?;
         let h = self.layer_norm2.forward(&xs)?;

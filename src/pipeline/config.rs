@@ -286,9 +286,8 @@ impl UNetConfig {
                 "UNetMidBlock2DCrossAttn",
             ));
         }
-        let checks: [(&str, bool); 14] = [
+        let checks: [(&str, bool); 13] = [
             ("center_input_sample", !self.center_input_sample),
-            ("upcast_attention", !self.upcast_attention),
             (
                 "only_cross_attention",
                 matches!(
@@ -381,7 +380,6 @@ impl UNetConfig {
         use serde_json::json;
         match key {
             "center_input_sample" => json!(self.center_input_sample),
-            "upcast_attention" => json!(self.upcast_attention),
             "only_cross_attention" => self.only_cross_attention.clone(),
             "dual_cross_attention" => json!(self.dual_cross_attention),
             "class_embed_type" => json!(self.class_embed_type),
@@ -519,14 +517,18 @@ mod tests {
 
     #[test]
     fn unsupported_values_are_named() {
+        // SD 2.1's upcast attention is supported (float32 attention under half precision).
         let mut j = sd14_unet();
         j["upcast_attention"] = serde_json::json!(true);
+        assert!(unet(j).layout(Path::new("unet/config.json")).is_ok());
+        let mut j = sd14_unet();
+        j["center_input_sample"] = serde_json::json!(true);
         let err = unet(j)
             .layout(Path::new("unet/config.json"))
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("unet/config.json") && err.contains("upcast_attention"),
+            err.contains("unet/config.json") && err.contains("center_input_sample"),
             "{err}"
         );
 

@@ -1,6 +1,6 @@
 //! diffusers' `Transformer2DModel` (continuous input) with `BasicTransformerBlock`s: self-attention,
 //! cross-attention on the text embeddings, GEGLU feed-forward, each pre-normed and residual.
-use super::attention::Attention;
+use super::attention::{Attention, AttentionOptions};
 use super::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use super::weights::Scope;
 use crate::error::Result;
@@ -39,11 +39,17 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    fn load(s: &Scope, dim: i64, heads: i64, context_dim: i64, slice: Option<i64>) -> Result<Self> {
+    fn load(
+        s: &Scope,
+        dim: i64,
+        heads: i64,
+        context_dim: i64,
+        attention: AttentionOptions,
+    ) -> Result<Self> {
         let head_dim = dim / heads;
         Ok(Self {
             norm1: LayerNorm::load(&s.sub("norm1"), dim, 1e-5)?,
-            attn1: Attention::load(&s.sub("attn1"), dim, dim, heads, head_dim, false, slice)?,
+            attn1: Attention::load(&s.sub("attn1"), dim, dim, heads, head_dim, false, attention)?,
             norm2: LayerNorm::load(&s.sub("norm2"), dim, 1e-5)?,
             attn2: Attention::load(
                 &s.sub("attn2"),
@@ -52,7 +58,7 @@ impl BasicTransformerBlock {
                 heads,
                 head_dim,
                 false,
-                slice,
+                attention,
             )?,
             norm3: LayerNorm::load(&s.sub("norm3"), dim, 1e-5)?,
             ff: FeedForward::load(&s.sub("ff"), dim)?,
@@ -96,7 +102,7 @@ impl Transformer2D {
         layers: i64,
         groups: i64,
         linear_projection: bool,
-        slice: Option<i64>,
+        attention: AttentionOptions,
     ) -> Result<Self> {
         let proj = |name: &str| -> Result<Projection> {
             Ok(if linear_projection {
@@ -115,7 +121,7 @@ impl Transformer2D {
                         channels,
                         heads,
                         context_dim,
-                        slice,
+                        attention,
                     )
                 })
                 .collect::<Result<_>>()?,

@@ -1,6 +1,7 @@
 //! diffusers' `UNet2DConditionModel` as SD v1 uses it: sinusoidal timestep embedding, a down path of
 //! ResNet (+ cross-attention transformer) blocks, a middle block, an up path fed by skip connections.
 //! Every size comes from `unet/config.json`.
+use super::attention::AttentionOptions;
 use super::config::{UNetConfig, UNetLayout};
 use super::nn::{Conv2d, GroupNorm, Linear};
 use super::resnet::{Downsample, ResnetBlock, Upsample};
@@ -68,7 +69,10 @@ impl UNet2DConditionModel {
                 layers,
                 groups,
                 config.use_linear_projection,
-                attention_slice,
+                AttentionOptions {
+                    slice: attention_slice,
+                    upcast: config.upcast_attention,
+                },
             )
         };
 

@@ -1,6 +1,6 @@
 //! The decoder half of diffusers' `AutoencoderKL`: latents (already divided by the scaling factor)
 //! to images in [-1, 1]. Sizes come from `vae/config.json`.
-use super::attention::Attention;
+use super::attention::{Attention, AttentionOptions};
 use super::config::VaeConfig;
 use super::nn::{Conv2d, GroupNorm};
 use super::resnet::{ResnetBlock, Upsample};
@@ -21,7 +21,15 @@ impl SpatialAttention {
     fn load(s: &Scope, channels: i64, groups: i64) -> Result<Self> {
         Ok(Self {
             norm: GroupNorm::load(&s.sub("group_norm"), groups, channels, EPS)?,
-            attn: Attention::load(s, channels, channels, 1, channels, true, None)?,
+            attn: Attention::load(
+                s,
+                channels,
+                channels,
+                1,
+                channels,
+                true,
+                AttentionOptions::default(),
+            )?,
         })
     }
 
