@@ -1092,6 +1092,59 @@ def ref_clip_skip(ref_dir: Path, model_dir: Path) -> dict:
     }
 
 
+GUIDANCE_RESCALE = 0.7
+
+
+def ref_guidance_rescale(ref_dir: Path, model_dir: Path) -> dict:
+    """diffusers' guidance_rescale (0.7) on the PNDM run of the scheduler references.
+
+        guidance_rescale.safetensors: latents_NNN [1,4,8,8] after each step; image uint8 [1,64,64,3].
+    """
+    import numpy as np
+    import torch
+    from diffusers import PNDMScheduler
+
+    sched = PNDMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    pipe = load_pipeline(model_dir, sched)
+    latents = []
+
+    def on_step_end(_pipe, i, t, kwargs):
+        latents.append(kwargs["latents"].clone())
+        return {}
+
+    def run(rescale, callback=None):
+        return pipe(
+            ASTRONAUT_PROMPT,
+            guidance_scale=GUIDANCE_SCALE,
+            guidance_rescale=rescale,
+            num_inference_steps=SCHEDULER_STEPS,
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            generator=torch.Generator("cpu").manual_seed(SCHEDULER_SEED),
+            output_type="np",
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=["latents"],
+        ).images
+
+    images = to_uint8(np.asarray(run(GUIDANCE_RESCALE, on_step_end), dtype=np.float32))
+    plain = to_uint8(np.asarray(run(0.0), dtype=np.float32))
+    if np.array_equal(images, plain):
+        raise SystemExit("guidance_rescale changes nothing: the fixture tests nothing")
+    tensors = {f"latents_{i:03d}": lat for i, lat in enumerate(latents)}
+    tensors["image"] = torch.from_numpy(images)
+    save_tensors(ref_dir / "guidance_rescale.safetensors", tensors)
+    return {
+        "prompt": ASTRONAUT_PROMPT,
+        "guidance_rescale": GUIDANCE_RESCALE,
+        "seed": SCHEDULER_SEED,
+        "num_inference_steps": SCHEDULER_STEPS,
+        "guidance_scale": GUIDANCE_SCALE,
+        "size": IMAGE_SIZE,
+        "scheduler": "pndm",
+        "mean_abs_pixel_change_vs_off": float(np.abs(images.astype("int16") - plain.astype("int16")).mean()),
+    }
+
+
 def ref_batch(ref_dir: Path, model_dir: Path) -> dict:
     import torch
     from diffusers import PNDMScheduler
@@ -1666,9 +1719,16 @@ def make_tiny(out_dir: Path) -> None:
     sched_info = ref_schedulers(ref_dir, model_dir)
     batch_info = ref_batch(ref_dir, model_dir)
     clip_skip_info = ref_clip_skip(ref_dir, model_dir)
+    rescale_info = ref_guidance_rescale(ref_dir, model_dir)
     write_meta(
         ref_dir,
-        {"tokens": tok_info, "scheduler_runs": sched_info, "batch_result": batch_info, "clip_skip": clip_skip_info},
+        {
+            "tokens": tok_info,
+            "scheduler_runs": sched_info,
+            "batch_result": batch_info,
+            "clip_skip": clip_skip_info,
+            "guidance_rescale": rescale_info,
+        },
     )
     stds.update(make_checker_fixtures(out_dir, model_dir, ref_dir, tokenizer, vocab, merges))
     for name, i in sched_info.items():

@@ -23,6 +23,8 @@ pub struct ShapeKey {
     pub guidance_bits: u64,
     /// The prompts of a batch are encoded in one call, at one clip skip.
     pub clip_skip: usize,
+    /// The guidance rescale's bits (one scalar for the batch, as the guidance scale).
+    pub guidance_rescale_bits: u64,
 }
 
 impl ShapeKey {
@@ -34,6 +36,7 @@ impl ShapeKey {
             scheduler: p.scheduler,
             guidance_bits: p.guidance_scale.to_bits(),
             clip_skip: p.clip_skip,
+            guidance_rescale_bits: p.guidance_rescale.to_bits(),
         }
     }
 }
@@ -294,6 +297,7 @@ mod tests {
             height: 512,
             scheduler: SchedulerKind::Pndm,
             clip_skip: 1,
+            guidance_rescale: 0.0,
         }
     }
 

@@ -114,6 +114,9 @@ pub struct EventParams {
     /// Clip skip when other than 1 (absent: every text-encoder layer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_skip: Option<usize>,
+    /// Guidance rescale when used (absent: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_rescale: Option<f64>,
 }
 
 impl EventParams {
@@ -127,6 +130,7 @@ impl EventParams {
             scheduler: p.scheduler.name().to_string(),
             preset: batch.preset.clone(),
             clip_skip: (p.clip_skip != 1).then_some(p.clip_skip),
+            guidance_rescale: (p.guidance_rescale != 0.0).then_some(p.guidance_rescale),
         }
     }
 }
@@ -469,6 +473,7 @@ mod tests {
                 scheduler: "pndm".into(),
                 preset: Some("production".into()),
                 clip_skip: None,
+                guidance_rescale: None,
             }
         );
         let keys: Vec<(&str, u32, &str, u64)> = c

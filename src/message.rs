@@ -102,6 +102,9 @@ pub struct MessageParams {
     /// Text-encoder layers to skip from the end, AUTOMATIC1111/ComfyUI numbering (1 = none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_skip: Option<u32>,
+    /// Guidance rescale φ in 0..=1 (0 = off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_rescale: Option<f64>,
 }
 
 /// Where the images go.
@@ -142,6 +145,7 @@ impl MessageParams {
         "preset",
         "safety_checker",
         "clip_skip",
+        "guidance_rescale",
     ];
 
     /// No field set.
@@ -519,6 +523,9 @@ impl Batch {
         // still resumes).
         if p.clip_skip != 1 {
             canonical["clip_skip"] = serde_json::json!(p.clip_skip);
+        }
+        if p.guidance_rescale != 0.0 {
+            canonical["guidance_rescale"] = serde_json::json!(p.guidance_rescale);
         }
         // The keys are written in one fixed order (sorted, or as listed here if serde_json's
         // `preserve_order` is on): canonical bytes either way.
@@ -952,6 +959,13 @@ fn validate_unbounded(
         ));
     }
     let clip_skip = clip_skip as usize;
+    let guidance_rescale = p.guidance_rescale.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&guidance_rescale) {
+        return Err(fail(
+            R::Guidance,
+            format!("guidance_rescale {guidance_rescale} must be in 0..=1 (0 = off)"),
+        ));
+    }
 
     let work = work_units(total, steps, size[0], size[1]);
     if work > limits.max_message_work {
@@ -1000,6 +1014,7 @@ fn validate_unbounded(
             height: size[1],
             scheduler,
             clip_skip,
+            guidance_rescale,
         },
         preset: preset.map(|p| p.name.to_string()),
         safety_checker: msg.params.as_ref().and_then(|p| p.safety_checker),
@@ -1177,6 +1192,12 @@ const PARAMS: &[Spec] = &[
         InvalidReason::ClipSkip,
         is::<Option<u32>>,
     ),
+    (
+        "guidance_rescale",
+        false,
+        InvalidReason::Guidance,
+        is::<Option<f64>>,
+    ),
 ];
 const OUTPUT: &[Spec] = &[
     ("bucket", false, InvalidReason::Bucket, is::<Option<String>>),
@@ -1257,7 +1278,7 @@ mod tests {
                        "negative_prompt": "blurry", "seed": 42, "num_images": 2}],
             "params": {"steps": 25, "guidance_scale": 8.5, "width": 512, "height": 512,
                        "scheduler": "pndm", "preset": "production",
-                       "safety_checker": true, "clip_skip": 1},
+                       "safety_checker": true, "clip_skip": 1, "guidance_rescale": 0.0},
             "output": {"bucket": "images", "prefix": "catalog/shoes"}})
     }
 
@@ -1309,6 +1330,7 @@ mod tests {
                 height: 512,
                 scheduler: SchedulerKind::Pndm,
                 clip_skip: 1,
+                guidance_rescale: 0.0,
             }
         );
         let item = &b.items[0];
@@ -1337,6 +1359,7 @@ mod tests {
                 height: NATIVE,
                 scheduler: SchedulerKind::Pndm,
                 clip_skip: 1,
+                guidance_rescale: 0.0,
             }
         );
         assert_eq!(b.preset, None);
@@ -2026,6 +2049,7 @@ mod tests {
             ("/params/steps", json!(26)),
             ("/output/prefix", json!("other")),
             ("/params/clip_skip", json!(2)),
+            ("/params/guidance_rescale", json!(0.7)),
         ] {
             let c = parse_value(&with(example(), ptr, Some(v))).unwrap();
             assert_ne!(a.work_sha256(), c.work_sha256(), "{ptr}");
@@ -2049,6 +2073,27 @@ mod tests {
         for bad in [json!(0), json!(13), json!(-1), json!("2"), json!(1.5)] {
             let e = parse_value(&p(bad.clone())).unwrap_err();
             assert_eq!(e.reason, InvalidReason::ClipSkip, "{bad}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn guidance_rescale() {
+        let p = |v: Value| with(minimal(), "/params", Some(json!({"guidance_rescale": v})));
+        assert_eq!(
+            parse_value(&minimal()).unwrap().params.guidance_rescale,
+            0.0
+        );
+        assert_eq!(
+            parse_value(&p(json!(0.7))).unwrap().params.guidance_rescale,
+            0.7
+        );
+        assert_eq!(
+            parse_value(&p(json!(1))).unwrap().params.guidance_rescale,
+            1.0
+        );
+        for bad in [json!(-0.1), json!(1.01), json!("0.7"), json!(true)] {
+            let e = parse_value(&p(bad.clone())).unwrap_err();
+            assert_eq!(e.reason, InvalidReason::Guidance, "{bad}: {}", e.message);
         }
     }
 

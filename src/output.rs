@@ -18,6 +18,9 @@ pub struct Sidecar<'a> {
     /// Clip skip when other than 1.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clip_skip: Option<usize>,
+    /// Guidance rescale when used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guidance_rescale: Option<f64>,
     pub model: &'a str,
     pub device: &'a str,
     pub dtype: &'a str,

@@ -120,6 +120,7 @@ fn scheduler_run(name: &str, kind: SchedulerKind) {
         height: m["height"].as_i64().unwrap(),
         scheduler: kind,
         clip_skip: 1,
+        guidance_rescale: 0.0,
     };
     let request = ImageRequest {
         prompt: m["prompt"].as_str().unwrap().to_string(),
@@ -220,6 +221,7 @@ fn three_prompt_batch_matches_diffusers() {
         height: b["height"].as_i64().unwrap(),
         scheduler: SchedulerKind::Pndm,
         clip_skip: 1,
+        guidance_rescale: 0.0,
     };
     let out = model
         .generate(&requests, &params, &mut |_, _, _| {})
@@ -259,6 +261,7 @@ fn image_is_independent_of_its_batch() {
             height: 64,
             scheduler: kind,
             clip_skip: 1,
+            guidance_rescale: 0.0,
         };
         let mut alone_latents = Tensor::new();
         let alone = model
@@ -312,6 +315,7 @@ fn slicing_options_do_not_change_images() {
         height: 64,
         scheduler: SchedulerKind::Pndm,
         clip_skip: 1,
+        guidance_rescale: 0.0,
     };
     let plain = load_cpu()
         .generate(&requests, &params, &mut |_, _, _| {})
@@ -372,6 +376,7 @@ fn clip_skip_matches_the_hidden_states_and_the_pipeline() {
         height: m["size"].as_i64().unwrap(),
         scheduler: SchedulerKind::Pndm,
         clip_skip: 2,
+        guidance_rescale: 0.0,
     };
     let request = ImageRequest {
         prompt: m["prompt"].as_str().unwrap().to_string(),
@@ -395,4 +400,55 @@ fn clip_skip_matches_the_hidden_states_and_the_pipeline() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("clip skip"), "{e}");
+}
+
+/// diffusers' guidance_rescale (0.7), step by step.
+#[test]
+fn guidance_rescale_matches_diffusers() {
+    let model = load_cpu();
+    let meta = meta();
+    let m = &meta["guidance_rescale"];
+    let r = reference("guidance_rescale.safetensors");
+    let params = GenerateParams {
+        steps: m["num_inference_steps"].as_u64().unwrap() as usize,
+        guidance_scale: m["guidance_scale"].as_f64().unwrap(),
+        width: m["size"].as_i64().unwrap(),
+        height: m["size"].as_i64().unwrap(),
+        scheduler: SchedulerKind::Pndm,
+        clip_skip: 1,
+        guidance_rescale: m["guidance_rescale"].as_f64().unwrap(),
+    };
+    let request = ImageRequest {
+        prompt: m["prompt"].as_str().unwrap().to_string(),
+        negative_prompt: None,
+        seed: m["seed"].as_u64().unwrap(),
+    };
+    let mut worst: f64 = 0.0;
+    let out = model
+        .generate(
+            std::slice::from_ref(&request),
+            &params,
+            &mut |i, _, latents| {
+                let d = max_abs_diff(latents, &r[&format!("latents_{i:03}")]);
+                assert!(
+                    d <= TOL,
+                    "guidance rescale: latents after step {i} differ by {d:e}"
+                );
+                worst = worst.max(d);
+            },
+        )
+        .unwrap();
+    println!("guidance rescale 0.7: worst per-step latent max abs diff {worst:.3e}");
+    assert_images_match(
+        "guidance rescale image",
+        &out.images[0].pixels,
+        &u8_vec(&r["image"]),
+    );
+    for bad in [-0.1, 1.5, f64::NAN] {
+        let p = GenerateParams {
+            guidance_rescale: bad,
+            ..params.clone()
+        };
+        assert!(model.validate(std::slice::from_ref(&request), &p).is_err());
+    }
 }

@@ -187,6 +187,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         height: native,
         scheduler: args.sampling.scheduler,
         clip_skip: 1,
+        guidance_rescale: 0.0,
     };
     let reqs: Vec<ImageRequest> = (0..args.planner_max_batch)
         .map(|i| ImageRequest {

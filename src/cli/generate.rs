@@ -198,6 +198,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 height: params.height,
                 scheduler: params.scheduler.name(),
                 clip_skip: (params.clip_skip != 1).then_some(params.clip_skip),
+                guidance_rescale: (params.guidance_rescale != 0.0)
+                    .then_some(params.guidance_rescale),
                 model: &model_name,
                 device: &device,
                 dtype,

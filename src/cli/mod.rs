@@ -165,6 +165,10 @@ pub struct SamplingArgs {
     /// 2 = the penultimate layer (diffusers' clip_skip=1). Applies to the negative prompt too.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=12))]
     pub clip_skip: u32,
+    /// Guidance rescale in 0..=1 (0 = off; 0.7 is the paper's value for zero-terminal-SNR models
+    /// such as SD 2.x with v-prediction).
+    #[arg(long, default_value_t = 0.0)]
+    pub guidance_rescale: f64,
 }
 
 impl SamplingArgs {
@@ -177,6 +181,7 @@ impl SamplingArgs {
             height: self.height.unwrap_or(native),
             scheduler: self.scheduler,
             clip_skip: self.clip_skip as usize,
+            guidance_rescale: self.guidance_rescale,
         })
     }
 }

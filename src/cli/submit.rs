@@ -62,6 +62,9 @@ pub struct SubmitArgs {
     /// Text-encoder layers to skip from the end (AUTOMATIC1111 numbering: 2 = penultimate).
     #[arg(long)]
     pub clip_skip: Option<u32>,
+    /// Guidance rescale in 0..=1 (0 = off).
+    #[arg(long)]
+    pub guidance_rescale: Option<f64>,
     /// Bucket (must be allowed by the workers; default: the workers' default bucket).
     #[arg(long)]
     pub bucket: Option<String>,
@@ -105,6 +108,7 @@ fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
         preset: args.preset.clone(),
         safety_checker: args.safety_checker,
         clip_skip: args.clip_skip,
+        guidance_rescale: args.guidance_rescale,
     };
     let output = MessageOutput {
         bucket: args.bucket.clone(),

@@ -54,6 +54,18 @@ impl LoadOptions {
     }
 }
 
+/// Pulls the guided prediction's per-image standard deviation towards the text branch's by
+/// `phi`: `phi * guided * (std(text) / std(guided)) + (1 - phi) * guided`, standard deviations
+/// over every dimension but the batch (unbiased, as torch's `std`).
+fn rescale_guidance(guided: &Tensor, text: &Tensor, phi: f64) -> Result<Tensor> {
+    let dims: Vec<i64> = (1..guided.dim() as i64).collect();
+    let std = |t: &Tensor| t.f_std_dim(dims.as_slice(), true, true);
+    let rescaled = guided.f_mul(&std(text)?.f_div(&std(guided)?)?)?;
+    Ok(rescaled
+        .f_mul_scalar(phi)?
+        .f_add(&guided.f_mul_scalar(1.0 - phi)?)?)
+}
+
 /// One image to make.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageRequest {
@@ -73,6 +85,10 @@ pub struct GenerateParams {
     /// Text-encoder layers skipped from the end, numbered as AUTOMATIC1111/ComfyUI do (1 = none,
     /// 2 = the penultimate layer); applied to the prompt and the negative prompt alike.
     pub clip_skip: usize,
+    /// Guidance rescale φ in 0..=1 (Lin et al., "Common Diffusion Noise Schedules and Sample
+    /// Steps are Flawed", §3.4): the guided prediction's standard deviation is pulled towards the
+    /// text branch's, against over-exposure with zero-terminal-SNR models. 0 turns it off.
+    pub guidance_rescale: f64,
 }
 
 /// An RGB8 image, row-major, 3 bytes per pixel.
@@ -325,6 +341,12 @@ impl StableDiffusion {
                 p.clip_skip
             ));
         }
+        if !(0.0..=1.0).contains(&p.guidance_rescale) {
+            return bad(format!(
+                "guidance rescale must be in 0..=1, got {}",
+                p.guidance_rescale
+            ));
+        }
         // Scheduler options this config cannot drive (e.g. an unsupported prediction type).
         p.scheduler.build(&self.scheduler_config, p.steps)?;
         Ok(())
@@ -401,7 +423,12 @@ impl StableDiffusion {
             let eps = if guided {
                 let halves = eps.f_chunk(2, 0)?;
                 let (uncond, text) = (&halves[0], &halves[1]);
-                uncond.f_add(&text.f_sub(uncond)?.f_mul_scalar(p.guidance_scale)?)?
+                let guided = uncond.f_add(&text.f_sub(uncond)?.f_mul_scalar(p.guidance_scale)?)?;
+                if p.guidance_rescale > 0.0 {
+                    rescale_guidance(&guided, text, p.guidance_rescale)?
+                } else {
+                    guided
+                }
             } else {
                 eps
             };

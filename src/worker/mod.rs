@@ -246,6 +246,7 @@ impl Worker {
             height: info.native_size,
             scheduler: crate::message::DEFAULT_SCHEDULER,
             clip_skip: 1,
+            guidance_rescale: 0.0,
         };
         let key = MemoryKey::of(&ShapeKey::of(&params));
         let identity = info.total_memory.map(|total_bytes| calibration::Identity {
