@@ -283,3 +283,65 @@ pub(crate) mod test_util {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::SchedulerKind::{self, *};
+    use crate::error::Error;
+
+    #[test]
+    fn names_and_aliases_parse() {
+        for k in SchedulerKind::ALL {
+            assert_eq!(k.name().parse::<SchedulerKind>().unwrap(), k);
+            assert_eq!(
+                k.to_string()
+                    .to_uppercase()
+                    .parse::<SchedulerKind>()
+                    .unwrap(),
+                k
+            );
+        }
+        for (alias, kind) in [
+            ("PLMS", Pndm),
+            ("Euler", Euler),
+            ("k_euler", Euler),
+            ("Euler Karras", EulerKarras),
+            ("Euler a", EulerAncestral),
+            ("euler-a", EulerAncestral),
+            ("k_euler_ancestral", EulerAncestral),
+            ("euler_a_karras", EulerAncestralKarras),
+            ("Euler a Karras", EulerAncestralKarras),
+            ("Heun", Heun),
+            ("k_heun", Heun),
+            ("Heun Karras", HeunKarras),
+            ("LMS", Lms),
+            ("k_lms", Lms),
+            ("LMS Karras", LmsKarras),
+            ("DPM++ 2M", DpmSolverPp2m),
+            ("dpm++_2m", DpmSolverPp2m),
+            ("dpmsolver++", DpmSolverPp2m),
+            ("k_dpmpp_2m", DpmSolverPp2m),
+            ("DPM++ 2M Karras", DpmSolverPp2mKarras),
+            ("dpmpp_2m_karras", DpmSolverPp2mKarras),
+        ] {
+            assert_eq!(alias.parse::<SchedulerKind>().unwrap(), kind, "{alias}");
+        }
+        for unknown in ["unipc", "lcm", "DPM++ SDE", "karras", "k", "", "euler_b"] {
+            assert!(
+                matches!(unknown.parse::<SchedulerKind>(), Err(Error::UnknownScheduler(ref s)) if s == unknown),
+                "{unknown}"
+            );
+        }
+    }
+
+    #[test]
+    fn karras_kinds_build_with_karras_sigmas() {
+        let config = super::test_util::sd14();
+        let plain = Euler.build(&config, 10).unwrap();
+        let karras = EulerKarras.build(&config, 10).unwrap();
+        assert_eq!(plain.timesteps()[1], 888.0);
+        assert!((karras.timesteps()[1] - 916.28406).abs() < 2e-4);
+        assert_eq!(HeunKarras.build(&config, 10).unwrap().timesteps().len(), 19);
+        assert!(DpmSolverPp2mKarras.build(&config, 10).is_ok());
+    }
+}
