@@ -300,15 +300,44 @@ def scheduler_classes():
         DDIMScheduler,
         DPMSolverMultistepScheduler,
         EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        HeunDiscreteScheduler,
+        LMSDiscreteScheduler,
         PNDMScheduler,
     )
 
+    class EulerAncestralKarrasScheduler(EulerAncestralDiscreteScheduler):
+        """Euler ancestral on Karras sigmas (k-diffusion's sample_euler_ancestral on get_sigmas_karras).
+
+        diffusers' EulerAncestralDiscreteScheduler has no use_karras_sigmas (it ignores the key), so
+        the sigmas and timesteps come from EulerDiscreteScheduler(use_karras_sigmas=True) on the same
+        config, and EulerAncestralDiscreteScheduler's own step runs on them."""
+
+        def set_timesteps(self, num_inference_steps, device=None):
+            super().set_timesteps(num_inference_steps, device)
+            euler = EulerDiscreteScheduler.from_config(self.config, use_karras_sigmas=True)
+            euler.set_timesteps(num_inference_steps, device)
+            self.sigmas = euler.sigmas
+            self.timesteps = euler.timesteps
+
+    karras = {"use_karras_sigmas": True}
     return {
         "pndm": (PNDMScheduler, {}),
         "ddim": (DDIMScheduler, {}),
+        "euler": (EulerDiscreteScheduler, {}),
+        "euler_karras": (EulerDiscreteScheduler, karras),
         "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
+        "euler_ancestral_karras": (EulerAncestralKarrasScheduler, {}),
+        "heun": (HeunDiscreteScheduler, {}),
+        "heun_karras": (HeunDiscreteScheduler, karras),
+        "lms": (LMSDiscreteScheduler, {}),
+        "lms_karras": (LMSDiscreteScheduler, karras),
         # dpmsolver++ / order 2 are the class defaults; spelled out to pin "DPM++ 2M".
         "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+        "dpmpp_2m_karras": (
+            DPMSolverMultistepScheduler,
+            {"algorithm_type": "dpmsolver++", "solver_order": 2, **karras},
+        ),
     }
 
 

@@ -56,7 +56,9 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    #[error("unknown scheduler `{0}` (known: pndm, ddim, euler_ancestral, dpmpp_2m)")]
+    #[error(
+        "unknown scheduler `{0}` (known: pndm, ddim, euler, euler_karras, euler_ancestral, euler_ancestral_karras, heun, heun_karras, lms, lms_karras, dpmpp_2m, dpmpp_2m_karras)"
+    )]
     UnknownScheduler(String),
 
     #[error("torch: {0}")]

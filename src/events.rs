@@ -107,7 +107,8 @@ pub struct EventParams {
     pub guidance_scale: f64,
     pub width: i64,
     pub height: i64,
-    /// Canonical scheduler name (`pndm`, `ddim`, `euler_ancestral`, `dpmpp_2m`).
+    /// Canonical scheduler name (`pndm`, `ddim`, `euler`, `euler_ancestral`, `dpmpp_2m_karras`, …:
+    /// `SchedulerKind::name`).
     pub scheduler: String,
     /// The preset the message named; `null` if none.
     pub preset: Option<String>,

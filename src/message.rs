@@ -1435,7 +1435,16 @@ mod tests {
             parse_value(&v).unwrap().params.scheduler,
             SchedulerKind::EulerAncestral
         );
-        let v = with(minimal(), "/params", Some(json!({"scheduler": "heun"})));
+        let v = with(
+            minimal(),
+            "/params",
+            Some(json!({"scheduler": "DPM++ 2M Karras"})),
+        );
+        assert_eq!(
+            parse_value(&v).unwrap().params.scheduler,
+            SchedulerKind::DpmSolverPp2mKarras
+        );
+        let v = with(minimal(), "/params", Some(json!({"scheduler": "unipc"})));
         assert_eq!(reason_of(&v), InvalidReason::Scheduler);
     }
 

@@ -200,6 +200,49 @@ fn dpmpp_2m_matches_diffusers() {
 }
 
 #[test]
+fn euler_matches_diffusers() {
+    scheduler_run("euler", SchedulerKind::Euler);
+}
+
+#[test]
+fn euler_karras_matches_diffusers() {
+    scheduler_run("euler_karras", SchedulerKind::EulerKarras);
+}
+
+#[test]
+fn euler_ancestral_karras_matches_diffusers() {
+    scheduler_run(
+        "euler_ancestral_karras",
+        SchedulerKind::EulerAncestralKarras,
+    );
+}
+
+#[test]
+fn heun_matches_diffusers() {
+    scheduler_run("heun", SchedulerKind::Heun);
+}
+
+#[test]
+fn heun_karras_matches_diffusers() {
+    scheduler_run("heun_karras", SchedulerKind::HeunKarras);
+}
+
+#[test]
+fn lms_matches_diffusers() {
+    scheduler_run("lms", SchedulerKind::Lms);
+}
+
+#[test]
+fn lms_karras_matches_diffusers() {
+    scheduler_run("lms_karras", SchedulerKind::LmsKarras);
+}
+
+#[test]
+fn dpmpp_2m_karras_matches_diffusers() {
+    scheduler_run("dpmpp_2m_karras", SchedulerKind::DpmSolverPp2mKarras);
+}
+
+#[test]
 fn three_prompt_batch_matches_diffusers() {
     let model = load_cpu();
     let meta = meta();

@@ -75,6 +75,15 @@ pub struct SchedulerConfig {
     pub lambda_min_clipped: Option<f64>,
     /// Only null ("learned" variances are not supported).
     pub variance_type: Option<String>,
+
+    // EulerDiscreteScheduler.
+    /// Only "linear" (default).
+    pub interpolation_type: Option<String>,
+    /// "discrete" (default) or "continuous" (only with epsilon prediction, where it changes nothing).
+    pub timestep_type: Option<String>,
+    /// Ends of the Karras schedule; by default those of the interpolated sigmas.
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
 }
 
 fn default_num_train_timesteps() -> usize {
@@ -121,6 +130,10 @@ impl Default for SchedulerConfig {
             final_sigmas_type: None,
             lambda_min_clipped: None,
             variance_type: None,
+            interpolation_type: None,
+            timestep_type: None,
+            sigma_min: None,
+            sigma_max: None,
         }
     }
 }

@@ -6,6 +6,7 @@ use super::config::{
     np_interp_unit_grid, np_linspace, reject_flag, torch_exp, torch_ln, torch_sqrt, train_sigmas,
     unsupported,
 };
+use super::sigmas::{karras_sigmas, log_sigmas, sigma_to_t};
 use crate::error::{Error, Result};
 use tch::{Kind, Tensor};
 
@@ -68,7 +69,6 @@ impl DpmSolverMultistepScheduler {
         }
         reject_flag("thresholding", config.thresholding)?;
         reject_flag("rescale_betas_zero_snr", config.rescale_betas_zero_snr)?;
-        reject_flag("use_karras_sigmas", config.use_karras_sigmas)?;
         reject_flag("use_exponential_sigmas", config.use_exponential_sigmas)?;
         reject_flag("use_beta_sigmas", config.use_beta_sigmas)?;
         reject_flag("use_lu_lambdas", config.use_lu_lambdas)?;
@@ -143,17 +143,40 @@ impl DpmSolverMultistepScheduler {
                     .collect()
             }
         };
+        let train = train_sigmas(&alphas_cumprod)?;
+        let (timesteps, mut sigmas): (Vec<i64>, Vec<f32>) = if config.use_karras_sigmas
+            == Some(true)
+        {
+            // Karras sigmas over the whole training range (whatever the spacing), then each mapped
+            // back to its timestep, rounded to an integer except for the cosine schedule (where
+            // diffusers truncates when it casts to int64).
+            let karras = karras_sigmas(f64::from(train[0]), f64::from(train[n_train - 1]), steps);
+            let log_sigmas = log_sigmas(&train);
+            let round = config.beta_schedule != "squaredcos_cap_v2";
+            let timesteps = karras
+                .iter()
+                .map(|&s| {
+                    let t = sigma_to_t(s, &log_sigmas);
+                    if round {
+                        t.round_ties_even() as i64
+                    } else {
+                        t as i64
+                    }
+                })
+                .collect();
+            (timesteps, karras.iter().map(|&s| s as f32).collect())
+        } else {
+            let sigmas = timesteps
+                .iter()
+                .map(|&t| np_interp_unit_grid(t as f64, &train) as f32)
+                .collect();
+            (timesteps, sigmas)
+        };
         if timesteps.is_empty() {
             return Err(Error::InvalidArgument(
                 "DPM-Solver++: the schedule has no timesteps".into(),
             ));
         }
-
-        let train = train_sigmas(&alphas_cumprod)?;
-        let mut sigmas: Vec<f32> = timesteps
-            .iter()
-            .map(|&t| np_interp_unit_grid(t as f64, &train) as f32)
-            .collect();
         sigmas.push(if final_sigma_zero {
             0.0
         } else {
@@ -274,7 +297,20 @@ impl Scheduler for DpmSolverMultistepScheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::schedulers::test_util::{assert_close, sd14, t};
+    use crate::pipeline::schedulers::test_layouts;
+    use crate::pipeline::schedulers::test_util::{assert_close, check_layouts, sd14, t};
+
+    #[test]
+    fn karras_and_plain_layouts_match_diffusers() {
+        check_layouts(test_layouts::DPM, |c, steps| {
+            let s = DpmSolverMultistepScheduler::new(c, steps).unwrap();
+            (
+                s.timesteps().to_vec(),
+                s.sigmas().to_vec(),
+                s.init_noise_sigma(),
+            )
+        });
+    }
 
     #[test]
     fn timesteps_and_sigmas_match_diffusers() {
@@ -314,7 +350,10 @@ mod tests {
             ("solver_order", r#"{"solver_order": 3}"#),
             ("solver_type", r#"{"solver_type": "heun"}"#),
             ("thresholding", r#"{"thresholding": true}"#),
-            ("use_karras_sigmas", r#"{"use_karras_sigmas": true}"#),
+            (
+                "use_exponential_sigmas",
+                r#"{"use_exponential_sigmas": true}"#,
+            ),
             ("final_sigmas_type", r#"{"final_sigmas_type": "max"}"#),
             ("variance_type", r#"{"variance_type": "learned_range"}"#),
             (

@@ -2,8 +2,11 @@
 //! noise of standard deviation `sigma_up` (k-diffusion's `sample_euler_ancestral`).
 use super::Scheduler;
 use super::config::{
-    PredictionType, SchedulerConfig, Spacing, check_steps, left_coeff, np_arange,
-    np_interp_unit_grid, np_linspace, reject_flag, torch_sqrt, train_sigmas,
+    PredictionType, SchedulerConfig, Spacing, check_steps, left_coeff, reject_flag, torch_sqrt,
+    train_sigmas,
+};
+use super::sigmas::{
+    KarrasRange, discrete_schedule, init_noise_sigma, input_scales, karras_option,
 };
 use crate::error::{Error, Result};
 use tch::{Kind, Tensor};
@@ -28,48 +31,18 @@ impl EulerAncestralScheduler {
         let spacing = config.spacing(Spacing::Linspace)?;
         let alphas_cumprod = config.alphas_cumprod()?;
 
-        let n_train = config.num_train_timesteps;
-        // float32 timesteps, descending.
-        let timesteps: Vec<f32> = match spacing {
-            Spacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, steps)
-                .into_iter()
-                .rev()
-                .map(|t| t as f32)
-                .collect(),
-            Spacing::Leading => {
-                let ratio = (n_train / steps) as i64;
-                // `steps_offset` is added to the float32 array.
-                (0..steps as i64)
-                    .rev()
-                    .map(|i| (i * ratio) as f32 + config.steps_offset as f32)
-                    .collect()
-            }
-            Spacing::Trailing => {
-                let ratio = n_train as f64 / steps as f64;
-                np_arange(n_train as f64, 0.0, -ratio)
-                    .into_iter()
-                    .map(|t| t.round_ties_even() as f32 - 1.0)
-                    .collect()
-            }
-        };
-
-        // np.interp over the training sigmas (float64), then float32.
+        // Karras sigmas: diffusers' EulerAncestralDiscreteScheduler has no such option (it ignores
+        // the key); this takes EulerDiscreteScheduler's Karras schedule, k-diffusion's
+        // `sample_euler_ancestral` on `get_sigmas_karras`.
         let train = train_sigmas(&alphas_cumprod)?;
-        let mut sigmas: Vec<f32> = timesteps
-            .iter()
-            .map(|&t| np_interp_unit_grid(f64::from(t), &train) as f32)
-            .collect();
+        let karras = karras_option(config, KarrasRange::default());
+        let schedule = discrete_schedule(config, steps, spacing, karras, &train);
+        let timesteps = schedule.timesteps;
+        let mut sigmas = schedule.sigmas;
         sigmas.push(0.0);
 
-        let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let init_noise_sigma = match spacing {
-            Spacing::Linspace | Spacing::Trailing => max_sigma,
-            Spacing::Leading => torch_sqrt(max_sigma * max_sigma + 1.0)?,
-        };
-        let input_scales = sigmas
-            .iter()
-            .map(|&s| torch_sqrt(s * s + 1.0))
-            .collect::<Result<Vec<f32>>>()?;
+        let init_noise_sigma = init_noise_sigma(&sigmas, spacing)?;
+        let input_scales = input_scales(&sigmas)?;
         Ok(EulerAncestralScheduler {
             timesteps: timesteps.iter().map(|&t| f64::from(t)).collect(),
             sigmas,
@@ -149,7 +122,22 @@ impl Scheduler for EulerAncestralScheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::schedulers::test_util::{assert_close, sd14, t};
+    use crate::pipeline::schedulers::test_layouts;
+    use crate::pipeline::schedulers::test_util::{assert_close, check_layouts, sd14, t};
+
+    // EulerAncestralDiscreteScheduler lays out plain sigmas as EulerDiscreteScheduler does, and the
+    // Karras ones are EulerDiscreteScheduler's (see `new`).
+    #[test]
+    fn layouts_match_euler_discrete() {
+        check_layouts(test_layouts::EULER, |c, steps| {
+            let s = EulerAncestralScheduler::new(c, steps).unwrap();
+            (
+                s.timesteps().to_vec(),
+                s.sigmas().to_vec(),
+                s.init_noise_sigma(),
+            )
+        });
+    }
 
     #[test]
     fn timesteps_and_sigmas_match_diffusers() {

@@ -7,13 +7,22 @@
 mod config;
 mod ddim;
 mod dpm_solver;
+mod euler;
 mod euler_ancestral;
+mod heun;
+mod lms;
 mod pndm;
+mod sigmas;
+#[cfg(test)]
+mod test_layouts;
 
 pub use config::SchedulerConfig;
 pub use ddim::DdimScheduler;
 pub use dpm_solver::DpmSolverMultistepScheduler;
+pub use euler::EulerScheduler;
 pub use euler_ancestral::EulerAncestralScheduler;
+pub use heun::HeunScheduler;
+pub use lms::LmsScheduler;
 pub use pndm::PndmScheduler;
 
 use crate::error::{Error, Result};
@@ -24,7 +33,7 @@ use tch::Tensor;
 /// The pipeline calls, for `i` in `0..timesteps().len()`:
 /// `model_in = scale_model_input(latents, i)`, runs the UNet at `timesteps()[i]`, then
 /// `latents = step(&eps, i, &latents, noise)`. Steps are addressed by index, not by timestep value,
-/// because PNDM repeats a timestep.
+/// because PNDM and Heun repeat timesteps.
 pub trait Scheduler: Send {
     /// The timesteps the UNet is evaluated at, in order (fractional for some spacings).
     fn timesteps(&self) -> &[f64];
@@ -56,32 +65,70 @@ pub trait Scheduler: Send {
     ) -> Result<Tensor>;
 }
 
-/// The schedulers a user can pick by name.
+/// The schedulers a user can pick by name. The `…Karras` kinds are their base scheduler with
+/// `use_karras_sigmas` turned on over the model's scheduler config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SchedulerKind {
     Pndm,
     Ddim,
+    Euler,
+    EulerKarras,
     EulerAncestral,
+    EulerAncestralKarras,
+    Heun,
+    HeunKarras,
+    Lms,
+    LmsKarras,
     #[serde(rename = "dpmpp_2m")]
     DpmSolverPp2m,
+    #[serde(rename = "dpmpp_2m_karras")]
+    DpmSolverPp2mKarras,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 4] = [
+    pub const ALL: [SchedulerKind; 12] = [
         SchedulerKind::Pndm,
         SchedulerKind::Ddim,
+        SchedulerKind::Euler,
+        SchedulerKind::EulerKarras,
         SchedulerKind::EulerAncestral,
+        SchedulerKind::EulerAncestralKarras,
+        SchedulerKind::Heun,
+        SchedulerKind::HeunKarras,
+        SchedulerKind::Lms,
+        SchedulerKind::LmsKarras,
         SchedulerKind::DpmSolverPp2m,
+        SchedulerKind::DpmSolverPp2mKarras,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             SchedulerKind::Pndm => "pndm",
             SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerKarras => "euler_karras",
             SchedulerKind::EulerAncestral => "euler_ancestral",
+            SchedulerKind::EulerAncestralKarras => "euler_ancestral_karras",
+            SchedulerKind::Heun => "heun",
+            SchedulerKind::HeunKarras => "heun_karras",
+            SchedulerKind::Lms => "lms",
+            SchedulerKind::LmsKarras => "lms_karras",
             SchedulerKind::DpmSolverPp2m => "dpmpp_2m",
+            SchedulerKind::DpmSolverPp2mKarras => "dpmpp_2m_karras",
         }
+    }
+
+    /// Whether this kind forces Karras sigmas on.
+    fn karras(self) -> bool {
+        matches!(
+            self,
+            SchedulerKind::EulerKarras
+                | SchedulerKind::EulerAncestralKarras
+                | SchedulerKind::HeunKarras
+                | SchedulerKind::LmsKarras
+                | SchedulerKind::DpmSolverPp2mKarras
+        )
     }
 
     /// Builds the scheduler for `steps` inference steps.
@@ -89,11 +136,32 @@ impl SchedulerKind {
         if steps == 0 {
             return Err(Error::InvalidArgument("steps must be at least 1".into()));
         }
+        let karras_config;
+        let config = if self.karras() {
+            karras_config = SchedulerConfig {
+                use_karras_sigmas: Some(true),
+                ..config.clone()
+            };
+            &karras_config
+        } else {
+            config
+        };
         Ok(match self {
             SchedulerKind::Pndm => Box::new(PndmScheduler::new(config, steps)?),
             SchedulerKind::Ddim => Box::new(DdimScheduler::new(config, steps)?),
-            SchedulerKind::EulerAncestral => Box::new(EulerAncestralScheduler::new(config, steps)?),
-            SchedulerKind::DpmSolverPp2m => {
+            SchedulerKind::Euler | SchedulerKind::EulerKarras => {
+                Box::new(EulerScheduler::new(config, steps)?)
+            }
+            SchedulerKind::EulerAncestral | SchedulerKind::EulerAncestralKarras => {
+                Box::new(EulerAncestralScheduler::new(config, steps)?)
+            }
+            SchedulerKind::Heun | SchedulerKind::HeunKarras => {
+                Box::new(HeunScheduler::new(config, steps)?)
+            }
+            SchedulerKind::Lms | SchedulerKind::LmsKarras => {
+                Box::new(LmsScheduler::new(config, steps)?)
+            }
+            SchedulerKind::DpmSolverPp2m | SchedulerKind::DpmSolverPp2mKarras => {
                 Box::new(DpmSolverMultistepScheduler::new(config, steps)?)
             }
         })
@@ -102,15 +170,41 @@ impl SchedulerKind {
 
 impl std::str::FromStr for SchedulerKind {
     type Err = Error;
+    /// Canonical names and the names users know from other tools (A1111's "Euler a", "DPM++ 2M
+    /// Karras", k-diffusion's `k_lms`, …), ignoring case and punctuation: "DPM++ 2M" and "dpmpp_2m"
+    /// are the same name ("++" reads as "pp"), as are "Euler a" and "euler_a".
     fn from_str(s: &str) -> Result<Self> {
-        let norm = s.trim().to_ascii_lowercase().replace('-', "_");
-        Ok(match norm.as_str() {
+        let norm: String = s
+            .to_ascii_lowercase()
+            .replace("++", "pp")
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        // k-diffusion's sampler names carry a `k_` prefix.
+        let base = match norm.strip_prefix('k') {
+            Some(rest)
+                if rest.starts_with("euler")
+                    || rest.starts_with("lms")
+                    || rest.starts_with("heun")
+                    || rest.starts_with("dpm") =>
+            {
+                rest
+            }
+            _ => norm.as_str(),
+        };
+        Ok(match base {
             "pndm" | "plms" => SchedulerKind::Pndm,
             "ddim" => SchedulerKind::Ddim,
-            "euler_ancestral" | "euler_a" => SchedulerKind::EulerAncestral,
-            "dpmpp_2m" | "dpm++_2m" | "dpm_solver_multistep" | "dpmsolver++" => {
-                SchedulerKind::DpmSolverPp2m
-            }
+            "euler" => SchedulerKind::Euler,
+            "eulerkarras" => SchedulerKind::EulerKarras,
+            "eulerancestral" | "eulera" => SchedulerKind::EulerAncestral,
+            "eulerancestralkarras" | "eulerakarras" => SchedulerKind::EulerAncestralKarras,
+            "heun" => SchedulerKind::Heun,
+            "heunkarras" => SchedulerKind::HeunKarras,
+            "lms" => SchedulerKind::Lms,
+            "lmskarras" => SchedulerKind::LmsKarras,
+            "dpmpp2m" | "dpmsolvermultistep" | "dpmsolverpp" => SchedulerKind::DpmSolverPp2m,
+            "dpmpp2mkarras" | "dpmsolvermultistepkarras" => SchedulerKind::DpmSolverPp2mKarras,
             _ => return Err(Error::UnknownScheduler(s.to_string())),
         })
     }
@@ -141,6 +235,42 @@ pub(crate) mod test_util {
             .to_device(Device::Cpu)
     }
 
+    /// Builds, for each layout, the scheduler on SD v1-4's config with that spacing and Karras flag,
+    /// and compares what `parts` returns (timesteps, sigmas, init_noise_sigma) with diffusers'.
+    /// Karras timesteps go through numpy's float32 log (see `sigmas::log_sigmas`), so they are
+    /// compared to within 2e-4 (a few float32 ulps near t = 1000); everything else is exact.
+    pub fn check_layouts(
+        layouts: &[super::test_layouts::Layout],
+        parts: impl Fn(&SchedulerConfig, usize) -> (Vec<f64>, Vec<f32>, f64),
+    ) {
+        for l in layouts {
+            let mut c = sd14();
+            c.timestep_spacing = Some(l.spacing.to_string());
+            c.use_karras_sigmas = Some(l.karras);
+            let (timesteps, sigmas, init) = parts(&c, l.steps);
+            let what = format!("{} karras={} steps={}", l.spacing, l.karras, l.steps);
+            assert_eq!(sigmas, l.sigmas, "sigmas, {what}");
+            assert_eq!(
+                init,
+                f64::from(l.init_noise_sigma),
+                "init_noise_sigma, {what}"
+            );
+            assert_eq!(timesteps.len(), l.timesteps.len(), "timesteps, {what}");
+            for (ours, theirs) in timesteps.iter().zip(l.timesteps) {
+                let theirs = f64::from(*theirs);
+                if l.karras {
+                    assert!(
+                        (ours - theirs).abs() <= 2e-4,
+                        "timesteps, {what}: {timesteps:?} vs {:?}",
+                        l.timesteps
+                    );
+                } else {
+                    assert_eq!(*ours, theirs, "timesteps, {what}: {timesteps:?}");
+                }
+            }
+        }
+    }
+
     /// Element-wise closeness with a relative tolerance of 1e-5.
     pub fn assert_close(actual: &Tensor, expected: &[f64]) {
         let actual = Vec::<f64>::try_from(&actual.flatten(0, -1)).unwrap();
@@ -151,5 +281,67 @@ pub(crate) mod test_util {
                 "{actual:?} vs {expected:?}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SchedulerKind::{self, *};
+    use crate::error::Error;
+
+    #[test]
+    fn names_and_aliases_parse() {
+        for k in SchedulerKind::ALL {
+            assert_eq!(k.name().parse::<SchedulerKind>().unwrap(), k);
+            assert_eq!(
+                k.to_string()
+                    .to_uppercase()
+                    .parse::<SchedulerKind>()
+                    .unwrap(),
+                k
+            );
+        }
+        for (alias, kind) in [
+            ("PLMS", Pndm),
+            ("Euler", Euler),
+            ("k_euler", Euler),
+            ("Euler Karras", EulerKarras),
+            ("Euler a", EulerAncestral),
+            ("euler-a", EulerAncestral),
+            ("k_euler_ancestral", EulerAncestral),
+            ("euler_a_karras", EulerAncestralKarras),
+            ("Euler a Karras", EulerAncestralKarras),
+            ("Heun", Heun),
+            ("k_heun", Heun),
+            ("Heun Karras", HeunKarras),
+            ("LMS", Lms),
+            ("k_lms", Lms),
+            ("LMS Karras", LmsKarras),
+            ("DPM++ 2M", DpmSolverPp2m),
+            ("dpm++_2m", DpmSolverPp2m),
+            ("dpmsolver++", DpmSolverPp2m),
+            ("k_dpmpp_2m", DpmSolverPp2m),
+            ("DPM++ 2M Karras", DpmSolverPp2mKarras),
+            ("dpmpp_2m_karras", DpmSolverPp2mKarras),
+        ] {
+            assert_eq!(alias.parse::<SchedulerKind>().unwrap(), kind, "{alias}");
+        }
+        for unknown in ["unipc", "lcm", "DPM++ SDE", "karras", "k", "", "euler_b"] {
+            assert!(
+                matches!(unknown.parse::<SchedulerKind>(), Err(Error::UnknownScheduler(ref s)) if s == unknown),
+                "{unknown}"
+            );
+        }
+    }
+
+    #[test]
+    fn karras_kinds_build_with_karras_sigmas() {
+        let config = super::test_util::sd14();
+        let plain = Euler.build(&config, 10).unwrap();
+        let karras = EulerKarras.build(&config, 10).unwrap();
+        assert_eq!(plain.timesteps()[1], 888.0);
+        assert!((karras.timesteps()[1] - 916.28406).abs() < 2e-4);
+        assert_eq!(HeunKarras.build(&config, 10).unwrap().timesteps().len(), 19);
+        assert!(DpmSolverPp2mKarras.build(&config, 10).is_ok());
     }
 }
