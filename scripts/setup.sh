@@ -30,6 +30,14 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/python" -m pip install -q --no-deps open-clip-torch==3.3.0
   touch "$venv/.complete"
 fi
+# Fixture-only extras, layered into the same venv (see requirements-extra.txt).
+extra=scripts/requirements-extra.txt
+extra_hash=$(sha256sum < "$extra" | cut -c1-16)
+if [ ! -f "$venv/.extra-$extra_hash" ]; then
+  echo "setup: installing $extra into the venv"
+  "$venv/bin/python" -m pip install -q -r "$extra"
+  touch "$venv/.extra-$extra_hash"
+fi
 ln -sfn "$venv" .venv
 
 # shellcheck source=env.sh
@@ -43,7 +51,7 @@ scripts/audit.sh install
 
 # Fixtures: regenerate only when the generating script or the pinned versions change.
 fx=tests/fixtures/generated
-stamp=$(cat scripts/make_fixtures.py "$req" | sha256sum | cut -c1-16)
+stamp=$(cat scripts/make_fixtures.py "$req" "$extra" | sha256sum | cut -c1-16)
 if [ "$(cat "$fx/.stamp" 2>/dev/null)" != "$stamp" ]; then
   echo "setup: generating tiny-model fixtures in $fx"
   rm -rf "$fx"
