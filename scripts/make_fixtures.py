@@ -211,6 +211,51 @@ TINY_VAE_CONFIG = dict(
     sample_size=64,
 )
 
+# A tiny SD 2.x-style model (tiny-sd2/): what SD 2.1 changes from 1.x, at toy size.
+# OpenCLIP-style text encoder as diffusers loads SD 2.x's (gelu, "!" as the pad token; SD 2.x
+# ships the encoder truncated to its penultimate layer, so no clip skip is involved), a UNet with
+# linear projections, upcast attention and per-block head counts, a v-prediction DDIM scheduler
+# (SD 2.1-768's scheduler_config.json) and a native size other than 64.
+TINY_SD2_TEXT_CONFIG = dict(
+    TINY_TEXT_CONFIG,
+    hidden_size=40,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=5,
+    hidden_act="gelu",
+    pad_token_id=0,
+    projection_dim=40,
+)
+
+TINY_SD2_UNET_CONFIG = dict(
+    TINY_UNET_CONFIG,
+    sample_size=12,  # x8 (the VAE) -> native 96x96, as SD 2.1's 96 -> 768
+    attention_head_dim=(2, 4, 4),  # per block, number of heads (diffusers' legacy name)
+    cross_attention_dim=40,
+    use_linear_projection=True,
+    upcast_attention=True,
+)
+
+# Verbatim stabilityai/stable-diffusion-2-1/scheduler/scheduler_config.json.
+SD2_SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.8.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+SD2_PAD_TOKEN = "!"
+SD2_SIZE = 96
+SD2_STEPS = 8
+SD2_NEGATIVE_PROMPT = "blurry"
+
 # Real SD v1-4 shapes for --full-size. The text encoder config mirrors the real
 # text_encoder/config.json (including its legacy bos/eos ids 0/2).
 FULL_TEXT_CONFIG = dict(
@@ -386,8 +431,11 @@ def build_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def write_vocab_files(folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
-    """vocab.json / merges.txt in the format of the real SD v1-4 tokenizer folder."""
+def write_vocab_files(
+    folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str = "<|endoftext|>"
+) -> None:
+    """vocab.json / merges.txt in the format of the real SD v1-4 tokenizer folder (SD 2.x's pads
+    with "!")."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text(
@@ -398,7 +446,7 @@ def write_vocab_files(folder: Path, vocab: dict[str, int], merges: list[tuple[st
             {
                 "bos_token": "<|startoftext|>",
                 "eos_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
+                "pad_token": pad_token,
                 "unk_token": "<|endoftext|>",
             },
             indent=2,
@@ -1174,6 +1222,114 @@ def ref_guidance_rescale(ref_dir: Path, model_dir: Path) -> dict:
     }
 
 
+def build_tiny_sd2(model_dir: Path, vocab, merges) -> None:
+    """Writes tiny-sd2/ (see TINY_SD2_*) the way diffusers saves an SD 2.x pipeline."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(WEIGHT_SEED + 20)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_SD2_TEXT_CONFIG)).eval()
+    unet = UNet2DConditionModel(**TINY_SD2_UNET_CONFIG).eval()
+    vae = AutoencoderKL(**TINY_VAE_CONFIG).eval()
+    reinit_parameters(text_encoder, WEIGHT_SEED + 21)
+    reinit_parameters(unet, WEIGHT_SEED + 22)
+    reinit_parameters(vae, WEIGHT_SEED + 23)
+    tokenizer = CLIPTokenizer(
+        vocab=dict(vocab),
+        merges=list(merges),
+        model_max_length=MAX_LENGTH,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token=SD2_PAD_TOKEN,
+    )
+    ids = tokenize(tokenizer, ["a photo of a cat"])[0]
+    pad_id = vocab[SD2_PAD_TOKEN]
+    assert ids == EXPECTED_CAT_IDS + [pad_id] * (MAX_LENGTH - len(EXPECTED_CAT_IDS)), ids[:12]
+    scheduler = DDIMScheduler.from_config({k: v for k, v in SD2_SCHEDULER_CONFIG.items() if not k.startswith("_")})
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    write_vocab_files(model_dir / "tokenizer", vocab, merges, pad_token=SD2_PAD_TOKEN)
+    (model_dir / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(SD2_SCHEDULER_CONFIG, indent=2) + "\n", encoding="utf-8"
+    )
+    # What Rust reads for the pad token must say "!" (transformers writes it in either file).
+    special = model_dir / "tokenizer" / "special_tokens_map.json"
+    config = json.loads((model_dir / "tokenizer" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    named = json.loads(special.read_text(encoding="utf-8")) if special.is_file() else config
+    pad = named.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    assert pad == SD2_PAD_TOKEN, (special, pad)
+
+
+def ref_sd2(ref_dir: Path, model_dir: Path) -> dict:
+    """SD 2.x end to end on tiny-sd2: the text encoder (gelu, "!" padding), and the pipeline
+    with v-prediction under DDIM (the model's own scheduler), DPM++ 2M and Euler, guidance
+    rescale 0.7 on the DDIM run.
+
+        sd2.safetensors: input_ids [2,77] (prompt, negative), text_embeds [2,77,40];
+        <sched>_latents_NNN [1,4,12,12] after each step and <sched>_image uint8 [1,96,96,3]
+        for sched in ddim, dpmpp_2m, euler; ddim_rescaled_latents_NNN, ddim_rescaled_image.
+    """
+    import numpy as np
+    import torch
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_dir, dtype=torch.float32, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    ids = torch.tensor(tokenize(pipe.tokenizer, [ASTRONAUT_PROMPT, SD2_NEGATIVE_PROMPT]), dtype=torch.int64)
+    with torch.no_grad():
+        embeds = pipe.text_encoder(ids)[0]
+    tensors = {"input_ids": ids, "text_embeds": embeds}
+    info = {"prompt": ASTRONAUT_PROMPT, "negative_prompt": SD2_NEGATIVE_PROMPT, "seed": SCHEDULER_SEED,
+            "num_inference_steps": SD2_STEPS, "guidance_scale": GUIDANCE_SCALE, "size": SD2_SIZE, "runs": {}}
+    runs = [
+        ("ddim", DDIMScheduler, 0.0),
+        ("ddim_rescaled", DDIMScheduler, 0.7),
+        ("dpmpp_2m", DPMSolverMultistepScheduler, 0.0),
+        ("euler", EulerDiscreteScheduler, 0.0),
+    ]
+    for name, cls, rescale in runs:
+        pipe.scheduler = cls.from_pretrained(model_dir, subfolder="scheduler")
+        assert pipe.scheduler.config.prediction_type == "v_prediction", name
+        latents = []
+
+        def on_step_end(_pipe, i, t, kwargs):
+            latents.append(kwargs["latents"].clone())
+            return {}
+
+        images = pipe(
+            ASTRONAUT_PROMPT,
+            negative_prompt=SD2_NEGATIVE_PROMPT,
+            guidance_scale=GUIDANCE_SCALE,
+            guidance_rescale=rescale,
+            num_inference_steps=SD2_STEPS,
+            generator=torch.Generator("cpu").manual_seed(SCHEDULER_SEED),
+            output_type="np",
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["latents"],
+        ).images
+        images = to_uint8(np.asarray(images, dtype=np.float32))
+        # No height/width given: the pipeline used the model's native size.
+        assert images.shape == (1, SD2_SIZE, SD2_SIZE, 3), images.shape
+        pix_std = float(images.astype("float64").std())
+        if pix_std <= 5.0:
+            raise SystemExit(f"sd2 {name}: image is (nearly) constant, pixel std {pix_std}")
+        for i, lat in enumerate(latents):
+            tensors[f"{name}_latents_{i:03d}"] = lat
+        tensors[f"{name}_image"] = torch.from_numpy(images)
+        info["runs"][name] = {"guidance_rescale": rescale, "steps": len(latents), "pixel_std": pix_std}
+    save_tensors(ref_dir / "sd2.safetensors", tensors)
+    return info
+
+
 def ref_batch(ref_dir: Path, model_dir: Path) -> dict:
     import torch
     from diffusers import PNDMScheduler
@@ -1749,6 +1905,9 @@ def make_tiny(out_dir: Path) -> None:
     batch_info = ref_batch(ref_dir, model_dir)
     clip_skip_info = ref_clip_skip(ref_dir, model_dir)
     rescale_info = ref_guidance_rescale(ref_dir, model_dir)
+    sd2_dir = out_dir / "tiny-sd2"
+    build_tiny_sd2(sd2_dir, vocab, merges)
+    sd2_info = ref_sd2(ref_dir, sd2_dir)
     write_meta(
         ref_dir,
         {
@@ -1757,6 +1916,7 @@ def make_tiny(out_dir: Path) -> None:
             "batch_result": batch_info,
             "clip_skip": clip_skip_info,
             "guidance_rescale": rescale_info,
+            "sd2": sd2_info,
         },
     )
     stds.update(make_checker_fixtures(out_dir, model_dir, ref_dir, tokenizer, vocab, merges))

@@ -1,8 +1,9 @@
 //! CLIP's byte-level BPE tokenizer, built with the `tokenizers` crate from `vocab.json` and
 //! `merges.txt` with the same normalizer and pre-tokenizer as transformers' `CLIPTokenizer`:
 //! NFC, whitespace runs to one space, lowercase; CLIP's split regex; byte-level mapping; `</w>`
-//! end-of-word suffix. Sequences are `<|startoftext|> … <|endoftext|>`, padded with
-//! `<|endoftext|>` to the text encoder's 77 positions and truncated to fit.
+//! end-of-word suffix. Sequences are `<|startoftext|> … <|endoftext|>`, padded to the text
+//! encoder's 77 positions with the folder's pad token (`<|endoftext|>` for SD 1.x, `!` for SD 2.x's
+//! OpenCLIP tokenizer) and truncated to fit.
 use crate::error::{Error, Result};
 use std::path::Path;
 use tokenizers::models::bpe::BPE;
@@ -21,13 +22,14 @@ pub struct ClipTokenizer {
     inner: Tokenizer,
     bos: u32,
     eos: u32,
+    pad: u32,
     max_len: usize,
 }
 
 /// One tokenized prompt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tokens {
-    /// Exactly `max_len` ids: BOS, the prompt, EOS, EOS padding.
+    /// Exactly `max_len` ids: BOS, the prompt, EOS, padding.
     pub ids: Vec<i64>,
     /// How many prompt tokens did not fit and were dropped.
     pub truncated: usize,
@@ -35,6 +37,39 @@ pub struct Tokens {
 
 fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(format!("{}: {e}", path.display()))
+}
+
+/// The pad token a tokenizer folder names: `special_tokens_map.json`, else
+/// `tokenizer_config.json` (transformers writes it in either), as a string or `{"content": …}`.
+/// `None` when neither file names one (SD 1.x folders converted by hand): EOS pads.
+fn pad_token(dir: &Path) -> Result<Option<String>> {
+    for name in ["special_tokens_map.json", "tokenizer_config.json"] {
+        let path = dir.join(name);
+        if !path.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: path.clone(),
+                source,
+            })?;
+        let token = match json.get("pad_token") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Object(o)) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        if token.is_some() {
+            return Ok(token);
+        }
+    }
+    Ok(None)
 }
 
 impl ClipTokenizer {
@@ -92,10 +127,15 @@ impl ClipTokenizer {
                 .ok_or_else(|| tok_err(&vocab, format!("vocabulary has no `{t}`")))
         };
         let (bos, eos) = (id(BOS)?, id(EOS)?);
+        let pad = match pad_token(dir)? {
+            Some(token) => id(&token)?,
+            None => eos,
+        };
         Ok(Self {
             inner,
             bos,
             eos,
+            pad,
             max_len,
         })
     }
@@ -117,10 +157,39 @@ impl ClipTokenizer {
         ids.push(self.bos as i64);
         ids.extend(body[..kept].iter().map(|&i| i as i64));
         ids.push(self.eos as i64);
-        ids.resize(self.max_len, self.eos as i64);
+        ids.resize(self.max_len, self.pad as i64);
         Ok(Tokens {
             ids,
             truncated: body.len() - kept,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pad_token_comes_from_either_file_in_either_form() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(pad_token(dir.path()).unwrap(), None, "no file: EOS pads");
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write(
+            "tokenizer_config.json",
+            r#"{"pad_token": {"content": "!", "lstrip": false}}"#,
+        );
+        assert_eq!(pad_token(dir.path()).unwrap().as_deref(), Some("!"));
+        // special_tokens_map.json is read first.
+        write(
+            "special_tokens_map.json",
+            r#"{"pad_token": "<|endoftext|>"}"#,
+        );
+        assert_eq!(
+            pad_token(dir.path()).unwrap().as_deref(),
+            Some("<|endoftext|>")
+        );
+        write("special_tokens_map.json", "{not json");
+        let e = pad_token(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("special_tokens_map.json"), "{e}");
     }
 }
