@@ -16,6 +16,7 @@ pub mod schedulers;
 pub mod tokenizer;
 pub mod transformer;
 pub mod unet;
+pub mod unet_blocks;
 pub mod vae;
 pub mod weights;
 

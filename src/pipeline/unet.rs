@@ -1,33 +1,15 @@
-//! diffusers' `UNet2DConditionModel` as SD v1 uses it: sinusoidal timestep embedding, a down path of
-//! ResNet (+ cross-attention transformer) blocks, a middle block, an up path fed by skip connections.
-//! Every size comes from `unet/config.json`.
+//! diffusers' `UNet2DConditionModel` as SD 1.x and 2.x use it: sinusoidal timestep embedding, a
+//! down path of ResNet (+ cross-attention transformer) blocks, a middle block, an up path fed by
+//! skip connections (the blocks are in [`super::unet_blocks`]). Every size comes from
+//! `unet/config.json`.
 use super::attention::AttentionOptions;
 use super::config::{UNetConfig, UNetLayout};
 use super::nn::{Conv2d, GroupNorm, Linear};
-use super::resnet::{Downsample, ResnetBlock, Upsample};
-use super::transformer::Transformer2D;
+use super::unet_blocks::{self, BlockContext, DownBlock, MidBlock, UpBlock};
 use super::weights::Scope;
 use crate::error::Result;
 use std::path::Path;
 use tch::{Kind, Tensor};
-
-struct DownBlock {
-    resnets: Vec<ResnetBlock>,
-    attentions: Vec<Transformer2D>,
-    downsample: Option<Downsample>,
-}
-
-struct UpBlock {
-    resnets: Vec<ResnetBlock>,
-    attentions: Vec<Transformer2D>,
-    upsample: Option<Upsample>,
-}
-
-struct MidBlock {
-    resnet_in: ResnetBlock,
-    attention: Transformer2D,
-    resnet_out: ResnetBlock,
-}
 
 pub struct UNet2DConditionModel {
     time_proj_dim: i64,
@@ -54,135 +36,33 @@ impl UNet2DConditionModel {
         attention_slice: Option<i64>,
     ) -> Result<Self> {
         let l: UNetLayout = config.layout(config_path)?;
-        let n = l.channels.len();
-        let groups = config.norm_num_groups;
-        let eps = config.norm_eps;
         let ch0 = l.channels[0];
-        let temb = ch0 * 4;
-        let ctx = l.cross_attention_dim;
-        let transformer = |s: &Scope, ch: i64, heads: i64, layers: i64| {
-            Transformer2D::load(
-                s,
-                ch,
-                heads,
-                ctx,
-                layers,
-                groups,
-                config.use_linear_projection,
-                AttentionOptions {
-                    slice: attention_slice,
-                    upcast: config.upcast_attention,
-                },
-            )
+        let ctx = BlockContext {
+            norm_groups: config.norm_num_groups,
+            norm_eps: config.norm_eps,
+            temb_channels: ch0 * 4,
+            cross_attention_dim: l.cross_attention_dim,
+            linear_projection: config.use_linear_projection,
+            attention: AttentionOptions {
+                slice: attention_slice,
+                upcast: config.upcast_attention,
+            },
         };
-
-        let mut down = Vec::with_capacity(n);
-        let mut in_ch = ch0;
-        for i in 0..n {
-            let s = w.sub(format!("down_blocks.{i}"));
-            let out_ch = l.channels[i];
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for j in 0..l.layers_per_block[i] {
-                let res_in = if j == 0 { in_ch } else { out_ch };
-                resnets.push(ResnetBlock::load(
-                    &s.sub(format!("resnets.{j}")),
-                    res_in,
-                    out_ch,
-                    Some(temb),
-                    groups,
-                    eps,
-                )?);
-                if l.down_attn[i] {
-                    attentions.push(transformer(
-                        &s.sub(format!("attentions.{j}")),
-                        out_ch,
-                        l.heads[i],
-                        l.transformer_layers[i],
-                    )?);
-                }
-            }
-            let downsample = (i + 1 < n)
-                .then(|| {
-                    Downsample::load(&s.sub("downsamplers.0"), out_ch, config.downsample_padding)
-                })
-                .transpose()?;
-            down.push(DownBlock {
-                resnets,
-                attentions,
-                downsample,
-            });
-            in_ch = out_ch;
-        }
-
-        let ch_last = l.channels[n - 1];
-        let ms = w.sub("mid_block");
-        let mid = MidBlock {
-            resnet_in: ResnetBlock::load(
-                &ms.sub("resnets.0"),
-                ch_last,
-                ch_last,
-                Some(temb),
-                groups,
-                eps,
-            )?,
-            attention: transformer(
-                &ms.sub("attentions.0"),
-                ch_last,
-                l.heads[n - 1],
-                l.transformer_layers[n - 1],
-            )?,
-            resnet_out: ResnetBlock::load(
-                &ms.sub("resnets.1"),
-                ch_last,
-                ch_last,
-                Some(temb),
-                groups,
-                eps,
-            )?,
-        };
-
-        // The up path mirrors the down path; block i of the up path pairs with down block n-1-i.
-        let mut up = Vec::with_capacity(n);
-        let mut prev_out = ch_last;
-        for i in 0..n {
-            let s = w.sub(format!("up_blocks.{i}"));
-            let r = n - 1 - i;
-            let out_ch = l.channels[r];
-            let skip_in = l.channels[r.saturating_sub(1)];
-            let layers = l.layers_per_block[r] + 1;
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for j in 0..layers {
-                let skip_ch = if j == layers - 1 { skip_in } else { out_ch };
-                let res_in = if j == 0 { prev_out } else { out_ch };
-                resnets.push(ResnetBlock::load(
-                    &s.sub(format!("resnets.{j}")),
-                    res_in + skip_ch,
-                    out_ch,
-                    Some(temb),
-                    groups,
-                    eps,
-                )?);
-                if l.up_attn[i] {
-                    attentions.push(transformer(
-                        &s.sub(format!("attentions.{j}")),
-                        out_ch,
-                        l.heads[r],
-                        l.transformer_layers[r],
-                    )?);
-                }
-            }
-            let upsample = (i + 1 < n)
-                .then(|| Upsample::load(&s.sub("upsamplers.0"), out_ch))
-                .transpose()?;
-            up.push(UpBlock {
-                resnets,
-                attentions,
-                upsample,
-            });
-            prev_out = out_ch;
-        }
+        let temb = ctx.temb_channels;
+        let groups = ctx.norm_groups;
+        let eps = ctx.norm_eps;
+        let (down_cfg, mid_cfg, up_cfg) = unet_blocks::plan(&l, config.downsample_padding);
+        let down = down_cfg
+            .iter()
+            .enumerate()
+            .map(|(i, c)| DownBlock::load(&w.sub(format!("down_blocks.{i}")), c, &ctx))
+            .collect::<Result<Vec<_>>>()?;
+        let mid = MidBlock::load(&w.sub("mid_block"), &mid_cfg, &ctx)?;
+        let up = up_cfg
+            .iter()
+            .enumerate()
+            .map(|(i, c)| UpBlock::load(&w.sub(format!("up_blocks.{i}")), c, &ctx))
+            .collect::<Result<Vec<_>>>()?;
 
         Ok(Self {
             time_proj_dim: ch0,
@@ -197,7 +77,7 @@ impl UNet2DConditionModel {
             norm_out: GroupNorm::load(&w.sub("conv_norm_out"), groups, ch0, eps)?,
             conv_out: Conv2d::load(&w.sub("conv_out"), ch0, config.out_channels, 3, 1, 1)?,
             in_channels: config.in_channels,
-            cross_attention_dim: ctx,
+            cross_attention_dim: ctx.cross_attention_dim,
         })
     }
 
@@ -246,44 +126,11 @@ impl UNet2DConditionModel {
         let mut xs = self.conv_in.forward(sample)?;
         let mut skips = vec![xs.shallow_clone()];
         for block in &self.down {
-            for (j, resnet) in block.resnets.iter().enumerate() {
-                xs = resnet.forward(&xs, Some(&temb))?;
-                if let Some(attn) = block.attentions.get(j) {
-                    xs = attn.forward(&xs, context)?;
-                }
-                skips.push(xs.shallow_clone());
-            }
-            if let Some(down) = &block.downsample {
-                xs = down.forward(&xs)?;
-                skips.push(xs.shallow_clone());
-            }
+            xs = block.forward(xs, &temb, context, &mut skips)?;
         }
-
-        xs = self.mid.resnet_in.forward(&xs, Some(&temb))?;
-        xs = self.mid.attention.forward(&xs, context)?;
-        xs = self.mid.resnet_out.forward(&xs, Some(&temb))?;
-
+        xs = self.mid.forward(&xs, &temb, context)?;
         for block in &self.up {
-            for (j, resnet) in block.resnets.iter().enumerate() {
-                let skip = skips.pop().ok_or_else(|| {
-                    crate::error::Error::InvalidArgument(
-                        "UNet skip connections exhausted (inconsistent block layout)".into(),
-                    )
-                })?;
-                xs = resnet.forward(&Tensor::f_cat(&[&xs, &skip], 1)?, Some(&temb))?;
-                if let Some(attn) = block.attentions.get(j) {
-                    xs = attn.forward(&xs, context)?;
-                }
-            }
-            if let Some(up) = &block.upsample {
-                let size = skips.last().map(|t| t.size()).unwrap_or_default();
-                let target = if size.len() == 4 {
-                    [size[2], size[3]]
-                } else {
-                    [xs.size()[2] * 2, xs.size()[3] * 2]
-                };
-                xs = up.forward(&xs, target)?;
-            }
+            xs = block.forward(xs, &temb, context, &mut skips)?;
         }
 
         let xs = self.norm_out.forward(&xs)?.f_silu()?;
