@@ -342,3 +342,47 @@ fn missing_file_is_named() {
     ));
     assert!(err.contains("/nonexistent/m.safetensors"), "{err}");
 }
+
+/// `sdbatch generate --model FILE.safetensors --model-config DIR` writes the same PNG as the
+/// folder; `--model x.ckpt` fails naming the file.
+#[test]
+fn cli_generate_from_a_single_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(&prompts, "a red sneaker\n").unwrap();
+    let run = |model: &Path, out: &Path, extra: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sdbatch"));
+        cmd.args(["generate", "--model"])
+            .arg(model)
+            .arg("--prompts")
+            .arg(&prompts)
+            .arg("--out")
+            .arg(out)
+            .args(["--steps", "2", "--seed", "9", "--device", "cpu"])
+            .args(extra)
+            .env("RUST_LOG", "warn");
+        cmd.output().unwrap()
+    };
+    let folder_out = dir.path().join("folder");
+    let o = run(&fixtures().join("tiny-sd"), &folder_out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let single_out = dir.path().join("single");
+    let config = fixtures().join("tiny-sd");
+    let o = run(
+        &checkpoint("tiny-sd"),
+        &single_out,
+        &["--model-config", config.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let png = |d: &Path| std::fs::read(d.join("0.png")).unwrap();
+    assert_eq!(png(&folder_out), png(&single_out), "same PNG bytes");
+
+    let ckpt = dir.path().join("model.ckpt");
+    std::fs::write(&ckpt, b"\x80\x04.").unwrap();
+    let o = run(&ckpt, &dir.path().join("x"), &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("model.ckpt") && err.contains("never unpickles"),
+        "{err}"
+    );
+}
