@@ -10,7 +10,7 @@ byte-identical reference files on the same machine (and numerically very close
 ones elsewhere). Nothing is downloaded: HF_HUB_OFFLINE=1 is set, the CLIP BPE
 vocabulary comes from the open-clip-torch wheel, and all weights are random.
 
-Default DIR is <repo>/tests/fixtures/generated. The run replaces DIR/tiny-sd,
+Default DIR is <repo>/tests/fixtures/generated. The run replaces DIR/tiny-sd, DIR/single-file,
 DIR/tiny-clip and DIR/reference (and nothing else in DIR).
 
 Contract (what the Rust tests may rely on)
@@ -35,6 +35,19 @@ DIR/tiny-sd/  -- a tiny, randomly initialised model in the exact diffusers layou
         AutoencoderKL: block_out_channels (16,32,32,32) (4 blocks -> factor 8),
         layers_per_block 1, latent 4, norm groups 8, scaling_factor 0.18215
     The *.fp16.safetensors files hold the same weights rounded to float16.
+
+DIR/single-file/  -- the tiny models as single-file checkpoints in the original CompVis/LDM layout,
+                 written with this script's own diffusers -> LDM mapping and checked to load back
+                 with diffusers' from_single_file(config=<folder>) tensor-for-tensor equal:
+    tiny-sd.safetensors    SD 1.x: model.diffusion_model.*, first_stage_model.* (mid attention as
+                           1x1 convs), cond_stage_model.transformer.text_model.* (+ position_ids),
+                           plus model_ema.* copies of 4 keys (+1.0) and model_ema.decay to be ignored
+    tiny-sd2.safetensors   SD 2.x: as above with an OpenCLIP text tower cond_stage_model.model.*
+                           (fused attn.in_proj_*, ln_1/ln_2, mlp.c_fc/c_proj, positional_embedding,
+                           ln_final, text_projection, logit_scale) and one extra, random, final
+                           resblock (index 3) that readers must drop (penultimate-layer encoder)
+    Head counts and norm groups of the tiny models cannot be inferred from shapes: load them with
+    the folder as the config (--model-config tiny-sd / tiny-sd2).
 
 DIR/reference/  -- safetensors files (float32 unless stated) and json:
     tokens.json        {"prompts": [str, ...], "ids": [[77 ints], ...]}  (>= 220 prompts)
@@ -1871,6 +1884,216 @@ def make_checker_fixtures(out_dir: Path, model_dir: Path, ref_dir: Path, tokeniz
 # --------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------
+# Single-file checkpoints in the original CompVis/LDM layout (single-file/), written from the
+# tiny diffusers folders with our own diffusers -> LDM key mapping (the inverse of what sdbatch's
+# src/pipeline/single_file.rs reads), then loaded back with diffusers' from_single_file and checked
+# tensor for tensor against the folders.
+
+LDM_RESNET_NAMES = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+LDM_VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+class _KeyMover:
+    """Moves tensors from a diffusers state dict to LDM names; every key must be moved once."""
+
+    def __init__(self, state: dict):
+        self.left = dict(state)
+        self.out = {}
+
+    def move(self, src: str, dst: str, rename=None, transform=None) -> None:
+        keys = [k for k in self.left if k.startswith(src + ".")]
+        assert keys, f"no keys under {src}"
+        for k in keys:
+            rest = k[len(src) + 1 :]
+            if rename is not None:
+                module, _, param = rest.rpartition(".")
+                rest = f"{rename.get(module, module)}.{param}"
+            value = self.left.pop(k)
+            self.out[f"{dst}.{rest}"] = transform(rest, value) if transform else value
+
+    def done(self) -> dict:
+        assert not self.left, f"unmapped keys: {sorted(self.left)[:5]}"
+        return self.out
+
+
+def unet_to_ldm(state: dict, config: dict) -> dict:
+    m = _KeyMover(state)
+    n = len(config["block_out_channels"])
+    lpb = config["layers_per_block"]
+    down_attn = [t.startswith("CrossAttn") for t in config["down_block_types"]]
+    up_attn = [t.startswith("CrossAttn") for t in config["up_block_types"]]
+    m.move("time_embedding.linear_1", "time_embed.0")
+    m.move("time_embedding.linear_2", "time_embed.2")
+    m.move("conv_in", "input_blocks.0.0")
+    m.move("conv_norm_out", "out.0")
+    m.move("conv_out", "out.2")
+    idx = 1
+    for i in range(n):
+        for j in range(lpb):
+            m.move(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{idx}.0", LDM_RESNET_NAMES)
+            if down_attn[i]:
+                m.move(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{idx}.1")
+            idx += 1
+        if i < n - 1:
+            m.move(f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{idx}.0.op")
+            idx += 1
+    m.move("mid_block.resnets.0", "middle_block.0", LDM_RESNET_NAMES)
+    m.move("mid_block.attentions.0", "middle_block.1")
+    m.move("mid_block.resnets.1", "middle_block.2", LDM_RESNET_NAMES)
+    idx = 0
+    for u in range(n):
+        for j in range(lpb + 1):
+            m.move(f"up_blocks.{u}.resnets.{j}", f"output_blocks.{idx}.0", LDM_RESNET_NAMES)
+            if up_attn[u]:
+                m.move(f"up_blocks.{u}.attentions.{j}", f"output_blocks.{idx}.1")
+            if j == lpb and u < n - 1:
+                m.move(f"up_blocks.{u}.upsamplers.0.conv", f"output_blocks.{idx}.{2 if up_attn[u] else 1}.conv")
+            idx += 1
+    return m.done()
+
+
+def vae_to_ldm(state: dict, config: dict) -> dict:
+    m = _KeyMover(state)
+    n = len(config["block_out_channels"])
+    vae_resnet = {"conv_shortcut": "nin_shortcut"}
+
+    def attention_conv(rest, value):  # LDM's mid attention projections are 1x1 convs
+        return value[:, :, None, None] if value.dim() == 2 else value
+
+    for half in ("encoder", "decoder"):
+        m.move(f"{half}.conv_in", f"{half}.conv_in")
+        m.move(f"{half}.conv_out", f"{half}.conv_out")
+        m.move(f"{half}.conv_norm_out", f"{half}.norm_out")
+        m.move(f"{half}.mid_block.resnets.0", f"{half}.mid.block_1", vae_resnet)
+        m.move(f"{half}.mid_block.resnets.1", f"{half}.mid.block_2", vae_resnet)
+        m.move(f"{half}.mid_block.attentions.0", f"{half}.mid.attn_1", LDM_VAE_ATTENTION_NAMES, attention_conv)
+    for level in range(n):
+        for j in range(config["layers_per_block"]):
+            m.move(f"encoder.down_blocks.{level}.resnets.{j}", f"encoder.down.{level}.block.{j}", vae_resnet)
+        if level < n - 1:
+            m.move(f"encoder.down_blocks.{level}.downsamplers.0.conv", f"encoder.down.{level}.downsample.conv")
+    for u in range(n):
+        level = n - 1 - u  # LDM numbers the decoder levels from the highest resolution
+        for j in range(config["layers_per_block"] + 1):
+            m.move(f"decoder.up_blocks.{u}.resnets.{j}", f"decoder.up.{level}.block.{j}", vae_resnet)
+        if u < n - 1:
+            m.move(f"decoder.up_blocks.{u}.upsamplers.0.conv", f"decoder.up.{level}.upsample.conv")
+    m.move("quant_conv", "quant_conv")
+    m.move("post_quant_conv", "post_quant_conv")
+    return m.done()
+
+
+def clip_to_ldm(state: dict) -> dict:
+    """SD 1.x: transformers' CLIPTextModel names under cond_stage_model.transformer.text_model."""
+    import torch
+
+    out = {f"text_model.{k.removeprefix('text_model.')}": v for k, v in state.items()}
+    # Real SD 1.x checkpoints carry the position_ids buffer; readers must ignore it.
+    out["text_model.embeddings.position_ids"] = torch.arange(77, dtype=torch.int64)[None]
+    return out
+
+
+def clip_to_open_clip(state: dict, config: dict, seed: int) -> dict:
+    """SD 2.x: OpenCLIP names, q/k/v fused into in_proj, plus one more final resblock (random), a
+    text_projection and logit_scale — what the full tower in an SD 2.x checkpoint has and
+    diffusers drops (it keeps the penultimate layer's output)."""
+    import torch
+
+    s = {k.removeprefix("text_model."): v for k, v in state.items()}
+    m = _KeyMover(s)
+    m.move("embeddings.token_embedding", "token_embedding")
+    m.out["positional_embedding"] = m.left.pop("embeddings.position_embedding.weight")
+    m.move("final_layer_norm", "ln_final")
+    layers = config["num_hidden_layers"]
+    for i in range(layers):
+        src, dst = f"encoder.layers.{i}", f"transformer.resblocks.{i}"
+        for p in ("weight", "bias"):
+            m.out[f"{dst}.attn.in_proj_{p}"] = torch.cat(
+                [m.left.pop(f"{src}.self_attn.{x}_proj.{p}") for x in "qkv"], 0
+            )
+        m.move(f"{src}.self_attn.out_proj", f"{dst}.attn.out_proj")
+        m.move(f"{src}.layer_norm1", f"{dst}.ln_1")
+        m.move(f"{src}.layer_norm2", f"{dst}.ln_2")
+        m.move(f"{src}.mlp.fc1", f"{dst}.mlp.c_fc")
+        m.move(f"{src}.mlp.fc2", f"{dst}.mlp.c_proj")
+    out = m.done()
+    g = torch.Generator().manual_seed(seed)
+    last = f"transformer.resblocks.{layers}"
+    for k in [k for k in out if k.startswith("transformer.resblocks.0.")]:
+        v = out[k]
+        out[last + k[len("transformer.resblocks.0") :]] = torch.randn(v.shape, generator=g) * 0.1
+    d = config["hidden_size"]
+    out["text_projection"] = torch.randn((d, d), generator=g)
+    out["logit_scale"] = torch.tensor(4.6052)
+    return out
+
+
+def _prefixed(prefix: str, state: dict) -> dict:
+    return {prefix + k: v.contiguous() for k, v in state.items()}
+
+
+def check_single_file(path: Path, model_dir: Path) -> None:
+    """from_single_file(path, config=model_dir) must give the folder's tensors exactly."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    folder = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    single = StableDiffusionPipeline.from_single_file(
+        str(path), config=str(model_dir), local_files_only=True,
+        safety_checker=None, requires_safety_checker=False,
+    )
+    for name in ("unet", "vae", "text_encoder"):
+        want = getattr(folder, name).state_dict()
+        got = getattr(single, name).state_dict()
+        assert set(want) == set(got), (path, name, set(want) ^ set(got))
+        for k, v in want.items():
+            assert torch.equal(v, got[k]), f"{path}: {name}.{k} differs after from_single_file"
+    assert single.scheduler.config.prediction_type == folder.scheduler.config.prediction_type
+
+
+def make_single_file(out_dir: Path, sd1_dir: Path, sd2_dir: Path) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    target = out_dir / "single-file"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    info = {}
+    for name, model_dir, sd2 in (("tiny-sd", sd1_dir, False), ("tiny-sd2", sd2_dir, True)):
+        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
+        vae = AutoencoderKL.from_pretrained(model_dir / "vae")
+        text = CLIPTextModel.from_pretrained(model_dir / "text_encoder")
+        ckpt = _prefixed("model.diffusion_model.", unet_to_ldm(unet.state_dict(), dict(unet.config)))
+        ckpt.update(_prefixed("first_stage_model.", vae_to_ldm(vae.state_dict(), dict(vae.config))))
+        if sd2:
+            tower = clip_to_open_clip(text.state_dict(), text.config.to_dict(), WEIGHT_SEED + 30)
+            ckpt.update(_prefixed("cond_stage_model.model.", tower))
+        else:
+            ckpt.update(_prefixed("cond_stage_model.transformer.", clip_to_ldm(text.state_dict())))
+            # EMA copies (LDM names them without dots) must be ignored by every reader.
+            for k in sorted(ckpt)[:4]:
+                ema = "model_ema." + k.removeprefix("model.").replace(".", "")
+                ckpt[ema] = ckpt[k].clone() + 1.0
+            ckpt["model_ema.decay"] = torch.tensor(0.9999)
+        path = target / f"{name}.safetensors"
+        save_file(ckpt, str(path))
+        check_single_file(path, model_dir)
+        info[name] = {"file": f"single-file/{name}.safetensors", "tensors": len(ckpt), "config": name}
+        print(f"single-file: {path.name} ({len(ckpt)} tensors) loads back identically with from_single_file")
+    return info
+
+
 def make_tiny(out_dir: Path) -> None:
     import torch
 
@@ -1908,6 +2131,7 @@ def make_tiny(out_dir: Path) -> None:
     sd2_dir = out_dir / "tiny-sd2"
     build_tiny_sd2(sd2_dir, vocab, merges)
     sd2_info = ref_sd2(ref_dir, sd2_dir)
+    make_single_file(out_dir, model_dir, sd2_dir)
     write_meta(
         ref_dir,
         {

@@ -26,6 +26,24 @@ pub enum Error {
         reason: String,
     },
 
+    /// A model file in a format that is never read because reading it could run code (pickle).
+    #[error(
+        "{path}: {detail}. sdbatch never unpickles model files (a pickle can run arbitrary code), \
+         so this file was not read. Convert a checkpoint you trust to safetensors, e.g.:\n  \
+         python -c \"import torch; from safetensors.torch import save_file; \
+         sd = torch.load('model.ckpt', map_location='cpu', weights_only=True); \
+         sd = sd.get('state_dict', sd); \
+         save_file({{k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, \
+         'model.safetensors')\"\n\
+         or convert it to a diffusers folder with diffusers' \
+         scripts/convert_original_stable_diffusion_to_diffusers.py --from_safetensors"
+    )]
+    NotSafetensors { path: PathBuf, detail: String },
+
+    /// A single-file checkpoint whose keys or shapes fit no supported Stable Diffusion layout.
+    #[error("{path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+
     #[error("{path}: invalid config: {message}")]
     Config { path: PathBuf, message: String },
 

@@ -118,7 +118,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let check_options = sdbatch::pipeline::LoadOptions::new(model.device(), model.dtype());
     let checker = if args.safety_checker {
         Some(
-            SafetyChecker::load(&args.model.model, &check_options)?.ok_or_else(|| {
+            SafetyChecker::load(
+                &super::extras_dir(&args.model.model, args.model.model_config.as_deref()),
+                &check_options,
+            )?
+            .ok_or_else(|| {
                 anyhow::anyhow!(
                     "--safety-checker: {} has no safety_checker/ folder",
                     args.model.model.display()

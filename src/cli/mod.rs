@@ -10,6 +10,7 @@ mod worker;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sdbatch::pipeline::schedulers::SchedulerKind;
+use sdbatch::pipeline::single_file::SingleFileOptions;
 use sdbatch::pipeline::{LoadOptions, StableDiffusion};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -98,9 +99,26 @@ impl BrokerArgs {
 /// Model, device and precision flags shared by the commands that load a model.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model folder in the diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    /// Model folder in the diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
+    /// or a single-file checkpoint (.safetensors, original CompVis/LDM layout, SD 1.x or 2.x).
     #[arg(long)]
     pub model: PathBuf,
+    /// Single-file checkpoints: a diffusers model folder whose unet/, text_encoder/, vae/ configs,
+    /// scheduler and tokenizer are used instead of the ones inferred from the checkpoint.
+    #[arg(long, value_name = "DIR")]
+    pub model_config: Option<PathBuf>,
+    /// Single-file checkpoints: a VAE replacing the checkpoint's (a diffusers VAE folder or a
+    /// .safetensors file in diffusers or LDM names).
+    #[arg(long, value_name = "PATH")]
+    pub vae: Option<PathBuf>,
+    /// Single-file checkpoints: the tokenizer folder (vocab.json, merges.txt; default: the
+    /// --model-config folder's tokenizer/).
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer: Option<PathBuf>,
+    /// Single-file checkpoints: epsilon or v_prediction (default: the <file>.yaml sidecar's
+    /// parameterization, else epsilon for SD 1.x and v_prediction for SD 2.x).
+    #[arg(long, value_name = "TYPE")]
+    pub prediction_type: Option<String>,
     /// auto (CUDA if available), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -136,10 +154,40 @@ impl ModelArgs {
             ..LoadOptions::new(device, dtype)
         };
         let started = Instant::now();
-        let model = StableDiffusion::load(&self.model, options)
+        let single = single_file_options(
+            self.model_config.clone(),
+            self.vae.clone(),
+            self.tokenizer.clone(),
+            self.prediction_type.as_deref(),
+        )?;
+        let model = StableDiffusion::load_any(&self.model, options, single)
             .map_err(|e| anyhow::anyhow!("loading model {}: {e}", self.model.display()))?;
         tracing::info!(model = %self.model.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
         Ok(model)
+    }
+}
+
+/// The single-file loading flags, validated.
+pub fn single_file_options(
+    model_config: Option<PathBuf>,
+    vae: Option<PathBuf>,
+    tokenizer: Option<PathBuf>,
+    prediction_type: Option<&str>,
+) -> Result<SingleFileOptions> {
+    Ok(SingleFileOptions {
+        model_config,
+        vae,
+        tokenizer,
+        prediction_type: prediction_type.map(str::parse).transpose()?,
+    })
+}
+
+/// Where a model's optional extras (the safety checker) live: the model folder, or for a
+/// single-file checkpoint the --model-config folder.
+pub fn extras_dir(model: &std::path::Path, model_config: Option<&std::path::Path>) -> PathBuf {
+    match model_config {
+        Some(dir) if !model.is_dir() => dir.to_path_buf(),
+        _ => model.to_path_buf(),
     }
 }
 

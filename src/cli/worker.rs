@@ -7,6 +7,7 @@ use sdbatch::config::{FileConfig, defaults};
 use sdbatch::message::Limits;
 use sdbatch::pipeline::clip_score::ClipScorer;
 use sdbatch::pipeline::safety::SafetyChecker;
+use sdbatch::pipeline::single_file::SingleFileOptions;
 use sdbatch::pipeline::{LoadOptions, StableDiffusion};
 use sdbatch::queue::Topology;
 use sdbatch::storage::{Storage, StorageConfig};
@@ -31,9 +32,22 @@ pub struct WorkerArgs {
     /// Worker id in events, logs and the consumer tag (default: host name and pid).
     #[arg(long, env = "SDBATCH_WORKER_ID", hide_env_values = true)]
     pub worker_id: Option<String>,
-    /// Model folder in the diffusers layout.
+    /// Model folder in the diffusers layout, or a single-file .safetensors checkpoint
+    /// (original CompVis/LDM layout, SD 1.x or 2.x).
     #[arg(long, env = "SDBATCH_MODEL", hide_env_values = true)]
     pub model: Option<PathBuf>,
+    /// Single-file checkpoints: a diffusers folder whose configs, scheduler and tokenizer are used.
+    #[arg(long, env = "SDBATCH_MODEL_CONFIG", hide_env_values = true)]
+    pub model_config: Option<PathBuf>,
+    /// Single-file checkpoints: a VAE folder or .safetensors file replacing the checkpoint's.
+    #[arg(long, env = "SDBATCH_VAE", hide_env_values = true)]
+    pub vae: Option<PathBuf>,
+    /// Single-file checkpoints: the tokenizer folder (default: --model-config's tokenizer/).
+    #[arg(long, env = "SDBATCH_TOKENIZER", hide_env_values = true)]
+    pub tokenizer: Option<PathBuf>,
+    /// Single-file checkpoints: epsilon or v_prediction.
+    #[arg(long, env = "SDBATCH_PREDICTION_TYPE", hide_env_values = true)]
+    pub prediction_type: Option<String>,
     /// auto, cpu, cuda, cuda:N.
     #[arg(long, env = "SDBATCH_DEVICE", hide_env_values = true)]
     pub device: Option<String>,
@@ -161,6 +175,7 @@ struct Resolved {
     worker: WorkerConfig,
     storage: StorageConfig,
     model: PathBuf,
+    single: SingleFileOptions,
     device: String,
     dtype: String,
     variant: Option<String>,
@@ -349,12 +364,19 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
                 .with_context(|| format!("--metrics-addr {a}: expected HOST:PORT or off"))?,
         ),
     };
+    let single = super::single_file_options(
+        args.model_config.or(file.model_config.map(PathBuf::from)),
+        args.vae.or(file.vae.map(PathBuf::from)),
+        args.tokenizer.or(file.tokenizer.map(PathBuf::from)),
+        args.prediction_type.or(file.prediction_type).as_deref(),
+    )?;
     Ok(Resolved {
         clip_model,
         metrics_addr,
         worker,
         storage,
         model,
+        single,
         device,
         dtype: args
             .dtype
@@ -443,7 +465,9 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         }
     }
 
-    let model_dir = r.model.clone();
+    let model_path = r.model.clone();
+    let single = r.single.clone();
+    let extras_dir = super::extras_dir(&r.model, r.single.model_config.as_deref());
     let options = LoadOptions {
         variant: r.variant.clone(),
         ..LoadOptions::new(device, dtype)
@@ -452,10 +476,10 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     let clip_dir = r.clip_model.clone();
     let require_safety = r.worker.safety_default;
     let gpu = GpuExecutor::start(move || {
-        let safety = SafetyChecker::load(&model_dir, &options)?;
+        let safety = SafetyChecker::load(&extras_dir, &options)?;
         if require_safety && safety.is_none() {
             return Err(sdbatch::Error::MissingFile {
-                path: model_dir.join("safety_checker"),
+                path: extras_dir.join("safety_checker"),
             });
         }
         // A CLIP folder has no weight variants: load it without the pipeline's `--variant`.
@@ -464,7 +488,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
             .map(|d| ClipScorer::load(&d, &clip_options))
             .transpose()?;
         Ok(Models {
-            sd: StableDiffusion::load(&model_dir, options)?,
+            sd: StableDiffusion::load_any(&model_path, options, single)?,
             safety,
             clip,
         })

@@ -13,6 +13,7 @@ pub mod noise;
 pub mod resnet;
 pub mod safety;
 pub mod schedulers;
+pub mod single_file;
 pub mod tokenizer;
 pub mod transformer;
 pub mod unet;
@@ -172,6 +173,70 @@ fn load_weights(dir: &Path, base: &str, opts: &LoadOptions) -> Result<Weights> {
     Weights::load(&path, opts.dtype, opts.device)
 }
 
+/// Parses a config value; `path` (where it came from) names it in errors.
+fn parse_config<T: serde::de::DeserializeOwned>(
+    (value, path): (serde_json::Value, PathBuf),
+) -> Result<(T, PathBuf)> {
+    let parsed = serde_json::from_value(value).map_err(|source| Error::Json {
+        path: path.clone(),
+        source,
+    })?;
+    Ok((parsed, path))
+}
+
+/// A model's configs, weights and tokenizer, however they were found.
+struct Parts {
+    text_encoder: (ClipTextConfig, PathBuf, Weights),
+    unet: (UNetConfig, PathBuf, Weights),
+    vae: (VaeConfig, PathBuf, Weights),
+    tokenizer_dir: PathBuf,
+    scheduler_config: SchedulerConfig,
+}
+
+type VaeSource = (
+    std::collections::HashMap<String, Tensor>,
+    PathBuf,
+    Option<PathBuf>,
+);
+
+/// `--vae`: a diffusers VAE folder (its config.json is used), or one `.safetensors` file in
+/// diffusers names (`decoder.up_blocks.*`) or LDM names (`decoder.up.*`, with or without
+/// `first_stage_model.`), whose config is inferred from its shapes.
+fn load_vae_override(path: &Path) -> Result<VaeSource> {
+    let (file, config_dir) = if path.is_dir() {
+        (
+            weights_file(path, "diffusion_pytorch_model", Kind::Float, None)?,
+            Some(path.to_path_buf()),
+        )
+    } else {
+        (path.to_path_buf(), None)
+    };
+    single_file::ensure_safetensors(&file)?;
+    let tensors = Tensor::read_safetensors(&file).map_err(|e| Error::Config {
+        path: file.clone(),
+        message: format!("not a readable safetensors file: {e}"),
+    })?;
+    let tensors: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| match k.strip_prefix(single_file::VAE_PREFIX) {
+            Some(rest) => (rest.to_string(), v),
+            None => (k, v),
+        })
+        .collect();
+    let tensors = if tensors.keys().any(|k| k.starts_with("decoder.up_blocks.")) {
+        tensors
+    } else if tensors.keys().any(|k| k.starts_with("decoder.up.")) {
+        single_file::rename_ldm_vae(&file, tensors)?
+    } else {
+        return Err(Error::Checkpoint {
+            path: file,
+            message: "not a VAE: no `decoder.up_blocks.*` (diffusers) or `decoder.up.*` (LDM) keys"
+                .into(),
+        });
+    };
+    Ok((tensors, file, config_dir))
+}
+
 impl StableDiffusion {
     /// Loads a model folder in the diffusers layout (`model_index.json`, `tokenizer/`,
     /// `text_encoder/`, `unet/`, `vae/`, `scheduler/`).
@@ -195,16 +260,196 @@ impl StableDiffusion {
         let te_cfg_path = dir.join("text_encoder/config.json");
         let te_cfg: ClipTextConfig = read_json(&te_cfg_path)?;
         let te_weights = load_weights(&dir.join("text_encoder"), "model", &options)?;
-        let text_encoder = clip::ClipTextModel::load(&te_cfg, &te_cfg_path, &te_weights.root())?;
-        te_weights.finish();
-        let tokenizer = tokenizer::ClipTokenizer::load(
-            &dir.join("tokenizer"),
-            te_cfg.max_position_embeddings as usize,
-        )?;
-
         let unet_cfg_path = dir.join("unet/config.json");
         let unet_cfg: UNetConfig = read_json(&unet_cfg_path)?;
         let unet_weights = load_weights(&dir.join("unet"), "diffusion_pytorch_model", &options)?;
+        let vae_cfg_path = dir.join("vae/config.json");
+        let vae_cfg: VaeConfig = read_json(&vae_cfg_path)?;
+        let vae_weights = load_weights(&dir.join("vae"), "diffusion_pytorch_model", &options)?;
+        let scheduler_config =
+            SchedulerConfig::from_file(dir.join("scheduler/scheduler_config.json"))?;
+        Self::assemble(
+            Parts {
+                text_encoder: (te_cfg, te_cfg_path, te_weights),
+                unet: (unet_cfg, unet_cfg_path, unet_weights),
+                vae: (vae_cfg, vae_cfg_path, vae_weights),
+                tokenizer_dir: dir.join("tokenizer"),
+                scheduler_config,
+            },
+            options,
+            dir,
+        )
+    }
+
+    /// Loads `path`: a diffusers model folder ([`load`](Self::load)) or a single-file
+    /// checkpoint ([`load_single_file`](Self::load_single_file)).
+    pub fn load_any(
+        path: &Path,
+        options: LoadOptions,
+        single: single_file::SingleFileOptions,
+    ) -> Result<Self> {
+        if path.is_dir() {
+            Self::load(path, options)
+        } else {
+            Self::load_single_file(path, options, single)
+        }
+    }
+
+    /// Loads a single-file checkpoint in the original CompVis/LDM layout (SD 1.x or 2.x, see
+    /// [`single_file`]). Configs come from `single.model_config` when given, else are inferred
+    /// from the tensors' shapes.
+    pub fn load_single_file(
+        file: &Path,
+        options: LoadOptions,
+        single: single_file::SingleFileOptions,
+    ) -> Result<Self> {
+        use single_file::{PredictionType, TextEncoderKind};
+        let _no_grad = tch::no_grad_guard();
+        single_file::ensure_safetensors(file)?;
+        // Checked before the (large) file is read.
+        let tokenizer_dir = match (&single.tokenizer, &single.model_config) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(dir)) => dir.join("tokenizer"),
+            (None, None) => {
+                return Err(Error::Checkpoint {
+                    path: file.to_path_buf(),
+                    message: "single-file checkpoints carry no tokenizer: pass --tokenizer DIR \
+                              (a folder with vocab.json and merges.txt, e.g. a diffusers model's \
+                              tokenizer/) or --model-config DIR (a diffusers model folder)"
+                        .into(),
+                });
+            }
+        };
+
+        let tensors = Tensor::read_safetensors(file).map_err(|e| Error::Config {
+            path: file.to_path_buf(),
+            message: format!("not a readable safetensors file: {e}"),
+        })?;
+        let parts = single_file::split_checkpoint(file, tensors.into_iter().collect())?;
+        let sd2 = parts.text_kind == TextEncoderKind::OpenClip;
+
+        // The prediction type: the flag, else the LDM .yaml sidecar, else the architecture's
+        // default — epsilon for SD 1.x; for SD 2.x v-prediction (SD 2.0/2.1 at 768 px, the
+        // checkpoints people use; diffusers' from_single_file makes the same guess). SD 2.x
+        // *base* (512 px, epsilon) needs --prediction-type epsilon or its .yaml.
+        let from_yaml = match single_file::sidecar_yaml(file) {
+            Some(yaml) => {
+                let text = std::fs::read_to_string(&yaml).map_err(|source| Error::Io {
+                    path: yaml.clone(),
+                    source,
+                })?;
+                single_file::yaml_prediction_type(&text).or(Some(PredictionType::Epsilon))
+            }
+            None => None,
+        };
+        let explicit = single.prediction_type.or(from_yaml);
+        let prediction = explicit.unwrap_or(if sd2 {
+            PredictionType::VPrediction
+        } else {
+            PredictionType::Epsilon
+        });
+
+        let wrap = |tensors| Weights::from_tensors(file, tensors, options.dtype, options.device);
+        let config =
+            |name: &str, inferred: serde_json::Value| -> Result<(serde_json::Value, PathBuf)> {
+                match &single.model_config {
+                    Some(dir) => {
+                        let path = dir.join(name).join("config.json");
+                        Ok((read_json(&path)?, path))
+                    }
+                    None => Ok((inferred, file.to_path_buf())),
+                }
+            };
+        let text_inferred = if single.model_config.is_none() {
+            single_file::infer_text_config(file, &parts.text_encoder, parts.text_kind)?
+        } else {
+            serde_json::Value::Null
+        };
+        let (te_cfg, te_cfg_path) = parse_config(config("text_encoder", text_inferred)?)?;
+        let unet_inferred = if single.model_config.is_none() {
+            single_file::infer_unet_config(file, &parts.unet, sd2, prediction)?
+        } else {
+            serde_json::Value::Null
+        };
+        let (unet_cfg, unet_cfg_path) = parse_config(config("unet", unet_inferred)?)?;
+
+        // The VAE: --vae (a folder or a file), else the checkpoint's.
+        let (vae_tensors, vae_file, vae_config_dir) = match &single.vae {
+            Some(vae) => {
+                let (tensors, file, dir) = load_vae_override(vae)?;
+                drop(parts.vae);
+                (tensors, file, dir)
+            }
+            None if parts.vae.is_empty() => {
+                return Err(Error::Checkpoint {
+                    path: file.to_path_buf(),
+                    message: format!(
+                        "no VAE in the checkpoint (no `{}*` keys): pass --vae with a VAE folder \
+                         or .safetensors file",
+                        single_file::VAE_PREFIX
+                    ),
+                });
+            }
+            None => (parts.vae, file.to_path_buf(), None),
+        };
+        let (vae_cfg, vae_cfg_path) = match (vae_config_dir, &single.model_config) {
+            (Some(dir), _) => parse_config((
+                read_json(&dir.join("config.json"))?,
+                dir.join("config.json"),
+            ))?,
+            (None, Some(dir)) => parse_config((
+                read_json(&dir.join("vae/config.json"))?,
+                dir.join("vae/config.json"),
+            ))?,
+            (None, None) => parse_config((
+                single_file::infer_vae_config(&vae_file, &vae_tensors)?,
+                vae_file.clone(),
+            ))?,
+        };
+
+        let mut scheduler_config = match &single.model_config {
+            Some(dir) => SchedulerConfig::from_file(dir.join("scheduler/scheduler_config.json"))?,
+            None => SchedulerConfig::from_json(
+                if sd2 {
+                    single_file::SD2_SCHEDULER_CONFIG
+                } else {
+                    single_file::SD1_SCHEDULER_CONFIG
+                },
+                file,
+            )?,
+        };
+        // A model folder's scheduler already says what its model predicts; only an explicit
+        // choice (flag or .yaml) replaces it.
+        if single.model_config.is_none() || explicit.is_some() {
+            scheduler_config.prediction_type = Some(prediction.as_str().to_string());
+        }
+
+        let vae_weights =
+            Weights::from_tensors(&vae_file, vae_tensors, options.dtype, options.device);
+        Self::assemble(
+            Parts {
+                text_encoder: (te_cfg, te_cfg_path, wrap(parts.text_encoder)),
+                unet: (unet_cfg, unet_cfg_path, wrap(parts.unet)),
+                vae: (vae_cfg, vae_cfg_path, vae_weights),
+                tokenizer_dir,
+                scheduler_config,
+            },
+            options,
+            file,
+        )
+    }
+
+    /// Builds the pipeline from configs and weights, checking that the parts fit together.
+    fn assemble(parts: Parts, options: LoadOptions, source: &Path) -> Result<Self> {
+        let (te_cfg, te_cfg_path, te_weights) = parts.text_encoder;
+        let text_encoder = clip::ClipTextModel::load(&te_cfg, &te_cfg_path, &te_weights.root())?;
+        te_weights.finish();
+        let tokenizer = tokenizer::ClipTokenizer::load(
+            &parts.tokenizer_dir,
+            te_cfg.max_position_embeddings as usize,
+        )?;
+
+        let (unet_cfg, unet_cfg_path, unet_weights) = parts.unet;
         let unet = unet::UNet2DConditionModel::load(
             &unet_cfg,
             &unet_cfg_path,
@@ -223,9 +468,7 @@ impl StableDiffusion {
             });
         }
 
-        let vae_cfg_path = dir.join("vae/config.json");
-        let vae_cfg: VaeConfig = read_json(&vae_cfg_path)?;
-        let vae_weights = load_weights(&dir.join("vae"), "diffusion_pytorch_model", &options)?;
+        let (vae_cfg, vae_cfg_path, vae_weights) = parts.vae;
         let vae = vae::VaeDecoder::load(&vae_cfg, &vae_cfg_path, &vae_weights.root())?;
         // The encoder half is not needed for text-to-image; its tensors stay unused on purpose.
         drop(vae_weights);
@@ -240,8 +483,7 @@ impl StableDiffusion {
             });
         }
 
-        let scheduler_config =
-            SchedulerConfig::from_file(dir.join("scheduler/scheduler_config.json"))?;
+        let scheduler_config = parts.scheduler_config;
         // The noise schedule itself is shared by every scheduler: a bad one fails the load.
         scheduler_config.alphas_cumprod()?;
         Ok(Self {
@@ -255,7 +497,7 @@ impl StableDiffusion {
             // SD v1 UNets say 64 (latent cells): 512 px. Models without the key get the same.
             native_size: unet_cfg.sample_size.unwrap_or(64) * vae_cfg.scale_factor(),
             options,
-            model_dir: dir.to_path_buf(),
+            model_dir: source.to_path_buf(),
         })
     }
 

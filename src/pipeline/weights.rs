@@ -38,6 +38,22 @@ impl Weights {
         })
     }
 
+    /// Tensors already in memory (e.g. renamed from a single-file checkpoint); `path` is the file
+    /// they came from, named in every error.
+    pub fn from_tensors(
+        path: &Path,
+        tensors: HashMap<String, Tensor>,
+        kind: Kind,
+        device: Device,
+    ) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            tensors: RefCell::new(tensors),
+            kind,
+            device,
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
