@@ -141,7 +141,7 @@ fn bad_flags_are_rejected() {
     for (flags, needle) in [
         (&["--width", "100"][..], "multiples of 8"),
         (&["--guidance=-1"][..], "--guidance"),
-        (&["--scheduler", "lms"][..], "unknown scheduler"),
+        (&["--scheduler", "dpm_adaptive"][..], "unknown scheduler"),
         (&["--steps", "0"][..], "steps"),
         (
             &["--dtype", "fp16", "--device", "cpu"][..],
