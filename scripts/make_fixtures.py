@@ -53,7 +53,8 @@ DIR/reference/  -- safetensors files (float32 unless stated) and json:
     vae.safetensors
         latents [2,4,8,8], decoded [2,3,64,64] = vae.decode(latents).sample
         (raw decoder input: no division by scaling_factor here)
-    scheduler_<name>.safetensors, name in pndm, ddim, euler_ancestral, dpmpp_2m
+    scheduler_<name>.safetensors, name in scheduler_classes() (pndm, ddim, euler_ancestral, dpmpp_2m, …;
+        ddim_zero_snr / euler_zero_snr: rescale_betas_zero_snr, trailing spacing, v_prediction)
         One full StableDiffusionPipeline run: prompt ASTRONAUT_PROMPT, no negative prompt,
         guidance 7.5, 10 steps, 64x64, generator=[torch.Generator("cpu").manual_seed(1234)].
         The scheduler is Cls.from_pretrained(tiny-sd, subfolder="scheduler").
@@ -321,6 +322,7 @@ def scheduler_classes():
             self.timesteps = euler.timesteps
 
     karras = {"use_karras_sigmas": True}
+    zero_snr = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
     return {
         "pndm": (PNDMScheduler, {}),
         "ddim": (DDIMScheduler, {}),
@@ -338,6 +340,11 @@ def scheduler_classes():
             DPMSolverMultistepScheduler,
             {"algorithm_type": "dpmsolver++", "solver_order": 2, **karras},
         ),
+        # Not user-facing names: the options a zero-terminal-SNR model (SD 2.x style) carries in its
+        # scheduler_config.json. v_prediction because DDIM's x0 from an epsilon prediction divides
+        # by sqrt(alphas_cumprod[999]) = 0 there (zero-SNR models are v-prediction models).
+        "ddim_zero_snr": (DDIMScheduler, zero_snr),
+        "euler_zero_snr": (EulerDiscreteScheduler, zero_snr),
     }
 
 
@@ -1039,6 +1046,7 @@ def ref_schedulers(ref_dir: Path, model_dir: Path) -> dict:
         info[name] = {
             "class": cls.__name__,
             "config": {k: v for k, v in dict(sched.config).items() if not k.startswith("_")},
+            "num_inference_steps": SCHEDULER_STEPS,
             "steps_iterated": len(timesteps),
             "step_noise_draws": len(rec["step_noise"]),
             "pixel_std": pix_std,
