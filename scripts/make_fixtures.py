@@ -305,6 +305,7 @@ def scheduler_classes():
         HeunDiscreteScheduler,
         LMSDiscreteScheduler,
         PNDMScheduler,
+        UniPCMultistepScheduler,
     )
 
     class EulerAncestralKarrasScheduler(EulerAncestralDiscreteScheduler):
@@ -345,6 +346,10 @@ def scheduler_classes():
         # by sqrt(alphas_cumprod[999]) = 0 there (zero-SNR models are v-prediction models).
         "ddim_zero_snr": (DDIMScheduler, zero_snr),
         "euler_zero_snr": (EulerDiscreteScheduler, zero_snr),
+        # UniPC's defaults (bh2, order 2, predict_x0, lower_order_final, no disabled corrector).
+        "unipc": (UniPCMultistepScheduler, {}),
+        "unipc_karras": (UniPCMultistepScheduler, karras),
+        "unipc_zero_snr": (UniPCMultistepScheduler, zero_snr),
     }
 
 

@@ -273,6 +273,21 @@ fn euler_zero_snr_matches_diffusers() {
 }
 
 #[test]
+fn unipc_matches_diffusers() {
+    scheduler_run("unipc", SchedulerKind::UniPc);
+}
+
+#[test]
+fn unipc_karras_matches_diffusers() {
+    scheduler_run("unipc_karras", SchedulerKind::UniPcKarras);
+}
+
+#[test]
+fn unipc_zero_snr_matches_diffusers() {
+    scheduler_run_with("unipc_zero_snr", SchedulerKind::UniPc, zero_snr);
+}
+
+#[test]
 fn three_prompt_batch_matches_diffusers() {
     let model = load_cpu();
     let meta = meta();

@@ -85,6 +85,18 @@ pub struct SchedulerConfig {
     /// Ends of the Karras schedule; by default those of the interpolated sigmas.
     pub sigma_min: Option<f64>,
     pub sigma_max: Option<f64>,
+
+    // UniPCMultistepScheduler (also `solver_order`, `solver_type` "bh1"/"bh2", `lower_order_final`).
+    /// Only true (default): the data-prediction form.
+    pub predict_x0: Option<bool>,
+    /// Step indices after which no corrector runs (default none).
+    pub disable_corrector: Option<Vec<usize>>,
+
+    // LCMScheduler.
+    /// The distillation schedule's number of steps (default 50).
+    pub original_inference_steps: Option<usize>,
+    /// Scale of the timestep in the boundary-condition scalings (default 10).
+    pub timestep_scaling: Option<f64>,
 }
 
 fn default_num_train_timesteps() -> usize {
@@ -135,6 +147,10 @@ impl Default for SchedulerConfig {
             timestep_type: None,
             sigma_min: None,
             sigma_max: None,
+            predict_x0: None,
+            disable_corrector: None,
+            original_inference_steps: None,
+            timestep_scaling: None,
         }
     }
 }

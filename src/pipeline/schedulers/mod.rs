@@ -15,6 +15,7 @@ mod pndm;
 mod sigmas;
 #[cfg(test)]
 mod test_layouts;
+mod unipc;
 
 pub use config::SchedulerConfig;
 pub use ddim::DdimScheduler;
@@ -24,6 +25,7 @@ pub use euler_ancestral::EulerAncestralScheduler;
 pub use heun::HeunScheduler;
 pub use lms::LmsScheduler;
 pub use pndm::PndmScheduler;
+pub use unipc::UniPcMultistepScheduler;
 
 use crate::error::{Error, Result};
 use tch::Tensor;
@@ -84,10 +86,14 @@ pub enum SchedulerKind {
     DpmSolverPp2m,
     #[serde(rename = "dpmpp_2m_karras")]
     DpmSolverPp2mKarras,
+    #[serde(rename = "unipc")]
+    UniPc,
+    #[serde(rename = "unipc_karras")]
+    UniPcKarras,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 12] = [
+    pub const ALL: [SchedulerKind; 14] = [
         SchedulerKind::Pndm,
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
@@ -100,6 +106,8 @@ impl SchedulerKind {
         SchedulerKind::LmsKarras,
         SchedulerKind::DpmSolverPp2m,
         SchedulerKind::DpmSolverPp2mKarras,
+        SchedulerKind::UniPc,
+        SchedulerKind::UniPcKarras,
     ];
 
     pub fn name(self) -> &'static str {
@@ -116,6 +124,8 @@ impl SchedulerKind {
             SchedulerKind::LmsKarras => "lms_karras",
             SchedulerKind::DpmSolverPp2m => "dpmpp_2m",
             SchedulerKind::DpmSolverPp2mKarras => "dpmpp_2m_karras",
+            SchedulerKind::UniPc => "unipc",
+            SchedulerKind::UniPcKarras => "unipc_karras",
         }
     }
 
@@ -128,6 +138,7 @@ impl SchedulerKind {
                 | SchedulerKind::HeunKarras
                 | SchedulerKind::LmsKarras
                 | SchedulerKind::DpmSolverPp2mKarras
+                | SchedulerKind::UniPcKarras
         )
     }
 
@@ -163,6 +174,9 @@ impl SchedulerKind {
             }
             SchedulerKind::DpmSolverPp2m | SchedulerKind::DpmSolverPp2mKarras => {
                 Box::new(DpmSolverMultistepScheduler::new(config, steps)?)
+            }
+            SchedulerKind::UniPc | SchedulerKind::UniPcKarras => {
+                Box::new(UniPcMultistepScheduler::new(config, steps)?)
             }
         })
     }
@@ -205,6 +219,8 @@ impl std::str::FromStr for SchedulerKind {
             "lmskarras" => SchedulerKind::LmsKarras,
             "dpmpp2m" | "dpmsolvermultistep" | "dpmsolverpp" => SchedulerKind::DpmSolverPp2m,
             "dpmpp2mkarras" | "dpmsolvermultistepkarras" => SchedulerKind::DpmSolverPp2mKarras,
+            "unipc" | "unipcmultistep" => SchedulerKind::UniPc,
+            "unipckarras" | "unipcmultistepkarras" => SchedulerKind::UniPcKarras,
             _ => return Err(Error::UnknownScheduler(s.to_string())),
         })
     }
@@ -323,10 +339,15 @@ mod tests {
             ("k_dpmpp_2m", DpmSolverPp2m),
             ("DPM++ 2M Karras", DpmSolverPp2mKarras),
             ("dpmpp_2m_karras", DpmSolverPp2mKarras),
+            ("UniPC", UniPc),
+            ("uni_pc", UniPc),
+            ("UniPCMultistep", UniPc),
+            ("unipc karras", UniPcKarras),
+            ("UniPC Karras", UniPcKarras),
         ] {
             assert_eq!(alias.parse::<SchedulerKind>().unwrap(), kind, "{alias}");
         }
-        for unknown in ["unipc", "lcm", "DPM++ SDE", "karras", "k", "", "euler_b"] {
+        for unknown in ["lcm", "DPM++ SDE", "karras", "k", "", "euler_b"] {
             assert!(
                 matches!(unknown.parse::<SchedulerKind>(), Err(Error::UnknownScheduler(ref s)) if s == unknown),
                 "{unknown}"
