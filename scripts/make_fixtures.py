@@ -64,7 +64,7 @@ DIR/reference/  -- safetensors files (float32 unless stated) and json:
         negative_prompt_embeds[1,77,32]  text embeddings of "" (the unconditional branch)
         noise_pred_NNN        [1,4,8,8]  guided noise prediction given to scheduler.step at step NNN
         latents_NNN           [1,4,8,8]  latents after step NNN (NNN = 000 .. T-1, zero padded)
-        step_noise_NNN        [1,4,8,8]  (euler_ancestral only) the noise the scheduler drew at
+        step_noise_NNN        [1,4,8,8]  (euler_ancestral*, lcm only) the noise the scheduler drew at
                                          step NNN from the same generator, after init_latents
         image_f32             [1,64,64,3] pipeline output, output_type="np", in [0,1]
         image                 uint8 [1,64,64,3] = (image_f32*255).round() (what PIL output uses)
@@ -281,6 +281,8 @@ ASTRONAUT_PROMPT = "a photo of an astronaut riding a horse"
 GUIDANCE_SCALE = 7.5
 SCHEDULER_STEPS = 10
 SCHEDULER_SEED = 1234
+# Runs with their own number of steps (LCM samples in a few steps).
+SCHEDULER_STEPS_BY_NAME = {"lcm": 4}
 IMAGE_SIZE = 64  # height = width of every pipeline run
 
 BATCH_PROMPTS = [
@@ -303,6 +305,7 @@ def scheduler_classes():
         EulerAncestralDiscreteScheduler,
         EulerDiscreteScheduler,
         HeunDiscreteScheduler,
+        LCMScheduler,
         LMSDiscreteScheduler,
         PNDMScheduler,
         UniPCMultistepScheduler,
@@ -350,6 +353,10 @@ def scheduler_classes():
         "unipc": (UniPCMultistepScheduler, {}),
         "unipc_karras": (UniPCMultistepScheduler, karras),
         "unipc_zero_snr": (UniPCMultistepScheduler, zero_snr),
+        # Stochastic: re-noises with randn_tensor from the generator after every step but the last
+        # (recorded as step_noise_NNN). An LCM scheduler on this non-LCM model is still a valid
+        # per-step comparison; it runs LCM_STEPS steps (see SCHEDULER_STEPS_BY_NAME).
+        "lcm": (LCMScheduler, {}),
     }
 
 
@@ -1027,7 +1034,8 @@ def ref_schedulers(ref_dir: Path, model_dir: Path) -> dict:
             pipe = load_pipeline(model_dir, sched)
         else:
             pipe.scheduler = sched
-        rec, timesteps, images = run_pipeline(pipe, ASTRONAUT_PROMPT, None, [SCHEDULER_SEED], SCHEDULER_STEPS)
+        steps = SCHEDULER_STEPS_BY_NAME.get(name, SCHEDULER_STEPS)
+        rec, timesteps, images = run_pipeline(pipe, ASTRONAUT_PROMPT, None, [SCHEDULER_SEED], steps)
         # prompt embeddings exactly as the pipeline computes them (cond, and uncond for "")
         cond, uncond = pipe.encode_prompt(ASTRONAUT_PROMPT, torch.device("cpu"), 1, True, None)
         tensors = {
@@ -1051,7 +1059,7 @@ def ref_schedulers(ref_dir: Path, model_dir: Path) -> dict:
         info[name] = {
             "class": cls.__name__,
             "config": {k: v for k, v in dict(sched.config).items() if not k.startswith("_")},
-            "num_inference_steps": SCHEDULER_STEPS,
+            "num_inference_steps": steps,
             "steps_iterated": len(timesteps),
             "step_noise_draws": len(rec["step_noise"]),
             "pixel_std": pix_std,

@@ -288,6 +288,11 @@ fn unipc_zero_snr_matches_diffusers() {
 }
 
 #[test]
+fn lcm_matches_diffusers() {
+    scheduler_run("lcm", SchedulerKind::Lcm);
+}
+
+#[test]
 fn three_prompt_batch_matches_diffusers() {
     let model = load_cpu();
     let meta = meta();

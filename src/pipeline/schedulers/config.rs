@@ -477,6 +477,20 @@ pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     y
 }
 
+/// `np.linspace(start, stop, num, endpoint=False)` (float64).
+pub(crate) fn np_linspace_open(start: f64, stop: f64, num: usize) -> Vec<f64> {
+    let step = (stop - start) / num as f64;
+    (0..num)
+        .map(|i| {
+            if step == 0.0 {
+                i as f64 / num as f64 * (stop - start) + start
+            } else {
+                i as f64 * step + start
+            }
+        })
+        .collect()
+}
+
 /// `np.arange(start, stop, step)` for float64 arguments, including numpy's way of filling the
 /// values (`start + i * ((start + step) - start)`).
 pub(crate) fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {

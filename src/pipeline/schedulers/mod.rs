@@ -10,6 +10,7 @@ mod dpm_solver;
 mod euler;
 mod euler_ancestral;
 mod heun;
+mod lcm;
 mod lms;
 mod pndm;
 mod sigmas;
@@ -23,6 +24,7 @@ pub use dpm_solver::DpmSolverMultistepScheduler;
 pub use euler::EulerScheduler;
 pub use euler_ancestral::EulerAncestralScheduler;
 pub use heun::HeunScheduler;
+pub use lcm::LcmScheduler;
 pub use lms::LmsScheduler;
 pub use pndm::PndmScheduler;
 pub use unipc::UniPcMultistepScheduler;
@@ -90,10 +92,11 @@ pub enum SchedulerKind {
     UniPc,
     #[serde(rename = "unipc_karras")]
     UniPcKarras,
+    Lcm,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 14] = [
+    pub const ALL: [SchedulerKind; 15] = [
         SchedulerKind::Pndm,
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
@@ -108,6 +111,7 @@ impl SchedulerKind {
         SchedulerKind::DpmSolverPp2mKarras,
         SchedulerKind::UniPc,
         SchedulerKind::UniPcKarras,
+        SchedulerKind::Lcm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -126,6 +130,7 @@ impl SchedulerKind {
             SchedulerKind::DpmSolverPp2mKarras => "dpmpp_2m_karras",
             SchedulerKind::UniPc => "unipc",
             SchedulerKind::UniPcKarras => "unipc_karras",
+            SchedulerKind::Lcm => "lcm",
         }
     }
 
@@ -178,6 +183,7 @@ impl SchedulerKind {
             SchedulerKind::UniPc | SchedulerKind::UniPcKarras => {
                 Box::new(UniPcMultistepScheduler::new(config, steps)?)
             }
+            SchedulerKind::Lcm => Box::new(LcmScheduler::new(config, steps)?),
         })
     }
 }
@@ -221,6 +227,7 @@ impl std::str::FromStr for SchedulerKind {
             "dpmpp2mkarras" | "dpmsolvermultistepkarras" => SchedulerKind::DpmSolverPp2mKarras,
             "unipc" | "unipcmultistep" => SchedulerKind::UniPc,
             "unipckarras" | "unipcmultistepkarras" => SchedulerKind::UniPcKarras,
+            "lcm" => SchedulerKind::Lcm,
             _ => return Err(Error::UnknownScheduler(s.to_string())),
         })
     }
@@ -344,10 +351,11 @@ mod tests {
             ("UniPCMultistep", UniPc),
             ("unipc karras", UniPcKarras),
             ("UniPC Karras", UniPcKarras),
+            ("LCM", Lcm),
         ] {
             assert_eq!(alias.parse::<SchedulerKind>().unwrap(), kind, "{alias}");
         }
-        for unknown in ["lcm", "DPM++ SDE", "karras", "k", "", "euler_b"] {
+        for unknown in ["DPM++ SDE", "lcm_karras", "karras", "k", "", "euler_b"] {
             assert!(
                 matches!(unknown.parse::<SchedulerKind>(), Err(Error::UnknownScheduler(ref s)) if s == unknown),
                 "{unknown}"
