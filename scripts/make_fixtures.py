@@ -66,7 +66,8 @@ DIR/reference/  -- safetensors files (float32 unless stated) and json:
     vae.safetensors
         latents [2,4,8,8], decoded [2,3,64,64] = vae.decode(latents).sample
         (raw decoder input: no division by scaling_factor here)
-    scheduler_<name>.safetensors, name in pndm, ddim, euler_ancestral, dpmpp_2m
+    scheduler_<name>.safetensors, name in scheduler_classes() (pndm, ddim, euler_ancestral, dpmpp_2m, …;
+        ddim_zero_snr / euler_zero_snr: rescale_betas_zero_snr, trailing spacing, v_prediction)
         One full StableDiffusionPipeline run: prompt ASTRONAUT_PROMPT, no negative prompt,
         guidance 7.5, 10 steps, 64x64, generator=[torch.Generator("cpu").manual_seed(1234)].
         The scheduler is Cls.from_pretrained(tiny-sd, subfolder="scheduler").
@@ -76,7 +77,7 @@ DIR/reference/  -- safetensors files (float32 unless stated) and json:
         negative_prompt_embeds[1,77,32]  text embeddings of "" (the unconditional branch)
         noise_pred_NNN        [1,4,8,8]  guided noise prediction given to scheduler.step at step NNN
         latents_NNN           [1,4,8,8]  latents after step NNN (NNN = 000 .. T-1, zero padded)
-        step_noise_NNN        [1,4,8,8]  (euler_ancestral only) the noise the scheduler drew at
+        step_noise_NNN        [1,4,8,8]  (euler_ancestral*, lcm only) the noise the scheduler drew at
                                          step NNN from the same generator, after init_latents
         image_f32             [1,64,64,3] pipeline output, output_type="np", in [0,1]
         image                 uint8 [1,64,64,3] = (image_f32*255).round() (what PIL output uses)
@@ -338,6 +339,8 @@ ASTRONAUT_PROMPT = "a photo of an astronaut riding a horse"
 GUIDANCE_SCALE = 7.5
 SCHEDULER_STEPS = 10
 SCHEDULER_SEED = 1234
+# Runs with their own number of steps (LCM samples in a few steps).
+SCHEDULER_STEPS_BY_NAME = {"lcm": 4}
 IMAGE_SIZE = 64  # height = width of every pipeline run
 
 BATCH_PROMPTS = [
@@ -360,8 +363,10 @@ def scheduler_classes():
         EulerAncestralDiscreteScheduler,
         EulerDiscreteScheduler,
         HeunDiscreteScheduler,
+        LCMScheduler,
         LMSDiscreteScheduler,
         PNDMScheduler,
+        UniPCMultistepScheduler,
     )
 
     class EulerAncestralKarrasScheduler(EulerAncestralDiscreteScheduler):
@@ -379,6 +384,7 @@ def scheduler_classes():
             self.timesteps = euler.timesteps
 
     karras = {"use_karras_sigmas": True}
+    zero_snr = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
     return {
         "pndm": (PNDMScheduler, {}),
         "ddim": (DDIMScheduler, {}),
@@ -396,6 +402,19 @@ def scheduler_classes():
             DPMSolverMultistepScheduler,
             {"algorithm_type": "dpmsolver++", "solver_order": 2, **karras},
         ),
+        # Not user-facing names: the options a zero-terminal-SNR model (SD 2.x style) carries in its
+        # scheduler_config.json. v_prediction because DDIM's x0 from an epsilon prediction divides
+        # by sqrt(alphas_cumprod[999]) = 0 there (zero-SNR models are v-prediction models).
+        "ddim_zero_snr": (DDIMScheduler, zero_snr),
+        "euler_zero_snr": (EulerDiscreteScheduler, zero_snr),
+        # UniPC's defaults (bh2, order 2, predict_x0, lower_order_final, no disabled corrector).
+        "unipc": (UniPCMultistepScheduler, {}),
+        "unipc_karras": (UniPCMultistepScheduler, karras),
+        "unipc_zero_snr": (UniPCMultistepScheduler, zero_snr),
+        # Stochastic: re-noises with randn_tensor from the generator after every step but the last
+        # (recorded as step_noise_NNN). An LCM scheduler on this non-LCM model is still a valid
+        # per-step comparison; it runs LCM_STEPS steps (see SCHEDULER_STEPS_BY_NAME).
+        "lcm": (LCMScheduler, {}),
     }
 
 
@@ -1076,7 +1095,8 @@ def ref_schedulers(ref_dir: Path, model_dir: Path) -> dict:
             pipe = load_pipeline(model_dir, sched)
         else:
             pipe.scheduler = sched
-        rec, timesteps, images = run_pipeline(pipe, ASTRONAUT_PROMPT, None, [SCHEDULER_SEED], SCHEDULER_STEPS)
+        steps = SCHEDULER_STEPS_BY_NAME.get(name, SCHEDULER_STEPS)
+        rec, timesteps, images = run_pipeline(pipe, ASTRONAUT_PROMPT, None, [SCHEDULER_SEED], steps)
         # prompt embeddings exactly as the pipeline computes them (cond, and uncond for "")
         cond, uncond = pipe.encode_prompt(ASTRONAUT_PROMPT, torch.device("cpu"), 1, True, None)
         tensors = {
@@ -1100,6 +1120,7 @@ def ref_schedulers(ref_dir: Path, model_dir: Path) -> dict:
         info[name] = {
             "class": cls.__name__,
             "config": {k: v for k, v in dict(sched.config).items() if not k.startswith("_")},
+            "num_inference_steps": steps,
             "steps_iterated": len(timesteps),
             "step_noise_draws": len(rec["step_noise"]),
             "pixel_std": pix_std,

@@ -75,7 +75,7 @@ pub enum Error {
     InvalidArgument(String),
 
     #[error(
-        "unknown scheduler `{0}` (known: pndm, ddim, euler, euler_karras, euler_ancestral, euler_ancestral_karras, heun, heun_karras, lms, lms_karras, dpmpp_2m, dpmpp_2m_karras)"
+        "unknown scheduler `{0}` (known: pndm, ddim, euler, euler_karras, euler_ancestral, euler_ancestral_karras, heun, heun_karras, lms, lms_karras, dpmpp_2m, dpmpp_2m_karras, unipc, unipc_karras, lcm)"
     )]
     UnknownScheduler(String),
 

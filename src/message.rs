@@ -1444,7 +1444,11 @@ mod tests {
             parse_value(&v).unwrap().params.scheduler,
             SchedulerKind::DpmSolverPp2mKarras
         );
-        let v = with(minimal(), "/params", Some(json!({"scheduler": "unipc"})));
+        let v = with(
+            minimal(),
+            "/params",
+            Some(json!({"scheduler": "DPM++ SDE"})),
+        );
         assert_eq!(reason_of(&v), InvalidReason::Scheduler);
     }
 

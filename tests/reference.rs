@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use sdbatch::pipeline::schedulers::SchedulerKind;
+use sdbatch::pipeline::schedulers::{SchedulerConfig, SchedulerKind};
 use sdbatch::pipeline::{GenerateParams, ImageRequest, LoadOptions, StableDiffusion};
 use tch::{Device, Kind, Tensor};
 
@@ -109,12 +109,25 @@ fn vae_decoder_matches_diffusers() {
 }
 
 fn scheduler_run(name: &str, kind: SchedulerKind) {
-    let model = load_cpu();
+    scheduler_run_with(name, kind, |_| {});
+}
+
+/// `scheduler_run` on the model's scheduler config as `edit` changes it: the options a model's
+/// scheduler_config.json may carry (the fixture passes the same ones to `Cls.from_pretrained`), run
+/// through a user-facing scheduler name. The number of steps is the run's own when the fixture
+/// records one (LCM), else the shared one.
+fn scheduler_run_with(name: &str, kind: SchedulerKind, edit: impl FnOnce(&mut SchedulerConfig)) {
+    let mut model = load_cpu();
+    edit(&mut model.scheduler_config);
     let meta = meta();
     let m = &meta["schedulers"];
     let r = reference(&format!("scheduler_{name}.safetensors"));
+    let steps = meta["scheduler_runs"][name]["num_inference_steps"]
+        .as_u64()
+        .or_else(|| m["num_inference_steps"].as_u64())
+        .unwrap() as usize;
     let params = GenerateParams {
-        steps: m["num_inference_steps"].as_u64().unwrap() as usize,
+        steps,
         guidance_scale: m["guidance_scale"].as_f64().unwrap(),
         width: m["width"].as_i64().unwrap(),
         height: m["height"].as_i64().unwrap(),
@@ -240,6 +253,43 @@ fn lms_karras_matches_diffusers() {
 #[test]
 fn dpmpp_2m_karras_matches_diffusers() {
     scheduler_run("dpmpp_2m_karras", SchedulerKind::DpmSolverPp2mKarras);
+}
+
+/// The options of an SD 2.x-style zero-terminal-SNR model's scheduler_config.json.
+fn zero_snr(c: &mut SchedulerConfig) {
+    c.rescale_betas_zero_snr = Some(true);
+    c.timestep_spacing = Some("trailing".into());
+    c.prediction_type = Some("v_prediction".into());
+}
+
+#[test]
+fn ddim_zero_snr_matches_diffusers() {
+    scheduler_run_with("ddim_zero_snr", SchedulerKind::Ddim, zero_snr);
+}
+
+#[test]
+fn euler_zero_snr_matches_diffusers() {
+    scheduler_run_with("euler_zero_snr", SchedulerKind::Euler, zero_snr);
+}
+
+#[test]
+fn unipc_matches_diffusers() {
+    scheduler_run("unipc", SchedulerKind::UniPc);
+}
+
+#[test]
+fn unipc_karras_matches_diffusers() {
+    scheduler_run("unipc_karras", SchedulerKind::UniPcKarras);
+}
+
+#[test]
+fn unipc_zero_snr_matches_diffusers() {
+    scheduler_run_with("unipc_zero_snr", SchedulerKind::UniPc, zero_snr);
+}
+
+#[test]
+fn lcm_matches_diffusers() {
+    scheduler_run("lcm", SchedulerKind::Lcm);
 }
 
 #[test]

@@ -201,8 +201,8 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 7.5)]
     pub guidance: f64,
     /// pndm (SD v1-4's default), ddim, euler, euler_karras, euler_ancestral, euler_ancestral_karras,
-    /// heun, heun_karras, lms, lms_karras, dpmpp_2m, dpmpp_2m_karras (or an alias such as "Euler a",
-    /// "k_lms", "DPM++ 2M Karras").
+    /// heun, heun_karras, lms, lms_karras, dpmpp_2m, dpmpp_2m_karras, unipc, unipc_karras, lcm (or an
+    /// alias such as "Euler a", "k_lms", "DPM++ 2M Karras", "UniPC", "LCM").
     #[arg(long, default_value = "pndm")]
     pub scheduler: SchedulerKind,
     /// Image width in pixels, a multiple of 8 (default: the model's native size).

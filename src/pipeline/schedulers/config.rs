@@ -50,7 +50,8 @@ pub struct SchedulerConfig {
     pub timestep_spacing: Option<String>,
     /// DDIM / DPM-Solver++: dynamic thresholding (not supported).
     pub thresholding: Option<bool>,
-    /// DDIM / Euler ancestral / DPM-Solver++: zero terminal SNR rescaling (not supported).
+    /// Zero terminal SNR rescaling of the betas (DDIM, Euler, Euler ancestral, DPM-Solver++, UniPC,
+    /// LCM; ignored, as in diffusers, by PNDM, Heun and LMS, whose classes lack the option).
     pub rescale_betas_zero_snr: Option<bool>,
 
     // DPMSolverMultistepScheduler.
@@ -84,6 +85,18 @@ pub struct SchedulerConfig {
     /// Ends of the Karras schedule; by default those of the interpolated sigmas.
     pub sigma_min: Option<f64>,
     pub sigma_max: Option<f64>,
+
+    // UniPCMultistepScheduler (also `solver_order`, `solver_type` "bh1"/"bh2", `lower_order_final`).
+    /// Only true (default): the data-prediction form.
+    pub predict_x0: Option<bool>,
+    /// Step indices after which no corrector runs (default none).
+    pub disable_corrector: Option<Vec<usize>>,
+
+    // LCMScheduler.
+    /// The distillation schedule's number of steps (default 50).
+    pub original_inference_steps: Option<usize>,
+    /// Scale of the timestep in the boundary-condition scalings (default 10).
+    pub timestep_scaling: Option<f64>,
 }
 
 fn default_num_train_timesteps() -> usize {
@@ -134,6 +147,10 @@ impl Default for SchedulerConfig {
             timestep_type: None,
             sigma_min: None,
             sigma_max: None,
+            predict_x0: None,
+            disable_corrector: None,
+            original_inference_steps: None,
+            timestep_scaling: None,
         }
     }
 }
@@ -163,8 +180,35 @@ impl SchedulerConfig {
         })
     }
 
-    /// `alphas_cumprod` exactly as diffusers computes it (float32 torch ops on the CPU).
+    /// `alphas_cumprod` exactly as diffusers computes it (float32 torch ops on the CPU), for the
+    /// scheduler classes without a `rescale_betas_zero_snr` option (PNDM, Heun, LMS): diffusers
+    /// ignores that key for them, and so does this.
     pub fn alphas_cumprod(&self) -> Result<Vec<f32>> {
+        let cumprod = cumprod_of(&self.betas()?)?;
+        let out = Vec::<f32>::try_from(&cumprod)?;
+        check_alphas_cumprod(&out, false)?;
+        Ok(out)
+    }
+
+    /// `alphas_cumprod` for a scheduler class that has the `rescale_betas_zero_snr` option: with it
+    /// on, the betas are rescaled to zero terminal SNR (Lin et al. 2023, diffusers'
+    /// `rescale_zero_terminal_snr`), which makes the last value exactly 0, and `terminal` says what
+    /// the class then does with that 0.
+    pub(crate) fn alphas_cumprod_zero_snr(&self, terminal: ZeroSnrTerminal) -> Result<Vec<f32>> {
+        if self.rescale_betas_zero_snr != Some(true) {
+            return self.alphas_cumprod();
+        }
+        let betas = rescale_zero_terminal_snr(&self.betas()?)?;
+        let mut out = Vec::<f32>::try_from(&cumprod_of(&betas)?)?;
+        if let (ZeroSnrTerminal::Fp16Subnormal, Some(last)) = (terminal, out.last_mut()) {
+            *last = 2f32.powi(-24);
+        }
+        check_alphas_cumprod(&out, terminal == ZeroSnrTerminal::Zero)?;
+        Ok(out)
+    }
+
+    /// The betas of the schedule, float32, as diffusers builds them.
+    fn betas(&self) -> Result<Tensor> {
         let n = self.num_train_timesteps;
         if n < 2 {
             return Err(config_error(format!(
@@ -172,7 +216,7 @@ impl SchedulerConfig {
             )));
         }
         let opts = (Kind::Float, Device::Cpu);
-        let betas = if let Some(betas) = &self.trained_betas {
+        Ok(if let Some(betas) = &self.trained_betas {
             if betas.len() != n {
                 return Err(config_error(format!(
                     "trained_betas has {} values but num_train_timesteps is {n}",
@@ -201,17 +245,7 @@ impl SchedulerConfig {
                     ));
                 }
             }
-        };
-        // `1.0 - betas`, then cumprod (libtorch accumulates it in double on the CPU).
-        let alphas = betas.f_neg()?.f_add_scalar(1.0)?;
-        let cumprod = alphas.f_cumprod(0, Kind::Float)?;
-        let out = Vec::<f32>::try_from(&cumprod)?;
-        if out.iter().any(|a| !a.is_finite() || *a <= 0.0 || *a > 1.0) {
-            return Err(config_error(
-                "the beta schedule gives alphas_cumprod outside (0, 1]".to_string(),
-            ));
-        }
-        Ok(out)
+        })
     }
 
     /// The prediction type, restricted to those a scheduler supports (default epsilon).
@@ -250,6 +284,57 @@ impl SchedulerConfig {
             )),
         }
     }
+}
+
+/// What a scheduler class does with the terminal `alphas_cumprod` of 0 that zero-SNR rescaling
+/// produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ZeroSnrTerminal {
+    /// Keeps it (DDIM, LCM: they only take square roots of it).
+    Zero,
+    /// Replaces it by 2**-24, the smallest positive float16 subnormal, so that the first sigma
+    /// `((1 - a) / a) ** 0.5` stays finite (Euler, Euler ancestral, DPM-Solver++, UniPC).
+    Fp16Subnormal,
+}
+
+/// `torch.cumprod(1.0 - betas, dim=0)` in float32 (libtorch accumulates it in double on the CPU).
+fn cumprod_of(betas: &Tensor) -> Result<Tensor> {
+    let alphas = betas.f_neg()?.f_add_scalar(1.0)?;
+    Ok(alphas.f_cumprod(0, Kind::Float)?)
+}
+
+/// Every value must be in (0, 1]; the last may be exactly 0 where zero-SNR rescaling keeps it.
+fn check_alphas_cumprod(values: &[f32], last_may_be_zero: bool) -> Result<()> {
+    let n = values.len();
+    let bad = values.iter().enumerate().any(|(i, &a)| {
+        let low_ok = a > 0.0 || (last_may_be_zero && i + 1 == n && a == 0.0);
+        !a.is_finite() || !low_ok || a > 1.0
+    });
+    if bad {
+        return Err(config_error(
+            "the beta schedule gives alphas_cumprod outside (0, 1]".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Lin et al. 2023 (Algorithm 1), in float32 torch ops as diffusers' `rescale_zero_terminal_snr`:
+/// shift `sqrt(alphas_cumprod)` so its last value is 0, scale it so its first value is unchanged,
+/// and turn it back into betas (the last beta becomes 1).
+fn rescale_zero_terminal_snr(betas: &Tensor) -> Result<Tensor> {
+    let sqrt_bar = cumprod_of(betas)?.f_sqrt()?;
+    let n = sqrt_bar.size()[0];
+    let first = sqrt_bar.f_get(0)?;
+    let last = sqrt_bar.f_get(n - 1)?;
+    // The scale is a float32 0-d tensor in diffusers, computed before it multiplies.
+    let scale = first.f_div(&first.f_sub(&last)?)?;
+    let sqrt_bar = sqrt_bar.f_sub(&last)?.f_mul(&scale)?;
+    let bar = sqrt_bar.f_pow_tensor_scalar(2)?;
+    let ratios = bar
+        .f_narrow(0, 1, n - 1)?
+        .f_div(&bar.f_narrow(0, 0, n - 1)?)?;
+    let alphas = Tensor::f_cat(&[bar.f_narrow(0, 0, 1)?, ratios], 0)?;
+    Ok(alphas.f_neg()?.f_add_scalar(1.0)?)
 }
 
 /// Fails on a boolean option that is set but not implemented.
@@ -390,6 +475,20 @@ pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
         y[num - 1] = stop;
     }
     y
+}
+
+/// `np.linspace(start, stop, num, endpoint=False)` (float64).
+pub(crate) fn np_linspace_open(start: f64, stop: f64, num: usize) -> Vec<f64> {
+    let step = (stop - start) / num as f64;
+    (0..num)
+        .map(|i| {
+            if step == 0.0 {
+                i as f64 / num as f64 * (stop - start) + start
+            } else {
+                i as f64 * step + start
+            }
+        })
+        .collect()
 }
 
 /// `np.arange(start, stop, step)` for float64 arguments, including numpy's way of filling the
@@ -593,6 +692,36 @@ mod tests {
         let ac = c.alphas_cumprod().unwrap();
         // torch: DDIMScheduler(num_train_timesteps=3, trained_betas=[0.1, 0.2, 0.3]).alphas_cumprod
         assert_eq!(ac, vec![0.9_f32, 0.71999997, 0.504]);
+    }
+
+    #[test]
+    fn zero_snr_rescaling_matches_diffusers() {
+        // DDIMScheduler(**sd14, rescale_betas_zero_snr=True).alphas_cumprod[[0, 1, 500, 998, 999]];
+        // EulerDiscreteScheduler's is the same but for its last value, 2**-24.
+        let mut c = SchedulerConfig {
+            rescale_betas_zero_snr: Some(true),
+            ..SchedulerConfig::default()
+        };
+        let ac = c.alphas_cumprod_zero_snr(ZeroSnrTerminal::Zero).unwrap();
+        assert_eq!(
+            [ac[0], ac[1], ac[500], ac[998], ac[999]],
+            [0.99915_f32, 0.9982335, 0.24101855, 1.967963e-07, 0.0]
+        );
+        let ac = c
+            .alphas_cumprod_zero_snr(ZeroSnrTerminal::Fp16Subnormal)
+            .unwrap();
+        assert_eq!(ac[998], 1.967963e-07_f32);
+        assert_eq!(ac[999], 5.9604645e-08_f32);
+        // Classes without the option ignore it.
+        assert_eq!(
+            c.alphas_cumprod().unwrap(),
+            SchedulerConfig::default().alphas_cumprod().unwrap()
+        );
+        c.rescale_betas_zero_snr = Some(false);
+        assert_eq!(
+            c.alphas_cumprod_zero_snr(ZeroSnrTerminal::Zero).unwrap(),
+            c.alphas_cumprod().unwrap()
+        );
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! DDIM (`DDIMScheduler`) with eta = 0: the deterministic sampler.
 use super::Scheduler;
 use super::config::{
-    PredictionType, SchedulerConfig, Spacing, check_steps, left_coeff, np_arange, np_linspace,
-    reject_flag, torch_sqrt,
+    PredictionType, SchedulerConfig, Spacing, ZeroSnrTerminal, check_steps, left_coeff, np_arange,
+    np_linspace, reject_flag, torch_sqrt,
 };
 use crate::error::{Error, Result};
 use tch::Tensor;
@@ -23,14 +23,13 @@ impl DdimScheduler {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
         check_steps(config, steps)?;
         reject_flag("thresholding", config.thresholding)?;
-        reject_flag("rescale_betas_zero_snr", config.rescale_betas_zero_snr)?;
         let prediction = config.prediction(&[
             PredictionType::Epsilon,
             PredictionType::Sample,
             PredictionType::VPrediction,
         ])?;
         let spacing = config.spacing(Spacing::Leading)?;
-        let alphas_cumprod = config.alphas_cumprod()?;
+        let alphas_cumprod = config.alphas_cumprod_zero_snr(ZeroSnrTerminal::Zero)?;
         // DDIM's own default is set_alpha_to_one = true (PNDM's is false).
         let final_alpha_cumprod = if config.set_alpha_to_one.unwrap_or(true) {
             1.0
@@ -181,10 +180,6 @@ mod tests {
         for (key, json) in [
             ("thresholding", r#"{"thresholding": true}"#),
             (
-                "rescale_betas_zero_snr",
-                r#"{"rescale_betas_zero_snr": true}"#,
-            ),
-            (
                 "prediction_type",
                 r#"{"prediction_type": "flow_prediction"}"#,
             ),
@@ -197,6 +192,41 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn zero_snr_trailing_v_prediction_matches_diffusers() {
+        // c = dict(sd14, rescale_betas_zero_snr=True, timestep_spacing="trailing",
+        //          prediction_type="v_prediction"); s = DDIMScheduler(**c); s.set_timesteps(10)
+        // s.timesteps -> [999, 899, ..., 99]; s.step(out, s.timesteps[i], sample) for i = 0, 9.
+        // DDIM keeps the terminal alphas_cumprod of exactly 0 (t = 999 predicts x0 = -v).
+        let mut c = sd14();
+        c.rescale_betas_zero_snr = Some(true);
+        c.timestep_spacing = Some("trailing".into());
+        c.prediction_type = Some("v_prediction".into());
+        let s = DdimScheduler::new(&c, 10).unwrap();
+        let expected: Vec<f64> = (0..10).map(|i| (999 - 100 * i) as f64).collect();
+        assert_eq!(s.timesteps(), expected.as_slice());
+        assert_eq!(s.alphas_cumprod[999], 0.0);
+        let got = run(&c, &[0.3, -0.2, 0.1, 0.4], &[0, 9]);
+        for (g, e) in got.iter().zip(EXPECTED_ZERO_SNR_V.iter()) {
+            assert_close(g, e);
+        }
+    }
+
+    const EXPECTED_ZERO_SNR_V: [[f64; 4]; 2] = [
+        [
+            0.48271918296813965,
+            -0.9874677062034607,
+            1.4922162294387817,
+            0.22759126126766205,
+        ],
+        [
+            0.38379228115081787,
+            -0.8903520107269287,
+            1.396911859512329,
+            0.11516650766134262,
+        ],
+    ];
 
     fn run(config: &SchedulerConfig, out: &[f32], indices: &[usize]) -> Vec<Tensor> {
         let mut s = DdimScheduler::new(config, 10).unwrap();

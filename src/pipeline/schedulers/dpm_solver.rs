@@ -2,7 +2,7 @@
 //! midpoint), i.e. "DPM++ 2M". It works on the data prediction x0 and keeps the previous one.
 use super::Scheduler;
 use super::config::{
-    PredictionType, SchedulerConfig, Spacing, check_steps, left_coeff, np_arange,
+    PredictionType, SchedulerConfig, Spacing, ZeroSnrTerminal, check_steps, left_coeff, np_arange,
     np_interp_unit_grid, np_linspace, reject_flag, torch_exp, torch_ln, torch_sqrt, train_sigmas,
     unsupported,
 };
@@ -68,7 +68,6 @@ impl DpmSolverMultistepScheduler {
             }
         }
         reject_flag("thresholding", config.thresholding)?;
-        reject_flag("rescale_betas_zero_snr", config.rescale_betas_zero_snr)?;
         reject_flag("use_exponential_sigmas", config.use_exponential_sigmas)?;
         reject_flag("use_beta_sigmas", config.use_beta_sigmas)?;
         reject_flag("use_lu_lambdas", config.use_lu_lambdas)?;
@@ -97,7 +96,7 @@ impl DpmSolverMultistepScheduler {
             PredictionType::VPrediction,
         ])?;
         let spacing = config.spacing(Spacing::Linspace)?;
-        let alphas_cumprod = config.alphas_cumprod()?;
+        let alphas_cumprod = config.alphas_cumprod_zero_snr(ZeroSnrTerminal::Fp16Subnormal)?;
         let n_train = config.num_train_timesteps;
 
         // Timesteps whose lambda(t) is below lambda_min_clipped are cut off the end of the schedule.

@@ -3,8 +3,8 @@
 //! `s_churn` at 0, so no noise is ever added and the sampler is deterministic.
 use super::Scheduler;
 use super::config::{
-    PredictionType, SchedulerConfig, Spacing, check_steps, left_coeff, reject_flag, torch_sqrt,
-    train_sigmas, unsupported,
+    PredictionType, SchedulerConfig, Spacing, ZeroSnrTerminal, check_steps, left_coeff,
+    reject_flag, torch_sqrt, train_sigmas, unsupported,
 };
 use super::sigmas::{
     KarrasRange, discrete_schedule, init_noise_sigma, input_scales, karras_option,
@@ -26,7 +26,6 @@ pub struct EulerScheduler {
 impl EulerScheduler {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
         check_steps(config, steps)?;
-        reject_flag("rescale_betas_zero_snr", config.rescale_betas_zero_snr)?;
         reject_flag("use_exponential_sigmas", config.use_exponential_sigmas)?;
         reject_flag("use_beta_sigmas", config.use_beta_sigmas)?;
         let prediction =
@@ -65,7 +64,7 @@ impl EulerScheduler {
             }
         };
         let spacing = config.spacing(Spacing::Linspace)?;
-        let alphas_cumprod = config.alphas_cumprod()?;
+        let alphas_cumprod = config.alphas_cumprod_zero_snr(ZeroSnrTerminal::Fp16Subnormal)?;
         let train = train_sigmas(&alphas_cumprod)?;
         let karras = karras_option(
             config,
@@ -147,6 +146,26 @@ mod tests {
     use super::*;
     use crate::pipeline::schedulers::test_layouts;
     use crate::pipeline::schedulers::test_util::{assert_close, check_layouts, sd14, t};
+
+    #[test]
+    fn zero_snr_trailing_matches_diffusers() {
+        // c = dict(sd14, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        // s = EulerDiscreteScheduler(**c); s.set_timesteps(10): the terminal alphas_cumprod of 0
+        // becomes 2**-24, so the first sigma is about 4096 instead of infinite.
+        let mut c = sd14();
+        c.rescale_betas_zero_snr = Some(true);
+        c.timestep_spacing = Some("trailing".into());
+        let s = EulerScheduler::new(&c, 10).unwrap();
+        let expected: Vec<f64> = (0..10).map(|i| (999 - 100 * i) as f64).collect();
+        assert_eq!(s.timesteps(), expected.as_slice());
+        assert_eq!(s.sigmas(), &ZERO_SNR_SIGMAS_10);
+        assert_eq!(s.init_noise_sigma(), f64::from(4095.9998_f32));
+    }
+
+    const ZERO_SNR_SIGMAS_10: [f32; 11] = [
+        4095.9998, 18.130056, 7.410707, 4.1141853, 2.604856, 1.7680811, 1.2413752, 0.8747437,
+        0.5947521, 0.35498953, 0.0,
+    ];
 
     #[test]
     fn layouts_match_diffusers() {

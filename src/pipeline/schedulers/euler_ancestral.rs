@@ -2,7 +2,7 @@
 //! noise of standard deviation `sigma_up` (k-diffusion's `sample_euler_ancestral`).
 use super::Scheduler;
 use super::config::{
-    PredictionType, SchedulerConfig, Spacing, check_steps, left_coeff, reject_flag, torch_sqrt,
+    PredictionType, SchedulerConfig, Spacing, ZeroSnrTerminal, check_steps, left_coeff, torch_sqrt,
     train_sigmas,
 };
 use super::sigmas::{
@@ -25,11 +25,10 @@ pub struct EulerAncestralScheduler {
 impl EulerAncestralScheduler {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
         check_steps(config, steps)?;
-        reject_flag("rescale_betas_zero_snr", config.rescale_betas_zero_snr)?;
         let prediction =
             config.prediction(&[PredictionType::Epsilon, PredictionType::VPrediction])?;
         let spacing = config.spacing(Spacing::Linspace)?;
-        let alphas_cumprod = config.alphas_cumprod()?;
+        let alphas_cumprod = config.alphas_cumprod_zero_snr(ZeroSnrTerminal::Fp16Subnormal)?;
 
         // Karras sigmas: diffusers' EulerAncestralDiscreteScheduler has no such option (it ignores
         // the key); this takes EulerDiscreteScheduler's Karras schedule, k-diffusion's
@@ -175,12 +174,6 @@ mod tests {
     fn rejects_unsupported_options() {
         let mut c = sd14();
         c.prediction_type = Some("sample".into());
-        assert!(matches!(
-            EulerAncestralScheduler::new(&c, 10),
-            Err(Error::Unsupported { .. })
-        ));
-        let mut c = sd14();
-        c.rescale_betas_zero_snr = Some(true);
         assert!(matches!(
             EulerAncestralScheduler::new(&c, 10),
             Err(Error::Unsupported { .. })

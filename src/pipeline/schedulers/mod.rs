@@ -10,11 +10,13 @@ mod dpm_solver;
 mod euler;
 mod euler_ancestral;
 mod heun;
+mod lcm;
 mod lms;
 mod pndm;
 mod sigmas;
 #[cfg(test)]
 mod test_layouts;
+mod unipc;
 
 pub use config::SchedulerConfig;
 pub use ddim::DdimScheduler;
@@ -22,8 +24,10 @@ pub use dpm_solver::DpmSolverMultistepScheduler;
 pub use euler::EulerScheduler;
 pub use euler_ancestral::EulerAncestralScheduler;
 pub use heun::HeunScheduler;
+pub use lcm::LcmScheduler;
 pub use lms::LmsScheduler;
 pub use pndm::PndmScheduler;
+pub use unipc::UniPcMultistepScheduler;
 
 use crate::error::{Error, Result};
 use tch::Tensor;
@@ -84,10 +88,15 @@ pub enum SchedulerKind {
     DpmSolverPp2m,
     #[serde(rename = "dpmpp_2m_karras")]
     DpmSolverPp2mKarras,
+    #[serde(rename = "unipc")]
+    UniPc,
+    #[serde(rename = "unipc_karras")]
+    UniPcKarras,
+    Lcm,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 12] = [
+    pub const ALL: [SchedulerKind; 15] = [
         SchedulerKind::Pndm,
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
@@ -100,6 +109,9 @@ impl SchedulerKind {
         SchedulerKind::LmsKarras,
         SchedulerKind::DpmSolverPp2m,
         SchedulerKind::DpmSolverPp2mKarras,
+        SchedulerKind::UniPc,
+        SchedulerKind::UniPcKarras,
+        SchedulerKind::Lcm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -116,6 +128,9 @@ impl SchedulerKind {
             SchedulerKind::LmsKarras => "lms_karras",
             SchedulerKind::DpmSolverPp2m => "dpmpp_2m",
             SchedulerKind::DpmSolverPp2mKarras => "dpmpp_2m_karras",
+            SchedulerKind::UniPc => "unipc",
+            SchedulerKind::UniPcKarras => "unipc_karras",
+            SchedulerKind::Lcm => "lcm",
         }
     }
 
@@ -128,6 +143,7 @@ impl SchedulerKind {
                 | SchedulerKind::HeunKarras
                 | SchedulerKind::LmsKarras
                 | SchedulerKind::DpmSolverPp2mKarras
+                | SchedulerKind::UniPcKarras
         )
     }
 
@@ -164,6 +180,10 @@ impl SchedulerKind {
             SchedulerKind::DpmSolverPp2m | SchedulerKind::DpmSolverPp2mKarras => {
                 Box::new(DpmSolverMultistepScheduler::new(config, steps)?)
             }
+            SchedulerKind::UniPc | SchedulerKind::UniPcKarras => {
+                Box::new(UniPcMultistepScheduler::new(config, steps)?)
+            }
+            SchedulerKind::Lcm => Box::new(LcmScheduler::new(config, steps)?),
         })
     }
 }
@@ -205,6 +225,9 @@ impl std::str::FromStr for SchedulerKind {
             "lmskarras" => SchedulerKind::LmsKarras,
             "dpmpp2m" | "dpmsolvermultistep" | "dpmsolverpp" => SchedulerKind::DpmSolverPp2m,
             "dpmpp2mkarras" | "dpmsolvermultistepkarras" => SchedulerKind::DpmSolverPp2mKarras,
+            "unipc" | "unipcmultistep" => SchedulerKind::UniPc,
+            "unipckarras" | "unipcmultistepkarras" => SchedulerKind::UniPcKarras,
+            "lcm" => SchedulerKind::Lcm,
             _ => return Err(Error::UnknownScheduler(s.to_string())),
         })
     }
@@ -323,10 +346,16 @@ mod tests {
             ("k_dpmpp_2m", DpmSolverPp2m),
             ("DPM++ 2M Karras", DpmSolverPp2mKarras),
             ("dpmpp_2m_karras", DpmSolverPp2mKarras),
+            ("UniPC", UniPc),
+            ("uni_pc", UniPc),
+            ("UniPCMultistep", UniPc),
+            ("unipc karras", UniPcKarras),
+            ("UniPC Karras", UniPcKarras),
+            ("LCM", Lcm),
         ] {
             assert_eq!(alias.parse::<SchedulerKind>().unwrap(), kind, "{alias}");
         }
-        for unknown in ["unipc", "lcm", "DPM++ SDE", "karras", "k", "", "euler_b"] {
+        for unknown in ["DPM++ SDE", "lcm_karras", "karras", "k", "", "euler_b"] {
             assert!(
                 matches!(unknown.parse::<SchedulerKind>(), Err(Error::UnknownScheduler(ref s)) if s == unknown),
                 "{unknown}"
