@@ -178,6 +178,10 @@ pub struct BatchCompleted {
     /// again. Absent when none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_images: Option<usize>,
+    /// [`crate::pipeline::StableDiffusion::content_sha256`] of the model the worker served.
+    /// Absent in manifests written by older workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_sha256: Option<String>,
 }
 
 impl BatchCompleted {
@@ -205,6 +209,7 @@ impl BatchCompleted {
             // Set by the worker, which hashes the batch's work once per delivery.
             work_sha256: None,
             resumed_images: None,
+            model_sha256: None,
         }
     }
 
@@ -632,10 +637,17 @@ mod tests {
             "https://json-schema.org/draft/2020-12/schema"
         );
         let defs = &schema["$defs"];
+        let full = completed();
         let c = serde_json::to_value(BatchCompleted {
             work_sha256: Some("0".repeat(64)),
             resumed_images: Some(1),
-            ..completed()
+            model_sha256: Some("1".repeat(64)),
+            params: EventParams {
+                clip_skip: Some(2),
+                guidance_rescale: Some(0.7),
+                ..full.params.clone()
+            },
+            ..full
         })
         .unwrap();
         let f = serde_json::to_value(failed(None, "r")).unwrap();
@@ -662,6 +674,11 @@ mod tests {
             if def == "batch_completed" {
                 want.remove("work_sha256");
                 want.remove("resumed_images");
+                want.remove("model_sha256");
+            }
+            if def == "params" {
+                want.remove("clip_skip");
+                want.remove("guidance_rescale");
             }
             if def == "image" {
                 for optional in ["nsfw", "safety_action", "clip_score", "low_clip_score"] {

@@ -3,6 +3,10 @@
 //! The worker measures its speed and holds only as much work as it can finish well within the
 //! timeout. Each test runs its own RabbitMQ node with a lowered consumer timeout (a broker-wide
 //! setting on RabbitMQ 3.10), so no other test is affected. Tiny model, CPU.
+//!
+//! The timeout is sized from this machine's speed, measured in the test: a probe message of the
+//! same shape is timed first, and the node's timeout set to several times that (at least 30 s).
+//! A fixed timeout made the tests fail on a loaded machine, where one message alone took longer.
 mod common;
 
 use common::broker::{Broker, WorkerProcess, metric, unique};
@@ -13,8 +17,9 @@ use sdbatch::events::Event;
 use std::time::Duration;
 
 const LONG: Duration = Duration::from_secs(300);
-/// The private node's consumer timeout.
-const TIMEOUT_SECS: u64 = 30;
+/// The private node's consumer timeout at least, and in probe-message durations.
+const MIN_TIMEOUT_SECS: u64 = 30;
+const TIMEOUT_IN_MESSAGES: f64 = 4.0;
 const MESSAGES: usize = 8;
 /// Generous: the control run's closures cost its held messages a delivery each time.
 const DELIVERY_LIMIT: u32 = 50;
@@ -26,35 +31,75 @@ struct Run {
     completed: Vec<sdbatch::events::BatchCompleted>,
     generated: f64,
     dead: usize,
+    /// The broker's consumer timeout the run used.
+    timeout_secs: u64,
+    /// How long the probe message took.
+    probe: Duration,
 }
 
-/// 8 messages of 4 images x 150 steps (several seconds each, far more than the timeout together), all published before the worker starts, worker told that
-/// the consumer timeout is `told_secs`; runs until every batch completed once.
-async fn run(name: &str, told_secs: u64) -> Run {
+/// What the worker is told of the broker's timeout.
+enum Told {
+    /// This fraction of the real timeout.
+    Fraction(f64),
+    Secs(u64),
+}
+
+/// One batch message of the shape every run uses: 4 images x 150 steps.
+fn message(id: &str, seed: u64) -> Vec<u8> {
+    batch(
+        id,
+        150,
+        &[("a", "a lighthouse", seed, 2), ("b", "a harbour", 99, 2)],
+    )
+}
+
+/// Times a probe message, sets the node's timeout to several probes, then publishes 8 messages
+/// (together far more than the timeout) and starts a worker told `told` of the timeout; runs
+/// until every batch completed once.
+async fn run(name: &str, told: Told) -> Run {
     let _serial = SERIAL.lock().await;
-    let rabbit = PrivateBroker::builder()
-        .consumer_timeout(TIMEOUT_SECS * 1000)
-        .start()
-        .await;
+    let rabbit = PrivateBroker::builder().start().await;
     let s3 = S3Server::start();
     let storage = store(&s3).await;
     storage.create_bucket("images").await.unwrap();
     let prefix = unique(name);
     let broker = Broker::connect(&rabbit.url(), &prefix, DELIVERY_LIMIT).await;
     let mut events = broker.watch_events().await;
+    let logs = tempfile::tempdir().unwrap();
+
+    // The probe, under the node's default (long) timeout.
+    let probe = {
+        let worker = WorkerProcess::spawn_env(
+            &prefix,
+            &s3,
+            "images",
+            logs.path(),
+            "probe",
+            &["--max-batch", "2"],
+            &[("AMQP_URL", &rabbit.url())],
+        );
+        worker.wait_ready(LONG).await;
+        let started = std::time::Instant::now();
+        broker.publish(&message("probe", 1)).await;
+        match events.next(LONG).await {
+            Some(Event::Completed(c)) if c.batch_id == "probe" => started.elapsed(),
+            other => panic!("probe: {other:?}\n{}", worker.log_text()),
+        }
+    };
+    let timeout_secs =
+        MIN_TIMEOUT_SECS.max((probe.as_secs_f64() * TIMEOUT_IN_MESSAGES).ceil() as u64);
+    // Read by channels opened from now on: the worker below opens its own.
+    rabbit.set_consumer_timeout(timeout_secs * 1000).await;
+    let told_secs = match told {
+        Told::Fraction(f) => ((timeout_secs as f64 * f) as u64).max(1),
+        Told::Secs(s) => s,
+    };
+
     for i in 0..MESSAGES {
         broker
-            .publish(&batch(
-                &format!("long-{i}"),
-                150,
-                &[
-                    ("a", "a lighthouse", i as u64, 2),
-                    ("b", "a harbour", 99, 2),
-                ],
-            ))
+            .publish(&message(&format!("long-{i}"), i as u64))
             .await;
     }
-    let logs = tempfile::tempdir().unwrap();
     let told = told_secs.to_string();
     let limit = DELIVERY_LIMIT.to_string();
     let worker = WorkerProcess::spawn_env(
@@ -100,18 +145,23 @@ async fn run(name: &str, told_secs: u64) -> Run {
         completed,
         generated,
         dead,
+        timeout_secs,
+        probe,
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn work_in_hand_stays_within_the_consumer_timeout() {
-    // The worker is told a third of the broker's timeout: its 80 % budget is then 8 s of a real
-    // 30 s, a margin against this machine's speed changing under the other tests' load.
-    let r = run("holding", TIMEOUT_SECS / 3).await;
+    // The worker is told a third of the broker's timeout: its 80 % budget is then about one
+    // probe's worth of a real four, a margin against this machine's speed changing under the
+    // other tests' load.
+    let r = run("holding", Told::Fraction(1.0 / 3.0)).await;
     let redelivered = r.completed.iter().filter(|c| c.redelivered).count();
     println!(
-        "consumer timeout {TIMEOUT_SECS} s, {MESSAGES} messages: {} completions, {redelivered} redelivered, \
-         {} images generated, {} dead letters",
+        "probe message {:.1} s, consumer timeout {} s, {MESSAGES} messages: {} completions, \
+         {redelivered} redelivered, {} images generated, {} dead letters",
+        r.probe.as_secs_f64(),
+        r.timeout_secs,
         r.completed.len(),
         r.generated,
         r.dead
@@ -130,10 +180,13 @@ async fn work_in_hand_stays_within_the_consumer_timeout() {
 /// takes them back — what the holding rule prevents. Resumed batches still complete.
 #[tokio::test(flavor = "multi_thread")]
 async fn holding_everything_trips_the_consumer_timeout() {
-    let r = run("hoarding", 100_000).await;
+    let r = run("hoarding", Told::Secs(100_000)).await;
     let redelivered = r.completed.iter().filter(|c| c.redelivered).count();
     println!(
-        "told 100000 s: {} completions, {redelivered} redelivered, {} images generated",
+        "probe message {:.1} s, consumer timeout {} s, told 100000 s: {} completions, \
+         {redelivered} redelivered, {} images generated",
+        r.probe.as_secs_f64(),
+        r.timeout_secs,
         r.completed.len(),
         r.generated
     );

@@ -545,3 +545,39 @@ fn guidance_rescale_matches_diffusers() {
         assert!(model.validate(std::slice::from_ref(&request), &p).is_err());
     }
 }
+
+/// The model's content hash (in every event and manifest) names its files and its scheduler.
+#[test]
+fn the_model_hash_covers_weights_configs_tokenizer_and_scheduler() {
+    let a = load_cpu();
+    let h = a.content_sha256().unwrap();
+    assert_eq!(h.len(), 64);
+    assert_eq!(load_cpu().content_sha256().unwrap(), h, "stable");
+    let names: Vec<String> = a
+        .source_files()
+        .iter()
+        .map(|p| p.strip_prefix(model_dir()).unwrap().display().to_string())
+        .collect();
+    for f in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/config.json",
+        "text_encoder/model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+    ] {
+        assert!(names.contains(&f.to_string()), "{f} not in {names:?}");
+    }
+    // Another scheduler configuration is another model as served.
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&model_dir(), tmp.path());
+    let cfg = tmp.path().join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("\"steps_offset\": 1", "\"steps_offset\": 0"),
+    )
+    .unwrap();
+    let b = StableDiffusion::load(tmp.path(), LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
+    assert_ne!(b.content_sha256().unwrap(), h);
+}

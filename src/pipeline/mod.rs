@@ -140,6 +140,8 @@ pub struct StableDiffusion {
     native_size: i64,
     options: LoadOptions,
     model_dir: PathBuf,
+    /// Every file the load read (weights, configs, tokenizer), for [`Self::content_sha256`].
+    source_files: Vec<PathBuf>,
 }
 
 /// Picks `dir/{base}.{variant}.safetensors` or `dir/{base}.safetensors`.
@@ -441,6 +443,24 @@ impl StableDiffusion {
 
     /// Builds the pipeline from configs and weights, checking that the parts fit together.
     fn assemble(parts: Parts, options: LoadOptions, source: &Path) -> Result<Self> {
+        let mut source_files = vec![
+            parts.text_encoder.1.clone(),
+            parts.text_encoder.2.path().to_path_buf(),
+            parts.unet.1.clone(),
+            parts.unet.2.path().to_path_buf(),
+            parts.vae.1.clone(),
+            parts.vae.2.path().to_path_buf(),
+        ];
+        source_files.extend(
+            tokenizer::ClipTokenizer::FILES
+                .iter()
+                .map(|f| parts.tokenizer_dir.join(f))
+                .filter(|p| p.is_file()),
+        );
+        // Configs inferred from a single file have no file of their own: the checkpoint is there.
+        source_files.retain(|p| p.is_file());
+        source_files.sort();
+        source_files.dedup();
         let (te_cfg, te_cfg_path, te_weights) = parts.text_encoder;
         let text_encoder = clip::ClipTextModel::load(&te_cfg, &te_cfg_path, &te_weights.root())?;
         te_weights.finish();
@@ -498,7 +518,47 @@ impl StableDiffusion {
             native_size: unet_cfg.sample_size.unwrap_or(64) * vae_cfg.scale_factor(),
             options,
             model_dir: source.to_path_buf(),
+            source_files,
         })
+    }
+
+    /// SHA-256 (hex) naming the model as served: each file the load read (name and content hash,
+    /// in path order) and the scheduler configuration as resolved (it can come from flags or a
+    /// sidecar rather than a file). Reads every weight file once (a few seconds for SD 1.x).
+    pub fn content_sha256(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        use std::io::Read;
+        let mut all = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        for path in &self.source_files {
+            let io = |source| Error::Io {
+                path: path.clone(),
+                source,
+            };
+            let mut file = std::fs::File::open(path).map_err(io)?;
+            let mut one = Sha256::new();
+            loop {
+                let n = file.read(&mut buf).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                one.update(&buf[..n]);
+            }
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
+            all.update(name.as_bytes());
+            all.update(b"\0");
+            all.update(one.finalize());
+        }
+        all.update(format!("{:?}", self.scheduler_config).as_bytes());
+        Ok(hex::encode(all.finalize()))
+    }
+
+    /// The files [`Self::content_sha256`] covers.
+    pub fn source_files(&self) -> &[PathBuf] {
+        &self.source_files
     }
 
     pub fn device(&self) -> Device {

@@ -73,6 +73,14 @@ fn pad_token(dir: &Path) -> Result<Option<String>> {
 }
 
 impl ClipTokenizer {
+    /// The files of a tokenizer folder this reads (those present).
+    pub const FILES: [&'static str; 4] = [
+        "vocab.json",
+        "merges.txt",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+    ];
+
     /// Loads `dir/vocab.json` and `dir/merges.txt`; `max_len` is the text encoder's positions (77).
     pub fn load(dir: &Path, max_len: usize) -> Result<Self> {
         let vocab = dir.join("vocab.json");

@@ -92,6 +92,9 @@ pub struct ModelInfo {
     /// The GPU's product name (CUDA), which with the dtype keys stored calibrations.
     pub gpu_name: Option<String>,
     pub dtype: &'static str,
+    /// [`StableDiffusion::content_sha256`], recorded in every event and manifest (`None` if a
+    /// file could not be read again).
+    pub model_sha256: Option<String>,
 }
 
 #[derive(Default)]
@@ -220,6 +223,13 @@ impl GpuExecutor {
                         _ => None,
                     },
                     dtype: crate::device::dtype_name(model.dtype()),
+                    model_sha256: match model.content_sha256() {
+                        Ok(hash) => Some(hash),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot hash the model's files");
+                            None
+                        }
+                    },
                 };
                 if ready_tx.send(Ok(info)).is_err() {
                     return;

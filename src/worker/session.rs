@@ -924,6 +924,7 @@ impl Session<'_> {
         let event = BatchCompleted {
             work_sha256: Some(m.work.to_string()),
             resumed_images: (m.resumed > 0).then_some(m.resumed),
+            model_sha256: self.worker.gpu.info().model_sha256.clone(),
             ..event
         };
         let fut = finish_batch(
