@@ -67,6 +67,7 @@ async fn run(name: &str, told: Told) -> Run {
     let mut events = broker.watch_events().await;
     let logs = tempfile::tempdir().unwrap();
 
+    let limit = DELIVERY_LIMIT.to_string();
     // The probe, under the node's default (long) timeout.
     let probe = {
         let worker = WorkerProcess::spawn_env(
@@ -75,7 +76,7 @@ async fn run(name: &str, told: Told) -> Run {
             "images",
             logs.path(),
             "probe",
-            &["--max-batch", "2"],
+            &["--max-batch", "2", "--delivery-limit", &limit],
             &[("AMQP_URL", &rabbit.url())],
         );
         worker.wait_ready(LONG).await;
@@ -101,7 +102,6 @@ async fn run(name: &str, told: Told) -> Run {
             .await;
     }
     let told = told_secs.to_string();
-    let limit = DELIVERY_LIMIT.to_string();
     let worker = WorkerProcess::spawn_env(
         &prefix,
         &s3,

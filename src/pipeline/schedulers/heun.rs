@@ -170,7 +170,7 @@ impl Scheduler for HeunScheduler {
 mod tests {
     use super::*;
     use crate::pipeline::schedulers::test_layouts;
-    use crate::pipeline::schedulers::test_util::{assert_close, check_layouts, sd14, t};
+    use crate::pipeline::schedulers::test_util::{check_layouts, check_steps, sd14, t};
 
     #[test]
     fn layouts_match_diffusers() {
@@ -195,35 +195,13 @@ mod tests {
         ));
     }
 
-    /// Steps `0..=max(STEP_INDICES)` in order from the same sample and model output, keeping the
-    /// results at STEP_INDICES (as the Python reference does).
-    fn run(config: &SchedulerConfig) -> Vec<Tensor> {
-        let sample = t(&[0.5, -1.0, 1.5, 0.25]);
-        let out = t(&[0.3, -0.2, 0.1, 0.4]);
-        let mut s = HeunScheduler::new(config, 10).unwrap();
-        let last = *STEP_INDICES.iter().max().unwrap();
-        (0..=last)
-            .map(|i| s.step(&out, i, &sample, None).unwrap())
-            .enumerate()
-            .filter(|(i, _)| STEP_INDICES.contains(i))
-            .map(|(_, y)| y)
-            .collect()
-    }
-
     #[test]
     fn steps_match_diffusers() {
-        let mut c = sd14();
-        for (got, e) in run(&c).iter().zip(EXPECTED_EPS.iter()) {
-            assert_close(got, e);
-        }
-        c.prediction_type = Some("v_prediction".into());
-        for (got, e) in run(&c).iter().zip(EXPECTED_V.iter()) {
-            assert_close(got, e);
-        }
-        c.use_karras_sigmas = Some(true);
-        for (got, e) in run(&c).iter().zip(EXPECTED_KARRAS_V.iter()) {
-            assert_close(got, e);
-        }
+        check_steps(
+            |c| Box::new(HeunScheduler::new(c, 10).unwrap()),
+            &STEP_INDICES,
+            [&EXPECTED_EPS, &EXPECTED_V, &EXPECTED_KARRAS_V],
+        );
     }
 
     #[test]

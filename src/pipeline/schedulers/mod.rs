@@ -294,6 +294,38 @@ pub(crate) mod test_util {
         }
     }
 
+    /// Runs `make(config)` over steps `0..=max(indices)` from one sample and model output (as
+    /// the Python references of the tests do) and compares the results at `indices` with
+    /// diffusers': epsilon, then v-prediction, then v-prediction on Karras sigmas.
+    pub fn check_steps(
+        make: impl Fn(&SchedulerConfig) -> Box<dyn super::Scheduler>,
+        indices: &[usize],
+        expected: [&[[f64; 4]]; 3],
+    ) {
+        let sample = t(&[0.5, -1.0, 1.5, 0.25]);
+        let out = t(&[0.3, -0.2, 0.1, 0.4]);
+        let last = indices.iter().copied().max().unwrap_or(0);
+        let mut c = sd14();
+        for (variant, expected) in expected.iter().enumerate() {
+            match variant {
+                1 => c.prediction_type = Some("v_prediction".into()),
+                2 => c.use_karras_sigmas = Some(true),
+                _ => {}
+            }
+            let mut s = make(&c);
+            let kept: Vec<Tensor> = (0..=last)
+                .map(|i| s.step(&out, i, &sample, None).unwrap())
+                .enumerate()
+                .filter(|(i, _)| indices.contains(i))
+                .map(|(_, y)| y)
+                .collect();
+            assert_eq!(kept.len(), expected.len());
+            for (got, e) in kept.iter().zip(expected.iter()) {
+                assert_close(got, e);
+            }
+        }
+    }
+
     /// Element-wise closeness with a relative tolerance of 1e-5.
     pub fn assert_close(actual: &Tensor, expected: &[f64]) {
         let actual = Vec::<f64>::try_from(&actual.flatten(0, -1)).unwrap();
