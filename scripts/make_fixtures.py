@@ -311,6 +311,30 @@ FULL_UNET_CONFIG = dict(
     mid_block_scale_factor=1,
 )
 
+# Real SD 2.1 (768-v) shapes for --full-size --single-file: the OpenCLIP-H text encoder as
+# diffusers keeps it (23 of its 24 layers), linear projections, per-block heads, upcast attention.
+FULL_SD2_TEXT_CONFIG = dict(
+    FULL_TEXT_CONFIG,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    hidden_act="gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=0,
+    projection_dim=512,
+)
+
+FULL_SD2_UNET_CONFIG = dict(
+    FULL_UNET_CONFIG,
+    sample_size=96,
+    attention_head_dim=(5, 10, 20, 20),
+    cross_attention_dim=1024,
+    use_linear_projection=True,
+    upcast_attention=True,
+)
+
 FULL_VAE_CONFIG = dict(
     in_channels=3,
     out_channels=3,
@@ -2209,6 +2233,69 @@ def make_full_size(out_dir: Path) -> None:
     print(f"wrote {out_dir} ({total / 1e9:.2f} GB) in {time.time() - t0:.1f} s")
 
 
+def make_full_size_single_file(out_dir: Path) -> None:
+    """Random full-size SD 1.x and SD 2.1-768-v as single-file fp16 checkpoints in the LDM
+    layout (out/sd1.safetensors, out/sd2.safetensors, written with this script's own
+    diffusers -> LDM mapping) plus, for diffusers' `from_single_file(..., config=...)`, their
+    diffusers config folders without weights (out/sd1/, out/sd2/). No references: compare with
+    scripts/compare_single_file.py.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    t0 = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_clip_vocab()
+    models = (
+        ("sd1", FULL_TEXT_CONFIG, FULL_UNET_CONFIG, "<|endoftext|>", False),
+        ("sd2", FULL_SD2_TEXT_CONFIG, FULL_SD2_UNET_CONFIG, SD2_PAD_TOKEN, True),
+    )
+    for name, text_config, unet_config, pad, sd2 in models:
+        torch.manual_seed(WEIGHT_SEED + (40 if sd2 else 0))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config)).eval().half()
+        unet = UNet2DConditionModel(**unet_config).eval().half()
+        vae = AutoencoderKL(**FULL_VAE_CONFIG).eval().half()
+        print(f"{name}: models built ({time.time() - t0:.0f} s)", flush=True)
+        tokenizer = CLIPTokenizer(
+            vocab=dict(vocab), merges=list(merges), model_max_length=MAX_LENGTH,
+            bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token=pad,
+        )
+        if sd2:
+            config = {k: v for k, v in SD2_SCHEDULER_CONFIG.items() if not k.startswith("_")}
+            scheduler = DDIMScheduler.from_config(config)
+        else:
+            scheduler = pndm_from_dict()
+        folder = out_dir / name
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.save_pretrained(folder, safe_serialization=True)
+        for weights in folder.rglob("*.safetensors"):  # configs only: the weights are the single file
+            weights.unlink()
+        write_vocab_files(folder / "tokenizer", vocab, merges, pad_token=pad)
+        if sd2:
+            (folder / "scheduler" / "scheduler_config.json").write_text(
+                json.dumps(SD2_SCHEDULER_CONFIG, indent=2) + "\n", encoding="utf-8"
+            )
+        else:
+            write_scheduler_config(folder / "scheduler")
+        ckpt = _prefixed("model.diffusion_model.", unet_to_ldm(unet.state_dict(), dict(unet.config)))
+        ckpt.update(_prefixed("first_stage_model.", vae_to_ldm(vae.state_dict(), dict(vae.config))))
+        if sd2:
+            tower = clip_to_open_clip(text_encoder.state_dict(), text_encoder.config.to_dict(), WEIGHT_SEED + 41)
+            ckpt.update(_prefixed("cond_stage_model.model.", {k: v.half() for k, v in tower.items()}))
+        else:
+            ckpt.update(_prefixed("cond_stage_model.transformer.", clip_to_ldm(text_encoder.state_dict())))
+        path = out_dir / f"{name}.safetensors"
+        save_file(ckpt, str(path))
+        print(f"{name}: wrote {path} ({path.stat().st_size / 1e9:.2f} GB, {len(ckpt)} tensors) "
+              f"and {folder}/ ({time.time() - t0:.0f} s)", flush=True)
+        del pipe, text_encoder, unet, vae, ckpt
+
+
 def _strict_json(value):
     """Replaces non-finite floats by the strings "inf", "-inf", "nan" so the file is standard JSON."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -2225,6 +2312,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None, help=f"output folder (default {DEFAULT_OUT})")
     ap.add_argument("--full-size", action="store_true",
                     help="write random full-size SD v1-4 fp16 weights to --out (required), no references")
+    ap.add_argument("--single-file", action="store_true",
+                    help="with --full-size: random full-size SD 1.x and 2.x as single-file LDM checkpoints "
+                         "plus their config folders (see scripts/compare_single_file.py)")
     args = ap.parse_args(argv)
 
     import diffusers.utils.logging
@@ -2243,7 +2333,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.full_size:
         if args.out is None:
             ap.error("--full-size needs an explicit --out (it writes ~2 GB)")
-        make_full_size(args.out)
+        if args.single_file:
+            make_full_size_single_file(args.out)
+        else:
+            make_full_size(args.out)
     else:
         make_tiny(args.out or DEFAULT_OUT)
 
