@@ -258,12 +258,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         _noise: Option<&Tensor>,
     ) -> Result<Tensor> {
         let n = self.timesteps.len();
-        if step_index != self.step_index || step_index >= n {
-            return Err(Error::InvalidArgument(format!(
-                "DPM-Solver++: step {step_index} called out of order (expected step {} of {n})",
-                self.step_index
-            )));
-        }
+        super::check_step_order("DPM-Solver++", step_index, self.step_index, n)?;
         let lower_order_final = step_index == n - 1
             && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_sigma_zero);
 

@@ -14,7 +14,7 @@ use super::config::{
 use super::sigmas::{
     KarrasRange, discrete_schedule, init_noise_sigma, input_scales, karras_option,
 };
-use crate::error::{Error, Result};
+use crate::error::Result;
 use tch::Tensor;
 
 pub struct HeunScheduler {
@@ -129,12 +129,7 @@ impl Scheduler for HeunScheduler {
         _noise: Option<&Tensor>,
     ) -> Result<Tensor> {
         let n = self.timesteps.len();
-        if step_index != self.step_index || step_index >= n {
-            return Err(Error::InvalidArgument(format!(
-                "Heun: step {step_index} called out of order (expected step {} of {n})",
-                self.step_index
-            )));
-        }
+        super::check_step_order("Heun", step_index, self.step_index, n)?;
         let prev_sample = match self.pending.take() {
             // Predictor: an Euler step from this sigma to the next, remembered for the corrector.
             None => {
@@ -169,6 +164,7 @@ impl Scheduler for HeunScheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
     use crate::pipeline::schedulers::test_layouts;
     use crate::pipeline::schedulers::test_util::{check_layouts, check_steps, sd14, t};
 

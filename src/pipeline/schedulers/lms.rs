@@ -129,12 +129,7 @@ impl Scheduler for LmsScheduler {
         _noise: Option<&Tensor>,
     ) -> Result<Tensor> {
         let n = self.timesteps.len();
-        if step_index != self.step_index || step_index >= n {
-            return Err(Error::InvalidArgument(format!(
-                "LMS: step {step_index} called out of order (expected step {} of {n})",
-                self.step_index
-            )));
-        }
+        super::check_step_order("LMS", step_index, self.step_index, n)?;
         let sigma = self.sigmas[step_index];
         // x0, then the ODE slope; diffusers does not upcast in LMS.
         let pred_original_sample = match self.prediction {

@@ -69,6 +69,22 @@ pub trait Scheduler: Send {
     ) -> Result<Tensor>;
 }
 
+/// Multistep schedulers keep history, so `step` must come once per index, in order: anything else
+/// is a caller bug that would silently give wrong images.
+pub(crate) fn check_step_order(
+    scheduler: &str,
+    step_index: usize,
+    expected: usize,
+    steps: usize,
+) -> Result<()> {
+    if step_index != expected || step_index >= steps {
+        return Err(Error::InvalidArgument(format!(
+            "{scheduler}: step {step_index} called out of order (expected step {expected} of {steps})"
+        )));
+    }
+    Ok(())
+}
+
 /// The schedulers a user can pick by name. The `…Karras` kinds are their base scheduler with
 /// `use_karras_sigmas` turned on over the model's scheduler config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

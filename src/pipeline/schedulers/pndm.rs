@@ -148,13 +148,7 @@ impl Scheduler for PndmScheduler {
         sample: &Tensor,
         _noise: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if step_index != self.counter || step_index >= self.timesteps_int.len() {
-            return Err(Error::InvalidArgument(format!(
-                "PNDM: step {step_index} called out of order (expected step {} of {})",
-                self.counter,
-                self.timesteps_int.len()
-            )));
-        }
+        super::check_step_order("PNDM", step_index, self.counter, self.timesteps_int.len())?;
         let mut timestep = self.timesteps_int[step_index];
         let mut prev_timestep = timestep - self.step_ratio;
         if self.counter != 1 {

@@ -335,12 +335,7 @@ impl Scheduler for UniPcMultistepScheduler {
         _noise: Option<&Tensor>,
     ) -> Result<Tensor> {
         let n = self.timesteps.len();
-        if step_index != self.step_index || step_index >= n {
-            return Err(Error::InvalidArgument(format!(
-                "UniPC: step {step_index} called out of order (expected step {} of {n})",
-                self.step_index
-            )));
-        }
+        super::check_step_order("UniPC", step_index, self.step_index, n)?;
         // x0 from the latents as given, before they are corrected.
         let x0 = self.convert_model_output(model_output, sample)?;
         let sample = match self.last.take() {
