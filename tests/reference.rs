@@ -120,6 +120,66 @@ fn builtin_bang_pad_equals_the_sd2_tokenizer_folder() {
     }
 }
 
+/// transformers (5.23) makes the pad token special: with SD 2.x's "!" pad, every "!" in a prompt
+/// is the pad id 0; with SD 1.x's EOS pad it stays BPE's "!</w>" (256) or a merge of it.
+#[test]
+fn a_bang_pad_token_is_special_in_prompts_as_in_transformers() {
+    // CLIPTokenizer(prompt, padding="max_length", max_length=10) on tiny-sd2/ and tiny-sd/tokenizer.
+    let cases: [(&str, [i64; 10], [i64; 10]); 5] = [
+        (
+            "Hello!",
+            [49406, 3306, 0, 49407, 0, 0, 0, 0, 0, 0],
+            [
+                49406, 3306, 256, 49407, 49407, 49407, 49407, 49407, 49407, 49407,
+            ],
+        ),
+        (
+            "wow !!! great",
+            [49406, 2781, 0, 0, 0, 830, 49407, 0, 0, 0],
+            [
+                49406, 2781, 995, 830, 49407, 49407, 49407, 49407, 49407, 49407,
+            ],
+        ),
+        (
+            "a!b",
+            [49406, 320, 0, 321, 49407, 0, 0, 0, 0, 0],
+            [
+                49406, 320, 256, 321, 49407, 49407, 49407, 49407, 49407, 49407,
+            ],
+        ),
+        (
+            "what?! no",
+            [49406, 768, 286, 0, 871, 49407, 0, 0, 0, 0],
+            [
+                49406, 768, 2835, 871, 49407, 49407, 49407, 49407, 49407, 49407,
+            ],
+        ),
+        (
+            "hi!<|endoftext|>x",
+            [49406, 1883, 0, 49407, 343, 49407, 0, 0, 0, 0],
+            [
+                49406, 1883, 256, 49407, 343, 49407, 49407, 49407, 49407, 49407,
+            ],
+        ),
+    ];
+    let sd2 = [
+        ClipTokenizer::load(&fixtures().join("tiny-sd2/tokenizer"), 10).unwrap(),
+        ClipTokenizer::builtin(10, BuiltinPad::Bang).unwrap(),
+    ];
+    let sd1 = [
+        ClipTokenizer::load(&fixtures().join("tiny-sd/tokenizer"), 10).unwrap(),
+        ClipTokenizer::builtin(10, BuiltinPad::Eos).unwrap(),
+    ];
+    for (prompt, bang, eos) in cases {
+        for (i, t) in sd2.iter().enumerate() {
+            assert_eq!(t.encode(prompt).unwrap().ids, bang, "{prompt:?}, sd2 #{i}");
+        }
+        for (i, t) in sd1.iter().enumerate() {
+            assert_eq!(t.encode(prompt).unwrap().ids, eos, "{prompt:?}, sd1 #{i}");
+        }
+    }
+}
+
 #[test]
 fn text_encoder_matches_transformers() {
     let model = load_cpu();

@@ -261,7 +261,14 @@ impl ClipTokenizer {
             ByteLevel::new(false, true, true).into(),
         ])));
         // Special tokens written in a prompt are matched whole, before normalization, as in Python.
-        inner.add_special_tokens(&[AddedToken::from(BOS, true), AddedToken::from(EOS, true)]);
+        // transformers makes the pad token special too: with SD 2.x's "!" every "!" in a prompt
+        // becomes the pad id 0, not BPE's "!</w>" (diffusers issue #4153; OpenCLIP itself does
+        // not do this, but the pipelines this crate matches do).
+        let mut special = vec![AddedToken::from(BOS, true), AddedToken::from(EOS, true)];
+        if pad != BOS && pad != EOS {
+            special.push(AddedToken::from(pad, true));
+        }
+        inner.add_special_tokens(&special);
         let id = |t: &str| {
             inner
                 .token_to_id(t)
