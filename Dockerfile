@@ -17,6 +17,8 @@ RUN python3 -m venv /opt/venv \
 ENV PATH=/opt/venv/bin:$PATH LIBTORCH_USE_PYTORCH=1
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src src
+# The built-in CLIP tokenizer's BPE file, embedded at compile time.
+COPY data data
 RUN cargo build --release --locked --bin sdbatch \
  && mkdir -p /out/lib \
  && cp target/release/sdbatch /out/ \

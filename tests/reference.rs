@@ -4,14 +4,15 @@ mod common;
 
 use common::*;
 use sdbatch::pipeline::schedulers::{SchedulerConfig, SchedulerKind};
+use sdbatch::pipeline::tokenizer::{BuiltinPad, ClipTokenizer, clip_vocab_and_merges};
 use sdbatch::pipeline::{GenerateParams, ImageRequest, LoadOptions, StableDiffusion};
 use tch::{Device, Kind, Tensor};
 
 const TOL: f64 = 1e-4;
 
-#[test]
-fn tokenizer_matches_transformers_on_corpus() {
-    let model = load_cpu();
+/// `reference/tokens.json`: the prompts and the ids transformers' CLIPTokenizer gives them with
+/// the SD 1.x tokenizer (EOS padding).
+fn token_corpus() -> Vec<(String, Vec<i64>)> {
     let path = fixtures().join("reference/tokens.json");
     let tokens: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -22,26 +23,161 @@ fn tokenizer_matches_transformers_on_corpus() {
         "corpus has only {} prompts",
         prompts.len()
     );
+    prompts
+        .iter()
+        .zip(ids)
+        .map(|(p, ids)| {
+            let ids = ids.as_array().unwrap();
+            let ids = ids.iter().map(|v| v.as_i64().unwrap()).collect();
+            (p.as_str().unwrap().to_string(), ids)
+        })
+        .collect()
+}
+
+/// Asserts `ours` gives `expected(prompt, transformers' SD 1.x ids)` for every corpus prompt.
+fn assert_corpus(what: &str, ours: &ClipTokenizer, expected: impl Fn(&str, &[i64]) -> Vec<i64>) {
+    let corpus = token_corpus();
     let mut mismatches = Vec::new();
-    for (p, expected) in prompts.iter().zip(ids) {
-        let p = p.as_str().unwrap();
-        let expected: Vec<i64> = expected
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_i64().unwrap())
-            .collect();
-        let ours = model.tokenizer.encode(p).unwrap().ids;
-        if ours != expected {
-            mismatches.push(format!("{p:?}\n  ours:   {ours:?}\n  theirs: {expected:?}"));
+    for (p, theirs) in &corpus {
+        let theirs = expected(p, theirs);
+        let ours = ours.encode(p).unwrap().ids;
+        if ours != theirs {
+            mismatches.push(format!("{p:?}\n  ours:   {ours:?}\n  theirs: {theirs:?}"));
         }
     }
     println!(
-        "tokenizer: {} prompts, {} mismatches",
-        prompts.len(),
+        "{what}: {} prompts, {} mismatches",
+        corpus.len(),
         mismatches.len()
     );
-    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+    assert!(mismatches.is_empty(), "{what}\n{}", mismatches.join("\n"));
+}
+
+#[test]
+fn tokenizer_matches_transformers_on_corpus() {
+    let model = load_cpu();
+    assert_corpus("folder tokenizer", &model.tokenizer, |_, ids| ids.to_vec());
+}
+
+#[test]
+fn builtin_vocabulary_and_merges_equal_the_tokenizer_folder() {
+    let (vocab, merges) = clip_vocab_and_merges().unwrap();
+    let dir = fixtures().join("tiny-sd/tokenizer");
+    let text = std::fs::read_to_string(dir.join("vocab.json")).unwrap();
+    let folder: std::collections::HashMap<String, u32> = serde_json::from_str(&text).unwrap();
+    assert_eq!(vocab.len(), folder.len());
+    let differing: Vec<_> = folder
+        .iter()
+        .filter(|&(token, id)| vocab.get(token) != Some(id))
+        .take(10)
+        .collect();
+    assert!(differing.is_empty(), "tokens with other ids: {differing:?}");
+
+    let text = std::fs::read_to_string(dir.join("merges.txt")).unwrap();
+    let folder: Vec<(String, String)> = text
+        .lines()
+        .filter(|l| !l.starts_with("#version"))
+        .map(|l| {
+            let (a, b) = l.split_once(' ').unwrap();
+            (a.to_string(), b.to_string())
+        })
+        .collect();
+    assert_eq!(merges.len(), folder.len());
+    let first = merges.iter().zip(&folder).position(|(a, b)| a != b);
+    assert_eq!(first, None, "merges differ from line {first:?} on");
+    println!(
+        "built-in: {} tokens, {} merges, equal to the folder",
+        vocab.len(),
+        merges.len()
+    );
+}
+
+#[test]
+fn builtin_tokenizer_matches_transformers_on_corpus() {
+    let builtin = ClipTokenizer::builtin(77, BuiltinPad::Eos).unwrap();
+    assert_corpus("built-in tokenizer, EOS pad", &builtin, |_, ids| {
+        ids.to_vec()
+    });
+}
+
+#[test]
+fn builtin_bang_pad_equals_the_sd2_tokenizer_folder() {
+    let builtin = ClipTokenizer::builtin(77, BuiltinPad::Bang).unwrap();
+    let folder = ClipTokenizer::load(&fixtures().join("tiny-sd2/tokenizer"), 77).unwrap();
+    assert_eq!((builtin.pad_id(), folder.pad_id()), (0, 0));
+    assert_corpus("built-in tokenizer, \"!\" pad", &builtin, |p, _| {
+        folder.encode(p).unwrap().ids
+    });
+    // And transformers' own ids for tiny-sd2's prompt and negative prompt.
+    let m = &meta()["sd2"];
+    let r = reference("sd2.safetensors");
+    for (row, key) in ["prompt", "negative_prompt"].into_iter().enumerate() {
+        let ids = builtin.encode(m[key].as_str().unwrap()).unwrap().ids;
+        assert!(
+            Tensor::from_slice(&ids).equal(&r["input_ids"].get(row as i64)),
+            "{key}: ids differ from transformers'"
+        );
+    }
+}
+
+/// transformers (5.23) makes the pad token special: with SD 2.x's "!" pad, every "!" in a prompt
+/// is the pad id 0; with SD 1.x's EOS pad it stays BPE's "!</w>" (256) or a merge of it.
+#[test]
+fn a_bang_pad_token_is_special_in_prompts_as_in_transformers() {
+    // CLIPTokenizer(prompt, padding="max_length", max_length=10) on tiny-sd2/ and tiny-sd/tokenizer.
+    let cases: [(&str, [i64; 10], [i64; 10]); 5] = [
+        (
+            "Hello!",
+            [49406, 3306, 0, 49407, 0, 0, 0, 0, 0, 0],
+            [
+                49406, 3306, 256, 49407, 49407, 49407, 49407, 49407, 49407, 49407,
+            ],
+        ),
+        (
+            "wow !!! great",
+            [49406, 2781, 0, 0, 0, 830, 49407, 0, 0, 0],
+            [
+                49406, 2781, 995, 830, 49407, 49407, 49407, 49407, 49407, 49407,
+            ],
+        ),
+        (
+            "a!b",
+            [49406, 320, 0, 321, 49407, 0, 0, 0, 0, 0],
+            [
+                49406, 320, 256, 321, 49407, 49407, 49407, 49407, 49407, 49407,
+            ],
+        ),
+        (
+            "what?! no",
+            [49406, 768, 286, 0, 871, 49407, 0, 0, 0, 0],
+            [
+                49406, 768, 2835, 871, 49407, 49407, 49407, 49407, 49407, 49407,
+            ],
+        ),
+        (
+            "hi!<|endoftext|>x",
+            [49406, 1883, 0, 49407, 343, 49407, 0, 0, 0, 0],
+            [
+                49406, 1883, 256, 49407, 343, 49407, 49407, 49407, 49407, 49407,
+            ],
+        ),
+    ];
+    let sd2 = [
+        ClipTokenizer::load(&fixtures().join("tiny-sd2/tokenizer"), 10).unwrap(),
+        ClipTokenizer::builtin(10, BuiltinPad::Bang).unwrap(),
+    ];
+    let sd1 = [
+        ClipTokenizer::load(&fixtures().join("tiny-sd/tokenizer"), 10).unwrap(),
+        ClipTokenizer::builtin(10, BuiltinPad::Eos).unwrap(),
+    ];
+    for (prompt, bang, eos) in cases {
+        for (i, t) in sd2.iter().enumerate() {
+            assert_eq!(t.encode(prompt).unwrap().ids, bang, "{prompt:?}, sd2 #{i}");
+        }
+        for (i, t) in sd1.iter().enumerate() {
+            assert_eq!(t.encode(prompt).unwrap().ids, eos, "{prompt:?}, sd1 #{i}");
+        }
+    }
 }
 
 #[test]

@@ -295,13 +295,7 @@ fn unknown_layouts_are_named() {
 fn shapes_that_fit_no_architecture_are_named() {
     // Without --model-config the configs are inferred: the tiny model's 32-wide text encoder
     // fits no CLIP (heads of 64).
-    let err = message(load_single(
-        "tiny-sd",
-        SingleFileOptions {
-            tokenizer: Some(fixtures().join("tiny-sd/tokenizer")),
-            ..Default::default()
-        },
-    ));
+    let err = message(load_single("tiny-sd", SingleFileOptions::default()));
     assert!(
         err.contains("tiny-sd.safetensors") && err.contains("multiple of 64"),
         "{err}"
@@ -322,15 +316,82 @@ fn shapes_that_fit_no_architecture_are_named() {
     );
 }
 
-#[test]
-fn no_tokenizer_says_how_to_pass_one() {
-    let err = message(load_single("tiny-sd", SingleFileOptions::default()));
+/// A copy of a fixture model folder's configs and scheduler without its `tokenizer/`: a
+/// `--model-config` that leaves the tokenizer to the built-in one. (The tiny models' configs cannot
+/// be inferred from their shapes, see `shapes_that_fit_no_architecture_are_named`.)
+fn configs_only(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for file in [
+        "text_encoder/config.json",
+        "unet/config.json",
+        "vae/config.json",
+        "scheduler/scheduler_config.json",
+    ] {
+        let to = dir.path().join(file);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(fixtures().join(name).join(file), to).unwrap();
+    }
+    dir
+}
+
+/// No `--tokenizer` and no `tokenizer/` in `--model-config`: the built-in CLIP tokenizer, padded
+/// as the family's folder pads (EOS for SD 1.x, "!" for SD 2.x), gives the folder's model exactly.
+fn builtin_tokenizer_equals_the_folder(name: &str, pad_id: u32) {
+    let configs = configs_only(name);
+    let single = SingleFileOptions {
+        model_config: Some(configs.path().to_path_buf()),
+        ..Default::default()
+    };
+    let builtin = load_single(name, single).unwrap();
+    assert_eq!(builtin.tokenizer.pad_id(), pad_id);
+    assert!(builtin.tokenizer.builtin_label().is_some());
+    let folder = StableDiffusion::load(&fixtures().join(name), opts()).unwrap();
+    same_model(&folder, &builtin, &format!("{name} built-in tokenizer"));
+
+    // The hash covers the built-in tokenizer by label, not by files it does not have.
     assert!(
-        err.contains("tiny-sd.safetensors")
-            && err.contains("--tokenizer")
-            && err.contains("--model-config"),
-        "{err}"
+        builtin
+            .source_files()
+            .iter()
+            .all(|p| !p.to_string_lossy().contains("tokenizer")),
+        "{:?}",
+        builtin.source_files()
     );
+    let with_folder = load_single(
+        name,
+        SingleFileOptions {
+            model_config: Some(configs.path().to_path_buf()),
+            tokenizer: Some(fixtures().join(name).join("tokenizer")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(with_folder.tokenizer.builtin_label().is_none());
+    let hash = builtin.content_sha256().unwrap();
+    assert_ne!(hash, with_folder.content_sha256().unwrap());
+    assert_eq!(hash, builtin.content_sha256().unwrap());
+}
+
+#[test]
+fn a_missing_tokenizer_folder_is_named() {
+    let err = message(load_single(
+        "tiny-sd",
+        SingleFileOptions {
+            tokenizer: Some("/nonexistent/tokenizer".into()),
+            ..with_config("tiny-sd")
+        },
+    ));
+    assert!(err.contains("/nonexistent/tokenizer/vocab.json"), "{err}");
+}
+
+#[test]
+fn sd1_without_a_tokenizer_uses_the_builtin_padding_with_eos() {
+    builtin_tokenizer_equals_the_folder("tiny-sd", 49407);
+}
+
+#[test]
+fn sd2_without_a_tokenizer_uses_the_builtin_padding_with_bang() {
+    builtin_tokenizer_equals_the_folder("tiny-sd2", 0);
 }
 
 #[test]
@@ -360,7 +421,7 @@ fn cli_generate_from_a_single_file() {
             .arg(out)
             .args(["--steps", "2", "--seed", "9", "--device", "cpu"])
             .args(extra)
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", "warn,sdbatch::pipeline=info");
         cmd.output().unwrap()
     };
     let folder_out = dir.path().join("folder");
@@ -376,6 +437,19 @@ fn cli_generate_from_a_single_file() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let png = |d: &Path| std::fs::read(d.join("0.png")).unwrap();
     assert_eq!(png(&folder_out), png(&single_out), "same PNG bytes");
+
+    // No tokenizer anywhere: the built-in one, said so in the log.
+    let configs = configs_only("tiny-sd");
+    let builtin_out = dir.path().join("builtin");
+    let o = run(
+        &checkpoint("tiny-sd"),
+        &builtin_out,
+        &["--model-config", configs.path().to_str().unwrap()],
+    );
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("built-in CLIP tokenizer"), "{log}");
+    assert_eq!(png(&folder_out), png(&builtin_out), "same PNG bytes");
 
     let ckpt = dir.path().join("model.ckpt");
     std::fs::write(&ckpt, b"\x80\x04.").unwrap();

@@ -104,15 +104,16 @@ pub struct ModelArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Single-file checkpoints: a diffusers model folder whose unet/, text_encoder/, vae/ configs,
-    /// scheduler and tokenizer are used instead of the ones inferred from the checkpoint.
+    /// scheduler and tokenizer/ (if present) are used instead of the inferred and built-in ones.
     #[arg(long, value_name = "DIR")]
     pub model_config: Option<PathBuf>,
     /// Single-file checkpoints: a VAE replacing the checkpoint's (a diffusers VAE folder or a
     /// .safetensors file in diffusers or LDM names).
     #[arg(long, value_name = "PATH")]
     pub vae: Option<PathBuf>,
-    /// Single-file checkpoints: the tokenizer folder (vocab.json, merges.txt; default: the
-    /// --model-config folder's tokenizer/).
+    /// Single-file checkpoints: a tokenizer folder (vocab.json, merges.txt). Default: the
+    /// --model-config folder's tokenizer/, else the built-in CLIP tokenizer (pads with
+    /// <|endoftext|> for SD 1.x, "!" for SD 2.x, as their diffusers folders do).
     #[arg(long, value_name = "DIR")]
     pub tokenizer: Option<PathBuf>,
     /// Single-file checkpoints: epsilon or v_prediction (default: the <file>.yaml sidecar's

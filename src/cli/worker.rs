@@ -36,13 +36,15 @@ pub struct WorkerArgs {
     /// (original CompVis/LDM layout, SD 1.x or 2.x).
     #[arg(long, env = "SDBATCH_MODEL", hide_env_values = true)]
     pub model: Option<PathBuf>,
-    /// Single-file checkpoints: a diffusers folder whose configs, scheduler and tokenizer are used.
+    /// Single-file checkpoints: a diffusers folder whose configs, scheduler and tokenizer/ (if
+    /// present) are used.
     #[arg(long, env = "SDBATCH_MODEL_CONFIG", hide_env_values = true)]
     pub model_config: Option<PathBuf>,
     /// Single-file checkpoints: a VAE folder or .safetensors file replacing the checkpoint's.
     #[arg(long, env = "SDBATCH_VAE", hide_env_values = true)]
     pub vae: Option<PathBuf>,
-    /// Single-file checkpoints: the tokenizer folder (default: --model-config's tokenizer/).
+    /// Single-file checkpoints: a tokenizer folder (default: --model-config's tokenizer/, else the
+    /// built-in CLIP tokenizer).
     #[arg(long, env = "SDBATCH_TOKENIZER", hide_env_values = true)]
     pub tokenizer: Option<PathBuf>,
     /// Single-file checkpoints: epsilon or v_prediction.

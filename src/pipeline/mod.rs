@@ -191,8 +191,16 @@ struct Parts {
     text_encoder: (ClipTextConfig, PathBuf, Weights),
     unet: (UNetConfig, PathBuf, Weights),
     vae: (VaeConfig, PathBuf, Weights),
-    tokenizer_dir: PathBuf,
+    tokenizer: TokenizerSource,
     scheduler_config: SchedulerConfig,
+}
+
+/// Where the tokenizer comes from.
+enum TokenizerSource {
+    /// A folder with `vocab.json` and `merges.txt`.
+    Folder(PathBuf),
+    /// CLIP's vocabulary embedded in the binary (single-file checkpoints without a folder).
+    Builtin(tokenizer::BuiltinPad),
 }
 
 type VaeSource = (
@@ -275,7 +283,7 @@ impl StableDiffusion {
                 text_encoder: (te_cfg, te_cfg_path, te_weights),
                 unet: (unet_cfg, unet_cfg_path, unet_weights),
                 vae: (vae_cfg, vae_cfg_path, vae_weights),
-                tokenizer_dir: dir.join("tokenizer"),
+                tokenizer: TokenizerSource::Folder(dir.join("tokenizer")),
                 scheduler_config,
             },
             options,
@@ -308,27 +316,49 @@ impl StableDiffusion {
         use single_file::{PredictionType, TextEncoderKind};
         let _no_grad = tch::no_grad_guard();
         single_file::ensure_safetensors(file)?;
-        // Checked before the (large) file is read.
-        let tokenizer_dir = match (&single.tokenizer, &single.model_config) {
-            (Some(dir), _) => dir.clone(),
-            (None, Some(dir)) => dir.join("tokenizer"),
-            (None, None) => {
-                return Err(Error::Checkpoint {
-                    path: file.to_path_buf(),
-                    message: "single-file checkpoints carry no tokenizer: pass --tokenizer DIR \
-                              (a folder with vocab.json and merges.txt, e.g. a diffusers model's \
-                              tokenizer/) or --model-config DIR (a diffusers model folder)"
-                        .into(),
-                });
+        // A mistyped --tokenizer fails before the (large) checkpoint is read.
+        if let Some(dir) = &single.tokenizer {
+            for name in ["vocab.json", "merges.txt"] {
+                if !dir.join(name).is_file() {
+                    return Err(Error::MissingFile {
+                        path: dir.join(name),
+                    });
+                }
             }
-        };
-
+        }
         let tensors = Tensor::read_safetensors(file).map_err(|e| Error::Config {
             path: file.to_path_buf(),
             message: format!("not a readable safetensors file: {e}"),
         })?;
         let parts = single_file::split_checkpoint(file, tensors.into_iter().collect())?;
         let sd2 = parts.text_kind == TextEncoderKind::OpenClip;
+
+        // The checkpoint has no tokenizer: --tokenizer, else --model-config's tokenizer/ when it
+        // has one, else CLIP's built-in vocabulary (the same for every SD 1.x/2.x model) with the
+        // pad token of the family's diffusers folders.
+        let config_tokenizer = single
+            .model_config
+            .as_ref()
+            .map(|dir| dir.join("tokenizer"))
+            .filter(|dir| dir.is_dir());
+        let tokenizer = match single.tokenizer.clone().or(config_tokenizer) {
+            Some(dir) => {
+                tracing::info!(tokenizer = %dir.display(), "tokenizer from folder");
+                TokenizerSource::Folder(dir)
+            }
+            None => {
+                let pad = if sd2 {
+                    tokenizer::BuiltinPad::Bang
+                } else {
+                    tokenizer::BuiltinPad::Eos
+                };
+                tracing::info!(
+                    pad = pad.token(),
+                    "built-in CLIP tokenizer (no --tokenizer or --model-config tokenizer/)"
+                );
+                TokenizerSource::Builtin(pad)
+            }
+        };
 
         // The prediction type: the flag, else the LDM .yaml sidecar, else the architecture's
         // default — epsilon for SD 1.x; for SD 2.x v-prediction (SD 2.0/2.1 at 768 px, the
@@ -433,7 +463,7 @@ impl StableDiffusion {
                 text_encoder: (te_cfg, te_cfg_path, wrap(parts.text_encoder)),
                 unet: (unet_cfg, unet_cfg_path, wrap(parts.unet)),
                 vae: (vae_cfg, vae_cfg_path, vae_weights),
-                tokenizer_dir,
+                tokenizer,
                 scheduler_config,
             },
             options,
@@ -451,12 +481,15 @@ impl StableDiffusion {
             parts.vae.1.clone(),
             parts.vae.2.path().to_path_buf(),
         ];
-        source_files.extend(
-            tokenizer::ClipTokenizer::FILES
-                .iter()
-                .map(|f| parts.tokenizer_dir.join(f))
-                .filter(|p| p.is_file()),
-        );
+        // The built-in tokenizer has no files: its label goes into the hash instead.
+        if let TokenizerSource::Folder(dir) = &parts.tokenizer {
+            source_files.extend(
+                tokenizer::ClipTokenizer::FILES
+                    .iter()
+                    .map(|f| dir.join(f))
+                    .filter(|p| p.is_file()),
+            );
+        }
         // Configs inferred from a single file have no file of their own: the checkpoint is there.
         source_files.retain(|p| p.is_file());
         source_files.sort();
@@ -464,10 +497,11 @@ impl StableDiffusion {
         let (te_cfg, te_cfg_path, te_weights) = parts.text_encoder;
         let text_encoder = clip::ClipTextModel::load(&te_cfg, &te_cfg_path, &te_weights.root())?;
         te_weights.finish();
-        let tokenizer = tokenizer::ClipTokenizer::load(
-            &parts.tokenizer_dir,
-            te_cfg.max_position_embeddings as usize,
-        )?;
+        let max_len = te_cfg.max_position_embeddings as usize;
+        let tokenizer = match &parts.tokenizer {
+            TokenizerSource::Folder(dir) => tokenizer::ClipTokenizer::load(dir, max_len)?,
+            TokenizerSource::Builtin(pad) => tokenizer::ClipTokenizer::builtin(max_len, *pad)?,
+        };
 
         let (unet_cfg, unet_cfg_path, unet_weights) = parts.unet;
         let unet = unet::UNet2DConditionModel::load(
@@ -523,7 +557,8 @@ impl StableDiffusion {
     }
 
     /// SHA-256 (hex) naming the model as served: each file the load read (name and content hash,
-    /// in path order) and the scheduler configuration as resolved (it can come from flags or a
+    /// in path order), the built-in tokenizer's label (data hash and pad token) when it was used,
+    /// and the scheduler configuration as resolved (it can come from flags or a
     /// sidecar rather than a file). Reads every weight file once (a few seconds for SD 1.x).
     pub fn content_sha256(&self) -> Result<String> {
         use sha2::{Digest, Sha256};
@@ -551,6 +586,9 @@ impl StableDiffusion {
             all.update(name.as_bytes());
             all.update(b"\0");
             all.update(one.finalize());
+        }
+        if let Some(label) = self.tokenizer.builtin_label() {
+            all.update(label.as_bytes());
         }
         all.update(format!("{:?}", self.scheduler_config).as_bytes());
         Ok(hex::encode(all.finalize()))

@@ -86,13 +86,16 @@ impl std::str::FromStr for PredictionType {
 /// How to load a single-file checkpoint.
 #[derive(Debug, Clone, Default)]
 pub struct SingleFileOptions {
-    /// A diffusers model folder whose `unet/`, `text_encoder/`, `vae/` config.json files, scheduler
-    /// and tokenizer replace the inferred ones (the weights still come from the checkpoint).
+    /// A diffusers model folder whose `unet/`, `text_encoder/`, `vae/` config.json files and
+    /// scheduler replace the inferred ones, and whose `tokenizer/` (when it has one) replaces the
+    /// built-in tokenizer (the weights still come from the checkpoint).
     pub model_config: Option<PathBuf>,
     /// A VAE replacing the checkpoint's: a diffusers VAE folder (`config.json` +
     /// `diffusion_pytorch_model.safetensors`) or one `.safetensors` file (diffusers or LDM names).
     pub vae: Option<PathBuf>,
-    /// A tokenizer folder (`vocab.json`, `merges.txt`); default: `model_config`'s `tokenizer/`.
+    /// A tokenizer folder (`vocab.json`, `merges.txt`); default: `model_config`'s `tokenizer/`
+    /// when it has one, else the built-in CLIP tokenizer (padding with `<|endoftext|>` for SD 1.x,
+    /// `!` for SD 2.x, as their diffusers folders do).
     pub tokenizer: Option<PathBuf>,
     /// Overrides the prediction type (else the `.yaml` sidecar, else the architecture's default).
     pub prediction_type: Option<PredictionType>,

@@ -1,12 +1,17 @@
-//! CLIP's byte-level BPE tokenizer, built with the `tokenizers` crate from `vocab.json` and
-//! `merges.txt` with the same normalizer and pre-tokenizer as transformers' `CLIPTokenizer`:
-//! NFC, whitespace runs to one space, lowercase; CLIP's split regex; byte-level mapping; `</w>`
-//! end-of-word suffix. Sequences are `<|startoftext|> … <|endoftext|>`, padded to the text
-//! encoder's 77 positions with the folder's pad token (`<|endoftext|>` for SD 1.x, `!` for SD 2.x's
-//! OpenCLIP tokenizer) and truncated to fit.
+//! CLIP's byte-level BPE tokenizer, built with the `tokenizers` crate with the same normalizer and
+//! pre-tokenizer as transformers' `CLIPTokenizer`: NFC, whitespace runs to one space, lowercase;
+//! CLIP's split regex; byte-level mapping; `</w>` end-of-word suffix. Sequences are
+//! `<|startoftext|> … <|endoftext|>`, padded to the text encoder's 77 positions with the pad token
+//! (`<|endoftext|>` for SD 1.x, `!` for SD 2.x's OpenCLIP tokenizer) and truncated to fit.
+//!
+//! The vocabulary and merges come from a tokenizer folder (`vocab.json`, `merges.txt`,
+//! [`ClipTokenizer::load`]) or from CLIP's own BPE file embedded in the binary
+//! ([`ClipTokenizer::builtin`], `data/clip/`): every SD 1.x/2.x checkpoint uses that same
+//! vocabulary, so a single-file checkpoint needs no folder.
 use crate::error::{Error, Result};
+use std::io::Read;
 use std::path::Path;
-use tokenizers::models::bpe::BPE;
+use tokenizers::models::bpe::{BPE, Merges, Vocab};
 use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence as Normalizers};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizers;
@@ -18,12 +23,42 @@ const EOS: &str = "<|endoftext|>";
 const SPLIT_PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
+/// OpenAI CLIP's `bpe_simple_vocab_16e6.txt.gz` (MIT, see `data/clip/README.md`).
+static CLIP_BPE_GZ: &[u8] = include_bytes!("../../data/clip/bpe_simple_vocab_16e6.txt.gz");
+/// SHA-256 of [`CLIP_BPE_GZ`], as documented in `data/clip/README.md` (checked by a unit test).
+pub const CLIP_BPE_SHA256: &str =
+    "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a";
+/// CLIP's vocabulary: 256 byte symbols, the same with `</w>`, one token per merge, BOS and EOS.
+pub const CLIP_VOCAB_SIZE: usize = 49408;
+/// How many merges of the file CLIP uses: the rest of its 49408 ids (`49152 - 256 - 2`).
+const CLIP_MERGES: usize = CLIP_VOCAB_SIZE - 2 * 256 - 2;
+
+/// The pad token of the built-in tokenizer, as the diffusers folders of each model family set it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuiltinPad {
+    /// `<|endoftext|>`: SD 1.x (OpenAI CLIP ViT-L/14).
+    Eos,
+    /// `!` (id 0): SD 2.x (OpenCLIP ViT-H/14), whose diffusers tokenizer folders say so.
+    Bang,
+}
+
+impl BuiltinPad {
+    pub fn token(self) -> &'static str {
+        match self {
+            BuiltinPad::Eos => EOS,
+            BuiltinPad::Bang => "!",
+        }
+    }
+}
+
 pub struct ClipTokenizer {
     inner: Tokenizer,
     bos: u32,
     eos: u32,
     pad: u32,
     max_len: usize,
+    /// `Some` for the embedded vocabulary, which has no file to hash.
+    builtin: Option<BuiltinPad>,
 }
 
 /// One tokenized prompt.
@@ -35,8 +70,8 @@ pub struct Tokens {
     pub truncated: usize,
 }
 
-fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Tokenizer(format!("{}: {e}", path.display()))
+fn tok_err(origin: &str, e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(format!("{origin}: {e}"))
 }
 
 /// The pad token a tokenizer folder names: `special_tokens_map.json`, else
@@ -72,6 +107,70 @@ fn pad_token(dir: &Path) -> Result<Option<String>> {
     Ok(None)
 }
 
+/// GPT-2/CLIP's reversible byte → printable character map, in CLIP's order: the printable
+/// Latin-1 bytes map to themselves, the other 68 to U+0100 onwards. The order is the order of
+/// the first 256 ids.
+fn bytes_to_unicode() -> Vec<char> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut chars: Vec<char> = (0..=255u8)
+        .filter(|&b| printable(b))
+        .map(char::from)
+        .collect();
+    let others = (0..=255u8).filter(|&b| !printable(b));
+    chars.extend(others.zip(256u32..).filter_map(|(_, c)| char::from_u32(c)));
+    chars
+}
+
+/// CLIP's vocabulary and merges, built from the embedded BPE file exactly as CLIP's
+/// `SimpleTokenizer` builds them: the 256 byte symbols, the same with `</w>`, the concatenation of
+/// each of the first 48894 merges, then `<|startoftext|>` and `<|endoftext|>` (49408 ids).
+pub fn clip_vocab_and_merges() -> Result<(Vocab, Merges)> {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(CLIP_BPE_GZ)
+        .read_to_string(&mut text)
+        .map_err(|e| tok_err("built-in CLIP BPE data", e))?;
+    // The first line is a version header.
+    let merges: Merges = text
+        .split('\n')
+        .skip(1)
+        .take(CLIP_MERGES)
+        .map(
+            |line| match line.split_whitespace().collect::<Vec<_>>()[..] {
+                [a, b] => Ok((a.to_string(), b.to_string())),
+                _ => Err(tok_err(
+                    "built-in CLIP BPE data",
+                    format!("bad merge line {line:?}"),
+                )),
+            },
+        )
+        .collect::<Result<_>>()?;
+    if merges.len() != CLIP_MERGES {
+        return Err(tok_err(
+            "built-in CLIP BPE data",
+            format!("{} merges, expected {CLIP_MERGES}", merges.len()),
+        ));
+    }
+    let bytes: Vec<String> = bytes_to_unicode().into_iter().map(String::from).collect();
+    let tokens = bytes
+        .iter()
+        .cloned()
+        .chain(bytes.iter().map(|b| format!("{b}</w>")))
+        .chain(merges.iter().map(|(a, b)| format!("{a}{b}")))
+        .chain([BOS.to_string(), EOS.to_string()]);
+    let vocab: Vocab = tokens.zip(0u32..).collect();
+    // A repeated token would silently shift every later id.
+    if vocab.len() != CLIP_VOCAB_SIZE {
+        return Err(tok_err(
+            "built-in CLIP BPE data",
+            format!(
+                "{} distinct tokens, expected {CLIP_VOCAB_SIZE}",
+                vocab.len()
+            ),
+        ));
+    }
+    Ok((vocab, merges))
+}
+
 impl ClipTokenizer {
     /// The files of a tokenizer folder this reads (those present).
     pub const FILES: [&'static str; 4] = [
@@ -90,22 +189,56 @@ impl ClipTokenizer {
                 return Err(Error::MissingFile { path: path.clone() });
             }
         }
+        let origin = dir.display().to_string();
+        let (Some(vocab_s), Some(merges_s)) = (vocab.to_str(), merges.to_str()) else {
+            return Err(tok_err(&origin, "path is not UTF-8"));
+        };
+        let (vocab_map, merges) = BPE::read_file(vocab_s, merges_s)
+            .map_err(|e| tok_err(&vocab.display().to_string(), e))?;
+        let pad = pad_token(dir)?;
+        Self::build(
+            vocab_map,
+            merges,
+            pad.as_deref().unwrap_or(EOS),
+            max_len,
+            &origin,
+        )
+    }
+
+    /// CLIP's tokenizer from the vocabulary embedded in the binary ([`clip_vocab_and_merges`]),
+    /// the same as a diffusers SD 1.x/2.x `tokenizer/` folder with that pad token.
+    pub fn builtin(max_len: usize, pad: BuiltinPad) -> Result<Self> {
+        let (vocab, merges) = clip_vocab_and_merges()?;
+        let mut tokenizer = Self::build(
+            vocab,
+            merges,
+            pad.token(),
+            max_len,
+            "built-in CLIP tokenizer",
+        )?;
+        tokenizer.builtin = Some(pad);
+        Ok(tokenizer)
+    }
+
+    /// The one construction path of both sources; `origin` names the source in errors.
+    fn build(
+        vocab: Vocab,
+        merges: Merges,
+        pad: &str,
+        max_len: usize,
+        origin: &str,
+    ) -> Result<Self> {
         if max_len < 2 {
             return Err(Error::InvalidArgument(format!(
                 "max_len {max_len} leaves no room for BOS/EOS"
             )));
         }
-        let (Some(vocab_s), Some(merges_s)) = (vocab.to_str(), merges.to_str()) else {
-            return Err(Error::Tokenizer(format!(
-                "{}: path is not UTF-8",
-                dir.display()
-            )));
-        };
-        let bpe = BPE::from_file(vocab_s, merges_s)
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
             .end_of_word_suffix("</w>".into())
             .unk_token(EOS.into())
             .build()
-            .map_err(|e| tok_err(&vocab, e))?;
+            .map_err(|e| tok_err(origin, e))?;
         let mut inner = Tokenizer::new(bpe);
         inner.with_normalizer(Some(Normalizers::new(vec![
             NFC.into(),
@@ -113,7 +246,7 @@ impl ClipTokenizer {
                 tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
                 " ",
             )
-            .map_err(|e| tok_err(&vocab, e))?
+            .map_err(|e| tok_err(origin, e))?
             .into(),
             Lowercase.into(),
         ])));
@@ -123,29 +256,49 @@ impl ClipTokenizer {
                 SplitDelimiterBehavior::Removed,
                 true,
             )
-            .map_err(|e| tok_err(&vocab, e))?
+            .map_err(|e| tok_err(origin, e))?
             .into(),
             ByteLevel::new(false, true, true).into(),
         ])));
         // Special tokens written in a prompt are matched whole, before normalization, as in Python.
-        inner.add_special_tokens(&[AddedToken::from(BOS, true), AddedToken::from(EOS, true)]);
+        // transformers makes the pad token special too: with SD 2.x's "!" every "!" in a prompt
+        // becomes the pad id 0, not BPE's "!</w>" (diffusers issue #4153; OpenCLIP itself does
+        // not do this, but the pipelines this crate matches do).
+        let mut special = vec![AddedToken::from(BOS, true), AddedToken::from(EOS, true)];
+        if pad != BOS && pad != EOS {
+            special.push(AddedToken::from(pad, true));
+        }
+        inner.add_special_tokens(&special);
         let id = |t: &str| {
             inner
                 .token_to_id(t)
-                .ok_or_else(|| tok_err(&vocab, format!("vocabulary has no `{t}`")))
+                .ok_or_else(|| tok_err(origin, format!("vocabulary has no `{t}`")))
         };
-        let (bos, eos) = (id(BOS)?, id(EOS)?);
-        let pad = match pad_token(dir)? {
-            Some(token) => id(&token)?,
-            None => eos,
-        };
+        let (bos, eos, pad) = (id(BOS)?, id(EOS)?, id(pad)?);
         Ok(Self {
             inner,
             bos,
             eos,
             pad,
             max_len,
+            builtin: None,
         })
+    }
+
+    /// For the built-in vocabulary, which has no files: a label naming its data and pad token,
+    /// for the model's content hash. `None` for a folder (its files are hashed).
+    pub fn builtin_label(&self) -> Option<String> {
+        self.builtin.map(|pad| {
+            format!(
+                "built-in CLIP tokenizer, bpe sha256 {CLIP_BPE_SHA256}, pad {}",
+                pad.token()
+            )
+        })
+    }
+
+    /// The pad token's id.
+    pub fn pad_id(&self) -> u32 {
+        self.pad
     }
 
     pub fn max_len(&self) -> usize {
@@ -199,5 +352,56 @@ mod tests {
         write("special_tokens_map.json", "{not json");
         let e = pad_token(dir.path()).unwrap_err().to_string();
         assert!(e.contains("special_tokens_map.json"), "{e}");
+    }
+
+    #[test]
+    fn the_embedded_bpe_file_is_the_documented_one() {
+        use sha2::{Digest, Sha256};
+        assert_eq!(hex::encode(Sha256::digest(CLIP_BPE_GZ)), CLIP_BPE_SHA256);
+        let readme = include_str!("../../data/clip/README.md");
+        assert!(
+            readme.contains(CLIP_BPE_SHA256),
+            "README names another sha256"
+        );
+    }
+
+    #[test]
+    fn byte_symbols_are_clips_order() {
+        let chars = bytes_to_unicode();
+        assert_eq!(chars.len(), 256);
+        assert_eq!(
+            chars.iter().collect::<std::collections::HashSet<_>>().len(),
+            256
+        );
+        // Printable bytes first, as themselves; then the rest from U+0100 in byte order.
+        assert_eq!((chars[0], chars[93], chars[94]), ('!', '~', '¡'));
+        assert_eq!(
+            (chars[187], chars[188], chars[255]),
+            ('ÿ', '\u{100}', '\u{143}')
+        );
+    }
+
+    #[test]
+    fn builtin_vocabulary_has_clips_ids_and_pads_as_asked() {
+        let (vocab, merges) = clip_vocab_and_merges().unwrap();
+        assert_eq!((vocab.len(), merges.len()), (CLIP_VOCAB_SIZE, 48894));
+        for (token, id) in [("!", 0), ("!</w>", 256), (BOS, 49406), (EOS, 49407)] {
+            assert_eq!(vocab[token], id, "{token}");
+        }
+        // The first merge's token follows the 512 byte symbols.
+        assert_eq!(vocab[&format!("{}{}", merges[0].0, merges[0].1)], 512);
+
+        let sd1 = ClipTokenizer::builtin(8, BuiltinPad::Eos).unwrap();
+        let sd2 = ClipTokenizer::builtin(8, BuiltinPad::Bang).unwrap();
+        assert_eq!((sd1.pad_id(), sd2.pad_id()), (49407, 0));
+        // transformers' CLIPTokenizer on the SD 1.x vocabulary: "hello" 3306, "!" 256.
+        let ids = sd1.encode("Hello!").unwrap().ids;
+        assert_eq!(ids, [49406, 3306, 256, 49407, 49407, 49407, 49407, 49407]);
+        assert_eq!(
+            sd2.encode("Hello").unwrap().ids,
+            [49406, 3306, 49407, 0, 0, 0, 0, 0]
+        );
+        assert!(sd1.builtin_label().unwrap().contains(CLIP_BPE_SHA256));
+        assert_ne!(sd1.builtin_label(), sd2.builtin_label());
     }
 }
