@@ -5,9 +5,9 @@
     python scripts/compare_single_file.py --dir DIR --sdbatch PATH/TO/sdbatch [--size 256] [--steps 4]
 
 diffusers loads each checkpoint with `config=DIR/<model>` (the configs of the random model, no
-weights); sdbatch loads it with nothing but the file and a tokenizer folder: its configs are
-inferred from the tensors' shapes, its scheduler is the built-in default of the family (SD v1-4's
-PNDM, SD 2.1's v-prediction DDIM). Each side runs in its own process; the table gives the pixel
+weights); sdbatch loads it with nothing but the file: its configs are inferred from the tensors'
+shapes, its tokenizer is the built-in CLIP BPE (EOS padding for SD 1.x, "!" for SD 2.x) and its
+scheduler the built-in default of the family (SD v1-4's PNDM, SD 2.1's v-prediction DDIM). Each side runs in its own process; the table gives the pixel
 agreement and each side's peak RSS (from wait4). A development check, not part of the test suite
 (it needs ~6 GB of random weights and several minutes of CPU).
 """
@@ -87,7 +87,7 @@ def main() -> None:
                                  "--child", str(ckpt), str(folder), str(args.size), str(args.steps), str(ref)])
             out = tmp / f"{name}-sdbatch"
             s_secs, s_rss = run([
-                str(args.sdbatch), "generate", "--model", str(ckpt), "--tokenizer", str(folder / "tokenizer"),
+                str(args.sdbatch), "generate", "--model", str(ckpt),
                 "--prompts", str(prompts), "--out", str(out), "--steps", str(args.steps),
                 "--guidance", str(GUIDANCE), "--scheduler", scheduler, "--width", str(args.size),
                 "--height", str(args.size), "--device", "cpu", "--dtype", "fp32",
