@@ -10,6 +10,7 @@ pub mod clip_vision;
 pub mod config;
 pub mod nn;
 pub mod noise;
+pub mod prompt_weights;
 pub mod resnet;
 pub mod safety;
 pub mod schedulers;
