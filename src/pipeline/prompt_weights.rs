@@ -15,6 +15,45 @@ const ROUND: f64 = 1.1;
 /// a weight outside this range is a typo (`(x:13)` for `(x:1.3)`) that would wreck the image.
 pub const MAX_ABS_WEIGHT: f64 = 10.0;
 
+/// How a prompt's text is read.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptSyntax {
+    /// Plain text, at most 75 tokens (more are truncated), exactly as diffusers encodes it.
+    #[default]
+    Plain,
+    /// AUTOMATIC1111's emphasis syntax and long prompts in 75-token chunks.
+    A1111,
+}
+
+impl PromptSyntax {
+    pub const NAMES: [&'static str; 2] = ["plain", "a1111"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "plain",
+            Self::A1111 => "a1111",
+        }
+    }
+}
+
+impl std::str::FromStr for PromptSyntax {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "plain" => Ok(Self::Plain),
+            "a1111" => Ok(Self::A1111),
+            _ => Err(Error::InvalidArgument(format!(
+                "prompt syntax must be one of {:?}, got {s:?}",
+                Self::NAMES
+            ))),
+        }
+    }
+}
+
 /// One piece of a parsed prompt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fragment {
@@ -53,9 +92,7 @@ fn next_token(s: &str) -> (Lex<'_>, usize) {
             None => (Lex::Text(":"), 1),
         },
         _ => {
-            let end = s
-                .find(|c| matches!(c, '\\' | '(' | ')' | '[' | ']' | ':'))
-                .unwrap_or(s.len());
+            let end = s.find(['\\', '(', ')', '[', ']', ':']).unwrap_or(s.len());
             (Lex::Text(&s[..end]), end)
         }
     }
@@ -222,6 +259,68 @@ pub fn parse(text: &str) -> Result<Vec<Fragment>> {
     Ok(merged)
 }
 
+/// A1111's `comma_padding_backtrack` default: a chunk that fills up within this many tokens of a
+/// comma ends at the comma instead, moving the words after it to the next chunk.
+pub const COMMA_BACKTRACK: usize = 20;
+
+/// One chunk's prompt tokens (at most the chunk length, without BOS/EOS/padding) and their weights.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Chunk {
+    pub ids: Vec<i64>,
+    pub weights: Vec<f64>,
+}
+
+/// Splits parsed fragments into chunks of at most `len` tokens as A1111's `tokenize_line` does:
+/// each fragment is tokenized on its own (`tokenize`: ids without BOS/EOS), `BREAK` closes the
+/// current chunk (even an empty one), and a full chunk whose last comma (`comma`) is within
+/// [`COMMA_BACKTRACK`] tokens of its end moves what follows the comma to the next chunk. Always at
+/// least one chunk.
+pub fn chunks(
+    fragments: &[Fragment],
+    len: usize,
+    comma: Option<i64>,
+    mut tokenize: impl FnMut(&str) -> Result<Vec<i64>>,
+) -> Result<Vec<Chunk>> {
+    let mut done: Vec<Chunk> = Vec::new();
+    let mut chunk = Chunk::default();
+    // Index in `chunk` of its last comma.
+    let mut last_comma: Option<usize> = None;
+    for fragment in fragments {
+        let (text, weight) = match fragment {
+            Fragment::Break => {
+                done.push(std::mem::take(&mut chunk));
+                last_comma = None;
+                continue;
+            }
+            Fragment::Text(text, weight) => (text, *weight),
+        };
+        for id in tokenize(text)? {
+            if Some(id) == comma {
+                last_comma = Some(chunk.ids.len());
+            } else if let Some(c) =
+                last_comma.filter(|&c| chunk.ids.len() == len && len - c <= COMMA_BACKTRACK)
+            {
+                let moved = Chunk {
+                    ids: chunk.ids.split_off(c + 1),
+                    weights: chunk.weights.split_off(c + 1),
+                };
+                done.push(std::mem::replace(&mut chunk, moved));
+                last_comma = None;
+            }
+            if chunk.ids.len() == len {
+                done.push(std::mem::take(&mut chunk));
+                last_comma = None;
+            }
+            chunk.ids.push(id);
+            chunk.weights.push(weight);
+        }
+    }
+    if !chunk.ids.is_empty() || done.is_empty() {
+        done.push(chunk);
+    }
+    Ok(done)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,5 +433,45 @@ mod tests {
         assert!(err("(a:.)").contains("not a number"));
         assert!(err("(a:11)").contains("outside"));
         assert!(err("((((a:9))))").contains("multiply to more than"));
+    }
+
+    /// Whitespace-separated numbers as ids; "," is the comma id 0.
+    fn numbers(text: &str) -> Result<Vec<i64>> {
+        Ok(text
+            .split_whitespace()
+            .map(|w| if w == "," { 0 } else { w.parse().unwrap_or(-1) })
+            .collect())
+    }
+
+    #[test]
+    fn chunks_split_at_the_length_at_break_and_back_to_a_near_comma() {
+        let text = |range: std::ops::Range<i64>| {
+            range.map(|i| i.to_string()).collect::<Vec<_>>().join(" ")
+        };
+        let ids = |c: &[Chunk]| c.iter().map(|c| c.ids.clone()).collect::<Vec<_>>();
+        // 7 tokens in chunks of 3, weights carried along.
+        let c = chunks(&[t(&text(1..8), 1.5)], 3, Some(0), numbers).unwrap();
+        assert_eq!(ids(&c), [vec![1, 2, 3], vec![4, 5, 6], vec![7]]);
+        assert_eq!(c[0].weights, [1.5; 3]);
+        // BREAK closes even an empty chunk; an empty prompt is one empty chunk.
+        let c = chunks(&[Fragment::Break, t("1", 1.0)], 3, None, numbers).unwrap();
+        assert_eq!(ids(&c), [vec![], vec![1]]);
+        assert_eq!(
+            ids(&chunks(&[t("", 1.0)], 3, None, numbers).unwrap()),
+            [Vec::<i64>::new()]
+        );
+        // Exactly full: no trailing empty chunk.
+        assert_eq!(
+            ids(&chunks(&[t("1 2 3", 1.0)], 3, None, numbers).unwrap()),
+            [vec![1, 2, 3]]
+        );
+        // A full chunk with a comma within reach ends after the comma.
+        let c = chunks(&[t("1 , 2 3 4 5", 1.0), t("6", 2.0)], 5, Some(0), numbers).unwrap();
+        assert_eq!(ids(&c), [vec![1, 0], vec![2, 3, 4, 5, 6]]);
+        assert_eq!(c[1].weights, [1.0, 1.0, 1.0, 1.0, 2.0]);
+        // Too far back (more than 20 tokens): a plain split.
+        let long = format!("1 , {}", text(2..30));
+        let c = chunks(&[t(&long, 1.0)], 25, Some(0), numbers).unwrap();
+        assert_eq!(c[0].ids.len(), 25);
     }
 }
