@@ -1280,6 +1280,179 @@ def ref_guidance_rescale(ref_dir: Path, model_dir: Path) -> dict:
     }
 
 
+# A long AUTOMATIC1111-syntax prompt (over two 75-token chunks: weights, nesting, an escape, a
+# comma near the first chunk's end, BREAK) and a short negative one.
+A1111_PROMPT = (
+    "a (photo:1.3) of an astronaut riding a [horse] on the moon, ((highly detailed)), "
+    "sharp focus, dramatic lighting, \\(film grain\\), 35mm lens, golden hour, volumetric fog, "
+    "(intricate details:0.8), trending on artstation, octane render, cinematic composition, "
+    "soft shadows, rim light, (bokeh:1.2), a red flag planted in grey dust, earth rising over "
+    "the horizon, stars in a black sky, [[lens flare]], ultra wide angle, reflections on the "
+    "visor, dust particles floating, long exposure, hyperrealistic, award winning photograph "
+    "BREAK (oil painting:0.6), muted colours, a small (dog:1.4) beside the horse"
+)
+A1111_NEGATIVE = "(blurry:1.2), [low quality], watermark"
+A1111_CLIP_SKIP = 2
+A1111_COMMA_BACKTRACK = 20
+
+
+def a1111_parse_prompt_attention(text):
+    """AUTOMATIC1111's modules/prompt_parser.py parse_prompt_attention, transcribed."""
+    import re
+
+    re_attention = re.compile(
+        r"""
+\\\(|
+\\\)|
+\\\[|
+\\]|
+\\\\|
+\\|
+\(|
+\[|
+:\s*([+-]?[.\d]+)\s*\)|
+\)|
+]|
+[^\\()\[\]:]+|
+:
+""",
+        re.X,
+    )
+    re_break = re.compile(r"\s*\bBREAK\b\s*", re.S)
+    res = []
+    round_brackets = []
+    square_brackets = []
+
+    def multiply_range(start, multiplier):
+        for p in range(start, len(res)):
+            res[p][1] *= multiplier
+
+    for m in re_attention.finditer(text):
+        text = m.group(0)
+        weight = m.group(1)
+        if text.startswith("\\"):
+            res.append([text[1:], 1.0])
+        elif text == "(":
+            round_brackets.append(len(res))
+        elif text == "[":
+            square_brackets.append(len(res))
+        elif weight is not None and round_brackets:
+            multiply_range(round_brackets.pop(), float(weight))
+        elif text == ")" and round_brackets:
+            multiply_range(round_brackets.pop(), 1.1)
+        elif text == "]" and square_brackets:
+            multiply_range(square_brackets.pop(), 1 / 1.1)
+        else:
+            parts = re.split(re_break, text)
+            for i, part in enumerate(parts):
+                if i > 0:
+                    res.append(["BREAK", -1])
+                res.append([part, 1.0])
+    for pos in round_brackets:
+        multiply_range(pos, 1.1)
+    for pos in square_brackets:
+        multiply_range(pos, 1 / 1.1)
+    if len(res) == 0:
+        res = [["", 1.0]]
+    i = 0
+    while i + 1 < len(res):
+        if res[i][1] == res[i + 1][1]:
+            res[i][0] += res[i + 1][0]
+            res.pop(i + 1)
+        else:
+            i += 1
+    return res
+
+
+def a1111_tokenize_line(tokenizer, line):
+    """A1111's FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line (no embeddings): chunks of
+    (tokens, multipliers), each BOS + 75 + EOS, padded with EOS."""
+    parsed = a1111_parse_prompt_attention(line)
+    tokenized = tokenizer([t for t, _ in parsed], truncation=False, add_special_tokens=False)["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    comma = tokenizer.get_vocab()[",</w>"]
+    length = 75
+    chunks = []
+    chunk = [[], []]
+    last_comma = -1
+
+    def next_chunk():
+        nonlocal chunk, last_comma
+        to_add = length - len(chunk[0])
+        chunk[0] += [eos] * to_add
+        chunk[1] += [1.0] * to_add
+        chunks.append(([bos] + chunk[0] + [eos], [1.0] + chunk[1] + [1.0]))
+        last_comma = -1
+        chunk = [[], []]
+
+    for tokens, (text, weight) in zip(tokenized, parsed):
+        if text == "BREAK" and weight == -1:
+            next_chunk()
+            continue
+        for token in tokens:
+            if token == comma:
+                last_comma = len(chunk[0])
+            elif len(chunk[0]) == length and last_comma != -1 and len(chunk[0]) - last_comma <= A1111_COMMA_BACKTRACK:
+                at = last_comma + 1
+                moved = [chunk[0][at:], chunk[1][at:]]
+                chunk = [chunk[0][:at], chunk[1][:at]]
+                next_chunk()
+                chunk = moved
+            if len(chunk[0]) == length:
+                next_chunk()
+            chunk[0].append(token)
+            chunk[1].append(weight)
+    if chunk[0] or not chunks:
+        next_chunk()
+    return chunks
+
+
+def ref_weighted_prompts(ref_dir: Path, model_dir: Path) -> dict:
+    """AUTOMATIC1111's weighted, chunked conditioning on the real transformers CLIPTextModel, its
+    arithmetic written out: each prompt's chunks (the negative padded with empty chunks to the
+    prompt's count) encoded at clip skip 2, each token scaled by its weight, the chunk's mean
+    restored (A1111's "Original" emphasis, on a batch of one prompt), chunks concatenated.
+
+        weighted_prompts.safetensors: embeds [2, 77*k, hidden] (negative, prompt), weights [2, 77*k]
+    """
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
+    te = CLIPTextModel.from_pretrained(model_dir / "text_encoder").eval()
+    final_layer_norm = getattr(te, "text_model", te).final_layer_norm
+    lines = [A1111_NEGATIVE, A1111_PROMPT]
+    chunked = [a1111_tokenize_line(tokenizer, line) for line in lines]
+    k = max(len(c) for c in chunked)
+    if len(chunked[1]) < 3:
+        raise SystemExit(f"the long prompt makes {len(chunked[1])} chunks: the fixture should test 3")
+    empty = ([tokenizer.bos_token_id] + [tokenizer.eos_token_id] * 76, [1.0] * 77)
+    embeds, weights = [], []
+    with torch.no_grad():
+        for chunks in chunked:
+            zs = []
+            for i in range(k):
+                tokens, mults = chunks[i] if i < len(chunks) else empty
+                out = te(torch.tensor([tokens]), output_hidden_states=True)
+                z = final_layer_norm(out.hidden_states[-A1111_CLIP_SKIP])
+                original_mean = z.mean()
+                z = z * torch.tensor(mults).reshape(1, -1, 1).expand(z.shape)
+                z = z * (original_mean / z.mean())
+                zs.append(z)
+                weights.append(torch.tensor(mults))
+            embeds.append(torch.hstack(zs))
+    tensors = {"embeds": torch.cat(embeds), "weights": torch.cat(weights).reshape(2, -1)}
+    save_tensors(ref_dir / "weighted_prompts.safetensors", tensors)
+    return {
+        "prompt": A1111_PROMPT,
+        "negative_prompt": A1111_NEGATIVE,
+        "clip_skip": A1111_CLIP_SKIP,
+        "chunks": k,
+        "prompt_tokens": sum(1 for c in chunked[1] for t in c[0][1:-1] if t != tokenizer.eos_token_id),
+        "parsed": a1111_parse_prompt_attention(A1111_PROMPT),
+    }
+
+
 def build_tiny_sd2(model_dir: Path, vocab, merges) -> None:
     """Writes tiny-sd2/ (see TINY_SD2_*) the way diffusers saves an SD 2.x pipeline."""
     import torch
@@ -2173,6 +2346,7 @@ def make_tiny(out_dir: Path) -> None:
     batch_info = ref_batch(ref_dir, model_dir)
     clip_skip_info = ref_clip_skip(ref_dir, model_dir)
     rescale_info = ref_guidance_rescale(ref_dir, model_dir)
+    weighted_info = ref_weighted_prompts(ref_dir, model_dir)
     sd2_dir = out_dir / "tiny-sd2"
     build_tiny_sd2(sd2_dir, vocab, merges)
     sd2_info = ref_sd2(ref_dir, sd2_dir)
@@ -2185,6 +2359,7 @@ def make_tiny(out_dir: Path) -> None:
             "batch_result": batch_info,
             "clip_skip": clip_skip_info,
             "guidance_rescale": rescale_info,
+            "weighted_prompts": weighted_info,
             "sd2": sd2_info,
         },
     )

@@ -25,6 +25,8 @@ pub struct ShapeKey {
     pub clip_skip: usize,
     /// The guidance rescale's bits (one scalar for the batch, as the guidance scale).
     pub guidance_rescale_bits: u64,
+    /// One text-encoder call per batch reads all its prompts in one syntax (and chunk count).
+    pub prompt_syntax: crate::pipeline::prompt_weights::PromptSyntax,
 }
 
 impl ShapeKey {
@@ -37,6 +39,7 @@ impl ShapeKey {
             guidance_bits: p.guidance_scale.to_bits(),
             clip_skip: p.clip_skip,
             guidance_rescale_bits: p.guidance_rescale.to_bits(),
+            prompt_syntax: p.prompt_syntax,
         }
     }
 }
@@ -298,6 +301,7 @@ mod tests {
             scheduler: SchedulerKind::Pndm,
             clip_skip: 1,
             guidance_rescale: 0.0,
+            prompt_syntax: crate::pipeline::prompt_weights::PromptSyntax::Plain,
         }
     }
 

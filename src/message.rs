@@ -13,6 +13,7 @@
 //! the message had a valid one. The format is documented in `docs/messages.md` and
 //! `docs/batch-message.schema.json`; tests keep both in step with the structs here.
 use crate::keys::id_problem;
+use crate::pipeline::prompt_weights::{self, PromptSyntax};
 use crate::pipeline::schedulers::SchedulerKind;
 use crate::pipeline::{GenerateParams, ImageRequest};
 use serde::de::{DeserializeOwned, DeserializeSeed, MapAccess, SeqAccess, Visitor};
@@ -105,6 +106,9 @@ pub struct MessageParams {
     /// Guidance rescale φ in 0..=1 (0 = off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance_rescale: Option<f64>,
+    /// `"plain"` (default: as diffusers) or `"a1111"` (AUTOMATIC1111's weights and long prompts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_syntax: Option<String>,
 }
 
 /// Where the images go.
@@ -146,6 +150,7 @@ impl MessageParams {
         "safety_checker",
         "clip_skip",
         "guidance_rescale",
+        "prompt_syntax",
     ];
 
     /// No field set.
@@ -328,6 +333,8 @@ pub enum InvalidReason {
     Preset,
     /// `clip_skip` outside 1..=[`MAX_CLIP_SKIP`].
     ClipSkip,
+    /// `prompt_syntax` other than `plain` or `a1111`.
+    PromptSyntax,
     Bucket,
     Prefix,
     /// The batch asks for the safety checker and the worker has none (set by the worker, not
@@ -339,7 +346,7 @@ pub enum InvalidReason {
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 22] = [
+    pub const ALL: [InvalidReason; 23] = [
         InvalidReason::TooLarge,
         InvalidReason::NotJson,
         InvalidReason::SchemaVersion,
@@ -358,6 +365,7 @@ impl InvalidReason {
         InvalidReason::Scheduler,
         InvalidReason::Preset,
         InvalidReason::ClipSkip,
+        InvalidReason::PromptSyntax,
         InvalidReason::Bucket,
         InvalidReason::Prefix,
         InvalidReason::SafetyChecker,
@@ -384,6 +392,7 @@ impl InvalidReason {
             InvalidReason::Scheduler => "scheduler",
             InvalidReason::Preset => "preset",
             InvalidReason::ClipSkip => "clip_skip",
+            InvalidReason::PromptSyntax => "prompt_syntax",
             InvalidReason::Bucket => "bucket",
             InvalidReason::Prefix => "prefix",
             InvalidReason::SafetyChecker => "safety_checker",
@@ -526,6 +535,9 @@ impl Batch {
         }
         if p.guidance_rescale != 0.0 {
             canonical["guidance_rescale"] = serde_json::json!(p.guidance_rescale);
+        }
+        if p.prompt_syntax != PromptSyntax::Plain {
+            canonical["prompt_syntax"] = serde_json::json!(p.prompt_syntax.as_str());
         }
         // The keys are written in one fixed order (sorted, or as listed here if serde_json's
         // `preserve_order` is on): canonical bytes either way.
@@ -966,6 +978,33 @@ fn validate_unbounded(
             format!("guidance_rescale {guidance_rescale} must be in 0..=1 (0 = off)"),
         ));
     }
+    let prompt_syntax = match p.prompt_syntax.as_deref() {
+        None => PromptSyntax::Plain,
+        Some(name) => name.parse().map_err(|_| {
+            fail(
+                R::PromptSyntax,
+                format!(
+                    "prompt_syntax {} must be one of {}",
+                    quote(name),
+                    PromptSyntax::NAMES.join(", ")
+                ),
+            )
+        })?,
+    };
+    // A prompt that does not parse would fail the whole batch on the GPU: dead-letter it here.
+    if prompt_syntax == PromptSyntax::A1111 {
+        for (i, item) in msg.items.iter().enumerate() {
+            let prompts = [
+                ("prompt", Some(&item.prompt)),
+                ("negative_prompt", item.negative_prompt.as_ref()),
+            ];
+            for (field, text) in prompts {
+                if let Some(Err(e)) = text.map(|t| prompt_weights::parse(t)) {
+                    return Err(fail(R::Prompt, format!("items[{i}].{field}: {e}")));
+                }
+            }
+        }
+    }
 
     let work = work_units(total, steps, size[0], size[1]);
     if work > limits.max_message_work {
@@ -1015,6 +1054,7 @@ fn validate_unbounded(
             scheduler,
             clip_skip,
             guidance_rescale,
+            prompt_syntax,
         },
         preset: preset.map(|p| p.name.to_string()),
         safety_checker: msg.params.as_ref().and_then(|p| p.safety_checker),
@@ -1198,6 +1238,12 @@ const PARAMS: &[Spec] = &[
         InvalidReason::Guidance,
         is::<Option<f64>>,
     ),
+    (
+        "prompt_syntax",
+        false,
+        InvalidReason::PromptSyntax,
+        is::<Option<String>>,
+    ),
 ];
 const OUTPUT: &[Spec] = &[
     ("bucket", false, InvalidReason::Bucket, is::<Option<String>>),
@@ -1278,7 +1324,8 @@ mod tests {
                        "negative_prompt": "blurry", "seed": 42, "num_images": 2}],
             "params": {"steps": 25, "guidance_scale": 8.5, "width": 512, "height": 512,
                        "scheduler": "pndm", "preset": "production",
-                       "safety_checker": true, "clip_skip": 1, "guidance_rescale": 0.0},
+                       "safety_checker": true, "clip_skip": 1, "guidance_rescale": 0.0,
+                       "prompt_syntax": "plain"},
             "output": {"bucket": "images", "prefix": "catalog/shoes"}})
     }
 
@@ -1331,6 +1378,7 @@ mod tests {
                 scheduler: SchedulerKind::Pndm,
                 clip_skip: 1,
                 guidance_rescale: 0.0,
+                prompt_syntax: crate::pipeline::prompt_weights::PromptSyntax::Plain,
             }
         );
         let item = &b.items[0];
@@ -1360,6 +1408,7 @@ mod tests {
                 scheduler: SchedulerKind::Pndm,
                 clip_skip: 1,
                 guidance_rescale: 0.0,
+                prompt_syntax: crate::pipeline::prompt_weights::PromptSyntax::Plain,
             }
         );
         assert_eq!(b.preset, None);
@@ -2007,6 +2056,7 @@ mod tests {
                 "scheduler",
                 "preset",
                 "clip_skip",
+                "prompt_syntax",
                 "bucket",
                 "prefix",
                 "safety_checker",
@@ -2087,6 +2137,37 @@ mod tests {
             let e = parse_value(&p(bad.clone())).unwrap_err();
             assert_eq!(e.reason, InvalidReason::ClipSkip, "{bad}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn prompt_syntax_and_a1111_prompt_errors() {
+        let p = |v: Value| with(minimal(), "/params", Some(json!({"prompt_syntax": v})));
+        let plain = parse_value(&minimal()).unwrap();
+        assert_eq!(plain.params.prompt_syntax, PromptSyntax::Plain);
+        let a = parse_value(&p(json!("a1111"))).unwrap();
+        assert_eq!(a.params.prompt_syntax, PromptSyntax::A1111);
+        // Only a non-plain syntax changes the work hash (hashes recorded before it stay valid).
+        let explicit_plain = parse_value(&p(json!("plain"))).unwrap();
+        assert_eq!(explicit_plain.work_sha256(), plain.work_sha256());
+        assert_ne!(a.work_sha256(), plain.work_sha256());
+        assert_eq!(reason_of(&p(json!("comfy"))), InvalidReason::PromptSyntax);
+        assert_eq!(reason_of(&p(json!(1))), InvalidReason::PromptSyntax);
+        // Unbalanced brackets are refused only when the prompt is read as A1111 syntax.
+        let unbalanced = with(p(json!("a1111")), "/items/0/prompt", Some(json!("a (cat")));
+        let e = parse_value(&unbalanced).unwrap_err();
+        assert_eq!(e.reason, InvalidReason::Prompt);
+        assert!(
+            e.message.contains("items[0].prompt") && e.message.contains("character 3"),
+            "{}",
+            e.message
+        );
+        let neg = with(
+            p(json!("a1111")),
+            "/items/0/negative_prompt",
+            Some(json!("x]")),
+        );
+        assert_eq!(reason_of(&neg), InvalidReason::Prompt);
+        assert!(parse_value(&with(minimal(), "/items/0/prompt", Some(json!("a (cat")))).is_ok());
     }
 
     #[test]

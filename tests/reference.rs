@@ -270,6 +270,7 @@ fn scheduler_run_with(name: &str, kind: SchedulerKind, edit: impl FnOnce(&mut Sc
         scheduler: kind,
         clip_skip: 1,
         guidance_rescale: 0.0,
+        prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
     };
     let request = ImageRequest {
         prompt: m["prompt"].as_str().unwrap().to_string(),
@@ -451,6 +452,7 @@ fn three_prompt_batch_matches_diffusers() {
         scheduler: SchedulerKind::Pndm,
         clip_skip: 1,
         guidance_rescale: 0.0,
+        prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
     };
     let out = model
         .generate(&requests, &params, &mut |_, _, _| {})
@@ -491,6 +493,7 @@ fn image_is_independent_of_its_batch() {
             scheduler: kind,
             clip_skip: 1,
             guidance_rescale: 0.0,
+            prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
         };
         let mut alone_latents = Tensor::new();
         let alone = model
@@ -545,6 +548,7 @@ fn slicing_options_do_not_change_images() {
         scheduler: SchedulerKind::Pndm,
         clip_skip: 1,
         guidance_rescale: 0.0,
+        prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
     };
     let plain = load_cpu()
         .generate(&requests, &params, &mut |_, _, _| {})
@@ -606,6 +610,7 @@ fn clip_skip_matches_the_hidden_states_and_the_pipeline() {
         scheduler: SchedulerKind::Pndm,
         clip_skip: 2,
         guidance_rescale: 0.0,
+        prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
     };
     let request = ImageRequest {
         prompt: m["prompt"].as_str().unwrap().to_string(),
@@ -646,6 +651,7 @@ fn guidance_rescale_matches_diffusers() {
         scheduler: SchedulerKind::Pndm,
         clip_skip: 1,
         guidance_rescale: m["guidance_rescale"].as_f64().unwrap(),
+        prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
     };
     let request = ImageRequest {
         prompt: m["prompt"].as_str().unwrap().to_string(),
@@ -676,6 +682,7 @@ fn guidance_rescale_matches_diffusers() {
     for bad in [-0.1, 1.5, f64::NAN] {
         let p = GenerateParams {
             guidance_rescale: bad,
+            prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
             ..params.clone()
         };
         assert!(model.validate(std::slice::from_ref(&request), &p).is_err());
@@ -716,4 +723,37 @@ fn the_model_hash_covers_weights_configs_tokenizer_and_scheduler() {
     .unwrap();
     let b = StableDiffusion::load(tmp.path(), LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
     assert_ne!(b.content_sha256().unwrap(), h);
+}
+
+/// AUTOMATIC1111's weighted, chunked conditioning (three chunks, BREAK, a comma backtrack, clip
+/// skip 2; the negative padded with empty chunks) equals the Python transcription of A1111's
+/// arithmetic on the real transformers CLIPTextModel.
+#[test]
+fn a1111_weighted_long_prompts_match_the_python_transcription() {
+    let model = load_cpu();
+    let meta = meta();
+    let m = &meta["weighted_prompts"];
+    let r = reference("weighted_prompts.safetensors");
+    let (prompt, negative) = (
+        m["prompt"].as_str().unwrap(),
+        m["negative_prompt"].as_str().unwrap(),
+    );
+    let clip_skip = m["clip_skip"].as_u64().unwrap() as usize;
+    let ours = model
+        .encode_prompts_a1111(&[negative, prompt], clip_skip)
+        .unwrap();
+    let chunks = m["chunks"].as_i64().unwrap();
+    assert_eq!(ours.size()[1], 77 * chunks);
+    let diff = max_abs_diff(&ours, &r["embeds"]);
+    println!(
+        "a1111 conditioning [2, {}]: max |diff| {diff:.3e}",
+        77 * chunks
+    );
+    assert!(diff <= 1e-4, "max |diff| {diff}");
+
+    // Without weights and within 75 tokens, the A1111 path is exactly the plain one.
+    let plain_text = "an astronaut riding a horse on the moon";
+    let plain = model.encode_prompts_skipping(&[plain_text], 1).unwrap();
+    let a1111 = model.encode_prompts_a1111(&[plain_text], 1).unwrap();
+    assert!(plain.equal(&a1111), "unweighted a1111 differs from plain");
 }

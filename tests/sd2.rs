@@ -53,6 +53,7 @@ fn run(name: &str, scheduler: SchedulerKind) {
         scheduler,
         clip_skip: 1,
         guidance_rescale: run["guidance_rescale"].as_f64().unwrap(),
+        prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
     };
     let request = ImageRequest {
         prompt: m["prompt"].as_str().unwrap().to_string(),

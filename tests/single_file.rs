@@ -75,6 +75,7 @@ fn same_model(folder: &StableDiffusion, single: &StableDiffusion, what: &str) {
         scheduler: SchedulerKind::Ddim,
         clip_skip: 1,
         guidance_rescale: 0.0,
+        prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
     };
     let request = ImageRequest {
         prompt: "a photo of a cat".into(),

@@ -188,6 +188,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         scheduler: args.sampling.scheduler,
         clip_skip: 1,
         guidance_rescale: 0.0,
+        prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
     };
     let reqs: Vec<ImageRequest> = (0..args.planner_max_batch)
         .map(|i| ImageRequest {

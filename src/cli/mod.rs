@@ -220,6 +220,10 @@ pub struct SamplingArgs {
     /// such as SD 2.x with v-prediction).
     #[arg(long, default_value_t = 0.0)]
     pub guidance_rescale: f64,
+    /// How prompts are read: plain (as diffusers, at most 75 tokens) or a1111 (AUTOMATIC1111's
+    /// `(word:1.3)` / `[word]` weights, BREAK, and long prompts in 75-token chunks).
+    #[arg(long, default_value = "plain", value_parser = ["plain", "a1111"])]
+    pub prompt_syntax: String,
 }
 
 impl SamplingArgs {
@@ -233,6 +237,7 @@ impl SamplingArgs {
             scheduler: self.scheduler,
             clip_skip: self.clip_skip as usize,
             guidance_rescale: self.guidance_rescale,
+            prompt_syntax: self.prompt_syntax.parse()?,
         })
     }
 }

@@ -65,6 +65,9 @@ pub struct SubmitArgs {
     /// Guidance rescale in 0..=1 (0 = off).
     #[arg(long)]
     pub guidance_rescale: Option<f64>,
+    /// plain (default) or a1111: AUTOMATIC1111's prompt weights and long prompts.
+    #[arg(long, value_parser = ["plain", "a1111"])]
+    pub prompt_syntax: Option<String>,
     /// Bucket (must be allowed by the workers; default: the workers' default bucket).
     #[arg(long)]
     pub bucket: Option<String>,
@@ -109,6 +112,7 @@ fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
         safety_checker: args.safety_checker,
         clip_skip: args.clip_skip,
         guidance_rescale: args.guidance_rescale,
+        prompt_syntax: args.prompt_syntax.clone(),
     };
     let output = MessageOutput {
         bucket: args.bucket.clone(),

@@ -10,6 +10,7 @@ pub mod clip_vision;
 pub mod config;
 pub mod nn;
 pub mod noise;
+pub mod prompt_weights;
 pub mod resnet;
 pub mod safety;
 pub mod schedulers;
@@ -91,6 +92,8 @@ pub struct GenerateParams {
     /// Steps are Flawed", §3.4): the guided prediction's standard deviation is pulled towards the
     /// text branch's, against over-exposure with zero-terminal-SNR models. 0 turns it off.
     pub guidance_rescale: f64,
+    /// How prompts are read: plain (as diffusers) or AUTOMATIC1111's weights and long prompts.
+    pub prompt_syntax: prompt_weights::PromptSyntax,
 }
 
 /// An RGB8 image, row-major, 3 bytes per pixel.
@@ -653,6 +656,68 @@ impl StableDiffusion {
             .forward_skipping(&self.tokenize(prompts)?, clip_skip)
     }
 
+    /// Text embeddings of prompts in AUTOMATIC1111's syntax ([`prompt_weights`]): each prompt is
+    /// split into chunks of `max_len - 2` tokens, each chunk is encoded alone as BOS + tokens + EOS +
+    /// padding, every token's embedding is scaled by its weight and the chunk's mean restored
+    /// (A1111's "Original" emphasis), and the chunks are concatenated along the token axis:
+    /// `[n, 77·k, hidden]`, k the most chunks of any prompt (shorter ones get empty chunks, as
+    /// A1111 pads a batch). All chunks of all prompts go through one text-encoder call.
+    ///
+    /// Unlike A1111, whose mean spans the whole batch tensor, the mean is taken per prompt and
+    /// chunk, so an image does not depend on what it was batched with.
+    pub fn encode_prompts_a1111(&self, prompts: &[&str], clip_skip: usize) -> Result<Tensor> {
+        let _no_grad = tch::no_grad_guard();
+        let max_len = self.tokenizer.max_len();
+        let (bos, eos, pad) = self.tokenizer.special_ids();
+        let comma = self.tokenizer.comma_id();
+        let per_prompt: Vec<Vec<prompt_weights::Chunk>> = prompts
+            .iter()
+            .map(|p| {
+                let fragments = prompt_weights::parse(p)?;
+                prompt_weights::chunks(&fragments, max_len - 2, comma, |t| {
+                    self.tokenizer.encode_body(t)
+                })
+            })
+            .collect::<Result<_>>()?;
+        let k = per_prompt.iter().map(Vec::len).max().unwrap_or(1);
+        let rows = prompts.len() * k;
+        let mut ids: Vec<i64> = Vec::with_capacity(rows * max_len);
+        let mut weights: Vec<f32> = Vec::with_capacity(rows * max_len);
+        let empty = prompt_weights::Chunk::default();
+        for chunks in &per_prompt {
+            for i in 0..k {
+                let chunk = chunks.get(i).unwrap_or(&empty);
+                ids.push(bos);
+                ids.extend(&chunk.ids);
+                ids.push(eos);
+                ids.resize(ids.len() + max_len - 2 - chunk.ids.len(), pad);
+                // BOS, EOS and padding keep weight 1, as in A1111.
+                weights.push(1.0);
+                weights.extend(chunk.weights.iter().map(|&w| w as f32));
+                weights.resize(weights.len() + max_len - 1 - chunk.weights.len(), 1.0);
+            }
+        }
+        let (n, rows, len) = (prompts.len() as i64, rows as i64, max_len as i64);
+        let device = self.options.device;
+        let ids = Tensor::from_slice(&ids)
+            .f_view([rows, len])?
+            .f_to_device(device)?;
+        let z = self.text_encoder.forward_skipping(&ids, clip_skip)?;
+        let hidden = z.size()[2];
+        // The weighting in f32 whatever the model's dtype, then back.
+        let z = z.f_to_kind(Kind::Float)?;
+        let w = Tensor::from_slice(&weights)
+            .f_view([rows, len, 1])?
+            .f_to_device(device)?;
+        let mean = |t: &Tensor| t.f_mean_dim(&[1i64, 2][..], true, Kind::Float);
+        let original = mean(&z)?;
+        let weighted = z.f_mul(&w)?;
+        let restored = weighted.f_mul(&original.f_div(&mean(&weighted)?)?)?;
+        Ok(restored
+            .f_view([n, k as i64 * len, hidden])?
+            .f_to_kind(self.options.dtype)?)
+    }
+
     /// Checks parameters before any work is done.
     pub fn validate(&self, requests: &[ImageRequest], p: &GenerateParams) -> Result<()> {
         let m = self.vae_scale_factor;
@@ -722,7 +787,14 @@ impl StableDiffusion {
         texts.extend(requests.iter().map(|r| r.prompt.as_str()));
         // Clip skip applies to the negative prompts too (diffusers applies it to the prompt
         // only; AUTOMATIC1111 and ComfyUI to both, which is what users who set it expect).
-        let context = self.encode_prompts_skipping(&texts, p.clip_skip)?;
+        let context = match p.prompt_syntax {
+            prompt_weights::PromptSyntax::Plain => {
+                self.encode_prompts_skipping(&texts, p.clip_skip)?
+            }
+            prompt_weights::PromptSyntax::A1111 => {
+                self.encode_prompts_a1111(&texts, p.clip_skip)?
+            }
+        };
         let text_encode = self.sync_elapsed(t0);
 
         let t1 = Instant::now();

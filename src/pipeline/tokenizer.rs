@@ -305,6 +305,25 @@ impl ClipTokenizer {
         self.max_len
     }
 
+    /// The ids of `text` alone, without BOS/EOS, padding or truncation (for chunked prompts).
+    pub fn encode_body(&self, text: &str) -> Result<Vec<i64>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(format!("cannot tokenize prompt: {e}")))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// BOS, EOS and pad ids.
+    pub fn special_ids(&self) -> (i64, i64, i64) {
+        (self.bos as i64, self.eos as i64, self.pad as i64)
+    }
+
+    /// The id of a standalone comma (`,</w>`), where chunked prompts prefer to split.
+    pub fn comma_id(&self) -> Option<i64> {
+        self.inner.token_to_id(",</w>").map(i64::from)
+    }
+
     /// Tokenizes one prompt to exactly `max_len` ids.
     pub fn encode(&self, text: &str) -> Result<Tokens> {
         let enc = self

@@ -247,6 +247,7 @@ impl Worker {
             scheduler: crate::message::DEFAULT_SCHEDULER,
             clip_skip: 1,
             guidance_rescale: 0.0,
+            prompt_syntax: crate::pipeline::prompt_weights::PromptSyntax::Plain,
         };
         let key = MemoryKey::of(&ShapeKey::of(&params));
         let identity = info.total_memory.map(|total_bytes| calibration::Identity {
