@@ -9,6 +9,7 @@
 //! Delivery is at least once: consumers deduplicate by `batch_id`. Both events deserialize without
 //! `deny_unknown_fields`, so readers keep working when later versions add fields.
 use crate::message::{Batch, Invalid};
+use crate::pipeline::prompt_weights::PromptSyntax;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -118,6 +119,9 @@ pub struct EventParams {
     /// Guidance rescale when used (absent: off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance_rescale: Option<f64>,
+    /// The prompt syntax when not `plain` (`a1111`: weighted, chunked prompts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_syntax: Option<String>,
 }
 
 impl EventParams {
@@ -132,6 +136,8 @@ impl EventParams {
             preset: batch.preset.clone(),
             clip_skip: (p.clip_skip != 1).then_some(p.clip_skip),
             guidance_rescale: (p.guidance_rescale != 0.0).then_some(p.guidance_rescale),
+            prompt_syntax: (p.prompt_syntax != PromptSyntax::Plain)
+                .then(|| p.prompt_syntax.as_str().to_string()),
         }
     }
 }
@@ -480,6 +486,7 @@ mod tests {
                 preset: Some("production".into()),
                 clip_skip: None,
                 guidance_rescale: None,
+                prompt_syntax: None,
             }
         );
         let keys: Vec<(&str, u32, &str, u64)> = c
@@ -645,6 +652,7 @@ mod tests {
             params: EventParams {
                 clip_skip: Some(2),
                 guidance_rescale: Some(0.7),
+                prompt_syntax: Some("a1111".into()),
                 ..full.params.clone()
             },
             ..full
@@ -679,6 +687,7 @@ mod tests {
             if def == "params" {
                 want.remove("clip_skip");
                 want.remove("guidance_rescale");
+                want.remove("prompt_syntax");
             }
             if def == "image" {
                 for optional in ["nsfw", "safety_action", "clip_score", "low_clip_score"] {

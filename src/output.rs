@@ -21,6 +21,9 @@ pub struct Sidecar<'a> {
     /// Guidance rescale when used.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guidance_rescale: Option<f64>,
+    /// The prompt syntax when not `plain`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_syntax: Option<&'a str>,
     pub model: &'a str,
     pub device: &'a str,
     pub dtype: &'a str,

@@ -270,3 +270,36 @@ fn generate_safety_policies_and_clip_scores() {
         "diffusers flags exactly the second image of this batch"
     );
 }
+
+#[test]
+fn generate_takes_a1111_weighted_prompts_and_names_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"id\": \"w\", \"prompt\": \"a (red:1.3) [leather] handbag, BREAK studio light\", \"seed\": 5}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let o = generate(&prompts, &out, &["--prompt-syntax", "a1111"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sidecar: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("w.json")).unwrap()).unwrap();
+    assert_eq!(sidecar["prompt_syntax"], "a1111");
+    assert!(out.join("w.png").is_file());
+
+    std::fs::write(
+        &prompts,
+        "{\"id\": \"u\", \"prompt\": \"a (red handbag\"}\n",
+    )
+    .unwrap();
+    let o = generate(
+        &prompts,
+        &dir.path().join("out2"),
+        &["--prompt-syntax", "a1111"],
+    );
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("character"), "{err}");
+    assert!(!dir.path().join("out2/u.png").exists());
+}

@@ -204,6 +204,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 clip_skip: (params.clip_skip != 1).then_some(params.clip_skip),
                 guidance_rescale: (params.guidance_rescale != 0.0)
                     .then_some(params.guidance_rescale),
+                prompt_syntax: (params.prompt_syntax
+                    != sdbatch::pipeline::prompt_weights::PromptSyntax::Plain)
+                    .then(|| params.prompt_syntax.as_str()),
                 model: &model_name,
                 device: &device,
                 dtype,
