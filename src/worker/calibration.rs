@@ -85,7 +85,7 @@ impl CalibrationFile {
                 return Err(format!("{len} bytes, limit {MAX_FILE_BYTES}"));
             }
             let parsed: Self = serde_json::from_reader(std::io::BufReader::new(file))
-                .map_err(|e| format!("not a calibration file ({})", e.classify_name()))?;
+                .map_err(|e| format!("not a calibration file ({})", json_error_kind(&e)))?;
             if parsed.version != VERSION {
                 return Err(format!(
                     "version {}, this worker writes {VERSION}",
@@ -126,18 +126,12 @@ impl CalibrationFile {
 }
 
 /// serde_json's error category, without its text (which could quote the file).
-trait ClassifyName {
-    fn classify_name(&self) -> &'static str;
-}
-
-impl ClassifyName for serde_json::Error {
-    fn classify_name(&self) -> &'static str {
-        match self.classify() {
-            serde_json::error::Category::Io => "read error",
-            serde_json::error::Category::Syntax => "invalid JSON",
-            serde_json::error::Category::Data => "unexpected fields",
-            serde_json::error::Category::Eof => "truncated",
-        }
+fn json_error_kind(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "read error",
+        serde_json::error::Category::Syntax => "invalid JSON",
+        serde_json::error::Category::Data => "unexpected fields",
+        serde_json::error::Category::Eof => "truncated",
     }
 }
 

@@ -188,8 +188,6 @@ pub struct Worker {
     gpu: Arc<GpuExecutor>,
     storage: Arc<Storage>,
     metrics: Arc<Metrics>,
-    /// Storage retries already added to the retries metric.
-    storage_retries_seen: Arc<AtomicU64>,
 }
 
 /// Carries the store's retry count into the retries metric (the count only grows).
@@ -211,27 +209,21 @@ impl Worker {
         storage: Arc<Storage>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let seen = Arc::new(AtomicU64::new(0));
-        // A scrape sees the retries of an operation still retrying (the loop may be waiting on
-        // it), not only those carried over after it.
-        let (s, n) = (storage.clone(), seen.clone());
-        metrics.on_render(move |m| sync_storage_retries(&s, &n, m));
+        // Carried over when /metrics is rendered (its only reader), so a scrape also sees the
+        // retries of an operation still retrying while the loop waits on it.
+        let seen = AtomicU64::new(0);
+        let s = storage.clone();
+        metrics.on_render(move |m| sync_storage_retries(&s, &seen, m));
         Self {
             cfg: Arc::new(cfg),
             gpu,
             storage,
             metrics,
-            storage_retries_seen: seen,
         }
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
-    }
-
-    /// Carries the store's retry count into the retries metric.
-    fn sync_storage_retries(&self) {
-        sync_storage_retries(&self.storage, &self.storage_retries_seen, &self.metrics);
     }
 
     /// Start-up calibration of the batch sizer for the default shape (see [`calibration`]):

@@ -58,11 +58,19 @@ struct Settling {
     bucket: String,
     /// Keys this delivery stored, deleted if the message is dead-lettered.
     stored: Vec<String>,
+    /// How it leaves the worker ([`verdict`]).
+    verdict: Verdict,
 }
 
 impl Settling {
-    /// A delivery settled before any of its work started.
-    fn unstarted(delivery: Delivery, previous_failures: i64, batch: &Batch) -> Self {
+    /// A delivery settled before any of its work started, with `result`.
+    fn unstarted(
+        delivery: Delivery,
+        previous_failures: i64,
+        batch: &Batch,
+        result: &Result<(), WorkerError>,
+        delivery_limit: u32,
+    ) -> Self {
         Self {
             acker: delivery.acker,
             body: delivery.data,
@@ -70,6 +78,7 @@ impl Settling {
             batch_id: batch.batch_id.clone(),
             bucket: batch.bucket.clone(),
             stored: Vec::new(),
+            verdict: verdict(result, previous_failures, delivery_limit),
         }
     }
 
@@ -82,6 +91,7 @@ impl Settling {
             batch_id: m.batch.batch_id.clone(),
             bucket: m.batch.bucket.clone(),
             stored: s.stored,
+            verdict: s.verdict,
         };
         (settling, s.result, m.handle.span)
     }
@@ -158,7 +168,6 @@ impl Worker {
                     Err(e) => return Err(e),
                 }
             }
-            self.sync_storage_retries();
             self.metrics
                 .inflight_batches
                 .set(session.ledger.len() as i64);
@@ -279,8 +288,15 @@ impl Session<'_> {
             }
             Ok(None) => {}
             Err(e) => {
-                let failed = Settling::unstarted(delivery, previous_failures, &batch);
-                return self.settle(failed, Err(e.into())).instrument(span).await;
+                let result = Err(e.into());
+                let failed = Settling::unstarted(
+                    delivery,
+                    previous_failures,
+                    &batch,
+                    &result,
+                    cfg.topology.delivery_limit,
+                );
+                return self.settle(failed, result).instrument(span).await;
             }
         }
 
@@ -323,8 +339,15 @@ impl Session<'_> {
                     .await;
             }
             Err(e) => {
-                let failed = Settling::unstarted(delivery, previous_failures, &batch);
-                return self.settle(failed, Err(e.into())).instrument(span).await;
+                let result = Err(e.into());
+                let failed = Settling::unstarted(
+                    delivery,
+                    previous_failures,
+                    &batch,
+                    &result,
+                    cfg.topology.delivery_limit,
+                );
+                return self.settle(failed, result).instrument(span).await;
             }
         };
         let units_per_image = message::work_units(
@@ -424,7 +447,13 @@ impl Session<'_> {
                 .with_label_values(&["republished"])
                 .inc();
         }
-        let settling = Settling::unstarted(delivery, previous_failures, &batch);
+        let settling = Settling::unstarted(
+            delivery,
+            previous_failures,
+            &batch,
+            &republished,
+            cfg.topology.delivery_limit,
+        );
         self.settle(settling, republished).await
     }
 
@@ -496,7 +525,7 @@ impl Session<'_> {
         self.settle(settling, result).instrument(span).await
     }
 
-    /// Settles a message whose work is over ([`verdict`]): ack; on a permanent failure take
+    /// Carries out a message's verdict: ack; on a permanent failure take
     /// back what it stored and dead-letter it at once; on a transient one nack with requeue (on
     /// its last attempt `batch.failed` is published first). Errors are broker errors.
     async fn settle(
@@ -506,11 +535,6 @@ impl Session<'_> {
     ) -> Result<(), WorkerError> {
         let cfg = &self.worker.cfg;
         let m = &self.worker.metrics;
-        let decided = verdict(
-            &result,
-            failed.previous_failures,
-            cfg.topology.delivery_limit,
-        );
         let error = match result {
             Ok(()) => return Ok(ack(cfg, &failed.acker).await?),
             // The broker is gone: nothing can be settled on this channel; it redelivers.
@@ -518,7 +542,7 @@ impl Session<'_> {
             Err(e) => e,
         };
         m.batches.with_label_values(&["failed"]).inc();
-        match decided {
+        match failed.verdict {
             Verdict::DeadLetter { reason } => {
                 tracing::error!(error = %error, reason, "batch failed permanently: dead-lettering");
                 // Nothing of a dead-lettered batch stays stored (best effort: the store may be
