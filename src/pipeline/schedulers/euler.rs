@@ -6,20 +6,12 @@ use super::config::{
     PredictionType, SchedulerConfig, Spacing, ZeroSnrTerminal, check_steps, left_coeff,
     reject_flag, torch_sqrt, train_sigmas, unsupported,
 };
-use super::sigmas::{
-    KarrasRange, discrete_schedule, init_noise_sigma, input_scales, karras_option,
-};
+use super::sigmas::{KarrasRange, SigmaSteps, discrete_schedule, karras_option};
 use crate::error::{Error, Result};
 use tch::{Kind, Tensor};
 
 pub struct EulerScheduler {
-    /// float32 values (fractional for "linspace" spacing and Karras sigmas), widened to f64.
-    timesteps: Vec<f64>,
-    /// One sigma per timestep, then the final sigma (0, or sigma_min).
-    sigmas: Vec<f32>,
-    init_noise_sigma: f32,
-    /// `(sigma ** 2 + 1) ** 0.5` per timestep: `scale_model_input` divides by it.
-    input_scales: Vec<f32>,
+    steps: SigmaSteps,
     prediction: PredictionType,
 }
 
@@ -82,32 +74,32 @@ impl EulerScheduler {
             torch_sqrt((1.0 - alphas_cumprod[0]) / alphas_cumprod[0])?
         });
         Ok(EulerScheduler {
-            timesteps: schedule.timesteps.iter().map(|&t| f64::from(t)).collect(),
-            init_noise_sigma: init_noise_sigma(&sigmas, spacing)?,
-            input_scales: input_scales(&sigmas)?,
-            sigmas,
+            steps: SigmaSteps::new(
+                schedule.timesteps.iter().map(|&t| f64::from(t)).collect(),
+                sigmas,
+                spacing,
+            )?,
             prediction,
         })
     }
 
     /// The sigmas (one per timestep, then the final one).
     pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.steps.sigmas
     }
 }
 
 impl Scheduler for EulerScheduler {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.steps.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        f64::from(self.init_noise_sigma)
+        f64::from(self.steps.init_noise_sigma)
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Tensor {
-        let scale = self.input_scales[step_index.min(self.input_scales.len() - 1)];
-        sample / f64::from(scale)
+        self.steps.scale_model_input(sample, step_index)
     }
 
     fn step(
@@ -117,14 +109,14 @@ impl Scheduler for EulerScheduler {
         sample: &Tensor,
         _noise: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if step_index >= self.timesteps.len() {
+        if step_index >= self.steps.timesteps.len() {
             return Err(Error::InvalidArgument(format!(
                 "Euler: step {step_index} out of range ({} steps)",
-                self.timesteps.len()
+                self.steps.timesteps.len()
             )));
         }
         // With s_churn = 0, gamma is 0 and sigma_hat is sigma itself.
-        let sigma = self.sigmas[step_index];
+        let sigma = self.steps.sigmas[step_index];
         let sample = sample.to_kind(Kind::Float);
         let pred_original_sample = match self.prediction {
             PredictionType::VPrediction => {
@@ -135,7 +127,7 @@ impl Scheduler for EulerScheduler {
             _ => &sample - model_output * left_coeff(sigma, model_output),
         };
         let derivative = (&sample - pred_original_sample) / f64::from(sigma);
-        let dt = self.sigmas[step_index + 1] - sigma;
+        let dt = self.steps.sigmas[step_index + 1] - sigma;
         let prev_sample = &sample + derivative * f64::from(dt);
         Ok(prev_sample.to_kind(model_output.kind()))
     }

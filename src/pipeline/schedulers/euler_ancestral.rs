@@ -5,20 +5,12 @@ use super::config::{
     PredictionType, SchedulerConfig, Spacing, ZeroSnrTerminal, check_steps, left_coeff, torch_sqrt,
     train_sigmas,
 };
-use super::sigmas::{
-    KarrasRange, discrete_schedule, init_noise_sigma, input_scales, karras_option,
-};
+use super::sigmas::{KarrasRange, SigmaSteps, discrete_schedule, karras_option};
 use crate::error::{Error, Result};
 use tch::{Kind, Tensor};
 
 pub struct EulerAncestralScheduler {
-    /// float32 values (fractional for the default "linspace" spacing), widened to f64.
-    timesteps: Vec<f64>,
-    /// One sigma per timestep, then 0.
-    sigmas: Vec<f32>,
-    init_noise_sigma: f32,
-    /// `(sigma ** 2 + 1) ** 0.5` per timestep: `scale_model_input` divides by it.
-    input_scales: Vec<f32>,
+    steps: SigmaSteps,
     prediction: PredictionType,
 }
 
@@ -36,39 +28,35 @@ impl EulerAncestralScheduler {
         let train = train_sigmas(&alphas_cumprod)?;
         let karras = karras_option(config, KarrasRange::default());
         let schedule = discrete_schedule(config, steps, spacing, karras, &train);
-        let timesteps = schedule.timesteps;
         let mut sigmas = schedule.sigmas;
         sigmas.push(0.0);
-
-        let init_noise_sigma = init_noise_sigma(&sigmas, spacing)?;
-        let input_scales = input_scales(&sigmas)?;
         Ok(EulerAncestralScheduler {
-            timesteps: timesteps.iter().map(|&t| f64::from(t)).collect(),
-            sigmas,
-            init_noise_sigma,
-            input_scales,
+            steps: SigmaSteps::new(
+                schedule.timesteps.iter().map(|&t| f64::from(t)).collect(),
+                sigmas,
+                spacing,
+            )?,
             prediction,
         })
     }
 
     /// The sigmas (one per timestep, then 0).
     pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.steps.sigmas
     }
 }
 
 impl Scheduler for EulerAncestralScheduler {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.steps.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        f64::from(self.init_noise_sigma)
+        f64::from(self.steps.init_noise_sigma)
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Tensor {
-        let scale = self.input_scales[step_index.min(self.input_scales.len() - 1)];
-        sample / f64::from(scale)
+        self.steps.scale_model_input(sample, step_index)
     }
 
     fn needs_noise(&self) -> bool {
@@ -82,16 +70,16 @@ impl Scheduler for EulerAncestralScheduler {
         sample: &Tensor,
         noise: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if step_index >= self.timesteps.len() {
+        if step_index >= self.steps.timesteps.len() {
             return Err(Error::InvalidArgument(format!(
                 "Euler ancestral: step {step_index} out of range ({} steps)",
-                self.timesteps.len()
+                self.steps.timesteps.len()
             )));
         }
         let noise = noise.ok_or_else(|| {
             Error::InvalidArgument("Euler ancestral: step needs a noise tensor".into())
         })?;
-        let sigma = self.sigmas[step_index];
+        let sigma = self.steps.sigmas[step_index];
         let sample = sample.to_kind(Kind::Float);
         // `sigma * model_output` is computed in the model output's kind, as in diffusers.
         let pred_original_sample = match self.prediction {
@@ -103,7 +91,7 @@ impl Scheduler for EulerAncestralScheduler {
         };
 
         let sigma_from = sigma;
-        let sigma_to = self.sigmas[step_index + 1];
+        let sigma_to = self.steps.sigmas[step_index + 1];
         let sigma_up = torch_sqrt(
             sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to)
                 / (sigma_from * sigma_from),

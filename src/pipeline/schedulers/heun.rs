@@ -11,19 +11,12 @@ use super::config::{
     PredictionType, SchedulerConfig, Spacing, check_steps, left_coeff, reject_flag, torch_sqrt,
     train_sigmas,
 };
-use super::sigmas::{
-    KarrasRange, discrete_schedule, init_noise_sigma, input_scales, karras_option,
-};
+use super::sigmas::{KarrasRange, SigmaSteps, discrete_schedule, karras_option};
 use crate::error::Result;
 use tch::Tensor;
 
 pub struct HeunScheduler {
-    /// float32 values, widened to f64, each repeated after the first (see the module docs).
-    timesteps: Vec<f64>,
-    /// Per entry of `timesteps` the sigma the UNet sees, then 0: `[s0, s1, s1, …, s(n-1), s(n-1), 0]`.
-    sigmas: Vec<f32>,
-    init_noise_sigma: f32,
-    input_scales: Vec<f32>,
+    steps: SigmaSteps,
     prediction: PredictionType,
     /// `clip_sample_range` when `clip_sample` is on: x0 is clamped to ±range.
     clip_range: Option<f64>,
@@ -69,10 +62,7 @@ impl HeunScheduler {
             None
         };
         Ok(HeunScheduler {
-            timesteps,
-            init_noise_sigma: init_noise_sigma(&sigmas, spacing)?,
-            input_scales: input_scales(&sigmas)?,
-            sigmas,
+            steps: SigmaSteps::new(timesteps, sigmas, spacing)?,
             prediction,
             clip_range,
             pending: None,
@@ -82,7 +72,7 @@ impl HeunScheduler {
 
     /// The sigmas (one per entry of `timesteps`, then 0).
     pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.steps.sigmas
     }
 
     /// x0 predicted from the model output at `sigma`, in the inputs' kind (diffusers does not
@@ -109,16 +99,15 @@ impl HeunScheduler {
 
 impl Scheduler for HeunScheduler {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.steps.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        f64::from(self.init_noise_sigma)
+        f64::from(self.steps.init_noise_sigma)
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Tensor {
-        let scale = self.input_scales[step_index.min(self.input_scales.len() - 1)];
-        sample / f64::from(scale)
+        self.steps.scale_model_input(sample, step_index)
     }
 
     fn step(
@@ -128,13 +117,13 @@ impl Scheduler for HeunScheduler {
         sample: &Tensor,
         _noise: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let n = self.timesteps.len();
+        let n = self.steps.timesteps.len();
         super::check_step_order("Heun", step_index, self.step_index, n)?;
         let prev_sample = match self.pending.take() {
             // Predictor: an Euler step from this sigma to the next, remembered for the corrector.
             None => {
-                let sigma = self.sigmas[step_index];
-                let sigma_next = self.sigmas[step_index + 1];
+                let sigma = self.steps.sigmas[step_index];
+                let sigma_next = self.steps.sigmas[step_index + 1];
                 let x0 = self.pred_original_sample(model_output, sample, sigma)?;
                 let derivative = (sample - x0) / f64::from(sigma);
                 let dt = sigma_next - sigma;
@@ -149,7 +138,7 @@ impl Scheduler for HeunScheduler {
             // Corrector: the slope at the predicted point (the UNet ran at the next sigma), averaged
             // with the predictor's, applied from the predictor's input sample.
             Some(p) => {
-                let sigma_next = self.sigmas[step_index];
+                let sigma_next = self.steps.sigmas[step_index];
                 let x0 = self.pred_original_sample(model_output, sample, sigma_next)?;
                 let derivative = (sample - x0) / f64::from(sigma_next);
                 let derivative = (p.derivative + derivative) / 2.0;

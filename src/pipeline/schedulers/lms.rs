@@ -13,9 +13,7 @@ use super::config::{
     PredictionType, SchedulerConfig, Spacing, check_steps, left_coeff, reject_flag, torch_sqrt,
     train_sigmas,
 };
-use super::sigmas::{
-    KarrasRange, discrete_schedule, init_noise_sigma, input_scales, karras_option,
-};
+use super::sigmas::{KarrasRange, SigmaSteps, discrete_schedule, karras_option};
 use crate::error::{Error, Result};
 use tch::Tensor;
 
@@ -23,11 +21,7 @@ use tch::Tensor;
 const ORDER: usize = 4;
 
 pub struct LmsScheduler {
-    timesteps: Vec<f64>,
-    /// One sigma per timestep, then 0.
-    sigmas: Vec<f32>,
-    init_noise_sigma: f32,
-    input_scales: Vec<f32>,
+    steps: SigmaSteps,
     prediction: PredictionType,
     /// The ODE slopes of the last `ORDER` steps, oldest first.
     derivatives: Vec<Tensor>,
@@ -50,10 +44,11 @@ impl LmsScheduler {
         let mut sigmas = schedule.sigmas;
         sigmas.push(0.0);
         Ok(LmsScheduler {
-            timesteps: schedule.timesteps.iter().map(|&t| f64::from(t)).collect(),
-            init_noise_sigma: init_noise_sigma(&sigmas, spacing)?,
-            input_scales: input_scales(&sigmas)?,
-            sigmas,
+            steps: SigmaSteps::new(
+                schedule.timesteps.iter().map(|&t| f64::from(t)).collect(),
+                sigmas,
+                spacing,
+            )?,
             prediction,
             derivatives: Vec::with_capacity(ORDER + 1),
             step_index: 0,
@@ -62,16 +57,16 @@ impl LmsScheduler {
 
     /// The sigmas (one per timestep, then 0).
     pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.steps.sigmas
     }
 
     /// The weight of the slope taken `current` steps ago in the update of step `t` with `order`
     /// slopes: the integral from `sigmas[t]` to `sigmas[t + 1]` of the Lagrange basis polynomial
     /// that is 1 at `sigmas[t - current]` and 0 at the other nodes.
     fn lms_coefficient(&self, order: usize, t: usize, current: usize) -> f64 {
-        let nodes: Vec<f32> = (0..order).map(|k| self.sigmas[t - k]).collect();
-        let a = f64::from(self.sigmas[t]);
-        let b = f64::from(self.sigmas[t + 1]);
+        let nodes: Vec<f32> = (0..order).map(|k| self.steps.sigmas[t - k]).collect();
+        let a = f64::from(self.steps.sigmas[t]);
+        let b = f64::from(self.steps.sigmas[t + 1]);
         lagrange_basis_integral(&nodes, current, a, b)
     }
 }
@@ -109,16 +104,15 @@ pub(crate) fn lagrange_basis_integral(nodes: &[f32], j: usize, a: f64, b: f64) -
 
 impl Scheduler for LmsScheduler {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.steps.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        f64::from(self.init_noise_sigma)
+        f64::from(self.steps.init_noise_sigma)
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Tensor {
-        let scale = self.input_scales[step_index.min(self.input_scales.len() - 1)];
-        sample / f64::from(scale)
+        self.steps.scale_model_input(sample, step_index)
     }
 
     fn step(
@@ -128,9 +122,9 @@ impl Scheduler for LmsScheduler {
         sample: &Tensor,
         _noise: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let n = self.timesteps.len();
+        let n = self.steps.timesteps.len();
         super::check_step_order("LMS", step_index, self.step_index, n)?;
-        let sigma = self.sigmas[step_index];
+        let sigma = self.steps.sigmas[step_index];
         // x0, then the ODE slope; diffusers does not upcast in LMS.
         let pred_original_sample = match self.prediction {
             PredictionType::VPrediction => {

@@ -6,6 +6,7 @@
 //! as float32; the functions here keep the same precision at every stage.
 use super::config::{SchedulerConfig, Spacing, np_arange, np_interp_unit_grid, np_linspace};
 use crate::error::Result;
+use tch::Tensor;
 
 /// Karras et al.'s rho, the value diffusers hard-codes.
 const KARRAS_RHO: f64 = 7.0;
@@ -143,9 +144,40 @@ pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     (1.0 - w) * low_idx as f64 + w * high_idx as f64
 }
 
+/// What the sigma-space schedulers (Euler, Euler ancestral, Heun, LMS) share: the timesteps the
+/// UNet is evaluated at, their sigmas (then the final one), and what `init_noise_sigma` and
+/// `scale_model_input` derive from them.
+pub(crate) struct SigmaSteps {
+    /// float32 values (fractional for "linspace" spacing and Karras sigmas), widened to f64.
+    pub timesteps: Vec<f64>,
+    /// One sigma per timestep, then the final sigma (0, or sigma_min).
+    pub sigmas: Vec<f32>,
+    pub init_noise_sigma: f32,
+    /// `(sigma ** 2 + 1) ** 0.5` per timestep: `scale_model_input` divides by it.
+    input_scales: Vec<f32>,
+}
+
+impl SigmaSteps {
+    /// `sigmas` has one entry per timestep, then the final sigma.
+    pub fn new(timesteps: Vec<f64>, sigmas: Vec<f32>, spacing: Spacing) -> Result<Self> {
+        Ok(Self {
+            init_noise_sigma: init_noise_sigma(&sigmas, spacing)?,
+            input_scales: input_scales(&sigmas)?,
+            timesteps,
+            sigmas,
+        })
+    }
+
+    /// The sample divided by `(sigma ** 2 + 1) ** 0.5` of step `step_index`.
+    pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Tensor {
+        let scale = self.input_scales[step_index.min(self.input_scales.len() - 1)];
+        sample / f64::from(scale)
+    }
+}
+
 /// `init_noise_sigma` of the sigma-space schedulers: the largest sigma, or for "leading" spacing
 /// `(max ** 2 + 1) ** 0.5` (in float32, with libtorch's sqrt).
-pub(crate) fn init_noise_sigma(sigmas: &[f32], spacing: Spacing) -> Result<f32> {
+fn init_noise_sigma(sigmas: &[f32], spacing: Spacing) -> Result<f32> {
     let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     Ok(match spacing {
         Spacing::Linspace | Spacing::Trailing => max_sigma,
@@ -155,7 +187,7 @@ pub(crate) fn init_noise_sigma(sigmas: &[f32], spacing: Spacing) -> Result<f32> 
 
 /// `1 / (sigma ** 2 + 1) ** 0.5` is what `scale_model_input` applies: these are the divisors, one
 /// per sigma, in float32 with libtorch's sqrt.
-pub(crate) fn input_scales(sigmas: &[f32]) -> Result<Vec<f32>> {
+fn input_scales(sigmas: &[f32]) -> Result<Vec<f32>> {
     sigmas
         .iter()
         .map(|&s| super::config::torch_sqrt(s * s + 1.0))
