@@ -138,7 +138,7 @@ mod tests {
     use super::*;
     use crate::pipeline::schedulers::test_layouts;
     use crate::pipeline::schedulers::test_util::{
-        assert_close, check_layouts, check_steps, sd14, t,
+        assert_close, check_layouts, check_reference_steps, check_sigma_scheduler_refusals, sd14, t,
     };
 
     #[test]
@@ -216,7 +216,7 @@ mod tests {
 
     #[test]
     fn steps_match_diffusers() {
-        check_steps(
+        check_reference_steps(
             |c| Box::new(EulerScheduler::new(c, 10).unwrap()),
             &STEP_INDICES,
             [&EXPECTED_EPS, &EXPECTED_V, &EXPECTED_KARRAS_V],
@@ -225,21 +225,7 @@ mod tests {
 
     #[test]
     fn rejects_unsupported_options() {
-        for (key, json) in [
-            ("prediction_type", r#"{"prediction_type": "sample"}"#),
-            (
-                "use_exponential_sigmas",
-                r#"{"use_exponential_sigmas": true}"#,
-            ),
-            ("use_beta_sigmas", r#"{"use_beta_sigmas": true}"#),
-            ("timestep_spacing", r#"{"timestep_spacing": "uniform"}"#),
-        ] {
-            let c = SchedulerConfig::from_json(json, "scheduler_config.json").unwrap();
-            assert!(
-                matches!(EulerScheduler::new(&c, 10), Err(Error::Unsupported { key: ref k, .. }) if k == key),
-                "{key}"
-            );
-        }
+        check_sigma_scheduler_refusals(|c| EulerScheduler::new(c, 10));
     }
 
     // Reference steps, from:

@@ -155,7 +155,9 @@ mod tests {
     use super::*;
     use crate::error::Error;
     use crate::pipeline::schedulers::test_layouts;
-    use crate::pipeline::schedulers::test_util::{check_layouts, check_steps, sd14, t};
+    use crate::pipeline::schedulers::test_util::{
+        check_layouts, check_reference_steps, check_sigma_scheduler_refusals, sd14, t,
+    };
 
     #[test]
     fn layouts_match_diffusers() {
@@ -182,7 +184,7 @@ mod tests {
 
     #[test]
     fn steps_match_diffusers() {
-        check_steps(
+        check_reference_steps(
             |c| Box::new(HeunScheduler::new(c, 10).unwrap()),
             &STEP_INDICES,
             [&EXPECTED_EPS, &EXPECTED_V, &EXPECTED_KARRAS_V],
@@ -191,21 +193,7 @@ mod tests {
 
     #[test]
     fn rejects_unsupported_options() {
-        for (key, json) in [
-            ("prediction_type", r#"{"prediction_type": "sample"}"#),
-            (
-                "use_exponential_sigmas",
-                r#"{"use_exponential_sigmas": true}"#,
-            ),
-            ("use_beta_sigmas", r#"{"use_beta_sigmas": true}"#),
-            ("timestep_spacing", r#"{"timestep_spacing": "uniform"}"#),
-        ] {
-            let c = SchedulerConfig::from_json(json, "scheduler_config.json").unwrap();
-            assert!(
-                matches!(HeunScheduler::new(&c, 10), Err(Error::Unsupported { key: ref k, .. }) if k == key),
-                "{key}"
-            );
-        }
+        check_sigma_scheduler_refusals(|c| HeunScheduler::new(c, 10));
     }
 
     // Reference steps, from:

@@ -313,7 +313,7 @@ pub(crate) mod test_util {
     /// Runs `make(config)` over steps `0..=max(indices)` from one sample and model output (as
     /// the Python references of the tests do) and compares the results at `indices` with
     /// diffusers': epsilon, then v-prediction, then v-prediction on Karras sigmas.
-    pub fn check_steps(
+    pub fn check_reference_steps(
         make: impl Fn(&SchedulerConfig) -> Box<dyn super::Scheduler>,
         indices: &[usize],
         expected: [&[[f64; 4]]; 3],
@@ -339,6 +339,28 @@ pub(crate) mod test_util {
             for (got, e) in kept.iter().zip(expected.iter()) {
                 assert_close(got, e);
             }
+        }
+    }
+
+    /// The options the sigma-space schedulers (Euler, Heun, LMS) refuse, each with the key it must
+    /// name: `make` builds the scheduler for a config.
+    pub fn check_sigma_scheduler_refusals<T>(
+        make: impl Fn(&SchedulerConfig) -> crate::error::Result<T>,
+    ) {
+        for (key, json) in [
+            ("prediction_type", r#"{"prediction_type": "sample"}"#),
+            (
+                "use_exponential_sigmas",
+                r#"{"use_exponential_sigmas": true}"#,
+            ),
+            ("use_beta_sigmas", r#"{"use_beta_sigmas": true}"#),
+            ("timestep_spacing", r#"{"timestep_spacing": "uniform"}"#),
+        ] {
+            let c = SchedulerConfig::from_json(json, "scheduler_config.json").unwrap();
+            assert!(
+                matches!(make(&c), Err(crate::error::Error::Unsupported { key: ref k, .. }) if k == key),
+                "{key}"
+            );
         }
     }
 
