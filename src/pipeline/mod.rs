@@ -444,14 +444,9 @@ impl StableDiffusion {
 
         let mut scheduler_config = match &single.model_config {
             Some(dir) => SchedulerConfig::from_file(dir.join("scheduler/scheduler_config.json"))?,
-            None => SchedulerConfig::from_json(
-                if sd2 {
-                    single_file::SD2_SCHEDULER_CONFIG
-                } else {
-                    single_file::SD1_SCHEDULER_CONFIG
-                },
-                file,
-            )?,
+            // SD 1.x: SD v1-4's config, which is SchedulerConfig's default.
+            None if sd2 => SchedulerConfig::from_json(single_file::SD2_SCHEDULER_CONFIG, file)?,
+            None => SchedulerConfig::default(),
         };
         // A model folder's scheduler already says what its model predicts; only an explicit
         // choice (flag or .yaml) replaces it.

@@ -23,20 +23,6 @@ pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
 
-/// SD 1.x's built-in scheduler: CompVis/stable-diffusion-v1-4's `scheduler_config.json`.
-pub const SD1_SCHEDULER_CONFIG: &str = r#"{
-  "_class_name": "PNDMScheduler",
-  "beta_end": 0.012,
-  "beta_schedule": "scaled_linear",
-  "beta_start": 0.00085,
-  "num_train_timesteps": 1000,
-  "set_alpha_to_one": false,
-  "skip_prk_steps": true,
-  "steps_offset": 1,
-  "trained_betas": null,
-  "clip_sample": false
-}"#;
-
 /// SD 2.x's built-in scheduler: stabilityai/stable-diffusion-2-1's `scheduler_config.json`
 /// (its `prediction_type` is replaced by the checkpoint's).
 pub const SD2_SCHEDULER_CONFIG: &str = r#"{
