@@ -12,12 +12,13 @@ use serde_json::json;
 use std::time::Duration;
 
 const LONG: Duration = Duration::from_secs(180);
+const SIGTERM: i32 = 15;
 
 /// Runs one 16-image batch through a worker allowed `max_pending` images in flight; returns the
 /// largest `sdbatch_pending_images` seen while it ran and the worker's peak RSS in KiB.
 async fn run(stack: &Stack, proxy: &SlowProxy, name: &str, max_pending: &str) -> (f64, u64) {
     let mut events = stack.broker.watch_events().await;
-    let worker = WorkerProcess::spawn_via(
+    let mut worker = WorkerProcess::spawn_via(
         &stack.prefix,
         &stack.s3,
         &proxy.endpoint,
@@ -62,6 +63,11 @@ async fn run(stack: &Stack, proxy: &SlowProxy, name: &str, max_pending: &str) ->
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
+    // The event comes before the ack: a graceful stop acks the batch, so it is not redelivered
+    // to the next run's worker on the same queue (a kill here once was).
+    worker.signal(SIGTERM);
+    let status = worker.wait(LONG).await;
+    assert!(status.success(), "{status:?}\n{}", worker.log_text());
     (max_seen, hwm_kib)
 }
 
