@@ -29,14 +29,22 @@ async fn wait_ready(worker: &WorkerProcess) {
     }
 }
 
-/// Collects events until `done` says the set is complete (each wait bounded by LONG).
+/// Collects events until `done` says the set is complete (each wait bounded by LONG); a wait
+/// that runs out fails with what was seen and the worker's log.
 async fn events_until(
     events: &mut common::broker::Events,
+    worker: &WorkerProcess,
     mut done: impl FnMut(&[Event]) -> bool,
 ) -> Vec<Event> {
     let mut seen = Vec::new();
     while !done(&seen) {
-        seen.push(events.next(LONG).await.expect("another event"));
+        match events.next(LONG).await {
+            Some(e) => seen.push(e),
+            None => panic!(
+                "no further event within {LONG:?}; seen {seen:?}\nworker log:\n{}",
+                worker.log_text()
+            ),
+        }
     }
     seen
 }
@@ -126,7 +134,7 @@ async fn frame_size_poison_is_dead_lettered_once_while_valid_work_completes() {
     // Published after the poison: the worker is still consuming.
     publish(batch("good-2", 2, &[("b", "a green pear", 2, 1)]), None).await;
 
-    let seen = events_until(&mut events, |e| e.len() == 4).await;
+    let seen = events_until(&mut events, &worker, |e| e.len() == 4).await;
     for id in ["good-1", "good-2"] {
         let done = completed_of(&seen, id);
         assert_eq!(done.len(), 1, "{id}: {seen:?}");
@@ -203,7 +211,7 @@ async fn oversized_body_is_dead_lettered_unparsed_with_bounded_memory() {
         .publish(&batch("after-1", 2, &[("a", "a cat", 5, 1)]))
         .await;
 
-    let seen = events_until(&mut events, |e| e.len() == 2).await;
+    let seen = events_until(&mut events, &worker, |e| e.len() == 2).await;
     let too_large = failed_with(&seen, "too_large");
     assert_eq!(too_large.len(), 1, "{seen:?}");
     assert_eq!(too_large[0].batch_id, None, "the body was not parsed");
@@ -261,7 +269,7 @@ async fn reserved_names_are_dead_lettered_at_once() {
         ))
         .await;
 
-    let seen = events_until(&mut events, |e| e.len() == 2).await;
+    let seen = events_until(&mut events, &worker, |e| e.len() == 2).await;
     let reasons: Vec<(Option<String>, String)> = seen
         .iter()
         .map(|e| match e {
