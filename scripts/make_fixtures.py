@@ -158,6 +158,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures_lora  # noqa: E402  (beside this script)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "tests" / "fixtures" / "generated"
 
@@ -2318,7 +2321,7 @@ def make_tiny(out_dir: Path) -> None:
     t0 = time.time()
     model_dir = out_dir / "tiny-sd"
     ref_dir = out_dir / "reference"
-    for d in (model_dir, ref_dir):  # only the folders this script owns
+    for d in (model_dir, ref_dir, out_dir / "loras"):  # only the folders this script owns
         if d.exists():
             shutil.rmtree(d)
     ref_dir.mkdir(parents=True)
@@ -2347,6 +2350,7 @@ def make_tiny(out_dir: Path) -> None:
     clip_skip_info = ref_clip_skip(ref_dir, model_dir)
     rescale_info = ref_guidance_rescale(ref_dir, model_dir)
     weighted_info = ref_weighted_prompts(ref_dir, model_dir)
+    lora_info = fixtures_lora.ref_lora(ref_dir, model_dir, out_dir / "loras", sys.modules[__name__])
     sd2_dir = out_dir / "tiny-sd2"
     build_tiny_sd2(sd2_dir, vocab, merges)
     sd2_info = ref_sd2(ref_dir, sd2_dir)
@@ -2361,6 +2365,7 @@ def make_tiny(out_dir: Path) -> None:
             "guidance_rescale": rescale_info,
             "weighted_prompts": weighted_info,
             "sd2": sd2_info,
+            "lora": lora_info,
         },
     )
     stds.update(make_checker_fixtures(out_dir, model_dir, ref_dir, tokenizer, vocab, merges))

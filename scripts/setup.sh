@@ -49,9 +49,9 @@ scripts/services.sh install
 # cargo-audit for the dependency audit (tests/audit.rs), pinned and built once.
 scripts/audit.sh install
 
-# Fixtures: regenerate only when the generating script or the pinned versions change.
+# Fixtures: regenerate only when the generating scripts or the pinned versions change.
 fx=tests/fixtures/generated
-stamp=$(cat scripts/make_fixtures.py "$req" "$extra" | sha256sum | cut -c1-16)
+stamp=$(cat scripts/make_fixtures.py scripts/fixtures_*.py "$req" "$extra" | sha256sum | cut -c1-16)
 if [ "$(cat "$fx/.stamp" 2>/dev/null)" != "$stamp" ]; then
   echo "setup: generating tiny-model fixtures in $fx"
   rm -rf "$fx"

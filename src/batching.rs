@@ -2,7 +2,7 @@
 //!
 //! - [`Planner`] holds the images of every message in hand, in arrival order. The next batch takes
 //!   the oldest waiting image and every later image that can share its UNet batch (same size,
-//!   steps, scheduler and guidance: a [`ShapeKey`]), across message boundaries, up to the size the
+//!   steps, scheduler, guidance and LoRA set: a [`ShapeKey`]), across message boundaries, up to the size the
 //!   [`BatchSizer`] allows. Images keep their order within a message; none is lost or duplicated.
 //! - [`BatchSizer`] picks that size per shape: the configured ceiling (`--max-batch`) on the CPU; on
 //!   CUDA the largest batch whose calibrated memory fits the device under a safety margin, and a
@@ -27,6 +27,9 @@ pub struct ShapeKey {
     pub guidance_rescale_bits: u64,
     /// One text-encoder call per batch reads all its prompts in one syntax (and chunk count).
     pub prompt_syntax: crate::pipeline::prompt_weights::PromptSyntax,
+    /// The LoRA set fused into the weights for the batch (names and weights' bits, canonical
+    /// order): one set per GPU batch.
+    pub loras: Vec<(String, u64)>,
 }
 
 impl ShapeKey {
@@ -40,6 +43,11 @@ impl ShapeKey {
             clip_skip: p.clip_skip,
             guidance_rescale_bits: p.guidance_rescale.to_bits(),
             prompt_syntax: p.prompt_syntax,
+            loras: p
+                .loras
+                .iter()
+                .map(|l| (l.name.clone(), l.weight.to_bits()))
+                .collect(),
         }
     }
 }
@@ -302,6 +310,7 @@ mod tests {
             clip_skip: 1,
             guidance_rescale: 0.0,
             prompt_syntax: crate::pipeline::prompt_weights::PromptSyntax::Plain,
+            loras: Vec::new(),
         }
     }
 

@@ -32,6 +32,18 @@ pub fn cut(text: &str, max_bytes: usize) -> String {
     format!("{}{MARK}", &escaped[..end])
 }
 
+/// `s` in quotes (Rust's escaping) for error messages, cut to 64 characters: a value a producer
+/// sent is never echoed back whole.
+pub fn quote(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        format!("{s:?}")
+    } else {
+        let cut: String = s.chars().take(MAX).collect();
+        format!("{cut:?}…")
+    }
+}
+
 /// A reason text for headers and events: [`cut`] to [`MAX_REASON_BYTES`].
 pub fn reason(text: &str) -> String {
     cut(text, MAX_REASON_BYTES)

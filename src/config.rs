@@ -38,6 +38,8 @@ pub mod defaults {
     pub const SAFETY_POLICY: &str = "blank";
     /// Run the calibration batches before turning ready (CUDA only).
     pub const WARM_UP: bool = true;
+    /// LoRA files kept in memory once read, in MiB (least recently used dropped first).
+    pub const LORA_CACHE_MB: u64 = 1024;
     /// Reconnect backoff bounds, and attempts to publish one event.
     pub const RECONNECT_MIN_MS: u64 = 500;
     pub const RECONNECT_MAX_SECS: u64 = 30;
@@ -73,6 +75,9 @@ pub struct FileConfig {
     pub min_clip_score: Option<f32>,
     pub warm_up: Option<bool>,
     pub calibration_file: Option<String>,
+    pub lora_dir: Option<String>,
+    pub lora_cache_mb: Option<u64>,
+    pub lcm_lora: Option<String>,
     #[serde(default)]
     pub storage: StorageSection,
     #[serde(default)]

@@ -44,6 +44,11 @@ pub enum Error {
     #[error("{path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
 
+    /// A LoRA that cannot be applied: unknown name, unreadable file, unknown keys, a layer the
+    /// model lacks.
+    #[error("LoRA {path}: {message}")]
+    Lora { path: PathBuf, message: String },
+
     #[error("{path}: invalid config: {message}")]
     Config { path: PathBuf, message: String },
 

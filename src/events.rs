@@ -122,6 +122,9 @@ pub struct EventParams {
     /// The prompt syntax when not `plain` (`a1111`: weighted, chunked prompts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_syntax: Option<String>,
+    /// The LoRAs fused for the batch (canonical order, with the preset's), when any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loras: Option<Vec<crate::pipeline::adapters::LoraWeight>>,
 }
 
 impl EventParams {
@@ -138,6 +141,7 @@ impl EventParams {
             guidance_rescale: (p.guidance_rescale != 0.0).then_some(p.guidance_rescale),
             prompt_syntax: (p.prompt_syntax != PromptSyntax::Plain)
                 .then(|| p.prompt_syntax.as_str().to_string()),
+            loras: (!p.loras.is_empty()).then(|| p.loras.clone()),
         }
     }
 }
@@ -487,6 +491,7 @@ mod tests {
                 clip_skip: None,
                 guidance_rescale: None,
                 prompt_syntax: None,
+                loras: None,
             }
         );
         let keys: Vec<(&str, u32, &str, u64)> = c
@@ -653,6 +658,10 @@ mod tests {
                 clip_skip: Some(2),
                 guidance_rescale: Some(0.7),
                 prompt_syntax: Some("a1111".into()),
+                loras: Some(vec![crate::pipeline::adapters::LoraWeight {
+                    name: "style".into(),
+                    weight: 0.7,
+                }]),
                 ..full.params.clone()
             },
             ..full
@@ -688,6 +697,7 @@ mod tests {
                 want.remove("clip_skip");
                 want.remove("guidance_rescale");
                 want.remove("prompt_syntax");
+                want.remove("loras");
             }
             if def == "image" {
                 for optional in ["nsfw", "safety_action", "clip_score", "low_clip_score"] {

@@ -12,7 +12,9 @@
 //! reason code (for headers and metrics), a human message naming the field, and the batch id when
 //! the message had a valid one. The format is documented in `docs/messages.md` and
 //! `docs/batch-message.schema.json`; tests keep both in step with the structs here.
+use crate::bounded::quote;
 use crate::keys::id_problem;
+use crate::pipeline::adapters::{self, LoraWeight};
 use crate::pipeline::prompt_weights::{self, PromptSyntax};
 use crate::pipeline::schedulers::SchedulerKind;
 use crate::pipeline::{GenerateParams, ImageRequest};
@@ -109,6 +111,20 @@ pub struct MessageParams {
     /// `"plain"` (default: as diffusers) or `"a1111"` (AUTOMATIC1111's weights and long prompts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_syntax: Option<String>,
+    /// LoRAs by name in the worker's LoRA folder, with weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loras: Option<Vec<MessageLora>>,
+}
+
+/// One LoRA of `params.loras`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageLora {
+    /// A file stem in the worker's `--lora-dir` (never a path).
+    pub name: String,
+    /// Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
 }
 
 /// Where the images go.
@@ -151,6 +167,7 @@ impl MessageParams {
         "clip_skip",
         "guidance_rescale",
         "prompt_syntax",
+        "loras",
     ];
 
     /// No field set.
@@ -200,6 +217,9 @@ pub struct Limits {
     pub default_bucket: Option<String>,
     /// Prefix of messages that name none ("": keys start with the batch id).
     pub default_prefix: String,
+    /// The LCM-LoRA preset `fast` fuses (a name in the worker's LoRA folder); without one the
+    /// preset is refused.
+    pub lcm_lora: Option<String>,
 }
 
 impl Default for Limits {
@@ -217,6 +237,7 @@ impl Default for Limits {
             allowed_buckets: Vec::new(),
             default_bucket: None,
             default_prefix: String::new(),
+            lcm_lora: None,
         }
     }
 }
@@ -260,34 +281,56 @@ impl Limits {
     }
 }
 
-/// A named set of defaults for steps and guidance; explicit `params` win over it.
+/// A named set of defaults for steps, guidance and scheduler; explicit `params` win over it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Preset {
     pub name: &'static str,
     pub steps: usize,
     pub guidance_scale: f64,
+    /// `None`: the default scheduler.
+    pub scheduler: Option<SchedulerKind>,
+    /// Fuses the worker's LCM-LoRA ([`Limits::lcm_lora`]) at weight 1.
+    pub lcm_lora: bool,
 }
 
-pub const PRESETS: [Preset; 4] = [
+pub const PRESETS: [Preset; 5] = [
     Preset {
         name: "concept",
         steps: 35,
         guidance_scale: 8.0,
+        scheduler: None,
+        lcm_lora: false,
     },
     Preset {
         name: "quality",
         steps: 60,
         guidance_scale: 7.5,
+        scheduler: None,
+        lcm_lora: false,
     },
     Preset {
         name: "production",
         steps: 25,
         guidance_scale: 8.5,
+        scheduler: None,
+        lcm_lora: false,
     },
     Preset {
         name: "style-test",
         steps: 45,
         guidance_scale: 7.0,
+        scheduler: None,
+        lcm_lora: false,
+    },
+    // Latent consistency (Luo et al., 2023): an LCM-LoRA distils the model to sample in 4-8
+    // steps with the LCM sampler; guidance 1 (no classifier-free guidance) as LCM-LoRA is
+    // trained, which also halves the UNet work per step.
+    Preset {
+        name: "fast",
+        steps: 4,
+        guidance_scale: 1.0,
+        scheduler: Some(SchedulerKind::Lcm),
+        lcm_lora: true,
     },
 ];
 
@@ -335,6 +378,9 @@ pub enum InvalidReason {
     ClipSkip,
     /// `prompt_syntax` other than `plain` or `a1111`.
     PromptSyntax,
+    /// `loras`: a bad name or weight, a duplicate, too many; or (set by the worker) a LoRA the
+    /// worker's folder does not have.
+    Lora,
     Bucket,
     Prefix,
     /// The batch asks for the safety checker and the worker has none (set by the worker, not
@@ -346,7 +392,7 @@ pub enum InvalidReason {
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 23] = [
+    pub const ALL: [InvalidReason; 24] = [
         InvalidReason::TooLarge,
         InvalidReason::NotJson,
         InvalidReason::SchemaVersion,
@@ -366,6 +412,7 @@ impl InvalidReason {
         InvalidReason::Preset,
         InvalidReason::ClipSkip,
         InvalidReason::PromptSyntax,
+        InvalidReason::Lora,
         InvalidReason::Bucket,
         InvalidReason::Prefix,
         InvalidReason::SafetyChecker,
@@ -393,6 +440,7 @@ impl InvalidReason {
             InvalidReason::Preset => "preset",
             InvalidReason::ClipSkip => "clip_skip",
             InvalidReason::PromptSyntax => "prompt_syntax",
+            InvalidReason::Lora => "lora",
             InvalidReason::Bucket => "bucket",
             InvalidReason::Prefix => "prefix",
             InvalidReason::SafetyChecker => "safety_checker",
@@ -427,17 +475,6 @@ impl Invalid {
             message: crate::bounded::reason(&self.message),
             ..self
         }
-    }
-}
-
-/// `s` in quotes for error messages, cut to 64 characters.
-fn quote(s: &str) -> String {
-    const MAX: usize = 64;
-    if s.chars().count() <= MAX {
-        format!("{s:?}")
-    } else {
-        let cut: String = s.chars().take(MAX).collect();
-        format!("{cut:?}…")
     }
 }
 
@@ -538,6 +575,9 @@ impl Batch {
         }
         if p.prompt_syntax != PromptSyntax::Plain {
             canonical["prompt_syntax"] = serde_json::json!(p.prompt_syntax.as_str());
+        }
+        if !p.loras.is_empty() {
+            canonical["loras"] = serde_json::json!(p.loras);
         }
         // The keys are written in one fixed order (sorted, or as listed here if serde_json's
         // `preserve_order` is on): canonical bytes either way.
@@ -950,7 +990,9 @@ fn validate_unbounded(
         *slot = px;
     }
     let scheduler = match &p.scheduler {
-        None => DEFAULT_SCHEDULER,
+        None => preset
+            .and_then(|p| p.scheduler)
+            .unwrap_or(DEFAULT_SCHEDULER),
         Some(name) => name.parse::<SchedulerKind>().map_err(|_| {
             fail(
                 R::Scheduler,
@@ -1006,6 +1048,36 @@ fn validate_unbounded(
         }
     }
 
+    let mut loras: Vec<LoraWeight> = p
+        .loras
+        .iter()
+        .flatten()
+        .map(|l| LoraWeight {
+            name: l.name.clone(),
+            weight: l.weight.unwrap_or(1.0),
+        })
+        .collect();
+    if let Some(preset) = preset.filter(|p| p.lcm_lora) {
+        let Some(lcm) = &limits.lcm_lora else {
+            return Err(fail(
+                R::Preset,
+                format!(
+                    "preset {:?} needs an LCM-LoRA and this worker has none (--lcm-lora)",
+                    preset.name
+                ),
+            ));
+        };
+        // A weight the message gives for the same LoRA wins.
+        if !loras.iter().any(|l| &l.name == lcm) {
+            loras.push(LoraWeight {
+                name: lcm.clone(),
+                weight: 1.0,
+            });
+        }
+    }
+    let loras =
+        adapters::canonical(loras).map_err(|e| fail(R::Lora, format!("params.loras: {e}")))?;
+
     let work = work_units(total, steps, size[0], size[1]);
     if work > limits.max_message_work {
         return Err(fail(
@@ -1055,6 +1127,7 @@ fn validate_unbounded(
             clip_skip,
             guidance_rescale,
             prompt_syntax,
+            loras,
         },
         preset: preset.map(|p| p.name.to_string()),
         safety_checker: msg.params.as_ref().and_then(|p| p.safety_checker),
@@ -1244,6 +1317,12 @@ const PARAMS: &[Spec] = &[
         InvalidReason::PromptSyntax,
         is::<Option<String>>,
     ),
+    (
+        "loras",
+        false,
+        InvalidReason::Lora,
+        is::<Option<Vec<MessageLora>>>,
+    ),
 ];
 const OUTPUT: &[Spec] = &[
     ("bucket", false, InvalidReason::Bucket, is::<Option<String>>),
@@ -1314,6 +1393,7 @@ mod tests {
         Limits {
             allowed_buckets: vec!["images".into(), "other".into()],
             default_bucket: Some("images".into()),
+            lcm_lora: Some("lcm".into()),
             ..Limits::default()
         }
     }
@@ -1325,7 +1405,7 @@ mod tests {
             "params": {"steps": 25, "guidance_scale": 8.5, "width": 512, "height": 512,
                        "scheduler": "pndm", "preset": "production",
                        "safety_checker": true, "clip_skip": 1, "guidance_rescale": 0.0,
-                       "prompt_syntax": "plain"},
+                       "prompt_syntax": "plain", "loras": [{"name": "style", "weight": 0.7}]},
             "output": {"bucket": "images", "prefix": "catalog/shoes"}})
     }
 
@@ -1379,6 +1459,10 @@ mod tests {
                 clip_skip: 1,
                 guidance_rescale: 0.0,
                 prompt_syntax: crate::pipeline::prompt_weights::PromptSyntax::Plain,
+                loras: vec![LoraWeight {
+                    name: "style".into(),
+                    weight: 0.7
+                }],
             }
         );
         let item = &b.items[0];
@@ -1409,6 +1493,7 @@ mod tests {
                 clip_skip: 1,
                 guidance_rescale: 0.0,
                 prompt_syntax: crate::pipeline::prompt_weights::PromptSyntax::Plain,
+                loras: Vec::new(),
             }
         );
         assert_eq!(b.preset, None);
@@ -1429,9 +1514,13 @@ mod tests {
             let b = parse_value(&v).unwrap();
             assert_eq!(b.params.steps, p.steps, "{}", p.name);
             assert_eq!(b.params.guidance_scale, p.guidance_scale, "{}", p.name);
-            assert_eq!(b.params.scheduler, SchedulerKind::Pndm);
+            assert_eq!(
+                b.params.scheduler,
+                p.scheduler.unwrap_or(SchedulerKind::Pndm)
+            );
             assert_eq!((b.params.width, b.params.height), (NATIVE, NATIVE));
             assert_eq!(b.preset.as_deref(), Some(p.name));
+            assert_eq!(b.params.loras.len(), usize::from(p.lcm_lora), "{}", p.name);
         }
         let table: Vec<_> = PRESETS
             .iter()
@@ -1443,7 +1532,8 @@ mod tests {
                 ("concept", 35, 8.0),
                 ("quality", 60, 7.5),
                 ("production", 25, 8.5),
-                ("style-test", 45, 7.0)
+                ("style-test", 45, 7.0),
+                ("fast", 4, 1.0)
             ]
         );
         // Explicit steps win, the preset's guidance stays.
@@ -1466,6 +1556,38 @@ mod tests {
         assert_eq!((b.params.steps, b.params.guidance_scale), (35, 3.0));
         assert_eq!(b.params.scheduler, SchedulerKind::Ddim);
         assert_eq!((b.params.width, b.params.height), (640, NATIVE));
+        // fast: the worker's LCM-LoRA joins the message's LoRAs (its own weight for it wins);
+        // a worker without one refuses the preset.
+        let v = with(
+            minimal(),
+            "/params",
+            Some(json!({"preset": "fast", "loras": [{"name": "style", "weight": 0.5}]})),
+        );
+        let b = parse_value(&v).unwrap();
+        let names: Vec<(&str, f64)> = b
+            .params
+            .loras
+            .iter()
+            .map(|l| (l.name.as_str(), l.weight))
+            .collect();
+        assert_eq!(names, [("lcm", 1.0), ("style", 0.5)]);
+        assert_eq!(b.params.scheduler, SchedulerKind::Lcm);
+        let v = with(
+            minimal(),
+            "/params",
+            Some(json!({"preset": "fast", "steps": 8, "loras": [{"name": "lcm", "weight": 0.8}]})),
+        );
+        let b = parse_value(&v).unwrap();
+        assert_eq!(b.params.steps, 8);
+        assert_eq!(b.params.loras[0].weight, 0.8);
+        let v = with(minimal(), "/params", Some(json!({"preset": "fast"})));
+        let no_lcm = Limits {
+            lcm_lora: None,
+            ..limits()
+        };
+        let e = parse(&serde_json::to_vec(&v).unwrap(), &no_lcm, NATIVE).unwrap_err();
+        assert_eq!(e.reason, InvalidReason::Preset);
+        assert!(e.message.contains("--lcm-lora"), "{}", e.message);
         // Presets are exact names.
         let v = with(minimal(), "/params", Some(json!({"preset": "Quality"})));
         assert_eq!(reason_of(&v), InvalidReason::Preset);
@@ -2057,6 +2179,7 @@ mod tests {
                 "preset",
                 "clip_skip",
                 "prompt_syntax",
+                "lora",
                 "bucket",
                 "prefix",
                 "safety_checker",
@@ -2099,7 +2222,8 @@ mod tests {
         // Same work written differently: keys reordered, preset steps spelled out.
         let text = r#"{"output": {"prefix": "catalog/shoes", "bucket": "images"},
             "params": {"preset": "production", "steps": 25, "guidance_scale": 8.5,
-                       "width": 512, "height": 512, "scheduler": "pndm", "safety_checker": true},
+                       "width": 512, "height": 512, "scheduler": "pndm", "safety_checker": true,
+                       "loras": [{"weight": 0.7, "name": "style"}]},
             "items": [{"num_images": 2, "seed": 42, "negative_prompt": "blurry",
                        "prompt": "professional product photography of a red sneaker", "id": "sku-123"}],
             "batch_id": "shoes-2026-11-26-0001", "schema_version": 1}"#;
@@ -2113,16 +2237,27 @@ mod tests {
             ("/output/prefix", json!("other")),
             ("/params/clip_skip", json!(2)),
             ("/params/guidance_rescale", json!(0.7)),
+            ("/params/loras", json!([{"name": "style", "weight": 0.8}])),
+            ("/params/loras", json!([{"name": "other", "weight": 0.7}])),
         ] {
             let c = parse_value(&with(example(), ptr, Some(v))).unwrap();
             assert_ne!(a.work_sha256(), c.work_sha256(), "{ptr}");
         }
+        // LoRAs in another order are the same work (and the same batch shape).
+        let two = |list: Value| parse_value(&with(example(), "/params/loras", Some(list))).unwrap();
+        let ab = two(json!([{"name": "a", "weight": 0.5}, {"name": "b"}]));
+        let ba = two(json!([{"name": "b", "weight": 1.0}, {"name": "a", "weight": 0.5}]));
+        assert_eq!(ab.work_sha256(), ba.work_sha256());
+        assert_eq!(ab.params, ba.params);
         // A parameter at its default hashes as if absent: work hashed by an earlier version
         // (recorded in manifests and image metadata) keeps its hash.
         let c = parse_value(&with(example(), "/params/clip_skip", Some(json!(1)))).unwrap();
         assert_eq!(a.work_sha256(), c.work_sha256());
+        // The example without its LoRAs is work an earlier version hashed.
+        let without = parse_value(&with(example(), "/params/loras", None)).unwrap();
+        assert_ne!(a.work_sha256(), without.work_sha256());
         assert_eq!(
-            a.work_sha256(),
+            without.work_sha256(),
             "362a5789dac6d8e713b4e84901ce4d4d28a2967ed82c85b861bf0027aab73e22",
             "the hash of existing work must not change"
         );
@@ -2136,6 +2271,43 @@ mod tests {
         for bad in [json!(0), json!(13), json!(-1), json!("2"), json!(1.5)] {
             let e = parse_value(&p(bad.clone())).unwrap_err();
             assert_eq!(e.reason, InvalidReason::ClipSkip, "{bad}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn loras_are_checked_and_refusals_name_them() {
+        let p = |v: Value| with(minimal(), "/params", Some(json!({"loras": v})));
+        assert!(parse_value(&minimal()).unwrap().params.loras.is_empty());
+        let ok = parse_value(&p(json!([{"name": "lcm-lora_sd1.5", "weight": -0.3}]))).unwrap();
+        assert_eq!(ok.params.loras[0].weight, -0.3);
+        for (bad, says) in [
+            (json!([{"name": "../x"}]), "file stem"),
+            (json!([{"name": "a/b"}]), "file stem"),
+            (json!([{"name": ".hidden"}]), "file stem"),
+            (json!([{"name": ""}]), "1..=128"),
+            (json!([{"name": "x".repeat(129)}]), "1..=128"),
+            (json!([{"name": "a", "weight": 11}]), "weight"),
+            (
+                json!([{"name": "a"}, {"name": "a", "weight": 0.5}]),
+                "twice",
+            ),
+            (
+                json!(
+                    (0..9)
+                        .map(|i| json!({"name": format!("l{i}")}))
+                        .collect::<Vec<_>>()
+                ),
+                "at most 8",
+            ),
+            (json!([{"name": "a", "scale": 1}]), "scale"),
+            (json!([{"weight": 1}]), "name"),
+            (json!({"name": "a"}), "loras"),
+            (json!(["a"]), "loras"),
+        ] {
+            let e = parse_value(&p(bad.clone())).unwrap_err();
+            assert_eq!(e.reason, InvalidReason::Lora, "{bad}: {}", e.message);
+            assert!(e.message.contains(says), "{bad}: {}", e.message);
+            assert!(e.message.len() < 400, "bounded: {}", e.message);
         }
     }
 

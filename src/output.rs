@@ -24,6 +24,9 @@ pub struct Sidecar<'a> {
     /// The prompt syntax when not `plain`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_syntax: Option<&'a str>,
+    /// The LoRAs fused, when any.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub loras: &'a [crate::pipeline::adapters::LoraWeight],
     pub model: &'a str,
     pub device: &'a str,
     pub dtype: &'a str,

@@ -271,6 +271,7 @@ fn scheduler_run_with(name: &str, kind: SchedulerKind, edit: impl FnOnce(&mut Sc
         clip_skip: 1,
         guidance_rescale: 0.0,
         prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
+        loras: Vec::new(),
     };
     let request = ImageRequest {
         prompt: m["prompt"].as_str().unwrap().to_string(),
@@ -453,6 +454,7 @@ fn three_prompt_batch_matches_diffusers() {
         clip_skip: 1,
         guidance_rescale: 0.0,
         prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
+        loras: Vec::new(),
     };
     let out = model
         .generate(&requests, &params, &mut |_, _, _| {})
@@ -494,6 +496,7 @@ fn image_is_independent_of_its_batch() {
             clip_skip: 1,
             guidance_rescale: 0.0,
             prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
+            loras: Vec::new(),
         };
         let mut alone_latents = Tensor::new();
         let alone = model
@@ -549,6 +552,7 @@ fn slicing_options_do_not_change_images() {
         clip_skip: 1,
         guidance_rescale: 0.0,
         prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
+        loras: Vec::new(),
     };
     let plain = load_cpu()
         .generate(&requests, &params, &mut |_, _, _| {})
@@ -611,6 +615,7 @@ fn clip_skip_matches_the_hidden_states_and_the_pipeline() {
         clip_skip: 2,
         guidance_rescale: 0.0,
         prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
+        loras: Vec::new(),
     };
     let request = ImageRequest {
         prompt: m["prompt"].as_str().unwrap().to_string(),
@@ -652,6 +657,7 @@ fn guidance_rescale_matches_diffusers() {
         clip_skip: 1,
         guidance_rescale: m["guidance_rescale"].as_f64().unwrap(),
         prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
+        loras: Vec::new(),
     };
     let request = ImageRequest {
         prompt: m["prompt"].as_str().unwrap().to_string(),
@@ -683,6 +689,7 @@ fn guidance_rescale_matches_diffusers() {
         let p = GenerateParams {
             guidance_rescale: bad,
             prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
+            loras: Vec::new(),
             ..params.clone()
         };
         assert!(model.validate(std::slice::from_ref(&request), &p).is_err());

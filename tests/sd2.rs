@@ -54,6 +54,7 @@ fn run(name: &str, scheduler: SchedulerKind) {
         clip_skip: 1,
         guidance_rescale: run["guidance_rescale"].as_f64().unwrap(),
         prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
+        loras: Vec::new(),
     };
     let request = ImageRequest {
         prompt: m["prompt"].as_str().unwrap().to_string(),

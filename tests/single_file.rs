@@ -76,6 +76,7 @@ fn same_model(folder: &StableDiffusion, single: &StableDiffusion, what: &str) {
         clip_skip: 1,
         guidance_rescale: 0.0,
         prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
+        loras: Vec::new(),
     };
     let request = ImageRequest {
         prompt: "a photo of a cat".into(),

@@ -67,6 +67,8 @@ async fn run_mode(
         // As a production worker: calibrated before the first message (CUDA only).
         warm_up: defaults::WARM_UP,
         calibration_file: None,
+        lora_dir: None,
+        lora_cache_bytes: defaults::LORA_CACHE_MB << 20,
     };
     let conn = queue::connect(amqp_url, "sdbatch bench").await?;
     let channel = conn.create_channel().await?;
@@ -189,6 +191,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         clip_skip: 1,
         guidance_rescale: 0.0,
         prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
+        loras: Vec::new(),
     };
     let reqs: Vec<ImageRequest> = (0..args.planner_max_batch)
         .map(|i| ImageRequest {

@@ -207,6 +207,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 prompt_syntax: (params.prompt_syntax
                     != sdbatch::pipeline::prompt_weights::PromptSyntax::Plain)
                     .then(|| params.prompt_syntax.as_str()),
+                loras: &params.loras,
                 model: &model_name,
                 device: &device,
                 dtype,

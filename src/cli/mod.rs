@@ -9,6 +9,7 @@ mod worker;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use sdbatch::pipeline::adapters::LoraWeight;
 use sdbatch::pipeline::schedulers::SchedulerKind;
 use sdbatch::pipeline::single_file::SingleFileOptions;
 use sdbatch::pipeline::{LoadOptions, StableDiffusion};
@@ -135,6 +136,10 @@ pub struct ModelArgs {
     /// Decode one image at a time through the VAE (lower peak memory).
     #[arg(long)]
     pub vae_slicing: bool,
+    /// Folder of LoRA files (`NAME.safetensors`, kohya/A1111 or diffusers/PEFT layout) that
+    /// --lora names.
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -164,6 +169,11 @@ impl ModelArgs {
         let model = StableDiffusion::load_any(&self.model, options, single)
             .map_err(|e| anyhow::anyhow!("loading model {}: {e}", self.model.display()))?;
         tracing::info!(model = %self.model.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
+        if let Some(dir) = &self.lora_dir {
+            model
+                .set_lora_dir(dir, sdbatch::config::defaults::LORA_CACHE_MB << 20)
+                .map_err(|e| anyhow::anyhow!("--lora-dir: {e}"))?;
+        }
         Ok(model)
     }
 }
@@ -224,6 +234,13 @@ pub struct SamplingArgs {
     /// `(word:1.3)` / `[word]` weights, BREAK, and long prompts in 75-token chunks).
     #[arg(long, default_value = "plain", value_parser = ["plain", "a1111"])]
     pub prompt_syntax: String,
+    /// A LoRA from --lora-dir, NAME or NAME:WEIGHT (weight 1 by default); repeat for several.
+    #[arg(long = "lora", value_name = "NAME[:WEIGHT]", value_parser = parse_lora)]
+    pub loras: Vec<LoraWeight>,
+}
+
+fn parse_lora(text: &str) -> std::result::Result<LoraWeight, String> {
+    sdbatch::pipeline::adapters::parse_flag(text)
 }
 
 impl SamplingArgs {
@@ -238,6 +255,8 @@ impl SamplingArgs {
             clip_skip: self.clip_skip as usize,
             guidance_rescale: self.guidance_rescale,
             prompt_syntax: self.prompt_syntax.parse()?,
+            loras: sdbatch::pipeline::adapters::canonical(self.loras.clone())
+                .map_err(|e| anyhow::anyhow!("--lora: {e}"))?,
         })
     }
 }

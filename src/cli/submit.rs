@@ -68,6 +68,10 @@ pub struct SubmitArgs {
     /// plain (default) or a1111: AUTOMATIC1111's prompt weights and long prompts.
     #[arg(long, value_parser = ["plain", "a1111"])]
     pub prompt_syntax: Option<String>,
+    /// A LoRA in the workers' --lora-dir, NAME or NAME:WEIGHT (weight 1 by default); repeat for
+    /// several.
+    #[arg(long = "lora", value_name = "NAME[:WEIGHT]", value_parser = sdbatch::pipeline::adapters::parse_flag)]
+    pub loras: Vec<sdbatch::pipeline::adapters::LoraWeight>,
     /// Bucket (must be allowed by the workers; default: the workers' default bucket).
     #[arg(long)]
     pub bucket: Option<String>,
@@ -113,6 +117,15 @@ fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
         clip_skip: args.clip_skip,
         guidance_rescale: args.guidance_rescale,
         prompt_syntax: args.prompt_syntax.clone(),
+        loras: (!args.loras.is_empty()).then(|| {
+            args.loras
+                .iter()
+                .map(|l| sdbatch::message::MessageLora {
+                    name: l.name.clone(),
+                    weight: Some(l.weight),
+                })
+                .collect()
+        }),
     };
     let output = MessageOutput {
         bucket: args.bucket.clone(),

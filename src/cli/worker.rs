@@ -158,6 +158,17 @@ pub struct WorkerArgs {
     /// restarted worker with a matching entry skips its warm-up (CUDA only).
     #[arg(long, env = "SDBATCH_CALIBRATION_FILE", hide_env_values = true)]
     pub calibration_file: Option<PathBuf>,
+    /// Folder of LoRA files that messages name in `params.loras` (NAME.safetensors, kohya/A1111
+    /// or diffusers/PEFT layout).
+    #[arg(long, env = "SDBATCH_LORA_DIR", hide_env_values = true)]
+    pub lora_dir: Option<PathBuf>,
+    /// LoRA files kept in memory once read, in MiB (default 1024).
+    #[arg(long, env = "SDBATCH_LORA_CACHE_MB", hide_env_values = true)]
+    pub lora_cache_mb: Option<u64>,
+    /// The LCM-LoRA (a name in --lora-dir) that preset "fast" uses: 4 steps, LCM sampler,
+    /// guidance 1.
+    #[arg(long, env = "SDBATCH_LCM_LORA", hide_env_values = true)]
+    pub lcm_lora: Option<String>,
     /// Key prefix for messages that name none.
     #[arg(long, env = "SDBATCH_PREFIX", hide_env_values = true)]
     pub prefix: Option<String>,
@@ -250,8 +261,23 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
         allowed_buckets: allowed,
         default_bucket,
         default_prefix: args.prefix.or(s.prefix.clone()).unwrap_or_default(),
+        lcm_lora: args.lcm_lora.or(file.lcm_lora),
         ..defaults
     };
+    let lora_dir = args.lora_dir.or(file.lora_dir.map(PathBuf::from));
+    match (&lora_dir, &limits.lcm_lora) {
+        (None, Some(_)) => bail!("--lcm-lora names a LoRA in --lora-dir: pass --lora-dir too"),
+        (Some(dir), lcm) => {
+            if !dir.is_dir() {
+                bail!("--lora-dir {}: not a folder", dir.display());
+            }
+            if let Some(name) = lcm {
+                sdbatch::pipeline::adapters::lora_path(dir, name)
+                    .map_err(|e| anyhow!("--lcm-lora: {e}"))?;
+            }
+        }
+        (None, None) => {}
+    }
     limits.check().map_err(|e| anyhow!("invalid limits: {e}"))?;
     if limits.default_bucket.is_none() && limits.allowed_buckets.is_empty() {
         bail!(
@@ -348,6 +374,12 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
         calibration_file: args
             .calibration_file
             .or(file.calibration_file.map(PathBuf::from)),
+        lora_dir,
+        lora_cache_bytes: args
+            .lora_cache_mb
+            .or(file.lora_cache_mb)
+            .unwrap_or(defaults::LORA_CACHE_MB)
+            .saturating_mul(1 << 20),
     };
     let clip_model = args.clip_model.or(file.clip_model.map(PathBuf::from));
     if worker.min_clip_score.is_some() && clip_model.is_none() {
@@ -477,6 +509,11 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let clip_dir = r.clip_model.clone();
     let require_safety = r.worker.safety_default;
+    let loras = r
+        .worker
+        .lora_dir
+        .clone()
+        .map(|dir| (dir, r.worker.lora_cache_bytes));
     let gpu = GpuExecutor::start(move || {
         let safety = SafetyChecker::load(&extras_dir, &options)?;
         if require_safety && safety.is_none() {
@@ -489,11 +526,11 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         let clip = clip_dir
             .map(|d| ClipScorer::load(&d, &clip_options))
             .transpose()?;
-        Ok(Models {
-            sd: StableDiffusion::load_any(&model_path, options, single)?,
-            safety,
-            clip,
-        })
+        let sd = StableDiffusion::load_any(&model_path, options, single)?;
+        if let Some((dir, cache_bytes)) = loras {
+            sd.set_lora_dir(&dir, cache_bytes)?;
+        }
+        Ok(Models { sd, safety, clip })
     })
     .await
     .with_context(|| format!("loading model {}", r.model.display()))?;

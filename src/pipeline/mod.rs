@@ -3,11 +3,13 @@
 //!
 //! Every image carries its own seed and draws its noise from its own generator (see [`noise`]), so
 //! its pixels depend only on (prompt, negative prompt, seed, parameters), never on the batch.
+pub mod adapters;
 pub mod attention;
 pub mod clip;
 pub mod clip_score;
 pub mod clip_vision;
 pub mod config;
+pub mod lora;
 pub mod nn;
 pub mod noise;
 pub mod prompt_weights;
@@ -94,6 +96,8 @@ pub struct GenerateParams {
     pub guidance_rescale: f64,
     /// How prompts are read: plain (as diffusers) or AUTOMATIC1111's weights and long prompts.
     pub prompt_syntax: prompt_weights::PromptSyntax,
+    /// LoRAs fused into the model for this batch, in canonical order ([`adapters::canonical`]).
+    pub loras: Vec<adapters::LoraWeight>,
 }
 
 /// An RGB8 image, row-major, 3 bytes per pixel.
@@ -107,6 +111,8 @@ pub struct RgbImage {
 /// Wall-clock time of each phase of one batch.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Timings {
+    /// Fusing the batch's LoRAs into the weights (0 when the set did not change).
+    pub lora_ms: f64,
     pub text_encode_ms: f64,
     pub denoise_ms: f64,
     pub unet_steps: usize,
@@ -142,6 +148,9 @@ pub struct StableDiffusion {
     vae_scale_factor: i64,
     native_size: i64,
     options: LoadOptions,
+    /// The LoRA set fused into the UNet and text encoder weights now ([`adapters`]). A `RefCell`
+    /// because generation takes `&self`; the model lives on one thread.
+    adapters: std::cell::RefCell<adapters::Adapters>,
     model_dir: PathBuf,
     /// Every file the load read (weights, configs, tokenizer), for [`Self::content_sha256`].
     source_files: Vec<PathBuf>,
@@ -494,7 +503,7 @@ impl StableDiffusion {
         source_files.dedup();
         let (te_cfg, te_cfg_path, te_weights) = parts.text_encoder;
         let text_encoder = clip::ClipTextModel::load(&te_cfg, &te_cfg_path, &te_weights.root())?;
-        te_weights.finish();
+        let te_layers = te_weights.finish();
         let max_len = te_cfg.max_position_embeddings as usize;
         let tokenizer = match &parts.tokenizer {
             TokenizerSource::Folder(dir) => tokenizer::ClipTokenizer::load(dir, max_len)?,
@@ -508,7 +517,7 @@ impl StableDiffusion {
             &unet_weights.root(),
             options.attention_slice,
         )?;
-        unet_weights.finish();
+        let unet_layers = unet_weights.finish();
         if unet.cross_attention_dim() != text_encoder.hidden_size() {
             return Err(Error::Config {
                 path: unet_cfg_path,
@@ -549,6 +558,7 @@ impl StableDiffusion {
             // SD v1 UNets say 64 (latent cells): 512 px. Models without the key get the same.
             native_size: unet_cfg.sample_size.unwrap_or(64) * vae_cfg.scale_factor(),
             options,
+            adapters: std::cell::RefCell::new(adapters::Adapters::new(unet_layers, te_layers)),
             model_dir: source.to_path_buf(),
             source_files,
         })
@@ -590,6 +600,25 @@ impl StableDiffusion {
         }
         all.update(format!("{:?}", self.scheduler_config).as_bytes());
         Ok(hex::encode(all.finalize()))
+    }
+
+    /// Serves LoRAs by name from `dir` (`--lora-dir`), keeping up to `cache_bytes` of files read.
+    pub fn set_lora_dir(&self, dir: &Path, cache_bytes: u64) -> Result<()> {
+        let library = adapters::LoraLibrary::new(dir, cache_bytes)?;
+        self.adapters.borrow_mut().set_library(library);
+        Ok(())
+    }
+
+    /// The LoRA set fused into the weights now.
+    pub fn active_loras(&self) -> Vec<adapters::LoraWeight> {
+        self.adapters.borrow().active().to_vec()
+    }
+
+    /// Fuses `loras` (canonical order) into the weights, or restores the originals for an empty
+    /// set; nothing happens when that set is already fused. Returns whether anything changed.
+    pub fn apply_loras(&self, loras: &[adapters::LoraWeight]) -> Result<bool> {
+        let _no_grad = tch::no_grad_guard();
+        self.adapters.borrow_mut().activate(loras)
     }
 
     /// The files [`Self::content_sha256`] covers.
@@ -750,6 +779,12 @@ impl StableDiffusion {
         }
         // Scheduler options this config cannot drive (e.g. an unsupported prediction type).
         p.scheduler.build(&self.scheduler_config, p.steps)?;
+        match adapters::canonical(p.loras.clone()) {
+            Ok(canonical) if canonical == p.loras => {}
+            Ok(_) => return bad("LoRAs must be given in canonical order (by name)".into()),
+            Err(e) => return bad(e),
+        }
+        self.adapters.borrow().check_names(&p.loras)?;
         Ok(())
     }
 
@@ -768,6 +803,10 @@ impl StableDiffusion {
         let n = requests.len() as i64;
         // As diffusers: guidance only when the scale is above 1 (a scale of 1 is the text branch alone).
         let guided = p.guidance_scale > 1.0;
+
+        let t_lora = Instant::now();
+        self.apply_loras(&p.loras)?;
+        let lora = self.sync_elapsed(t_lora);
 
         // One text-encoder call: [negatives..., positives...] with guidance, positives alone without.
         let t0 = Instant::now();
@@ -857,6 +896,7 @@ impl StableDiffusion {
         Ok(BatchOutput {
             images,
             timings: Timings {
+                lora_ms: ms(lora),
                 text_encode_ms: ms(text_encode),
                 denoise_ms: ms(denoise),
                 unet_steps: timesteps.len(),

@@ -16,7 +16,14 @@ pub struct Weights {
     tensors: RefCell<HashMap<String, Tensor>>,
     kind: Kind,
     device: Device,
+    /// Handles to the weight matrices and kernels handed out (sharing their storage), by module
+    /// path: what a LoRA can be fused into ([`super::adapters`]).
+    layers: RefCell<HashMap<String, Tensor>>,
 }
+
+/// Weight matrices and convolution kernels of one model by module path (`down_blocks.0.….to_q`),
+/// sharing storage with the model's own tensors: writing into them changes the model.
+pub type Layers = HashMap<String, Tensor>;
 
 impl Weights {
     /// Reads `path` (a `.safetensors` file). Tensors will be converted to `kind` on `device`.
@@ -35,6 +42,7 @@ impl Weights {
             tensors: RefCell::new(tensors.into_iter().collect()),
             kind,
             device,
+            layers: RefCell::default(),
         })
     }
 
@@ -51,6 +59,7 @@ impl Weights {
             tensors: RefCell::new(tensors),
             kind,
             device,
+            layers: RefCell::default(),
         }
     }
 
@@ -97,7 +106,18 @@ impl Weights {
         } else {
             tensor.kind()
         };
-        Ok(tensor.f_to_device(self.device)?.f_to_kind(kind)?)
+        let tensor = tensor.f_to_device(self.device)?.f_to_kind(kind)?;
+        // Linear and convolution weights (not embedding tables) are what LoRAs adapt.
+        if let Some(module) = name.strip_suffix(".weight")
+            && matches!(tensor.dim(), 2 | 4)
+            && tensor.is_floating_point()
+            && !module.contains("embeddings.")
+        {
+            self.layers
+                .borrow_mut()
+                .insert(module.to_string(), tensor.shallow_clone());
+        }
+        Ok(tensor)
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -106,7 +126,8 @@ impl Weights {
 
     /// Ends loading: tensors the model never asked for are reported (they usually mean the config
     /// describes a smaller model than the weights). Known buffers that carry no weights are ignored.
-    pub fn finish(self) {
+    /// Returns the model's [`Layers`].
+    pub fn finish(self) -> Layers {
         let left: Vec<String> = self
             .tensors
             .borrow()
@@ -122,6 +143,7 @@ impl Weights {
                 "tensors in the weights file were not used by the model"
             );
         }
+        self.layers.into_inner()
     }
 }
 

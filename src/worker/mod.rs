@@ -98,6 +98,10 @@ pub struct WorkerConfig {
     pub warm_up: bool,
     /// Where measured calibrations are kept across restarts ([`calibration`]).
     pub calibration_file: Option<std::path::PathBuf>,
+    /// The LoRA folder (`--lora-dir`): messages' `params.loras` name files in it.
+    pub lora_dir: Option<std::path::PathBuf>,
+    /// LoRA files kept in memory once read, in bytes.
+    pub lora_cache_bytes: u64,
 }
 
 /// What happens to an image the safety checker flags.
@@ -240,6 +244,7 @@ impl Worker {
             clip_skip: 1,
             guidance_rescale: 0.0,
             prompt_syntax: crate::pipeline::prompt_weights::PromptSyntax::Plain,
+            loras: Vec::new(),
         };
         let key = MemoryKey::of(&ShapeKey::of(&params));
         let identity = info.total_memory.map(|total_bytes| calibration::Identity {

@@ -314,6 +314,19 @@ impl Session<'_> {
                 .instrument(span)
                 .await;
         }
+        // A LoRA this worker does not have fails every image of the batch: dead-letter it now,
+        // before any work (the files themselves are read and checked when first fused).
+        if let Some(problem) = self.missing_lora(&batch) {
+            let invalid = Invalid {
+                reason: message::InvalidReason::Lora,
+                message: problem,
+                batch_id: Some(batch.batch_id.clone()),
+            };
+            return self
+                .reject_invalid(delivery, invalid)
+                .instrument(span)
+                .await;
+        }
         // What an earlier delivery of the same work already stored is taken over; objects of
         // other work under this batch id are a conflict.
         let requests = batch.image_requests();
@@ -455,6 +468,23 @@ impl Session<'_> {
             cfg.topology.delivery_limit,
         );
         self.settle(settling, republished).await
+    }
+
+    /// Why the batch's LoRAs cannot be served here: no LoRA folder, or a name without a file in
+    /// it. Checked per delivery (one `stat` per LoRA), so a file added to the folder is found.
+    fn missing_lora(&self, batch: &Batch) -> Option<String> {
+        let loras = &batch.params.loras;
+        if loras.is_empty() {
+            return None;
+        }
+        let Some(dir) = &self.worker.cfg.lora_dir else {
+            return Some(
+                "the batch asks for LoRAs, but this worker has no LoRA folder (--lora-dir)".into(),
+            );
+        };
+        loras
+            .iter()
+            .find_map(|l| crate::pipeline::adapters::lora_path(dir, &l.name).err())
     }
 
     /// Which of `requests` an earlier delivery stored under the batch's folder (one listing, a
