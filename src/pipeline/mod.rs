@@ -8,6 +8,7 @@ pub mod clip;
 pub mod clip_score;
 pub mod clip_vision;
 pub mod config;
+pub mod embeddings;
 pub mod nn;
 pub mod noise;
 pub mod prompt_weights;
