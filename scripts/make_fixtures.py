@@ -1367,9 +1367,20 @@ def a1111_parse_prompt_attention(text):
     return res
 
 
-def a1111_tokenize_line(tokenizer, line):
-    """A1111's FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line (no embeddings): chunks of
-    (tokens, multipliers), each BOS + 75 + EOS, padded with EOS."""
+def a1111_tokenize_line(tokenizer, line, embeddings=None):
+    """A1111's FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line: chunks of (tokens,
+    multipliers), each BOS + 75 + EOS, padded with EOS.
+
+    `embeddings`: {trigger: ids of its vectors in an extended vocabulary}. As A1111's
+    EmbeddingDatabase.find_embedding_at_position, a trigger is the token sequence of its name
+    (`tokenizer` must be the plain one), the longest first; its vectors stand in its place (A1111
+    writes them over placeholder tokens after the embedding lookup, the same as these ids) and
+    move whole to the next chunk when they do not fit."""
+    embeddings = embeddings or {}
+    names = sorted(
+        ((tokenizer(name, add_special_tokens=False)["input_ids"], ids) for name, ids in embeddings.items()),
+        key=lambda e: -len(e[0]),
+    )
     parsed = a1111_parse_prompt_attention(line)
     tokenized = tokenizer([t for t, _ in parsed], truncation=False, add_special_tokens=False)["input_ids"]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -1392,7 +1403,9 @@ def a1111_tokenize_line(tokenizer, line):
         if text == "BREAK" and weight == -1:
             next_chunk()
             continue
-        for token in tokens:
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma:
                 last_comma = len(chunk[0])
             elif len(chunk[0]) == length and last_comma != -1 and len(chunk[0]) - last_comma <= A1111_COMMA_BACKTRACK:
@@ -1403,8 +1416,18 @@ def a1111_tokenize_line(tokenizer, line):
                 chunk = moved
             if len(chunk[0]) == length:
                 next_chunk()
-            chunk[0].append(token)
-            chunk[1].append(weight)
+            found = next(((n, ids) for n, ids in names if tokens[position:position + len(n)] == n), None)
+            if found is None:
+                chunk[0].append(token)
+                chunk[1].append(weight)
+                position += 1
+                continue
+            name_tokens, ids = found
+            if len(chunk[0]) + len(ids) > length:
+                next_chunk()
+            chunk[0] += ids
+            chunk[1] += [weight] * len(ids)
+            position += len(name_tokens)
     if chunk[0] or not chunks:
         next_chunk()
     return chunks
@@ -1453,6 +1476,155 @@ def ref_weighted_prompts(ref_dir: Path, model_dir: Path) -> dict:
         "chunks": k,
         "prompt_tokens": sum(1 for c in chunked[1] for t in c[0][1:-1] if t != tokenizer.eos_token_id),
         "parsed": a1111_parse_prompt_attention(A1111_PROMPT),
+    }
+
+
+# Textual inversion: an A1111-layout file (2 vectors, triggered by its stem) and a diffusers-layout
+# file (1 vector, triggered by the token it names), in a subfolder to exercise the folder walk.
+TI_A1111_TOKEN = "tinyneg"
+TI_A1111_FILE = f"{TI_A1111_TOKEN}.safetensors"
+TI_DIFFUSERS_TOKEN = "<tiny-style>"
+TI_DIFFUSERS_FILE = "style/learned_embeds.safetensors"
+TI_PROMPT = f"a photo of {TI_DIFFUSERS_TOKEN} riding a horse"
+TI_NEGATIVE = f"{TI_A1111_TOKEN}, blurry"
+# Text-encoder prompts: both triggers, repeated, next to punctuation, and none at all.
+TI_PROMPTS = [
+    TI_PROMPT,
+    TI_NEGATIVE,
+    f"{TI_A1111_TOKEN} {TI_DIFFUSERS_TOKEN} and {TI_A1111_TOKEN}",
+    ASTRONAUT_PROMPT,
+]
+TI_A1111_NEGATIVE = f"({TI_A1111_TOKEN}:1.2), [blurry]"
+
+
+def ti_a1111_prompt(tokenizer) -> str:
+    """An A1111-syntax prompt whose first `tinyneg` (2 vectors) comes after exactly 74 tokens of
+    the first chunk: its vectors must move whole to the second chunk."""
+    head = f"({TI_DIFFUSERS_TOKEN}:1.3) portrait of a cat, "
+    # <tiny-style> takes one place (its one vector), then the words.
+    head_tokens = 1 + len(tokenizer("portrait of a cat,", add_special_tokens=False)["input_ids"])
+    filler = " ".join(["red"] * (74 - head_tokens))
+    return f"{head}{filler} {TI_A1111_TOKEN} ({TI_A1111_TOKEN}:0.8) [dog]"
+
+
+def ref_textual_inversion(out_dir: Path, ref_dir: Path, model_dir: Path) -> dict:
+    """Textual-inversion embeddings loaded with diffusers' `load_textual_inversion` (the A1111
+    file with token="tinyneg", as A1111 names it after the file), the diffusers file first so that
+    the new ids are in the folder's path order, as sdbatch assigns them.
+
+        embeddings/tinyneg.safetensors              {"emb_params": [2, hidden]}
+        embeddings/style/learned_embeds.safetensors {"<tiny-style>": [hidden]}
+        textual_inversion.safetensors: input_ids [4,77], embeds [4,77,hidden] (TI_PROMPTS);
+          a1111_embeds [2, 77*k, hidden], a1111_weights [2, 77*k] (negative, prompt; clip skip 1);
+          latents_NNN [1,4,8,8] after each step and image uint8 [1,64,64,3]: the pipeline (PNDM)
+          on TI_PROMPT / TI_NEGATIVE.
+    """
+    import numpy as np
+    import torch
+    from diffusers import PNDMScheduler
+    from safetensors.torch import save_file
+    from transformers import CLIPTokenizer
+
+    emb_dir = out_dir / "embeddings"
+    (emb_dir / "style").mkdir(parents=True)
+    sched = PNDMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    pipe = load_pipeline(model_dir, sched)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    hidden = table.shape[1]
+    # Vectors of the vocabulary's own scale, so they act like words.
+    gen = torch.Generator().manual_seed(WEIGHT_SEED + 40)
+    neg = torch.randn(2, hidden, generator=gen) * float(table.std())
+    style = torch.randn(hidden, generator=gen) * float(table.std())
+    save_file({"emb_params": neg.contiguous()}, str(emb_dir / TI_A1111_FILE))
+    save_file({TI_DIFFUSERS_TOKEN: style.contiguous()}, str(emb_dir / TI_DIFFUSERS_FILE))
+
+    # Without the embeddings, for the check that they change the image.
+    _, _, plain_images = run_pipeline(pipe, TI_PROMPT, TI_NEGATIVE, [SCHEDULER_SEED], SCHEDULER_STEPS)
+    vocab_size = len(pipe.tokenizer)
+    pipe.load_textual_inversion(str(emb_dir / TI_DIFFUSERS_FILE))
+    pipe.load_textual_inversion(str(emb_dir / TI_A1111_FILE), token=TI_A1111_TOKEN)
+    tok, te = pipe.tokenizer, pipe.text_encoder
+    ids_of = {
+        TI_DIFFUSERS_TOKEN: tok.convert_tokens_to_ids([TI_DIFFUSERS_TOKEN]),
+        TI_A1111_TOKEN: tok.convert_tokens_to_ids([TI_A1111_TOKEN, f"{TI_A1111_TOKEN}_1"]),
+    }
+    if ids_of != {TI_DIFFUSERS_TOKEN: [vocab_size], TI_A1111_TOKEN: [vocab_size + 1, vocab_size + 2]}:
+        raise SystemExit(f"unexpected textual-inversion ids {ids_of}")
+    rows = te.get_input_embeddings().weight
+    if not (torch.equal(rows[vocab_size], style) and torch.equal(rows[vocab_size + 1:vocab_size + 3], neg)):
+        raise SystemExit("diffusers did not put the vectors where expected")
+
+    # Plain prompts, as the pipeline's encode_prompt makes them (maybe_convert_prompt expands a
+    # multi-vector trigger to `tinyneg tinyneg_1`).
+    converted = [pipe.maybe_convert_prompt(p, tok) for p in TI_PROMPTS]
+    ids = torch.tensor(tokenize(tok, converted), dtype=torch.int64)
+    with torch.no_grad():
+        embeds = te(ids).last_hidden_state
+        cond, uncond = pipe.encode_prompt(TI_PROMPT, torch.device("cpu"), 1, True, TI_NEGATIVE)
+    if not (torch.equal(cond, embeds[0:1]) and torch.equal(uncond, embeds[1:2])):
+        raise SystemExit("encode_prompt differs from the text encoder on the converted prompts")
+
+    # AUTOMATIC1111 syntax: the transcription of tokenize_line with its embedding matching, on the
+    # plain tokenizer, the vectors taken through the extended text encoder by their ids.
+    base_tok = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
+    a1111_prompt = ti_a1111_prompt(base_tok)
+    chunked = [a1111_tokenize_line(base_tok, line, ids_of) for line in (TI_A1111_NEGATIVE, a1111_prompt)]
+    first = chunked[1][0][0]
+    if len(chunked[1]) != 2 or first[75] != tok.eos_token_id or first[74] == ids_of[TI_A1111_TOKEN][0]:
+        raise SystemExit("the A1111 prompt should push tinyneg's two vectors whole into chunk 2")
+    if chunked[1][1][0][1:3] != ids_of[TI_A1111_TOKEN]:
+        raise SystemExit("chunk 2 should start with tinyneg's vectors")
+    k = max(len(c) for c in chunked)
+    empty = ([tok.bos_token_id] + [tok.eos_token_id] * 76, [1.0] * 77)
+    a1111_embeds, a1111_weights = [], []
+    with torch.no_grad():
+        for chunks in chunked:
+            zs = []
+            for i in range(k):
+                tokens, mults = chunks[i] if i < len(chunks) else empty
+                z = te(torch.tensor([tokens])).last_hidden_state
+                original_mean = z.mean()
+                z = z * torch.tensor(mults).reshape(1, -1, 1).expand(z.shape)
+                z = z * (original_mean / z.mean())
+                zs.append(z)
+                a1111_weights.append(torch.tensor(mults))
+            a1111_embeds.append(torch.hstack(zs))
+
+    rec, timesteps, images = run_pipeline(pipe, TI_PROMPT, TI_NEGATIVE, [SCHEDULER_SEED], SCHEDULER_STEPS)
+    image, plain = to_uint8(images), to_uint8(plain_images)
+    if np.array_equal(image, plain):
+        raise SystemExit("the embeddings do not change the image: the fixture tests nothing")
+    pix_std = float(image.astype("float64").std())
+    if pix_std <= 5.0:
+        raise SystemExit(f"textual-inversion image is (nearly) constant, pixel std {pix_std}")
+    tensors = {
+        "input_ids": ids,
+        "embeds": embeds,
+        "a1111_embeds": torch.cat(a1111_embeds),
+        "a1111_weights": torch.cat(a1111_weights).reshape(2, -1),
+        "image": torch.from_numpy(image),
+    }
+    tensors.update({f"latents_{i:03d}": lat for i, lat in enumerate(rec["latents"])})
+    save_tensors(ref_dir / "textual_inversion.safetensors", tensors)
+    return {
+        "folder": "embeddings",
+        "files": {TI_A1111_FILE: {"trigger": TI_A1111_TOKEN, "vectors": 2, "layout": "a1111"},
+                  TI_DIFFUSERS_FILE: {"trigger": TI_DIFFUSERS_TOKEN, "vectors": 1, "layout": "diffusers"}},
+        "ids": ids_of,
+        "prompts": TI_PROMPTS,
+        "converted_prompts": converted,
+        "a1111_prompt": a1111_prompt,
+        "a1111_negative_prompt": TI_A1111_NEGATIVE,
+        "a1111_chunks": k,
+        "prompt": TI_PROMPT,
+        "negative_prompt": TI_NEGATIVE,
+        "seed": SCHEDULER_SEED,
+        "num_inference_steps": SCHEDULER_STEPS,
+        "guidance_scale": GUIDANCE_SCALE,
+        "size": IMAGE_SIZE,
+        "scheduler": "pndm",
+        "mean_abs_pixel_change_vs_without": float(np.abs(image.astype("int16") - plain.astype("int16")).mean()),
+        "pixel_std": pix_std,
     }
 
 
@@ -2321,7 +2493,8 @@ def make_tiny(out_dir: Path) -> None:
     t0 = time.time()
     model_dir = out_dir / "tiny-sd"
     ref_dir = out_dir / "reference"
-    for d in (model_dir, ref_dir, out_dir / "loras"):  # only the folders this script owns
+    emb_dir = out_dir / "embeddings"
+    for d in (model_dir, ref_dir, emb_dir, out_dir / "loras"):  # only the folders this script owns
         if d.exists():
             shutil.rmtree(d)
     ref_dir.mkdir(parents=True)
@@ -2351,6 +2524,7 @@ def make_tiny(out_dir: Path) -> None:
     rescale_info = ref_guidance_rescale(ref_dir, model_dir)
     weighted_info = ref_weighted_prompts(ref_dir, model_dir)
     lora_info = fixtures_lora.ref_lora(ref_dir, model_dir, out_dir / "loras", sys.modules[__name__])
+    ti_info = ref_textual_inversion(out_dir, ref_dir, model_dir)
     sd2_dir = out_dir / "tiny-sd2"
     build_tiny_sd2(sd2_dir, vocab, merges)
     sd2_info = ref_sd2(ref_dir, sd2_dir)
@@ -2364,6 +2538,7 @@ def make_tiny(out_dir: Path) -> None:
             "clip_skip": clip_skip_info,
             "guidance_rescale": rescale_info,
             "weighted_prompts": weighted_info,
+            "textual_inversion": ti_info,
             "sd2": sd2_info,
             "lora": lora_info,
         },

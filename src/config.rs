@@ -62,6 +62,7 @@ pub struct FileConfig {
     pub vae: Option<String>,
     pub tokenizer: Option<String>,
     pub prediction_type: Option<String>,
+    pub embeddings_dir: Option<String>,
     pub max_batch: Option<usize>,
     pub memory_margin: Option<f64>,
     pub grace_period_secs: Option<u64>,

@@ -49,6 +49,10 @@ pub enum Error {
     #[error("LoRA {path}: {message}")]
     Lora { path: PathBuf, message: String },
 
+    /// A textual-inversion embedding file that cannot be used (layout, shape, trigger, format).
+    #[error("{path}: textual-inversion embedding: {message}")]
+    Embedding { path: PathBuf, message: String },
+
     #[error("{path}: invalid config: {message}")]
     Config { path: PathBuf, message: String },
 

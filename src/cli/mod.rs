@@ -140,6 +140,11 @@ pub struct ModelArgs {
     /// --lora names.
     #[arg(long, value_name = "DIR")]
     pub lora_dir: Option<PathBuf>,
+    /// Folder of textual-inversion embeddings (.safetensors, searched recursively): AUTOMATIC1111
+    /// files are written in prompts by their file name (EasyNegative.safetensors: EasyNegative),
+    /// diffusers files by the token they name. Any unusable file (pickle, wrong width) is an error.
+    #[arg(long, value_name = "DIR")]
+    pub embeddings_dir: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -166,8 +171,13 @@ impl ModelArgs {
             self.tokenizer.clone(),
             self.prediction_type.as_deref(),
         )?;
-        let model = StableDiffusion::load_any(&self.model, options, single)
+        let mut model = StableDiffusion::load_any(&self.model, options, single)
             .map_err(|e| anyhow::anyhow!("loading model {}: {e}", self.model.display()))?;
+        if let Some(dir) = &self.embeddings_dir {
+            model
+                .load_embeddings(dir)
+                .map_err(|e| anyhow::anyhow!("loading embeddings from {}: {e}", dir.display()))?;
+        }
         tracing::info!(model = %self.model.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
         if let Some(dir) = &self.lora_dir {
             model

@@ -50,6 +50,11 @@ pub struct WorkerArgs {
     /// Single-file checkpoints: epsilon or v_prediction.
     #[arg(long, env = "SDBATCH_PREDICTION_TYPE", hide_env_values = true)]
     pub prediction_type: Option<String>,
+    /// Folder of textual-inversion embeddings (.safetensors) added to the model at start: A1111
+    /// files are triggered by their file name, diffusers files by their token. An unusable file
+    /// stops the start.
+    #[arg(long, env = "SDBATCH_EMBEDDINGS_DIR", hide_env_values = true)]
+    pub embeddings_dir: Option<PathBuf>,
     /// auto, cpu, cuda, cuda:N.
     #[arg(long, env = "SDBATCH_DEVICE", hide_env_values = true)]
     pub device: Option<String>,
@@ -189,6 +194,7 @@ struct Resolved {
     storage: StorageConfig,
     model: PathBuf,
     single: SingleFileOptions,
+    embeddings_dir: Option<PathBuf>,
     device: String,
     dtype: String,
     variant: Option<String>,
@@ -411,6 +417,9 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
         storage,
         model,
         single,
+        embeddings_dir: args
+            .embeddings_dir
+            .or(file.embeddings_dir.map(PathBuf::from)),
         device,
         dtype: args
             .dtype
@@ -514,6 +523,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         .lora_dir
         .clone()
         .map(|dir| (dir, r.worker.lora_cache_bytes));
+    let embeddings_dir = r.embeddings_dir.clone();
     let gpu = GpuExecutor::start(move || {
         let safety = SafetyChecker::load(&extras_dir, &options)?;
         if require_safety && safety.is_none() {
@@ -526,7 +536,11 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         let clip = clip_dir
             .map(|d| ClipScorer::load(&d, &clip_options))
             .transpose()?;
-        let sd = StableDiffusion::load_any(&model_path, options, single)?;
+        let mut sd = StableDiffusion::load_any(&model_path, options, single)?;
+        // Before the first batch, and part of the model hash every event carries.
+        if let Some(dir) = &embeddings_dir {
+            sd.load_embeddings(dir)?;
+        }
         if let Some((dir, cache_bytes)) = loras {
             sd.set_lora_dir(&dir, cache_bytes)?;
         }
@@ -677,6 +691,7 @@ mod tests {
             (filed.metrics_addr, filed.device, filed.dtype, filed.variant)
         );
         assert_eq!(plain.clip_model, filed.clip_model);
+        assert_eq!(plain.embeddings_dir, filed.embeddings_dir);
         // And the defaults are the documented ones.
         let w = &plain.worker;
         assert_eq!(w.prefetch, defaults::PREFETCH);
@@ -696,7 +711,7 @@ mod tests {
             &path,
             "model = \"/m\"\nwarm_up = false\nsafety_checker = true\nsafety_policy = \"drop\"\n\
              metrics_addr = \"off\"\ncalibration_file = \"/c.json\"\nclip_model = \"/clip\"\n\
-             min_clip_score = 0.25\n[storage]\nbucket = \"images\"\n",
+             min_clip_score = 0.25\nembeddings_dir = \"/emb\"\n[storage]\nbucket = \"images\"\n",
         )
         .unwrap();
         let config = path.to_str().unwrap();
@@ -708,6 +723,7 @@ mod tests {
         assert_eq!(w.calibration_file.as_deref(), Some(Path::new("/c.json")));
         assert_eq!(r.clip_model.as_deref(), Some(Path::new("/clip")));
         assert_eq!(w.min_clip_score, Some(0.25));
+        assert_eq!(r.embeddings_dir.as_deref(), Some(Path::new("/emb")));
         let r = resolve_args(&[
             "--config",
             config,
@@ -718,8 +734,11 @@ mod tests {
             "flag",
             "--metrics-addr",
             "127.0.0.1:9191",
+            "--embeddings-dir",
+            "/flag-emb",
         ])
         .unwrap();
+        assert_eq!(r.embeddings_dir.as_deref(), Some(Path::new("/flag-emb")));
         assert!(r.worker.warm_up && !r.worker.safety_default);
         assert_eq!(r.worker.safety_policy, SafetyPolicy::Flag);
         assert_eq!(r.metrics_addr, Some("127.0.0.1:9191".parse().unwrap()));

@@ -141,6 +141,33 @@ impl ClipTextModel {
         self.token_embedding.size()[1]
     }
 
+    /// Rows of the token-embedding table: the vocabulary and any added embeddings.
+    pub fn vocab_size(&self) -> i64 {
+        self.vocab_size
+    }
+
+    /// Appends `vectors` (`[n, hidden]`, any float dtype and device) to the token-embedding table,
+    /// in the table's dtype and device, as diffusers' `load_textual_inversion` does; returns the
+    /// first new id (the others follow it).
+    pub fn add_token_embeddings(&mut self, vectors: &Tensor) -> Result<i64> {
+        let _no_grad = tch::no_grad_guard();
+        let (_, d) = vectors.size2()?;
+        if d != self.hidden_size() {
+            return Err(Error::InvalidArgument(format!(
+                "token embeddings of width {d} for a text encoder of width {}",
+                self.hidden_size()
+            )));
+        }
+        let table = &self.token_embedding;
+        let vectors = vectors
+            .f_to_kind(table.kind())?
+            .f_to_device(table.device())?;
+        let first = self.vocab_size;
+        self.token_embedding = Tensor::f_cat(&[table, &vectors], 0)?;
+        self.vocab_size = self.token_embedding.size()[0];
+        Ok(first)
+    }
+
     /// Transformer layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()

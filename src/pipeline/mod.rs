@@ -9,6 +9,7 @@ pub mod clip;
 pub mod clip_score;
 pub mod clip_vision;
 pub mod config;
+pub mod embeddings;
 pub mod lora;
 pub mod nn;
 pub mod noise;
@@ -152,7 +153,8 @@ pub struct StableDiffusion {
     /// because generation takes `&self`; the model lives on one thread.
     adapters: std::cell::RefCell<adapters::Adapters>,
     model_dir: PathBuf,
-    /// Every file the load read (weights, configs, tokenizer), for [`Self::content_sha256`].
+    /// Every file the load read (weights, configs, tokenizer, embeddings), for
+    /// [`Self::content_sha256`].
     source_files: Vec<PathBuf>,
 }
 
@@ -564,8 +566,9 @@ impl StableDiffusion {
         })
     }
 
-    /// SHA-256 (hex) naming the model as served: each file the load read (name and content hash,
-    /// in path order), the built-in tokenizer's label (data hash and pad token) when it was used,
+    /// SHA-256 (hex) naming the model as served: each file the load read, textual-inversion
+    /// embeddings included (name and content hash, in path order; an A1111 file's name is its
+    /// trigger), the built-in tokenizer's label (data hash and pad token) when it was used,
     /// and the scheduler configuration as resolved (it can come from flags or a
     /// sidecar rather than a file). Reads every weight file once (a few seconds for SD 1.x).
     pub fn content_sha256(&self) -> Result<String> {
@@ -619,6 +622,78 @@ impl StableDiffusion {
     pub fn apply_loras(&self, loras: &[adapters::LoraWeight]) -> Result<bool> {
         let _no_grad = tch::no_grad_guard();
         self.adapters.borrow_mut().activate(loras)
+    }
+
+    /// Adds every textual-inversion embedding of `dir` ([`embeddings`]) to the text encoder and
+    /// its trigger word to the tokenizer, and the files to [`Self::content_sha256`]. Everything is
+    /// checked before anything changes, so on an error (a file that cannot be used, a width that is
+    /// not the text encoder's, a trigger used twice) the model is as it was. Returns what was
+    /// added, in path order.
+    pub fn load_embeddings(&mut self, dir: &Path) -> Result<Vec<embeddings::Embedding>> {
+        let found = embeddings::read_dir(dir)?;
+        let hidden = self.text_encoder.hidden_size();
+        // One chunk of an A1111 prompt, and a whole plain prompt, hold this many tokens.
+        let room = self.tokenizer.max_len() as i64 - 2;
+        let mut seen: std::collections::HashMap<String, &Path> = Default::default();
+        for e in &found {
+            let bad = |message: String| Error::Embedding {
+                path: e.path.clone(),
+                message,
+            };
+            if e.dim() != hidden {
+                return Err(bad(format!(
+                    "vectors of width {} (trained for {}), but this model's text encoder is {hidden} wide",
+                    e.dim(),
+                    match e.dim() {
+                        768 => "SD 1.x".to_string(),
+                        1024 => "SD 2.x".to_string(),
+                        d => format!("a {d}-wide text encoder"),
+                    }
+                )));
+            }
+            if e.n_vectors() > room {
+                return Err(bad(format!(
+                    "{} vectors: a prompt holds {room} tokens at most",
+                    e.n_vectors()
+                )));
+            }
+            let key = self.tokenizer.normalize(&e.trigger)?;
+            if let Some(other) = seen.insert(key, &e.path) {
+                return Err(bad(format!(
+                    "trigger `{}` is also the trigger of {} (triggers ignore case)",
+                    e.trigger,
+                    other.display()
+                )));
+            }
+            if self.tokenizer.has_trigger(&e.trigger)? {
+                return Err(bad(format!("trigger `{}` is already loaded", e.trigger)));
+            }
+        }
+        if found.is_empty() {
+            tracing::warn!(dir = %dir.display(), "no .safetensors embeddings in the folder");
+            return Ok(found);
+        }
+        // One new table for all of them (it is copied on each addition).
+        let all: Vec<&Tensor> = found.iter().map(|e| &e.vectors).collect();
+        let mut next = self
+            .text_encoder
+            .add_token_embeddings(&Tensor::f_cat(&all, 0)?)?;
+        for e in &found {
+            let ids: Vec<i64> = (next..next + e.n_vectors()).collect();
+            next += e.n_vectors();
+            self.tokenizer.add_trigger(&e.trigger, ids)?;
+            self.source_files.push(e.path.clone());
+            tracing::info!(
+                trigger = %e.trigger,
+                vectors = e.n_vectors(),
+                layout = ?e.layout,
+                file = %e.path.display(),
+                "textual-inversion embedding loaded"
+            );
+        }
+        self.source_files.sort();
+        self.source_files.dedup();
+        Ok(found)
     }
 
     /// The files [`Self::content_sha256`] covers.
@@ -699,7 +774,7 @@ impl StableDiffusion {
             .map(|p| {
                 let fragments = prompt_weights::parse(p)?;
                 prompt_weights::chunks(&fragments, max_len - 2, comma, |t| {
-                    self.tokenizer.encode_body(t)
+                    self.tokenizer.encode_units(t)
                 })
             })
             .collect::<Result<_>>()?;

@@ -271,15 +271,17 @@ pub struct Chunk {
 }
 
 /// Splits parsed fragments into chunks of at most `len` tokens as A1111's `tokenize_line` does:
-/// each fragment is tokenized on its own (`tokenize`: ids without BOS/EOS), `BREAK` closes the
-/// current chunk (even an empty one), and a full chunk whose last comma (`comma`) is within
-/// [`COMMA_BACKTRACK`] tokens of its end moves what follows the comma to the next chunk. Always at
-/// least one chunk.
+/// each fragment is tokenized on its own (`tokenize`: ids without BOS/EOS, in units: one token, or
+/// the vectors of one textual-inversion embedding), `BREAK` closes the current chunk (even an empty
+/// one), and a full chunk whose last comma (`comma`) is within [`COMMA_BACKTRACK`] tokens of its
+/// end moves what follows the comma to the next chunk. A unit is never split: an embedding that
+/// does not fit in what is left of a chunk starts the next one, as in A1111. Always at least one
+/// chunk.
 pub fn chunks(
     fragments: &[Fragment],
     len: usize,
     comma: Option<i64>,
-    mut tokenize: impl FnMut(&str) -> Result<Vec<i64>>,
+    mut tokenize: impl FnMut(&str) -> Result<Vec<Vec<i64>>>,
 ) -> Result<Vec<Chunk>> {
     let mut done: Vec<Chunk> = Vec::new();
     let mut chunk = Chunk::default();
@@ -294,8 +296,15 @@ pub fn chunks(
             }
             Fragment::Text(text, weight) => (text, *weight),
         };
-        for id in tokenize(text)? {
-            if Some(id) == comma {
+        for unit in tokenize(text)? {
+            let Some(&id) = unit.first() else { continue };
+            if unit.len() > len {
+                return Err(Error::InvalidArgument(format!(
+                    "an embedding of {} vectors cannot fit in a chunk of {len} tokens",
+                    unit.len()
+                )));
+            }
+            if Some(id) == comma && unit.len() == 1 {
                 last_comma = Some(chunk.ids.len());
             } else if let Some(c) =
                 last_comma.filter(|&c| chunk.ids.len() == len && len - c <= COMMA_BACKTRACK)
@@ -307,12 +316,15 @@ pub fn chunks(
                 done.push(std::mem::replace(&mut chunk, moved));
                 last_comma = None;
             }
-            if chunk.ids.len() == len {
+            // A full chunk, or one too full for all of an embedding's vectors, is done.
+            if chunk.ids.len() + unit.len() > len {
                 done.push(std::mem::take(&mut chunk));
                 last_comma = None;
             }
-            chunk.ids.push(id);
-            chunk.weights.push(weight);
+            chunk.ids.extend(&unit);
+            chunk
+                .weights
+                .extend(std::iter::repeat_n(weight, unit.len()));
         }
     }
     if !chunk.ids.is_empty() || done.is_empty() {
@@ -435,12 +447,32 @@ mod tests {
         assert!(err("((((a:9))))").contains("multiply to more than"));
     }
 
-    /// Whitespace-separated numbers as ids; "," is the comma id 0.
-    fn numbers(text: &str) -> Result<Vec<i64>> {
+    /// Whitespace-separated numbers as ids, one unit each; "," is the comma id 0; `a+b+c` is one
+    /// unit of several ids (an embedding's vectors).
+    fn numbers(text: &str) -> Result<Vec<Vec<i64>>> {
         Ok(text
             .split_whitespace()
-            .map(|w| if w == "," { 0 } else { w.parse().unwrap_or(-1) })
+            .map(|w| {
+                w.split('+')
+                    .map(|n| if n == "," { 0 } else { n.parse().unwrap_or(-1) })
+                    .collect()
+            })
             .collect())
+    }
+
+    #[test]
+    fn an_embeddings_vectors_are_never_split_across_chunks() {
+        let ids = |c: &[Chunk]| c.iter().map(|c| c.ids.clone()).collect::<Vec<_>>();
+        // Two vectors, one place left: the chunk is closed short and the embedding moves on.
+        let c = chunks(&[t("1 2 3 8+9 4", 1.2)], 4, None, numbers).unwrap();
+        assert_eq!(ids(&c), [vec![1, 2, 3], vec![8, 9, 4]]);
+        assert_eq!(c[1].weights, [1.2; 3]);
+        // Exactly fitting: it stays.
+        let c = chunks(&[t("1 2 8+9 3", 1.0)], 4, None, numbers).unwrap();
+        assert_eq!(ids(&c), [vec![1, 2, 8, 9], vec![3]]);
+        // Longer than a chunk: refused rather than cut.
+        let e = chunks(&[t("1+2+3+4+5", 1.0)], 4, None, numbers).unwrap_err();
+        assert!(e.to_string().contains("5 vectors"), "{e}");
     }
 
     #[test]

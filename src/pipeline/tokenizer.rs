@@ -8,15 +8,19 @@
 //! [`ClipTokenizer::load`]) or from CLIP's own BPE file embedded in the binary
 //! ([`ClipTokenizer::builtin`], `data/clip/`): every SD 1.x/2.x checkpoint uses that same
 //! vocabulary, so a single-file checkpoint needs no folder.
+//!
+//! Textual-inversion triggers ([`ClipTokenizer::add_trigger`]) are found in the prompt before BPE
+//! and replaced by their embedding's ids; the matching rule is [`ClipTokenizer::encode_units`]'s.
 use crate::error::{Error, Result};
 use std::io::Read;
 use std::path::Path;
 use tokenizers::models::bpe::{BPE, Merges, Vocab};
+use tokenizers::normalizer::Range as NormRange;
 use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence as Normalizers};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizers;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{AddedToken, NormalizedString, Normalizer, SplitDelimiterBehavior, Tokenizer};
 
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
@@ -59,6 +63,14 @@ pub struct ClipTokenizer {
     max_len: usize,
     /// `Some` for the embedded vocabulary, which has no file to hash.
     builtin: Option<BuiltinPad>,
+    /// Textual-inversion triggers, longest first (so the longest of overlapping triggers wins).
+    triggers: Vec<Trigger>,
+}
+
+/// A textual-inversion trigger: the word as the normalizer writes it, and its embedding's ids.
+struct Trigger {
+    normalized: String,
+    ids: Vec<i64>,
 }
 
 /// One tokenized prompt.
@@ -282,6 +294,7 @@ impl ClipTokenizer {
             pad,
             max_len,
             builtin: None,
+            triggers: Vec::new(),
         })
     }
 
@@ -305,8 +318,119 @@ impl ClipTokenizer {
         self.max_len
     }
 
+    /// `text` as the normalizer writes it (NFC, whitespace runs to one space, lowercase): the form
+    /// in which triggers are compared.
+    pub fn normalize(&self, text: &str) -> Result<String> {
+        Ok(self.normalized(text)?.get().to_string())
+    }
+
+    fn normalized(&self, text: &str) -> Result<NormalizedString> {
+        let mut normalized = NormalizedString::from(text);
+        if let Some(n) = self.inner.get_normalizer() {
+            n.normalize(&mut normalized)
+                .map_err(|e| Error::Tokenizer(format!("cannot normalize {text:?}: {e}")))?;
+        }
+        Ok(normalized)
+    }
+
+    /// Whether `trigger` (compared normalized) is already a trigger.
+    pub fn has_trigger(&self, trigger: &str) -> Result<bool> {
+        let normalized = self.normalize(trigger)?;
+        Ok(self.triggers.iter().any(|t| t.normalized == normalized))
+    }
+
+    /// Makes `trigger` stand for `ids` (a textual-inversion embedding's token ids) in prompts.
+    pub fn add_trigger(&mut self, trigger: &str, ids: Vec<i64>) -> Result<()> {
+        let normalized = self.normalize(trigger)?;
+        if normalized.trim().is_empty() || ids.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "empty trigger {trigger:?} or no ids"
+            )));
+        }
+        if self.triggers.iter().any(|t| t.normalized == normalized) {
+            return Err(Error::InvalidArgument(format!(
+                "trigger {trigger:?} is already in use"
+            )));
+        }
+        self.triggers.push(Trigger { normalized, ids });
+        // Stable: equally long triggers keep their order (they cannot both match at one place).
+        self.triggers
+            .sort_by_key(|t| std::cmp::Reverse(t.normalized.len()));
+        Ok(())
+    }
+
     /// The ids of `text` alone, without BOS/EOS, padding or truncation (for chunked prompts).
     pub fn encode_body(&self, text: &str) -> Result<Vec<i64>> {
+        if self.triggers.is_empty() {
+            return self.bpe(text);
+        }
+        Ok(self.encode_units(text)?.into_iter().flatten().collect())
+    }
+
+    /// [`encode_body`](Self::encode_body) in units: one id per token, and all the ids of a
+    /// textual-inversion trigger in one unit (chunked prompts never split an embedding). Triggers
+    /// are compared with the normalized text, so case does not matter (A1111's rule; see
+    /// `find_triggers` for where they match).
+    pub fn encode_units(&self, text: &str) -> Result<Vec<Vec<i64>>> {
+        if self.triggers.is_empty() {
+            return Ok(self.bpe(text)?.into_iter().map(|id| vec![id]).collect());
+        }
+        let normalized = self.normalized(text)?;
+        let mut units = Vec::new();
+        // Byte offset in `text` up to which it has been tokenized.
+        let mut done = 0;
+        for (range, trigger) in self.find_triggers(normalized.get()) {
+            // Back to the original text, so everything between triggers is tokenized exactly as
+            // it would be without them (special tokens are matched before normalization).
+            let original = normalized
+                .convert_offsets(NormRange::Normalized(range))
+                .ok_or_else(|| Error::Tokenizer(format!("cannot align a trigger in {text:?}")))?;
+            let before = text.get(done..original.start).ok_or_else(|| {
+                Error::Tokenizer(format!("trigger off a character boundary in {text:?}"))
+            })?;
+            units.extend(self.bpe(before)?.into_iter().map(|id| vec![id]));
+            units.push(trigger.ids.clone());
+            done = original.end;
+        }
+        let rest = text.get(done..).unwrap_or_default();
+        units.extend(self.bpe(rest)?.into_iter().map(|id| vec![id]));
+        Ok(units)
+    }
+
+    /// Where triggers occur in normalized text, left to right, the longest at each place, none
+    /// inside a longer run of letters: a trigger that starts with a letter needs a non-letter (or
+    /// the start) before it, one that ends with a letter a non-letter (or the end) after it, as
+    /// CLIP's pre-tokenizer splits words. `EasyNegative` matches in `(easynegative:1.2),` and
+    /// `easynegative2` but not in `easynegatives`.
+    fn find_triggers<'a>(&'a self, normalized: &str) -> Vec<(std::ops::Range<usize>, &'a Trigger)> {
+        let mut found = Vec::new();
+        let mut next = 0;
+        let mut previous: Option<char> = None;
+        for (at, c) in normalized.char_indices() {
+            let glued_before = c.is_alphabetic() && previous.is_some_and(char::is_alphabetic);
+            previous = Some(c);
+            if at < next || glued_before {
+                continue;
+            }
+            let rest = &normalized[at..];
+            let hit = self.triggers.iter().find(|t| {
+                rest.starts_with(&t.normalized) && {
+                    let after = rest[t.normalized.len()..].chars().next();
+                    let last = t.normalized.chars().next_back();
+                    !(last.is_some_and(char::is_alphabetic)
+                        && after.is_some_and(char::is_alphabetic))
+                }
+            });
+            if let Some(t) = hit {
+                next = at + t.normalized.len();
+                found.push((at..next, t));
+            }
+        }
+        found
+    }
+
+    /// BPE ids of `text` (no BOS/EOS).
+    fn bpe(&self, text: &str) -> Result<Vec<i64>> {
         let enc = self
             .inner
             .encode(text, false)
@@ -326,16 +450,12 @@ impl ClipTokenizer {
 
     /// Tokenizes one prompt to exactly `max_len` ids.
     pub fn encode(&self, text: &str) -> Result<Tokens> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(format!("cannot tokenize prompt: {e}")))?;
-        let body = enc.get_ids();
+        let body = self.encode_body(text)?;
         let room = self.max_len - 2;
         let kept = body.len().min(room);
         let mut ids = Vec::with_capacity(self.max_len);
         ids.push(self.bos as i64);
-        ids.extend(body[..kept].iter().map(|&i| i as i64));
+        ids.extend(&body[..kept]);
         ids.push(self.eos as i64);
         ids.resize(self.max_len, self.pad as i64);
         Ok(Tokens {
@@ -398,6 +518,61 @@ mod tests {
             (chars[187], chars[188], chars[255]),
             ('ÿ', '\u{100}', '\u{143}')
         );
+    }
+
+    #[test]
+    fn triggers_match_case_insensitively_as_whole_words_longest_first() {
+        let mut tok = ClipTokenizer::builtin(12, BuiltinPad::Eos).unwrap();
+        let plain = |t: &ClipTokenizer, s: &str| t.bpe(s).unwrap();
+        let cat = plain(&tok, "cat");
+        tok.add_trigger("EasyNegative", vec![50000, 50001]).unwrap();
+        tok.add_trigger("<tiny-style>", vec![50002]).unwrap();
+        tok.add_trigger("EasyNeg", vec![50003]).unwrap();
+        let units = |s: &str| tok.encode_units(s).unwrap();
+        // Any case; one unit for all of an embedding's vectors.
+        assert_eq!(units("easynegative"), [vec![50000, 50001]]);
+        assert_eq!(units("EASYNEGATIVE cat")[0], [50000, 50001]);
+        // Longest first; punctuation, weights and digits around are no obstacle.
+        assert_eq!(units("(easyneg:1.2)")[1], [50003]);
+        assert_eq!(units("EasyNegative2").first(), Some(&vec![50000, 50001]));
+        assert_eq!(
+            units("x<tiny-style>y")[1],
+            [50002],
+            "not letter-edged: no boundary"
+        );
+        // Never inside a longer run of letters.
+        for s in ["easynegatives", "theeasyneg", "EasyNegativeX"] {
+            assert!(units(s).iter().all(|u| u.len() == 1 && u[0] < 49408), "{s}");
+        }
+        // Text around triggers is tokenized as without them, special tokens included.
+        let text = "a  Cat, <|endoftext|> héllo";
+        let without = ClipTokenizer::builtin(12, BuiltinPad::Eos).unwrap();
+        assert_eq!(
+            tok.encode_body(text).unwrap(),
+            without.encode_body(text).unwrap()
+        );
+        let ids = tok.encode_body("A cat EasyNeg cat").unwrap();
+        let expected: Vec<i64> = [plain(&tok, "a"), cat.clone(), vec![50003], cat.clone()].concat();
+        assert_eq!(ids, expected);
+        // Normalization that changes lengths (İ lowercases to two characters, e + U+0301
+        // composes) does not shift what is around a trigger.
+        for (head, tail) in [("İİ ", " x"), ("e\u{301}\u{301} ", "\t\tx")] {
+            let text = format!("{head}EasyNeg{tail}");
+            let got = units(&text);
+            let at = got.iter().position(|u| u == &[50003]).expect(&text);
+            let flat = |u: &[Vec<i64>]| u.iter().flatten().copied().collect::<Vec<_>>();
+            assert_eq!(flat(&got[..at]), plain(&tok, head), "{text}");
+            assert_eq!(flat(&got[at + 1..]), plain(&tok, tail), "{text}");
+        }
+        // A plain prompt is truncated after expansion (as diffusers: 12 positions, 10 tokens).
+        let t = tok
+            .encode("easynegative easynegative easynegative easynegative easynegative easynegative")
+            .unwrap();
+        assert_eq!((t.ids.len(), t.truncated), (12, 2));
+        // Triggers are unique whatever their case.
+        assert!(tok.add_trigger("easynegative", vec![1]).is_err());
+        assert!(tok.has_trigger("EASYNEG").unwrap());
+        assert!(tok.add_trigger("  ", vec![1]).is_err());
     }
 
     #[test]
