@@ -288,10 +288,43 @@ def ref_lora(ref_dir: Path, model_dir: Path, lora_dir: Path, h) -> dict:
     }
 
 
-if __name__ == "__main__":  # quick manual run against an existing fixture tree
+# The layers latent-consistency/lcm-lora-sdv1-5 adapts (rank 64), for a LoRA of the real size.
+LCM_FULL_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+]
+
+
+def make_full_size_lcm_lora(model_dir: Path, out_file: Path) -> None:
+    """A random LoRA with the shapes of lcm-lora-sdv1-5 (rank 64 on every layer it adapts) for a
+    full-size SD 1.x folder, in kohya layout: for timing `sdbatch bench --fast-lora`, not for
+    pictures (its weights are random)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", variant="fp16", torch_dtype=torch.float16)
+    cfg = LoraConfig(r=64, lora_alpha=8, target_modules=LCM_FULL_TARGETS, init_lora_weights="gaussian")
+    state = _lora_state(unet, cfg, "lcm", LORA_SEED + 5, 0.01)
+    tensors = {k: v.to(torch.float16) for k, v in to_kohya(state, {}, 8.0).items()}
+    save_file(tensors, out_file)
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    print(f"wrote {out_file}: {len(state) // 2} layers, {size / 1e6:.0f} MB")
+
+
+if __name__ == "__main__":
+    import argparse
     import sys
 
     import make_fixtures as h
 
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else h.DEFAULT_OUT
-    print(json.dumps(ref_lora(out / "reference", out / "tiny-sd", out / "loras", h), indent=2))
+    ap = argparse.ArgumentParser(description="LoRA fixtures (normally run by make_fixtures.py)")
+    ap.add_argument("--out", type=Path, default=h.DEFAULT_OUT, help="fixture tree to refresh the LoRA references in")
+    ap.add_argument("--full-size-lcm", nargs=2, type=Path, metavar=("MODEL_DIR", "OUT_FILE"),
+                    help="write a random LoRA shaped like lcm-lora-sdv1-5 for a full-size model folder")
+    a = ap.parse_args()
+    if a.full_size_lcm:
+        make_full_size_lcm_lora(*a.full_size_lcm)
+        sys.exit(0)
+    print(json.dumps(ref_lora(a.out / "reference", a.out / "tiny-sd", a.out / "loras", h), indent=2))

@@ -361,6 +361,40 @@ mod tests {
     }
 
     #[test]
+    fn lora_sets_are_never_mixed_in_one_batch() {
+        use crate::pipeline::adapters::LoraWeight;
+        let with = |loras: &[(&str, f64)]| GenerateParams {
+            loras: loras
+                .iter()
+                .map(|(n, w)| LoraWeight {
+                    name: n.to_string(),
+                    weight: *w,
+                })
+                .collect(),
+            ..params(512, 50)
+        };
+        let mut p: Planner<Tag> = Planner::default();
+        p.push(&with(&[("style", 0.7)]), [((0, 0), req(0))]);
+        p.push(&with(&[]), [((1, 0), req(1))]);
+        p.push(&with(&[("style", 0.8)]), [((2, 0), req(2))]);
+        p.push(&with(&[("style", 0.7)]), [((3, 0), req(3))]);
+        p.push(&with(&[("locon", 1.0), ("style", 0.7)]), [((4, 0), req(4))]);
+        let batches: Vec<(Vec<Tag>, usize)> = std::iter::from_fn(|| p.next_batch(8))
+            .map(|b| (tags(&b), b.params.loras.len()))
+            .collect();
+        // Same set (names and weights) together, across messages; every other set alone.
+        assert_eq!(
+            batches,
+            vec![
+                (vec![(0, 0), (3, 0)], 1),
+                (vec![(1, 0)], 0),
+                (vec![(2, 0)], 1),
+                (vec![(4, 0)], 2)
+            ]
+        );
+    }
+
+    #[test]
     fn large_messages_are_split() {
         let mut p: Planner<Tag> = Planner::default();
         p.push(

@@ -29,6 +29,11 @@ pub struct BenchArgs {
     /// Timed batches per batch size (the table shows the mean).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub repeats: u32,
+    /// Also run preset "fast" (the lcm scheduler, its steps and guidance, with this LCM-LoRA from
+    /// --lora-dir added to any --lora) at each batch size, and print it beside the sampling
+    /// flags' run with the speed-up.
+    #[arg(long, value_name = "NAME")]
+    pub fast_lora: Option<String>,
     /// Also write the rows as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -63,6 +68,17 @@ pub struct BenchArgs {
     /// --planner: bucket for the images (created if missing).
     #[arg(long, default_value = "sdbatch-bench")]
     pub bucket: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    rows: Vec<Row>,
+    /// Restoring the originals and fusing the --lora set again, mean of 5 switches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lora_switch_ms: Option<f64>,
+    /// Preset "fast" per batch size (with --fast-lora).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    fast: Vec<Row>,
 }
 
 #[derive(Debug, Serialize)]
@@ -163,6 +179,32 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.warmup,
         args.repeats
     );
+    let lora_switch_ms = if params.loras.is_empty() {
+        None
+    } else {
+        // What a batch with another LoRA set pays once: restore the originals, fuse the set.
+        const SWITCHES: u32 = 5;
+        model.apply_loras(&params.loras)?;
+        let started = std::time::Instant::now();
+        for _ in 0..SWITCHES {
+            model.apply_loras(&[])?;
+            model.apply_loras(&params.loras)?;
+        }
+        if let tch::Device::Cuda(i) = model.device() {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let ms = started.elapsed().as_secs_f64() * 1e3 / f64::from(SWITCHES);
+        let names: Vec<String> = params
+            .loras
+            .iter()
+            .map(|l| format!("{}:{}", l.name, l.weight))
+            .collect();
+        println!(
+            "LoRA switch (restore the originals + fuse {}): {ms:.1} ms",
+            names.join(", ")
+        );
+        Some(ms)
+    };
     println!(
         "{:>6} | {:>9} | {:>13} | {:>14} | {:>13} | {:>9} | {:>12}",
         "batch", "images/s", "ms/UNet step", "text enc. ms", "VAE dec. ms", "batch s", mem_label
@@ -184,8 +226,73 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         rows.push(row);
     }
+    let fast = match &args.fast_lora {
+        Some(lcm) => compare_fast(&model, &params, lcm, &rows, &args)?,
+        None => Vec::new(),
+    };
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
+        let report = Report {
+            rows,
+            lora_switch_ms,
+            fast,
+        };
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
+}
+
+/// Preset "fast" at each batch size, beside `rows` (the sampling flags' run).
+fn compare_fast(
+    model: &StableDiffusion,
+    params: &GenerateParams,
+    lcm: &str,
+    rows: &[Row],
+    args: &BenchArgs,
+) -> Result<Vec<Row>> {
+    let preset =
+        sdbatch::message::preset("fast").ok_or_else(|| anyhow::anyhow!("no preset fast"))?;
+    let mut loras = params.loras.clone();
+    loras.retain(|l| l.name != lcm);
+    loras.push(sdbatch::pipeline::adapters::LoraWeight {
+        name: lcm.to_string(),
+        weight: 1.0,
+    });
+    let fast = GenerateParams {
+        steps: preset.steps,
+        guidance_scale: preset.guidance_scale,
+        scheduler: preset
+            .scheduler
+            .unwrap_or(sdbatch::message::DEFAULT_SCHEDULER),
+        loras: sdbatch::pipeline::adapters::canonical(loras).map_err(anyhow::Error::msg)?,
+        ..params.clone()
+    };
+    model.validate(&requests(1), &fast)?;
+    println!();
+    println!(
+        "preset fast ({} steps, {}, guidance {}, LCM-LoRA {lcm}) vs the run above ({} steps, {}, guidance {})",
+        fast.steps,
+        fast.scheduler,
+        fast.guidance_scale,
+        params.steps,
+        params.scheduler,
+        params.guidance_scale
+    );
+    println!(
+        "{:>6} | {:>16} | {:>13} | {:>8}",
+        "batch", "above images/s", "fast images/s", "speed-up"
+    );
+    println!("{}", "-".repeat(52));
+    let mut out = Vec::new();
+    for row in rows {
+        let f = measure(model, &fast, row.batch_size, args)?;
+        println!(
+            "{:>6} | {:>16.3} | {:>13.3} | {:>7.1}x",
+            row.batch_size,
+            row.images_per_s,
+            f.images_per_s,
+            f.images_per_s / row.images_per_s
+        );
+        out.push(f);
+    }
+    Ok(out)
 }
