@@ -401,6 +401,8 @@ impl UNetConfig {
 #[derive(Debug, Clone, Deserialize)]
 pub struct VaeConfig {
     #[serde(default = "default_three")]
+    pub in_channels: i64,
+    #[serde(default = "default_three")]
     pub out_channels: i64,
     #[serde(default = "default_latent_channels")]
     pub latent_channels: i64,

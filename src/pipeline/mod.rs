@@ -72,6 +72,51 @@ fn rescale_guidance(guided: &Tensor, text: &Tensor, phi: f64) -> Result<Tensor> 
         .f_add(&guided.f_mul_scalar(1.0 - phi)?)?)
 }
 
+/// img2img inputs for a batch: one init image per request, the output's size, and the strength.
+#[derive(Debug, Clone, Copy)]
+pub struct Img2Img<'a> {
+    pub images: &'a [RgbImage],
+    /// In (0, 1]: the fraction of the schedule that runs (1: the init image is fully noised,
+    /// only its composition survives; small: a light touch-up).
+    pub strength: f64,
+}
+
+/// diffusers' img2img `get_timesteps`: the step the schedule starts at for `strength`
+/// (`steps − min(⌊steps · strength⌋, steps)`). A strength that runs no step is refused.
+pub fn img2img_begin(steps: usize, strength: f64) -> Result<usize> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(Error::InvalidArgument(format!(
+            "strength must be in (0, 1], got {strength}"
+        )));
+    }
+    // Python's int() of a float: truncation.
+    let run = ((steps as f64 * strength) as usize).min(steps);
+    if run == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "strength {strength} with {steps} steps runs no step: raise the strength or the steps"
+        )));
+    }
+    Ok(steps - run)
+}
+
+/// RGB8 images to `[n, 3, H, W]` float32 in [-1, 1], as diffusers' image processor normalises.
+fn images_to_tensor(images: &[RgbImage]) -> Result<Tensor> {
+    let parts = images
+        .iter()
+        .map(|img| {
+            Ok(Tensor::from_slice(&img.pixels)
+                .f_view([i64::from(img.height), i64::from(img.width), 3])?
+                .f_permute([2, 0, 1])?
+                .f_to_kind(Kind::Float)?
+                .f_div_scalar(255.0)?
+                .f_mul_scalar(2.0)?
+                .f_sub_scalar(1.0)?
+                .f_unsqueeze(0)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::f_cat(&parts, 0)?)
+}
+
 /// One image to make.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageRequest {
@@ -144,6 +189,8 @@ pub struct StableDiffusion {
     pub text_encoder: clip::ClipTextModel,
     pub unet: unet::UNet2DConditionModel,
     pub vae: vae::VaeDecoder,
+    /// The VAE's encoder (img2img), when the weights have one.
+    pub vae_encoder: Option<vae::VaeEncoder>,
     pub scheduler_config: SchedulerConfig,
     vae_scaling_factor: f64,
     vae_scale_factor: i64,
@@ -533,7 +580,7 @@ impl StableDiffusion {
 
         let (vae_cfg, vae_cfg_path, vae_weights) = parts.vae;
         let vae = vae::VaeDecoder::load(&vae_cfg, &vae_cfg_path, &vae_weights.root())?;
-        // The encoder half is not needed for text-to-image; its tensors stay unused on purpose.
+        let vae_encoder = vae::VaeEncoder::load(&vae_cfg, &vae_cfg_path, &vae_weights.root())?;
         drop(vae_weights);
         if vae.latent_channels() != unet.in_channels() {
             return Err(Error::Config {
@@ -554,6 +601,7 @@ impl StableDiffusion {
             text_encoder,
             unet,
             vae,
+            vae_encoder,
             scheduler_config,
             vae_scaling_factor: vae_cfg.scaling_factor,
             vae_scale_factor: vae_cfg.scale_factor(),
@@ -817,6 +865,40 @@ impl StableDiffusion {
             .f_to_kind(self.options.dtype)?)
     }
 
+    /// Checks img2img inputs: one image per request, each of the output's size, a strength that
+    /// runs at least one step, a scheduler that supports starting mid-schedule.
+    fn validate_img2img(
+        &self,
+        requests: &[ImageRequest],
+        p: &GenerateParams,
+        init: &Img2Img<'_>,
+    ) -> Result<()> {
+        let bad = |msg: String| Err(Error::InvalidArgument(msg));
+        if init.images.len() != requests.len() {
+            return bad(format!(
+                "{} init images for {} requests",
+                init.images.len(),
+                requests.len()
+            ));
+        }
+        for (i, img) in init.images.iter().enumerate() {
+            if (i64::from(img.width), i64::from(img.height)) != (p.width, p.height)
+                || img.pixels.len() != img.width as usize * img.height as usize * 3
+            {
+                return bad(format!(
+                    "init image {i} is {}x{}, the output {}x{}: resize it first",
+                    img.width, img.height, p.width, p.height
+                ));
+            }
+        }
+        if self.vae_encoder.is_none() {
+            return bad("img2img needs the VAE's encoder, which this model's weights lack".into());
+        }
+        let mut probe = p.scheduler.build(&self.scheduler_config, p.steps)?;
+        probe.start_at(img2img_begin(p.steps, init.strength)?)?;
+        Ok(())
+    }
+
     /// Checks parameters before any work is done.
     pub fn validate(&self, requests: &[ImageRequest], p: &GenerateParams) -> Result<()> {
         let m = self.vae_scale_factor;
@@ -870,7 +952,24 @@ impl StableDiffusion {
         p: &GenerateParams,
         on_step: &mut StepCallback<'_>,
     ) -> Result<BatchOutput> {
+        self.generate_with(requests, p, None, on_step)
+    }
+
+    /// [`generate`](Self::generate), from init images when `init` is given (img2img, as
+    /// diffusers' `StableDiffusionImg2ImgPipeline`): each init image is encoded by the VAE
+    /// (a sample of its latent distribution, drawn from the image's own generator), noised to
+    /// the level of the step `strength` starts at, and denoised from there.
+    pub fn generate_with(
+        &self,
+        requests: &[ImageRequest],
+        p: &GenerateParams,
+        init: Option<Img2Img<'_>>,
+        on_step: &mut StepCallback<'_>,
+    ) -> Result<BatchOutput> {
         self.validate(requests, p)?;
+        if let Some(init) = &init {
+            self.validate_img2img(requests, p, init)?;
+        }
         let _no_grad = tch::no_grad_guard();
         let started = Instant::now();
         let device = self.options.device;
@@ -908,6 +1007,9 @@ impl StableDiffusion {
 
         let t1 = Instant::now();
         let mut scheduler = p.scheduler.build(&self.scheduler_config, p.steps)?;
+        if let Some(init) = &init {
+            scheduler.start_at(img2img_begin(p.steps, init.strength)?)?;
+        }
         let timesteps = scheduler.timesteps().to_vec();
         let shape = [
             1,
@@ -915,11 +1017,16 @@ impl StableDiffusion {
             p.height / self.vae_scale_factor,
             p.width / self.vae_scale_factor,
         ];
-        let draws = 1 + if scheduler.needs_noise() {
-            timesteps.len()
-        } else {
-            0
-        };
+        // Each image's generator gives, in order: the initial noise (txt2img), or the VAE
+        // sample and then the noise added to it (img2img); then one draw per step for
+        // ancestral samplers. diffusers draws in the same order.
+        let first_step_draw = if init.is_some() { 2 } else { 1 };
+        let draws = first_step_draw
+            + if scheduler.needs_noise() {
+                timesteps.len()
+            } else {
+                0
+            };
         let noise: Vec<Vec<Tensor>> = requests
             .iter()
             .map(|r| noise::image_noise(r.seed, shape, kind, draws))
@@ -928,7 +1035,28 @@ impl StableDiffusion {
             let parts: Vec<&Tensor> = noise.iter().map(|v| &v[draw]).collect();
             Ok(Tensor::f_cat(&parts, 0)?.f_to_device(device)?)
         };
-        let mut latents = batch_noise(0)?.f_mul_scalar(scheduler.init_noise_sigma())?;
+        let mut latents = match &init {
+            None => batch_noise(0)?.f_mul_scalar(scheduler.init_noise_sigma())?,
+            Some(init) => {
+                let encoder = self.vae_encoder.as_ref().ok_or_else(|| {
+                    Error::InvalidArgument(
+                        "img2img needs the VAE's encoder, which this model's weights lack".into(),
+                    )
+                })?;
+                let pixels = images_to_tensor(init.images)?
+                    .f_to_device(device)?
+                    .f_to_kind(kind)?;
+                // One image at a time, as diffusers encodes with one generator per image.
+                let encoded = (0..n)
+                    .map(|i| {
+                        let dist = encoder.encode(&pixels.f_narrow(0, i, 1)?)?;
+                        dist.sample(&noise[i as usize][0].f_to_device(device)?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let clean = Tensor::f_cat(&encoded, 0)?.f_mul_scalar(self.vae_scaling_factor)?;
+                scheduler.add_noise(&clean, &batch_noise(1)?)?
+            }
+        };
 
         for (i, &t) in timesteps.iter().enumerate() {
             let model_in = if guided {
@@ -955,7 +1083,7 @@ impl StableDiffusion {
                 eps
             };
             let step_noise = if scheduler.needs_noise() {
-                Some(batch_noise(1 + i)?)
+                Some(batch_noise(first_step_draw + i)?)
             } else {
                 None
             };

@@ -1,9 +1,10 @@
-//! The decoder half of diffusers' `AutoencoderKL`: latents (already divided by the scaling factor)
-//! to images in [-1, 1]. Sizes come from `vae/config.json`.
+//! diffusers' `AutoencoderKL`: the decoder (latents, already divided by the scaling factor, to
+//! images in [-1, 1]) and the encoder (images in [-1, 1] to the latent distribution, for
+//! img2img). Sizes come from `vae/config.json`.
 use super::attention::{Attention, AttentionOptions};
 use super::config::VaeConfig;
 use super::nn::{Conv2d, GroupNorm};
-use super::resnet::{ResnetBlock, Upsample};
+use super::resnet::{Downsample, ResnetBlock, Upsample};
 use super::weights::Scope;
 use crate::error::Result;
 use std::path::Path;
@@ -158,5 +159,139 @@ impl VaeDecoder {
         }
         let xs = self.norm_out.forward(&xs)?.f_silu()?;
         self.conv_out.forward(&xs)
+    }
+}
+
+struct DownEncoderBlock {
+    resnets: Vec<ResnetBlock>,
+    downsample: Option<Downsample>,
+}
+
+/// The encoder half: `[batch, 3, H, W]` in [-1, 1] to the diagonal Gaussian over latents
+/// (`[batch, 2 · latent_channels, H/8, W/8]`: means, then log-variances).
+pub struct VaeEncoder {
+    conv_in: Conv2d,
+    down: Vec<DownEncoderBlock>,
+    mid_resnet_in: ResnetBlock,
+    mid_attention: Option<SpatialAttention>,
+    mid_resnet_out: ResnetBlock,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    quant_conv: Option<Conv2d>,
+    latent_channels: i64,
+}
+
+/// The latent distribution an image encodes to.
+pub struct LatentDistribution {
+    pub mean: Tensor,
+    /// `exp(0.5 · logvar)`, the log-variance clamped to [-30, 20] as diffusers does.
+    pub std: Tensor,
+}
+
+impl LatentDistribution {
+    /// `mean + std · noise`: diffusers' `latent_dist.sample(generator)` with `noise` drawn from
+    /// that generator.
+    pub fn sample(&self, noise: &Tensor) -> Result<Tensor> {
+        Ok(self.mean.f_add(&self.std.f_mul(noise)?)?)
+    }
+}
+
+impl VaeEncoder {
+    /// `None` when the weights have no encoder (a decoder-only VAE file).
+    pub fn load(config: &VaeConfig, config_path: &Path, w: &Scope) -> Result<Option<Self>> {
+        config.validate(config_path)?;
+        let e = w.sub("encoder");
+        if !e.contains("conv_in.weight") {
+            return Ok(None);
+        }
+        let ch = &config.block_out_channels;
+        let n = ch.len();
+        let groups = config.norm_num_groups;
+        let lat = config.latent_channels;
+        let top = ch[n - 1];
+        let mut down = Vec::with_capacity(n);
+        let mut prev_out = ch[0];
+        for (i, &out_ch) in ch.iter().enumerate() {
+            let s = e.sub(format!("down_blocks.{i}"));
+            let resnets = (0..config.layers_per_block)
+                .map(|j| {
+                    let in_ch = if j == 0 { prev_out } else { out_ch };
+                    ResnetBlock::load(
+                        &s.sub(format!("resnets.{j}")),
+                        in_ch,
+                        out_ch,
+                        None,
+                        groups,
+                        EPS,
+                    )
+                })
+                .collect::<Result<_>>()?;
+            // diffusers' encoder downsamples with padding 0 (one row and column padded at the end).
+            let downsample = (i + 1 < n)
+                .then(|| Downsample::load(&s.sub("downsamplers.0"), out_ch, 0))
+                .transpose()?;
+            down.push(DownEncoderBlock {
+                resnets,
+                downsample,
+            });
+            prev_out = out_ch;
+        }
+        let mid = |j: usize| {
+            ResnetBlock::load(
+                &e.sub(format!("mid_block.resnets.{j}")),
+                top,
+                top,
+                None,
+                groups,
+                EPS,
+            )
+        };
+        Ok(Some(Self {
+            conv_in: Conv2d::load(&e.sub("conv_in"), config.in_channels, ch[0], 3, 1, 1)?,
+            down,
+            mid_resnet_in: mid(0)?,
+            mid_attention: config
+                .mid_block_add_attention
+                .then(|| SpatialAttention::load(&e.sub("mid_block.attentions.0"), top, groups))
+                .transpose()?,
+            mid_resnet_out: mid(1)?,
+            norm_out: GroupNorm::load(&e.sub("conv_norm_out"), groups, top, EPS)?,
+            conv_out: Conv2d::load(&e.sub("conv_out"), top, 2 * lat, 3, 1, 1)?,
+            quant_conv: config
+                .use_quant_conv
+                .unwrap_or(true)
+                .then(|| Conv2d::load(&w.sub("quant_conv"), 2 * lat, 2 * lat, 1, 1, 0))
+                .transpose()?,
+            latent_channels: lat,
+        }))
+    }
+
+    /// Encodes `images` (`[batch, 3, H, W]` in [-1, 1], H and W multiples of 8).
+    pub fn encode(&self, images: &Tensor) -> Result<LatentDistribution> {
+        let mut xs = self.conv_in.forward(images)?;
+        for block in &self.down {
+            for resnet in &block.resnets {
+                xs = resnet.forward(&xs, None)?;
+            }
+            if let Some(down) = &block.downsample {
+                xs = down.forward(&xs)?;
+            }
+        }
+        xs = self.mid_resnet_in.forward(&xs, None)?;
+        if let Some(attn) = &self.mid_attention {
+            xs = attn.forward(&xs)?;
+        }
+        xs = self.mid_resnet_out.forward(&xs, None)?;
+        let xs = self.norm_out.forward(&xs)?.f_silu()?;
+        let mut moments = self.conv_out.forward(&xs)?;
+        if let Some(q) = &self.quant_conv {
+            moments = q.forward(&moments)?;
+        }
+        let parts = moments.f_split(self.latent_channels, 1)?;
+        let logvar = parts[1].f_clamp(-30.0, 20.0)?;
+        Ok(LatentDistribution {
+            mean: parts[0].shallow_clone(),
+            std: logvar.f_mul_scalar(0.5)?.f_exp()?,
+        })
     }
 }

@@ -93,6 +93,15 @@ impl Scheduler for DdimScheduler {
         &self.timesteps
     }
 
+    fn start_at(&mut self, begin: usize) -> Result<()> {
+        super::drop_front(&mut self.timesteps_int, begin, "DDIM")?;
+        super::drop_front(&mut self.timesteps, begin, "DDIM")
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        super::add_noise_ddpm(&self.alphas_cumprod, self.timesteps_int[0], original, noise)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

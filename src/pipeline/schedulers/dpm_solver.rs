@@ -23,6 +23,9 @@ pub struct DpmSolverMultistepScheduler {
     model_outputs: Vec<Option<Tensor>>,
     lower_order_nums: usize,
     step_index: usize,
+    /// Steps planned before img2img dropped any: diffusers' "fewer than 15 steps" rule counts
+    /// them all.
+    planned: usize,
 }
 
 /// `(alpha_t, sigma_t)` of a sigma, as `_sigma_to_alpha_sigma_t` computes them in float32.
@@ -193,6 +196,7 @@ impl DpmSolverMultistepScheduler {
             model_outputs: (0..solver_order).map(|_| None).collect(),
             lower_order_nums: 0,
             step_index: 0,
+            planned: timesteps.len(),
         })
     }
 
@@ -250,6 +254,21 @@ impl Scheduler for DpmSolverMultistepScheduler {
         &self.timesteps
     }
 
+    fn start_at(&mut self, begin: usize) -> Result<()> {
+        super::check_step_order("DPM-Solver++", 0, self.step_index, self.timesteps.len())?;
+        super::drop_front(&mut self.timesteps, begin, "DPM-Solver++")?;
+        self.sigmas.drain(..begin);
+        Ok(())
+    }
+
+    /// `alpha_t · x + sigma_t · noise` at the first step's sigma.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[0])?;
+        Ok(original
+            .f_mul_scalar(f64::from(alpha_t))?
+            .f_add(&noise.f_mul_scalar(f64::from(sigma_t))?)?)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -260,7 +279,9 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let n = self.timesteps.len();
         super::check_step_order("DPM-Solver++", step_index, self.step_index, n)?;
         let lower_order_final = step_index == n - 1
-            && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_sigma_zero);
+            && (self.euler_at_final
+                || (self.lower_order_final && self.planned < 15)
+                || self.final_sigma_zero);
 
         let x0 = self.convert_model_output(model_output, sample)?;
         self.model_outputs.remove(0);

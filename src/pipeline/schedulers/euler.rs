@@ -102,6 +102,14 @@ impl Scheduler for EulerScheduler {
         self.steps.scale_model_input(sample, step_index)
     }
 
+    fn start_at(&mut self, begin: usize) -> Result<()> {
+        self.steps.start_at(begin, "Euler")
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        self.steps.add_noise(original, noise)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

@@ -59,6 +59,14 @@ impl Scheduler for EulerAncestralScheduler {
         self.steps.scale_model_input(sample, step_index)
     }
 
+    fn start_at(&mut self, begin: usize) -> Result<()> {
+        self.steps.start_at(begin, "Euler ancestral")
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        self.steps.add_noise(original, noise)
+    }
+
     fn needs_noise(&self) -> bool {
         true
     }

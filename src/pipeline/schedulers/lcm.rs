@@ -104,6 +104,15 @@ impl Scheduler for LcmScheduler {
         &self.timesteps
     }
 
+    fn start_at(&mut self, begin: usize) -> Result<()> {
+        super::drop_front(&mut self.timesteps_int, begin, "LCM")?;
+        super::drop_front(&mut self.timesteps, begin, "LCM")
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        super::add_noise_ddpm(&self.alphas_cumprod, self.timesteps_int[0], original, noise)
+    }
+
     /// Fresh noise re-enters at every step but the last.
     fn needs_noise(&self) -> bool {
         true

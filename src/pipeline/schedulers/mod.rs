@@ -58,6 +58,26 @@ pub trait Scheduler: Send {
         false
     }
 
+    /// img2img: drops the first `begin` steps, so the schedule runs from `timesteps()[begin]` on
+    /// with fresh state, as diffusers' img2img pipeline slices `scheduler.timesteps[begin:]` (and
+    /// sets the begin index). Step indices then count from 0 again. Schedulers without support
+    /// say so.
+    fn start_at(&mut self, _begin: usize) -> Result<()> {
+        Err(Error::InvalidArgument(
+            "this scheduler does not support img2img yet (use pndm, ddim, euler, \
+             euler_ancestral, dpmpp_2m or lcm, with or without _karras where it exists)"
+                .into(),
+        ))
+    }
+
+    /// img2img: `original` (clean latents) noised to the level of the first step, with `noise`
+    /// N(0, 1) of its shape: diffusers' `scheduler.add_noise(original, noise, timesteps[:1])`.
+    fn add_noise(&self, _original: &Tensor, _noise: &Tensor) -> Result<Tensor> {
+        Err(Error::InvalidArgument(
+            "this scheduler does not support img2img yet".into(),
+        ))
+    }
+
     /// Computes the latents after step `step_index` from the (guided) model output.
     /// Must be called exactly once per index, in order: multistep schedulers keep history.
     fn step(
@@ -67,6 +87,38 @@ pub trait Scheduler: Send {
         sample: &Tensor,
         noise: Option<&Tensor>,
     ) -> Result<Tensor>;
+}
+
+/// The first `begin` entries of `v` dropped; `begin` must leave at least one.
+pub(crate) fn drop_front<T>(v: &mut Vec<T>, begin: usize, what: &str) -> Result<()> {
+    if begin >= v.len() {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: cannot start at step {begin} of {}",
+            v.len()
+        )));
+    }
+    v.drain(..begin);
+    Ok(())
+}
+
+/// DDPM's forward process at integer timestep `t`: `sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·noise`, with
+/// the square roots of float32 values taken in float32 as torch does (diffusers' DDPM-family
+/// `add_noise`).
+pub(crate) fn add_noise_ddpm(
+    alphas_cumprod: &[f32],
+    t: i64,
+    original: &Tensor,
+    noise: &Tensor,
+) -> Result<Tensor> {
+    let alpha = *usize::try_from(t)
+        .ok()
+        .and_then(|t| alphas_cumprod.get(t))
+        .ok_or_else(|| Error::InvalidArgument(format!("timestep {t} is out of range")))?;
+    let a = config::torch_sqrt(alpha)?;
+    let b = config::torch_sqrt(1.0 - alpha)?;
+    Ok(original
+        .f_mul_scalar(f64::from(a))?
+        .f_add(&noise.f_mul_scalar(f64::from(b))?)?)
 }
 
 /// Multistep schedulers keep history, so `step` must come once per index, in order: anything else

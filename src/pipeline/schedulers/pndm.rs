@@ -141,6 +141,15 @@ impl Scheduler for PndmScheduler {
         &self.timesteps
     }
 
+    fn start_at(&mut self, begin: usize) -> Result<()> {
+        super::drop_front(&mut self.timesteps_int, begin, "PNDM")?;
+        super::drop_front(&mut self.timesteps, begin, "PNDM")
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        super::add_noise_ddpm(&self.alphas_cumprod, self.timesteps_int[0], original, noise)
+    }
+
     fn step(
         &mut self,
         model_output: &Tensor,

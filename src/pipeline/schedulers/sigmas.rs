@@ -168,6 +168,19 @@ impl SigmaSteps {
         })
     }
 
+    /// img2img: the schedule from step `begin` on (see `Scheduler::start_at`).
+    pub fn start_at(&mut self, begin: usize, what: &str) -> Result<()> {
+        super::drop_front(&mut self.timesteps, begin, what)?;
+        self.sigmas.drain(..begin);
+        self.input_scales.drain(..begin);
+        Ok(())
+    }
+
+    /// `original + noise · sigma` at the first step: the k-diffusion schedulers' `add_noise`.
+    pub fn add_noise(&self, original: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        Ok(original.f_add(&noise.f_mul_scalar(f64::from(self.sigmas[0]))?)?)
+    }
+
     /// The sample divided by `(sigma ** 2 + 1) ** 0.5` of step `step_index`.
     pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Tensor {
         let scale = self.input_scales[step_index.min(self.input_scales.len() - 1)];

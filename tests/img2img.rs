@@ -1,0 +1,173 @@
+//! img2img against diffusers' `StableDiffusionImg2ImgPipeline` and the VAE encoder
+//! (scripts/fixtures_img2img.py), tiny model, CPU.
+mod common;
+
+use common::*;
+use sdbatch::pipeline::prompt_weights::PromptSyntax;
+use sdbatch::pipeline::schedulers::SchedulerKind;
+use sdbatch::pipeline::{GenerateParams, ImageRequest, Img2Img, RgbImage, img2img_begin};
+
+const TOL: f64 = 1e-4;
+
+fn init_image() -> RgbImage {
+    let img = image::open(fixtures().join("img2img/init.png"))
+        .unwrap()
+        .to_rgb8();
+    RgbImage {
+        width: img.width(),
+        height: img.height(),
+        pixels: img.into_raw(),
+    }
+}
+
+#[test]
+fn vae_encoder_matches_diffusers() {
+    let model = load_cpu();
+    let r = reference("img2img.safetensors");
+    let _g = tch::no_grad_guard();
+    let img = init_image();
+    assert_eq!(
+        u8_vec(&r["init"]),
+        img.pixels,
+        "the PNG holds the reference's pixels"
+    );
+    let pixels = tch::Tensor::from_slice(&img.pixels)
+        .view([64, 64, 3])
+        .permute([2, 0, 1])
+        .to_kind(tch::Kind::Float)
+        / 255.0
+        * 2.0
+        - 1.0;
+    let dist = model
+        .vae_encoder
+        .as_ref()
+        .expect("the tiny VAE has an encoder")
+        .encode(&pixels.unsqueeze(0))
+        .unwrap();
+    assert_close("encoder mean", &dist.mean, &r["encoder_mean"], TOL);
+    assert_close("encoder std", &dist.std, &r["encoder_std"], TOL);
+}
+
+#[test]
+fn img2img_matches_diffusers_for_each_scheduler() {
+    let model = load_cpu();
+    let meta = meta();
+    let m = &meta["img2img"];
+    let r = reference("img2img.safetensors");
+    let init = init_image();
+    let request = ImageRequest {
+        prompt: m["prompt"].as_str().unwrap().into(),
+        negative_prompt: Some(m["negative_prompt"].as_str().unwrap().into()),
+        seed: m["seed"].as_u64().unwrap(),
+    };
+    let runs = m["runs"].as_object().unwrap();
+    assert_eq!(runs.len(), 6);
+    for (name, run) in runs {
+        let steps = run["steps"].as_u64().unwrap() as usize;
+        let strength = run["strength"].as_f64().unwrap();
+        let params = GenerateParams {
+            steps,
+            guidance_scale: m["guidance_scale"].as_f64().unwrap(),
+            width: 64,
+            height: 64,
+            scheduler: name.parse::<SchedulerKind>().unwrap(),
+            clip_skip: 1,
+            guidance_rescale: 0.0,
+            prompt_syntax: PromptSyntax::Plain,
+            loras: Vec::new(),
+        };
+        let mut latents = Vec::new();
+        let out = model
+            .generate_with(
+                std::slice::from_ref(&request),
+                &params,
+                Some(Img2Img {
+                    images: std::slice::from_ref(&init),
+                    strength,
+                }),
+                &mut |_, _, l| latents.push(l.copy()),
+            )
+            .unwrap();
+        assert_eq!(
+            latents.len() as u64,
+            run["steps_run"].as_u64().unwrap(),
+            "{name}: steps run"
+        );
+        for (i, l) in latents.iter().enumerate() {
+            assert_close(
+                &format!("{name} latents after step {i}"),
+                l,
+                &r[&format!("{name}_latents_{i:03}")],
+                TOL,
+            );
+        }
+        assert_images_match(
+            &format!("{name} img2img image"),
+            &out.images[0].pixels,
+            &u8_vec(&r[&format!("{name}_image")]),
+        );
+    }
+}
+
+#[test]
+fn img2img_inputs_are_checked() {
+    // diffusers' get_timesteps: steps − ⌊steps · strength⌋.
+    assert_eq!(img2img_begin(10, 0.6).unwrap(), 4);
+    assert_eq!(img2img_begin(10, 1.0).unwrap(), 0);
+    assert_eq!(img2img_begin(7, 0.3).unwrap(), 5);
+    for bad in [0.0, -0.1, 1.01, f64::NAN] {
+        assert!(img2img_begin(10, bad).is_err(), "{bad}");
+    }
+    assert!(
+        img2img_begin(4, 0.2)
+            .unwrap_err()
+            .to_string()
+            .contains("runs no step")
+    );
+
+    let model = load_cpu();
+    let init = init_image();
+    let request = ImageRequest {
+        prompt: "a cat".into(),
+        negative_prompt: None,
+        seed: 1,
+    };
+    let params = |scheduler: SchedulerKind, width: i64| GenerateParams {
+        steps: 4,
+        guidance_scale: 7.5,
+        width,
+        height: 64,
+        scheduler,
+        clip_skip: 1,
+        guidance_rescale: 0.0,
+        prompt_syntax: PromptSyntax::Plain,
+        loras: Vec::new(),
+    };
+    let run = |p: GenerateParams, images: &[RgbImage]| {
+        model
+            .generate_with(
+                std::slice::from_ref(&request),
+                &p,
+                Some(Img2Img {
+                    images,
+                    strength: 0.5,
+                }),
+                &mut |_, _, _| panic!("nothing runs"),
+            )
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let e = run(
+        params(SchedulerKind::Pndm, 128),
+        std::slice::from_ref(&init),
+    );
+    assert!(
+        e.contains("init image 0 is 64x64, the output 128x64"),
+        "{e}"
+    );
+    let e = run(params(SchedulerKind::Pndm, 64), &[]);
+    assert!(e.contains("0 init images for 1 requests"), "{e}");
+    let e = run(params(SchedulerKind::Heun, 64), std::slice::from_ref(&init));
+    assert!(e.contains("does not support img2img"), "{e}");
+}
