@@ -177,6 +177,18 @@ pub struct WorkerArgs {
     /// Key prefix for messages that name none.
     #[arg(long, env = "SDBATCH_PREFIX", hide_env_values = true)]
     pub prefix: Option<String>,
+    /// Mark every image as AI-generated: XMP `Iptc4xmpExt:DigitalSourceType` =
+    /// `trainedAlgorithmicMedia` (EU AI Act Art. 50(2); default true, `--ai-marking false` to
+    /// turn it off where the deployer marks images another way).
+    #[arg(
+        long,
+        env = "SDBATCH_AI_MARKING",
+        hide_env_values = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub ai_marking: Option<bool>,
 }
 
 fn default_worker_id() -> String {
@@ -386,6 +398,10 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
             .or(file.lora_cache_mb)
             .unwrap_or(defaults::LORA_CACHE_MB)
             .saturating_mul(1 << 20),
+        ai_marking: args
+            .ai_marking
+            .or(file.ai_marking)
+            .unwrap_or(defaults::AI_MARKING),
     };
     let clip_model = args.clip_model.or(file.clip_model.map(PathBuf::from));
     if worker.min_clip_score.is_some() && clip_model.is_none() {

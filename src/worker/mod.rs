@@ -102,6 +102,9 @@ pub struct WorkerConfig {
     pub lora_dir: Option<std::path::PathBuf>,
     /// LoRA files kept in memory once read, in bytes.
     pub lora_cache_bytes: u64,
+    /// Mark every image as AI-generated in its XMP (IPTC `DigitalSourceType`
+    /// `trainedAlgorithmicMedia`, EU AI Act Art. 50(2)).
+    pub ai_marking: bool,
 }
 
 /// What happens to an image the safety checker flags.
