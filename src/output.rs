@@ -396,12 +396,12 @@ fn encode_png_with(
     encoder.set_filter(png::Filter::Adaptive);
     // tEXt is Latin-1: Pillow (so A1111) writes `parameters` as tEXt when it can and iTXt
     // (UTF-8) otherwise; readers take either.
-    let latin1 = meta.parameters.chars().all(|c| u32::from(c) <= 0xff);
-    if meta.parameters.is_empty() {
-    } else if latin1 {
-        encoder.add_text_chunk("parameters".into(), meta.parameters.into())?;
-    } else {
-        encoder.add_itxt_chunk("parameters".into(), meta.parameters.into())?;
+    if !meta.parameters.is_empty() {
+        if meta.parameters.chars().all(|c| u32::from(c) <= 0xff) {
+            encoder.add_text_chunk("parameters".into(), meta.parameters.into())?;
+        } else {
+            encoder.add_itxt_chunk("parameters".into(), meta.parameters.into())?;
+        }
     }
     if let Some(record) = meta.record {
         encoder.add_itxt_chunk("sdbatch".into(), record.into())?;
@@ -496,7 +496,8 @@ pub fn encode_png(image: &RgbImage) -> Result<Vec<u8>> {
 }
 
 /// Writes `dir/{stem}.{ext}` (unless `image` is `None`: a dropped image) and `dir/{stem}.json`.
-/// The image embeds the infotext, the sidecar (PNG) and, with `ai_marking`, the XMP marking.
+/// The image embeds the infotext, the sidecar without `timings` and `batch_size` (PNG) and, with
+/// `ai_marking`, the XMP marking.
 pub fn write_image(
     dir: &Path,
     stem: &str,
@@ -516,7 +517,14 @@ pub fn write_image(
         source,
     };
     if let Some(image) = image {
-        let record = serde_json::to_string(sidecar).map_err(json_error)?;
+        // The sidecar without what describes the run rather than the image (timings, batch
+        // size), so the same image gives the same bytes however it was batched.
+        let mut record = serde_json::to_value(sidecar).map_err(json_error)?;
+        if let Some(obj) = record.as_object_mut() {
+            obj.remove("timings");
+            obj.remove("batch_size");
+        }
+        let record = record.to_string();
         let parameters = a1111_parameters(infotext);
         let bytes = encode(
             image,
