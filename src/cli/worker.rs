@@ -713,6 +713,7 @@ mod tests {
         assert_eq!(w.prefetch, defaults::PREFETCH);
         assert_eq!(w.safety_policy, SafetyPolicy::Blank);
         assert!(w.warm_up && !w.safety_default);
+        assert!(w.ai_marking);
         assert_eq!(
             plain.metrics_addr,
             Some(defaults::METRICS_ADDR.parse().unwrap())
@@ -727,7 +728,8 @@ mod tests {
             &path,
             "model = \"/m\"\nwarm_up = false\nsafety_checker = true\nsafety_policy = \"drop\"\n\
              metrics_addr = \"off\"\ncalibration_file = \"/c.json\"\nclip_model = \"/clip\"\n\
-             min_clip_score = 0.25\nembeddings_dir = \"/emb\"\n[storage]\nbucket = \"images\"\n",
+             min_clip_score = 0.25\nembeddings_dir = \"/emb\"\nai_marking = false\n\
+             [storage]\nbucket = \"images\"\n",
         )
         .unwrap();
         let config = path.to_str().unwrap();
@@ -740,6 +742,9 @@ mod tests {
         assert_eq!(r.clip_model.as_deref(), Some(Path::new("/clip")));
         assert_eq!(w.min_clip_score, Some(0.25));
         assert_eq!(r.embeddings_dir.as_deref(), Some(Path::new("/emb")));
+        assert!(!w.ai_marking);
+        let r = resolve_args(&["--config", config, "--ai-marking"]).unwrap();
+        assert!(r.worker.ai_marking, "the flag wins over the file");
         let r = resolve_args(&[
             "--config",
             config,
