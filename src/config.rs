@@ -40,6 +40,8 @@ pub mod defaults {
     pub const WARM_UP: bool = true;
     /// LoRA files kept in memory once read, in MiB (least recently used dropped first).
     pub const LORA_CACHE_MB: u64 = 1024;
+    /// Mark every image as AI-generated in its XMP (EU AI Act Art. 50(2)).
+    pub const AI_MARKING: bool = true;
     /// Reconnect backoff bounds, and attempts to publish one event.
     pub const RECONNECT_MIN_MS: u64 = 500;
     pub const RECONNECT_MAX_SECS: u64 = 30;
@@ -79,6 +81,7 @@ pub struct FileConfig {
     pub lora_dir: Option<String>,
     pub lora_cache_mb: Option<u64>,
     pub lcm_lora: Option<String>,
+    pub ai_marking: Option<bool>,
     #[serde(default)]
     pub storage: StorageSection,
     #[serde(default)]

@@ -83,6 +83,13 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// An image the encoder (or the metadata step after it) could not write.
+    #[error("{format} encoding failed: {message}")]
+    Encode {
+        format: &'static str,
+        message: String,
+    },
+
     #[error(
         "unknown scheduler `{0}` (known: pndm, ddim, euler, euler_karras, euler_ancestral, euler_ancestral_karras, heun, heun_karras, lms, lms_karras, dpmpp_2m, dpmpp_2m_karras, unipc, unipc_karras, lcm)"
     )]

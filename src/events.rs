@@ -32,9 +32,9 @@ pub struct ImageRecord {
     pub seed: u64,
     /// Whether the item's seed was derived from the batch and item ids.
     pub seed_derived: bool,
-    /// Size of the PNG object.
+    /// Size of the image object (PNG, JPEG or WebP: the key says which).
     pub bytes: u64,
-    /// SHA-256 of the PNG object, lowercase hex.
+    /// SHA-256 of the image object, lowercase hex.
     pub sha256: String,
     pub width: u32,
     pub height: u32,

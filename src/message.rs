@@ -14,6 +14,7 @@
 //! `docs/batch-message.schema.json`; tests keep both in step with the structs here.
 use crate::bounded::quote;
 use crate::keys::id_problem;
+use crate::output::{Encoding, ImageFormat};
 use crate::pipeline::adapters::{self, LoraWeight};
 use crate::pipeline::prompt_weights::{self, PromptSyntax};
 use crate::pipeline::schedulers::SchedulerKind;
@@ -135,6 +136,12 @@ pub struct MessageOutput {
     pub bucket: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
+    /// `"png"` (default), `"jpeg"` or `"webp"` (lossless).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// JPEG quality 1..=100 (default 90); refused with the lossless formats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<u32>,
 }
 
 impl BatchMessage {
@@ -177,7 +184,7 @@ impl MessageParams {
 }
 
 impl MessageOutput {
-    pub const FIELDS: &'static [&'static str] = &["bucket", "prefix"];
+    pub const FIELDS: &'static [&'static str] = &["bucket", "prefix", "format", "quality"];
 
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
@@ -383,6 +390,10 @@ pub enum InvalidReason {
     Lora,
     Bucket,
     Prefix,
+    /// `output.format` other than `png`, `jpeg` or `webp`.
+    Format,
+    /// `output.quality` outside 1..=100, or given for a lossless format.
+    Quality,
     /// The batch asks for the safety checker and the worker has none (set by the worker, not
     /// by `parse`).
     SafetyChecker,
@@ -392,7 +403,7 @@ pub enum InvalidReason {
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 24] = [
+    pub const ALL: [InvalidReason; 26] = [
         InvalidReason::TooLarge,
         InvalidReason::NotJson,
         InvalidReason::SchemaVersion,
@@ -415,6 +426,8 @@ impl InvalidReason {
         InvalidReason::Lora,
         InvalidReason::Bucket,
         InvalidReason::Prefix,
+        InvalidReason::Format,
+        InvalidReason::Quality,
         InvalidReason::SafetyChecker,
         InvalidReason::BatchIdConflict,
     ];
@@ -443,6 +456,8 @@ impl InvalidReason {
             InvalidReason::Lora => "lora",
             InvalidReason::Bucket => "bucket",
             InvalidReason::Prefix => "prefix",
+            InvalidReason::Format => "format",
+            InvalidReason::Quality => "quality",
             InvalidReason::SafetyChecker => "safety_checker",
             InvalidReason::BatchIdConflict => "batch_id_conflict",
         }
@@ -495,6 +510,8 @@ pub struct Batch {
     pub bucket: String,
     /// Key prefix without leading or trailing `/`; "" for none.
     pub prefix: String,
+    /// Format (and JPEG quality) of the images.
+    pub encoding: Encoding,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -579,6 +596,11 @@ impl Batch {
         if !p.loras.is_empty() {
             canonical["loras"] = serde_json::json!(p.loras);
         }
+        // The format changes the objects (keys, bytes); PNG is what earlier versions wrote.
+        if self.encoding != Encoding::PNG {
+            canonical["format"] = serde_json::json!(self.encoding.format.name());
+            canonical["quality"] = serde_json::json!(self.encoding.quality);
+        }
         // The keys are written in one fixed order (sorted, or as listed here if serde_json's
         // `preserve_order` is on): canonical bytes either way.
         hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
@@ -594,9 +616,12 @@ impl Batch {
         )
     }
 
-    /// `{prefix}/{batch_id}/{item_id}/{n}.png` (no leading `/` without a prefix).
+    /// `{prefix}/{batch_id}/{item_id}/{n}.{png,jpg,webp}` (no leading `/` without a prefix).
     pub fn image_key(&self, item_id: &str, n: u32) -> String {
-        self.key(&format!("{item_id}/{n}.png"))
+        self.key(&format!(
+            "{item_id}/{}",
+            self.encoding.file_name(&n.to_string())
+        ))
     }
 
     /// `{prefix}/{batch_id}/`: the folder of every object of the batch.
@@ -1114,6 +1139,21 @@ fn validate_unbounded(
         }
         None => limits.default_prefix.clone(),
     };
+    let format = match out.format.as_deref() {
+        None => ImageFormat::Png,
+        Some(name) => name.parse().map_err(|()| {
+            fail(
+                R::Format,
+                format!(
+                    "output.format {} must be one of {}",
+                    quote(name),
+                    ImageFormat::ALL.map(ImageFormat::name).join(", ")
+                ),
+            )
+        })?,
+    };
+    let encoding =
+        Encoding::new(format, out.quality).map_err(|e| fail(R::Quality, format!("output.{e}")))?;
 
     Ok(Batch {
         batch_id: msg.batch_id.clone(),
@@ -1133,6 +1173,7 @@ fn validate_unbounded(
         safety_checker: msg.params.as_ref().and_then(|p| p.safety_checker),
         bucket,
         prefix,
+        encoding,
     })
 }
 
@@ -1327,6 +1368,8 @@ const PARAMS: &[Spec] = &[
 const OUTPUT: &[Spec] = &[
     ("bucket", false, InvalidReason::Bucket, is::<Option<String>>),
     ("prefix", false, InvalidReason::Prefix, is::<Option<String>>),
+    ("format", false, InvalidReason::Format, is::<Option<String>>),
+    ("quality", false, InvalidReason::Quality, is::<Option<u32>>),
 ];
 
 fn check_object(
@@ -1406,7 +1449,7 @@ mod tests {
                        "scheduler": "pndm", "preset": "production",
                        "safety_checker": true, "clip_skip": 1, "guidance_rescale": 0.0,
                        "prompt_syntax": "plain", "loras": [{"name": "style", "weight": 0.7}]},
-            "output": {"bucket": "images", "prefix": "catalog/shoes"}})
+            "output": {"bucket": "images", "prefix": "catalog/shoes", "format": "jpeg", "quality": 85}})
     }
 
     fn minimal() -> Value {
@@ -1447,6 +1490,13 @@ mod tests {
         assert_eq!(b.batch_id, "shoes-2026-11-26-0001");
         assert_eq!(b.bucket, "images");
         assert_eq!(b.prefix, "catalog/shoes");
+        assert_eq!(
+            b.encoding,
+            Encoding {
+                format: ImageFormat::Jpeg,
+                quality: Some(85)
+            }
+        );
         assert_eq!(b.preset.as_deref(), Some("production"));
         assert_eq!(
             b.params,
@@ -2140,16 +2190,22 @@ mod tests {
         let mut b = parse_value(&example()).unwrap();
         assert_eq!(
             b.image_key("sku-123", 1),
-            "catalog/shoes/shoes-2026-11-26-0001/sku-123/1.png"
+            "catalog/shoes/shoes-2026-11-26-0001/sku-123/1.jpg"
         );
         assert_eq!(
             b.manifest_key(),
             "catalog/shoes/shoes-2026-11-26-0001/manifest.json"
         );
         b.prefix = String::new();
+        b.encoding = Encoding::PNG;
         assert_eq!(
             b.image_key("sku-123", 0),
             "shoes-2026-11-26-0001/sku-123/0.png"
+        );
+        b.encoding.format = ImageFormat::Webp;
+        assert_eq!(
+            b.image_key("sku-123", 0),
+            "shoes-2026-11-26-0001/sku-123/0.webp"
         );
         assert_eq!(b.manifest_key(), "shoes-2026-11-26-0001/manifest.json");
     }
@@ -2182,6 +2238,8 @@ mod tests {
                 "lora",
                 "bucket",
                 "prefix",
+                "format",
+                "quality",
                 "safety_checker",
                 "batch_id_conflict"
             ]
@@ -2220,7 +2278,7 @@ mod tests {
     fn work_hash_is_canonical() {
         let a = parse_value(&example()).unwrap();
         // Same work written differently: keys reordered, preset steps spelled out.
-        let text = r#"{"output": {"prefix": "catalog/shoes", "bucket": "images"},
+        let text = r#"{"output": {"quality": 85, "prefix": "catalog/shoes", "bucket": "images", "format": "jpeg"},
             "params": {"preset": "production", "steps": 25, "guidance_scale": 8.5,
                        "width": 512, "height": 512, "scheduler": "pndm", "safety_checker": true,
                        "loras": [{"weight": 0.7, "name": "style"}]},
@@ -2239,6 +2297,7 @@ mod tests {
             ("/params/guidance_rescale", json!(0.7)),
             ("/params/loras", json!([{"name": "style", "weight": 0.8}])),
             ("/params/loras", json!([{"name": "other", "weight": 0.7}])),
+            ("/output/quality", json!(86)),
         ] {
             let c = parse_value(&with(example(), ptr, Some(v))).unwrap();
             assert_ne!(a.work_sha256(), c.work_sha256(), "{ptr}");
@@ -2253,13 +2312,103 @@ mod tests {
         // (recorded in manifests and image metadata) keeps its hash.
         let c = parse_value(&with(example(), "/params/clip_skip", Some(json!(1)))).unwrap();
         assert_eq!(a.work_sha256(), c.work_sha256());
-        // The example without its LoRAs is work an earlier version hashed.
-        let without = parse_value(&with(example(), "/params/loras", None)).unwrap();
+        // The example without its LoRAs and its format is work an earlier version hashed.
+        let without = with(example(), "/params/loras", None);
+        let without = with(without, "/output/format", None);
+        let without = parse_value(&with(without, "/output/quality", None)).unwrap();
         assert_ne!(a.work_sha256(), without.work_sha256());
         assert_eq!(
             without.work_sha256(),
             "362a5789dac6d8e713b4e84901ce4d4d28a2967ed82c85b861bf0027aab73e22",
             "the hash of existing work must not change"
+        );
+    }
+
+    #[test]
+    fn output_format_and_quality() {
+        let o = |v: Value| with(minimal(), "/output", Some(v));
+        let enc = |v: Value| parse_value(&o(v)).unwrap().encoding;
+        let jpeg = |q| Encoding {
+            format: ImageFormat::Jpeg,
+            quality: Some(q),
+        };
+        assert_eq!(parse_value(&minimal()).unwrap().encoding, Encoding::PNG);
+        assert_eq!(enc(json!({"format": "png"})), Encoding::PNG);
+        assert_eq!(enc(json!({"format": "jpeg"})), jpeg(90));
+        assert_eq!(enc(json!({"format": "jpeg", "quality": 1})), jpeg(1));
+        assert_eq!(enc(json!({"format": "jpeg", "quality": 100})), jpeg(100));
+        assert_eq!(
+            enc(json!({"format": "webp"})),
+            Encoding {
+                format: ImageFormat::Webp,
+                quality: None
+            }
+        );
+        for (bad, reason, says) in [
+            (
+                json!({"format": "jpg"}),
+                InvalidReason::Format,
+                "png, jpeg, webp",
+            ),
+            (
+                json!({"format": "PNG"}),
+                InvalidReason::Format,
+                "png, jpeg, webp",
+            ),
+            (json!({"format": 1}), InvalidReason::Format, "format"),
+            (
+                json!({"format": "jpeg", "quality": 0}),
+                InvalidReason::Quality,
+                "1..=100",
+            ),
+            (
+                json!({"format": "jpeg", "quality": 101}),
+                InvalidReason::Quality,
+                "1..=100",
+            ),
+            (
+                json!({"format": "jpeg", "quality": 4294967295u32}),
+                InvalidReason::Quality,
+                "1..=100",
+            ),
+            (
+                json!({"format": "jpeg", "quality": 90.5}),
+                InvalidReason::Quality,
+                "quality",
+            ),
+            (
+                json!({"format": "jpeg", "quality": "90"}),
+                InvalidReason::Quality,
+                "quality",
+            ),
+            (
+                json!({"format": "webp", "quality": 80}),
+                InvalidReason::Quality,
+                "lossless",
+            ),
+            (json!({"quality": 80}), InvalidReason::Quality, "lossless"),
+        ] {
+            let e = parse_value(&o(bad.clone())).unwrap_err();
+            assert_eq!(e.reason, reason, "{bad}: {}", e.message);
+            assert!(e.message.contains(says), "{bad}: {}", e.message);
+        }
+        // The work hash: PNG as before; the format and the resolved quality otherwise.
+        let hash = |v: Value| parse_value(&o(v)).unwrap().work_sha256();
+        let png = parse_value(&minimal()).unwrap().work_sha256();
+        assert_eq!(hash(json!({"format": "png"})), png);
+        assert_ne!(hash(json!({"format": "jpeg"})), png);
+        assert_ne!(hash(json!({"format": "webp"})), png);
+        assert_ne!(
+            hash(json!({"format": "webp"})),
+            hash(json!({"format": "jpeg"}))
+        );
+        assert_eq!(
+            hash(json!({"format": "jpeg"})),
+            hash(json!({"format": "jpeg", "quality": 90}))
+        );
+        assert_ne!(
+            hash(json!({"format": "jpeg"})),
+            hash(json!({"format": "jpeg", "quality": 91}))
         );
     }
 

@@ -164,7 +164,7 @@ impl Metrics {
             ),
             png_encode_seconds: histogram(
                 "sdbatch_png_encode_seconds",
-                "PNG encoding per image.",
+                "Image encoding (PNG, JPEG or WebP) per image.",
                 buckets(0.001, 2.0, 12),
             ),
             upload_seconds: histogram(

@@ -980,6 +980,7 @@ mod tests {
         let output = MessageOutput {
             bucket: Some("images".into()),
             prefix: Some("catalog/shoes".into()),
+            ..Default::default()
         };
         let msgs = into_messages(
             items.clone(),

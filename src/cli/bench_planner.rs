@@ -69,6 +69,7 @@ async fn run_mode(
         calibration_file: None,
         lora_dir: None,
         lora_cache_bytes: defaults::LORA_CACHE_MB << 20,
+        ai_marking: defaults::AI_MARKING,
     };
     let conn = queue::connect(amqp_url, "sdbatch bench").await?;
     let channel = conn.create_channel().await?;

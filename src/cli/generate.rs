@@ -1,10 +1,11 @@
-//! `sdbatch generate`: prompts file → PNGs + JSON sidecars, in batches, with progress bars.
+//! `sdbatch generate`: prompts file → images (PNG, JPEG or WebP, parameters embedded) + JSON
+//! sidecars, in batches, with progress bars.
 use super::{ModelArgs, SamplingArgs};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use sdbatch::device::{device_name, dtype_name};
-use sdbatch::output::{Sidecar, write_image};
+use sdbatch::output::{Encoding, ImageFormat, Infotext, Sidecar, write_image};
 use sdbatch::pipeline::ImageRequest;
 use sdbatch::pipeline::clip_score::ClipScorer;
 use sdbatch::pipeline::safety::{SafetyChecker, blank};
@@ -21,9 +22,20 @@ pub struct GenerateArgs {
     /// Prompts: .txt (one a line) or .jsonl ({"prompt", "negative_prompt"?, "seed"?, "id"?}).
     #[arg(long)]
     pub prompts: PathBuf,
-    /// Output folder (created if missing): <id or index>.png and .json per image.
+    /// Output folder (created if missing): <id or index>.png (.jpg, .webp) and .json per image.
     #[arg(long)]
     pub out: PathBuf,
+    /// Image format; webp is lossless.
+    #[arg(long, value_enum, default_value = "png")]
+    pub format: ImageFormat,
+    /// JPEG quality, 1..=100 (default 90; jpeg only).
+    #[arg(long)]
+    pub quality: Option<u32>,
+    /// Mark images as AI-generated in their XMP (IPTC DigitalSourceType trainedAlgorithmicMedia);
+    /// `--ai-marking false` leaves it out.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub ai_marking: bool,
     /// Images per UNet batch.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub batch_size: u32,
@@ -109,6 +121,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if !args.sampling.guidance.is_finite() || args.sampling.guidance < 0.0 {
         bail!("--guidance must be a finite number >= 0");
     }
+    let encoding =
+        Encoding::new(args.format, args.quality).map_err(|e| anyhow::anyhow!("--{e}"))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let base_seed = args.seed.unwrap_or_else(random_seed);
@@ -140,6 +154,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let params = args.sampling.params(&model)?;
     model.validate(&[jobs[0].request.clone()], &params)?;
     let model_name = args.model.model.display().to_string();
+    // For the infotext's `Model hash`; a model whose files cannot be read again goes without.
+    let model_sha256 = model
+        .content_sha256()
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot hash the model's files"))
+        .ok();
     let device = device_name(model.device());
     let dtype = dtype_name(model.dtype());
     tracing::info!(
@@ -218,7 +237,23 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 clip_score,
                 low_clip_score: clip_score.zip(args.min_clip_score).map(|(s, min)| s < min),
             };
-            write_image(&args.out, &job.stem, written, &sidecar)?;
+            let infotext = Infotext {
+                prompt: &job.request.prompt,
+                negative_prompt: job.request.negative_prompt.as_deref(),
+                seed: job.request.seed,
+                params: &params,
+                model: &model_name,
+                model_sha256: model_sha256.as_deref(),
+            };
+            write_image(
+                &args.out,
+                &job.stem,
+                written,
+                &sidecar,
+                encoding,
+                &infotext,
+                args.ai_marking,
+            )?;
             images_bar.inc(1);
         }
         tracing::debug!(?out.timings, "batch done");

@@ -78,6 +78,12 @@ pub struct SubmitArgs {
     /// Key prefix (default: the workers' default prefix).
     #[arg(long)]
     pub prefix: Option<String>,
+    /// Image format: png (default), jpeg or webp (lossless). Checked by validation.
+    #[arg(long)]
+    pub format: Option<String>,
+    /// JPEG quality, 1..=100 (default 90; jpeg only).
+    #[arg(long)]
+    pub quality: Option<u32>,
     /// Follow the events until every batch completed or failed; print the object keys.
     #[arg(long)]
     pub wait: bool,
@@ -130,6 +136,8 @@ fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
     let output = MessageOutput {
         bucket: args.bucket.clone(),
         prefix: args.prefix.clone(),
+        format: args.format.clone(),
+        quality: args.quality,
     };
     if !(args.max_work.is_finite() && args.max_work > 0.0) {
         anyhow::bail!("--max-work must be a positive number");

@@ -177,6 +177,18 @@ pub struct WorkerArgs {
     /// Key prefix for messages that name none.
     #[arg(long, env = "SDBATCH_PREFIX", hide_env_values = true)]
     pub prefix: Option<String>,
+    /// Mark every image as AI-generated: XMP `Iptc4xmpExt:DigitalSourceType` =
+    /// `trainedAlgorithmicMedia` (EU AI Act Art. 50(2); default true, `--ai-marking false` to
+    /// turn it off where the deployer marks images another way).
+    #[arg(
+        long,
+        env = "SDBATCH_AI_MARKING",
+        hide_env_values = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub ai_marking: Option<bool>,
 }
 
 fn default_worker_id() -> String {
@@ -386,6 +398,10 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
             .or(file.lora_cache_mb)
             .unwrap_or(defaults::LORA_CACHE_MB)
             .saturating_mul(1 << 20),
+        ai_marking: args
+            .ai_marking
+            .or(file.ai_marking)
+            .unwrap_or(defaults::AI_MARKING),
     };
     let clip_model = args.clip_model.or(file.clip_model.map(PathBuf::from));
     if worker.min_clip_score.is_some() && clip_model.is_none() {
@@ -697,6 +713,7 @@ mod tests {
         assert_eq!(w.prefetch, defaults::PREFETCH);
         assert_eq!(w.safety_policy, SafetyPolicy::Blank);
         assert!(w.warm_up && !w.safety_default);
+        assert!(w.ai_marking);
         assert_eq!(
             plain.metrics_addr,
             Some(defaults::METRICS_ADDR.parse().unwrap())
@@ -711,7 +728,8 @@ mod tests {
             &path,
             "model = \"/m\"\nwarm_up = false\nsafety_checker = true\nsafety_policy = \"drop\"\n\
              metrics_addr = \"off\"\ncalibration_file = \"/c.json\"\nclip_model = \"/clip\"\n\
-             min_clip_score = 0.25\nembeddings_dir = \"/emb\"\n[storage]\nbucket = \"images\"\n",
+             min_clip_score = 0.25\nembeddings_dir = \"/emb\"\nai_marking = false\n\
+             [storage]\nbucket = \"images\"\n",
         )
         .unwrap();
         let config = path.to_str().unwrap();
@@ -724,6 +742,9 @@ mod tests {
         assert_eq!(r.clip_model.as_deref(), Some(Path::new("/clip")));
         assert_eq!(w.min_clip_score, Some(0.25));
         assert_eq!(r.embeddings_dir.as_deref(), Some(Path::new("/emb")));
+        assert!(!w.ai_marking);
+        let r = resolve_args(&["--config", config, "--ai-marking"]).unwrap();
+        assert!(r.worker.ai_marking, "the flag wins over the file");
         let r = resolve_args(&[
             "--config",
             config,

@@ -1,10 +1,11 @@
 //! `sdbatch worker`: consumes batch messages, generates their images on the model thread, uploads
-//! PNGs and a manifest, publishes `batch.completed` with publisher confirms and only then acks.
+//! images (PNG, JPEG or WebP) and a manifest, publishes `batch.completed` with publisher confirms
+//! and only then acks.
 //!
 //! The images of every message in hand (up to the prefetch count) go through one
 //! [`Planner`](crate::batching::Planner): GPU batches are as large as the [`BatchSizer`] allows and
 //! cross message boundaries, so small messages do not waste the GPU and large ones are split. Two
-//! GPU batches are queued at a time and PNG encoding and uploads run on other tasks, so the model
+//! GPU batches are queued at a time and image encoding and uploads run on other tasks, so the model
 //! thread never waits for S3. A message is acked when all its images are stored and its event is
 //! confirmed.
 //!
@@ -28,7 +29,7 @@
 //! [`ledger`] is the pure bookkeeping of the messages in hand (what to generate, store, ack,
 //! dead-letter or requeue next), `session` the shell that feeds it from lapin and the store and
 //! carries out its answers, `broker` the per-message broker operations (ack/nack/reject/publish,
-//! all under the broker timeout), `store` the PNG upload and manifest, [`holding`] how much work
+//! all under the broker timeout), `store` the image encoding and upload and manifest, [`holding`] how much work
 //! to hold under the consumer timeout, [`resume`] what an earlier delivery already stored, and
 //! [`gpu`] the model thread.
 mod broker;
@@ -102,6 +103,9 @@ pub struct WorkerConfig {
     pub lora_dir: Option<std::path::PathBuf>,
     /// LoRA files kept in memory once read, in bytes.
     pub lora_cache_bytes: u64,
+    /// Mark every image as AI-generated in its XMP (IPTC `DigitalSourceType`
+    /// `trainedAlgorithmicMedia`, EU AI Act Art. 50(2)).
+    pub ai_marking: bool,
 }
 
 /// What happens to an image the safety checker flags.

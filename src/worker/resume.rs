@@ -3,7 +3,7 @@
 //!
 //! Pure decisions over what the store reported; the worker does the listing and HEAD requests.
 //! An image counts as done only when its object's metadata records the same work hash, the same
-//! seed and the same model, and carries the PNG's size and SHA-256 for the event. Objects written
+//! seed and the same model, and carries the image's size and SHA-256 for the event. Objects written
 //! by older workers (no work hash) are regenerated, never taken as a conflict.
 use crate::events::ImageRecord;
 use std::collections::HashMap;

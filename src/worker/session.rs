@@ -11,6 +11,7 @@ use super::{Learned, Worker, WorkerError, reasons, resume};
 use crate::batching::{MemorySample, ShapeKey};
 use crate::events::{self, BatchCompleted, ImageRecord};
 use crate::message::{self, Batch, Invalid};
+use crate::output::ImageFormat;
 use crate::pipeline::ImageRequest;
 use crate::queue::{self, Publisher, QueueError, header_int, header_value};
 use crate::storage::StorageError;
@@ -512,7 +513,7 @@ impl Session<'_> {
         to_head.extend(
             listed
                 .iter()
-                .find(|k| k.ends_with(".png") && !wanted.contains(k.as_str())),
+                .find(|k| ImageFormat::is_image_key(k) && !wanted.contains(k.as_str())),
         );
         let mut found = HashMap::new();
         for key in to_head {
@@ -944,6 +945,7 @@ impl Session<'_> {
                 request,
                 image,
                 checks,
+                model_sha256: self.worker.gpu.info().model_sha256.clone(),
             };
             let fut = store_image(self.worker.cfg.clone(), self.worker.storage.clone(), job)
                 .instrument(m.handle.span.clone());

@@ -1,12 +1,13 @@
-//! One image's way to storage (PNG encoding off the runtime, upload with the metadata resuming
-//! reads back) and a complete batch's manifest and event.
+//! One image's way to storage (encoding in the batch's format with the generation parameters
+//! embedded, off the runtime; upload with the metadata resuming reads back) and a complete
+//! batch's manifest and event.
 use super::broker::publish_event;
 use super::gpu::GpuOutput;
 use super::{ImageChecks, SafetyPolicy, WorkerConfig, WorkerError, resume};
 use crate::events::{self, BatchCompleted, ImageRecord};
 use crate::message::Batch;
 use crate::metrics::Metrics;
-use crate::output::encode_png;
+use crate::output::{Embedded, Infotext, a1111_parameters, encode};
 use crate::pipeline::ImageRequest;
 use crate::queue::Publisher;
 use crate::storage::Storage;
@@ -32,6 +33,8 @@ pub(super) struct ImageJob {
     pub(super) request: ImageRequest,
     pub(super) image: crate::pipeline::RgbImage,
     pub(super) checks: ImageChecks,
+    /// The model's content hash (the infotext's `Model hash`), when known.
+    pub(super) model_sha256: Option<String>,
 }
 
 /// Encodes one image and uploads it with its metadata. Returns the record, encode and upload ms.
@@ -48,6 +51,7 @@ pub(super) async fn store_image(
         request,
         image,
         checks,
+        model_sha256,
     } = job;
     let item = &batch.items[item_index];
     let mut record = ImageRecord {
@@ -66,11 +70,39 @@ pub(super) async fn store_image(
     } else {
         image
     };
+    let parameters = a1111_parameters(&Infotext {
+        prompt: &request.prompt,
+        negative_prompt: request.negative_prompt.as_deref(),
+        seed: request.seed,
+        params: &batch.params,
+        model: &cfg.model_name,
+        model_sha256: model_sha256.as_deref(),
+    });
+    let embedded = embedded_record(
+        &batch,
+        &work,
+        &request,
+        &record,
+        &cfg.model_name,
+        model_sha256,
+    )?;
+    let encoding = batch.encoding;
+    let ai_marking = cfg.ai_marking;
     let t0 = Instant::now();
-    // PNG encoding is CPU work: off the async runtime.
-    let png = tokio::task::spawn_blocking(move || encode_png(&image))
-        .await
-        .map_err(|e| WorkerError::Other(format!("PNG encoder task failed: {e}")))??;
+    // Encoding is CPU work: off the async runtime.
+    let png = tokio::task::spawn_blocking(move || {
+        encode(
+            &image,
+            encoding,
+            &Embedded {
+                parameters: &parameters,
+                record: Some(&embedded),
+                ai_marking,
+            },
+        )
+    })
+    .await
+    .map_err(|e| WorkerError::Other(format!("image encoder task failed: {e}")))??;
     let encode_ms = ms(t0.elapsed());
     record.bytes = png.len() as u64;
     record.sha256 = sha256_hex(&png);
@@ -107,9 +139,51 @@ pub(super) async fn store_image(
     }
     let t1 = Instant::now();
     storage
-        .put(&batch.bucket, &record.key, png, "image/png", &metadata)
+        .put(
+            &batch.bucket,
+            &record.key,
+            png,
+            batch.encoding.format.content_type(),
+            &metadata,
+        )
         .await?;
     Ok((record, encode_ms, ms(t1.elapsed())))
+}
+
+/// The JSON record a PNG embeds (`sdbatch` chunk): the image's event record without what only
+/// the finished file can know (`bytes`, `sha256`), with the prompts, the batch's parameters as the
+/// event states them, the model and the work hash. Nothing time-dependent, so the same work on
+/// the same model gives the same bytes on every delivery.
+fn embedded_record(
+    batch: &Batch,
+    work: &str,
+    request: &ImageRequest,
+    record: &ImageRecord,
+    model: &str,
+    model_sha256: Option<String>,
+) -> Result<String, WorkerError> {
+    let json_error = |e: serde_json::Error| WorkerError::Other(format!("image record: {e}"));
+    let mut value = serde_json::to_value(record).map_err(json_error)?;
+    if let Some(obj) = value.as_object_mut() {
+        obj.remove("bytes");
+        obj.remove("sha256");
+        obj.insert("batch_id".into(), batch.batch_id.clone().into());
+        obj.insert("prompt".into(), request.prompt.clone().into());
+        if let Some(neg) = &request.negative_prompt {
+            obj.insert("negative_prompt".into(), neg.clone().into());
+        }
+        let params = events::EventParams::from_batch(batch);
+        obj.insert(
+            "params".into(),
+            serde_json::to_value(params).map_err(json_error)?,
+        );
+        obj.insert("model".into(), model.into());
+        if let Some(hash) = model_sha256 {
+            obj.insert("model_sha256".into(), hash.into());
+        }
+        obj.insert("work_sha256".into(), work.into());
+    }
+    serde_json::to_string(&value).map_err(json_error)
 }
 
 /// Writes the manifest (last: its presence means every image is stored) and publishes the event.
