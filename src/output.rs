@@ -140,6 +140,11 @@ pub struct Sidecar<'a> {
     pub width: i64,
     pub height: i64,
     pub scheduler: &'a str,
+    /// img2img: the init image file and the strength.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
     /// Clip skip when other than 1.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clip_skip: Option<usize>,
@@ -219,6 +224,8 @@ pub struct Infotext<'a> {
     pub model: &'a str,
     /// SHA-256 (hex) of the model's files (`StableDiffusion::content_sha256`), when known.
     pub model_sha256: Option<&'a str>,
+    /// img2img: the strength (A1111's `Denoising strength`).
+    pub denoising_strength: Option<f64>,
 }
 
 /// A1111's display name of a scheduler (`modules/sd_samplers_*.py`) and, for the Karras
@@ -306,6 +313,9 @@ pub fn a1111_parameters(info: &Infotext) -> String {
         .unwrap_or_default();
     if !model.is_empty() {
         let _ = write!(out, ", Model: {}", quote(&one_line(&model)));
+    }
+    if let Some(strength) = info.denoising_strength {
+        let _ = write!(out, ", Denoising strength: {strength}");
     }
     if p.clip_skip > 1 {
         let _ = write!(out, ", Clip skip: {}", p.clip_skip);
@@ -570,6 +580,7 @@ mod tests {
             params: p,
             model: "/models/sd-v1-5.safetensors",
             model_sha256: Some("6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"),
+            denoising_strength: None,
         }
     }
 

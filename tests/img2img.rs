@@ -171,3 +171,82 @@ fn img2img_inputs_are_checked() {
     let e = run(params(SchedulerKind::Heun, 64), std::slice::from_ref(&init));
     assert!(e.contains("does not support img2img"), "{e}");
 }
+
+/// `sdbatch generate --init-image` gives diffusers' img2img image, and refuses unusable inputs
+/// before any image is written.
+#[test]
+fn generate_cli_runs_img2img() {
+    let meta = meta();
+    let m = &meta["img2img"];
+    let r = reference("img2img.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        serde_json::json!({
+            "id": "x",
+            "prompt": m["prompt"],
+            "negative_prompt": m["negative_prompt"],
+            "seed": m["seed"],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let model = model_dir();
+    let init = fixtures().join("img2img/init.png");
+    let run = |out: &std::path::Path, init: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--init-image",
+            init.to_str().unwrap(),
+            "--scheduler",
+            "pndm",
+            "--guidance",
+            "7.5",
+        ];
+        args.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdbatch"))
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = dir.path().join("out");
+    let o = run(&out, &init, &["--steps", "10", "--strength", "0.6"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let png = image::open(out.join("x.png")).unwrap().to_rgb8();
+    assert_eq!(png.dimensions(), (64, 64), "the init image's size");
+    assert_images_match(
+        "generate --init-image",
+        png.as_raw(),
+        &u8_vec(&r["pndm_image"]),
+    );
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("x.json")).unwrap()).unwrap();
+    assert_eq!(sidecar["strength"], 0.6);
+
+    let not_an_image = dir.path().join("notes.png");
+    std::fs::write(&not_an_image, b"not an image").unwrap();
+    for (init, extra, says) in [
+        (&not_an_image, vec!["--steps", "10"], "notes.png"),
+        (
+            &init,
+            vec!["--steps", "4", "--strength", "0.2"],
+            "runs no step",
+        ),
+        (&init, vec!["--steps", "4", "--strength", "1.5"], "strength"),
+    ] {
+        let out = dir.path().join("refused");
+        let o = run(&out, init, &extra);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{says}: {err}");
+        let written = std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(written, 0, "{says}: nothing written");
+    }
+}

@@ -62,6 +62,85 @@ pub struct GenerateArgs {
     /// Mark images whose CLIP score is below this in their sidecar (they are kept).
     #[arg(long, requires = "clip_model")]
     pub min_clip_score: Option<f32>,
+    /// img2img: start every prompt from this image (PNG, JPEG or WebP; EXIF orientation
+    /// applied). Without --width/--height the output takes its size (multiples of 8); with them
+    /// it is resized to that size (Lanczos3).
+    #[arg(long, value_name = "FILE")]
+    pub init_image: Option<PathBuf>,
+    /// img2img: how much of the schedule runs, in (0, 1] (1: only the composition survives).
+    #[arg(long, default_value_t = 0.8, requires = "init_image")]
+    pub strength: f64,
+}
+
+/// Largest init image accepted, in pixels per side (decoding allocates width x height x 4).
+const MAX_INIT_SIDE: u32 = 4096;
+
+/// Reads `path` as an RGB image with EXIF orientation applied, under decode limits (a
+/// decompression bomb fails before it allocates).
+fn read_init_image(path: &std::path::Path) -> Result<image::RgbImage> {
+    use image::ImageDecoder;
+    let reader = image::ImageReader::open(path)
+        .with_context(|| format!("--init-image {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("--init-image {}", path.display()))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_INIT_SIDE);
+    limits.max_image_height = Some(MAX_INIT_SIDE);
+    limits.max_alloc = Some(u64::from(MAX_INIT_SIDE) * u64::from(MAX_INIT_SIDE) * 4);
+    let mut decoder = reader.into_decoder().with_context(|| {
+        format!(
+            "--init-image {}: not a PNG, JPEG or WebP image",
+            path.display()
+        )
+    })?;
+    decoder.set_limits(limits).with_context(|| {
+        format!(
+            "--init-image {}: larger than {MAX_INIT_SIDE}x{MAX_INIT_SIDE}",
+            path.display()
+        )
+    })?;
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = image::DynamicImage::from_decoder(decoder)
+        .with_context(|| format!("--init-image {}: cannot decode", path.display()))?;
+    img.apply_orientation(orientation);
+    Ok(img.to_rgb8())
+}
+
+/// The init image at the output size: its own size when no --width/--height was given (which
+/// must then be multiples of 8), else resized to the requested size.
+fn fit_init_image(
+    img: image::RgbImage,
+    width: Option<i64>,
+    height: Option<i64>,
+) -> Result<sdbatch::pipeline::RgbImage> {
+    let (w, h) = match (width, height) {
+        (None, None) => {
+            if img.width() % 8 != 0 || img.height() % 8 != 0 {
+                bail!(
+                    "--init-image is {}x{}: not multiples of 8; pass --width and --height to resize it",
+                    img.width(),
+                    img.height()
+                );
+            }
+            (img.width(), img.height())
+        }
+        (w, h) => (
+            w.map_or(img.width(), |w| w as u32),
+            h.map_or(img.height(), |h| h as u32),
+        ),
+    };
+    let img = if (w, h) == img.dimensions() {
+        img
+    } else {
+        image::imageops::resize(&img, w, h, image::imageops::FilterType::Lanczos3)
+    };
+    Ok(sdbatch::pipeline::RgbImage {
+        width: w,
+        height: h,
+        pixels: img.into_raw(),
+    })
 }
 
 /// One image to make, with where it goes.
@@ -127,6 +206,21 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .with_context(|| format!("creating {}", args.out.display()))?;
     let base_seed = args.seed.unwrap_or_else(random_seed);
     let jobs = plan(&entries, &args, base_seed);
+    let init_image = args
+        .init_image
+        .as_deref()
+        .map(|path| {
+            fit_init_image(
+                read_init_image(path)?,
+                args.sampling.width,
+                args.sampling.height,
+            )
+        })
+        .transpose()?;
+    if init_image.is_some() {
+        sdbatch::pipeline::img2img_begin(args.sampling.steps as usize, args.strength)
+            .map_err(|e| anyhow::anyhow!("--strength: {e}"))?;
+    }
 
     let model = args.model.load()?;
     let check_options = sdbatch::pipeline::LoadOptions::new(model.device(), model.dtype());
@@ -151,7 +245,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .as_ref()
         .map(|dir| ClipScorer::load(dir, &check_options))
         .transpose()?;
-    let params = args.sampling.params(&model)?;
+    let mut params = args.sampling.params(&model)?;
+    if let Some(init) = &init_image {
+        // The output takes the init image's size (already fitted to --width/--height).
+        params.width = i64::from(init.width);
+        params.height = i64::from(init.height);
+    }
     model.validate(&[jobs[0].request.clone()], &params)?;
     let model_name = args.model.model.display().to_string();
     // For the infotext's `Model hash`; a model whose files cannot be read again goes without.
@@ -186,7 +285,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let requests: Vec<ImageRequest> = chunk.iter().map(|j| j.request.clone()).collect();
         steps_bar.reset();
         steps_bar.set_message(format!("batch of {}", requests.len()));
-        let out = model.generate(&requests, &params, &mut |i, total, _| {
+        let inits: Vec<sdbatch::pipeline::RgbImage> = init_image
+            .iter()
+            .flat_map(|img| std::iter::repeat_n(img.clone(), requests.len()))
+            .collect();
+        let img2img = init_image.as_ref().map(|_| sdbatch::pipeline::Img2Img {
+            images: &inits,
+            strength: args.strength,
+        });
+        let out = model.generate_with(&requests, &params, img2img, &mut |i, total, _| {
             steps_bar.set_length(total as u64);
             steps_bar.set_position(i as u64 + 1);
         })?;
@@ -220,6 +327,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 width: params.width,
                 height: params.height,
                 scheduler: params.scheduler.name(),
+                init_image: args.init_image.as_deref().and_then(|p| p.to_str()),
+                strength: init_image.as_ref().map(|_| args.strength),
                 clip_skip: (params.clip_skip != 1).then_some(params.clip_skip),
                 guidance_rescale: (params.guidance_rescale != 0.0)
                     .then_some(params.guidance_rescale),
@@ -244,6 +353,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 params: &params,
                 model: &model_name,
                 model_sha256: model_sha256.as_deref(),
+                denoising_strength: init_image.as_ref().map(|_| args.strength),
             };
             write_image(
                 &args.out,

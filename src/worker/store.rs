@@ -77,6 +77,7 @@ pub(super) async fn store_image(
         params: &batch.params,
         model: &cfg.model_name,
         model_sha256: model_sha256.as_deref(),
+        denoising_strength: None,
     });
     let embedded = embedded_record(
         &batch,
