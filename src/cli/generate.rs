@@ -117,7 +117,7 @@ fn fit_init_image(
 ) -> Result<sdbatch::pipeline::RgbImage> {
     let (w, h) = match (width, height) {
         (None, None) => {
-            if img.width() % 8 != 0 || img.height() % 8 != 0 {
+            if !img.width().is_multiple_of(8) || !img.height().is_multiple_of(8) {
                 bail!(
                     "--init-image is {}x{}: not multiples of 8; pass --width and --height to resize it",
                     img.width(),
