@@ -3,7 +3,6 @@
 mod common;
 
 use common::*;
-use sdbatch::pipeline::prompt_weights::PromptSyntax;
 use sdbatch::pipeline::schedulers::SchedulerKind;
 use sdbatch::pipeline::{GenerateParams, ImageRequest, Img2Img, RgbImage, img2img_begin};
 
@@ -65,17 +64,12 @@ fn img2img_matches_diffusers_for_each_scheduler() {
     for (name, run) in runs {
         let steps = run["steps"].as_u64().unwrap() as usize;
         let strength = run["strength"].as_f64().unwrap();
-        let params = GenerateParams {
+        let params = params(
             steps,
-            guidance_scale: m["guidance_scale"].as_f64().unwrap(),
-            width: 64,
-            height: 64,
-            scheduler: name.parse::<SchedulerKind>().unwrap(),
-            clip_skip: 1,
-            guidance_rescale: 0.0,
-            prompt_syntax: PromptSyntax::Plain,
-            loras: Vec::new(),
-        };
+            m["guidance_scale"].as_f64().unwrap(),
+            64,
+            name.parse::<SchedulerKind>().unwrap(),
+        );
         let mut latents = Vec::new();
         let out = model
             .generate_with(
@@ -133,15 +127,8 @@ fn img2img_inputs_are_checked() {
         seed: 1,
     };
     let params = |scheduler: SchedulerKind, width: i64| GenerateParams {
-        steps: 4,
-        guidance_scale: 7.5,
         width,
-        height: 64,
-        scheduler,
-        clip_skip: 1,
-        guidance_rescale: 0.0,
-        prompt_syntax: PromptSyntax::Plain,
-        loras: Vec::new(),
+        ..params(4, 7.5, 64, scheduler)
     };
     let run = |p: GenerateParams, images: &[RgbImage]| {
         model

@@ -4,7 +4,6 @@ mod common;
 
 use common::*;
 use sdbatch::pipeline::adapters::LoraWeight;
-use sdbatch::pipeline::prompt_weights::PromptSyntax;
 use sdbatch::pipeline::schedulers::SchedulerKind;
 use sdbatch::pipeline::{GenerateParams, ImageRequest, StableDiffusion};
 
@@ -33,15 +32,8 @@ fn set(loras: &[(&str, f64)]) -> Vec<LoraWeight> {
 
 fn params(m: &serde_json::Value, loras: Vec<LoraWeight>) -> GenerateParams {
     GenerateParams {
-        steps: m["num_inference_steps"].as_u64().unwrap() as usize,
-        guidance_scale: m["guidance_scale"].as_f64().unwrap(),
-        width: m["size"].as_i64().unwrap(),
-        height: m["size"].as_i64().unwrap(),
-        scheduler: SchedulerKind::Pndm,
-        clip_skip: 1,
-        guidance_rescale: 0.0,
-        prompt_syntax: PromptSyntax::Plain,
         loras,
+        ..meta_params(m, SchedulerKind::Pndm)
     }
 }
 

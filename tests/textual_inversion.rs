@@ -122,17 +122,7 @@ fn pipeline_with_embeddings_in_prompt_and_negative_matches_diffusers() {
     let m = ti_meta();
     let r = reference("textual_inversion.safetensors");
     assert_eq!(m["scheduler"], "pndm");
-    let params = GenerateParams {
-        steps: m["num_inference_steps"].as_u64().unwrap() as usize,
-        guidance_scale: m["guidance_scale"].as_f64().unwrap(),
-        width: m["size"].as_i64().unwrap(),
-        height: m["size"].as_i64().unwrap(),
-        scheduler: SchedulerKind::Pndm,
-        clip_skip: 1,
-        guidance_rescale: 0.0,
-        prompt_syntax: PromptSyntax::Plain,
-        loras: Vec::new(),
-    };
+    let params = meta_params(&m, SchedulerKind::Pndm);
     let request = ImageRequest {
         prompt: m["prompt"].as_str().unwrap().into(),
         negative_prompt: Some(m["negative_prompt"].as_str().unwrap().into()),

@@ -17,7 +17,6 @@
 //! convert one you trust, never read: a pickle can run code, and skipping it would let a prompt
 //! naming its trigger produce an image without it. Other files (previews, notes) are ignored.
 use crate::error::{Error, Result};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
@@ -145,24 +144,19 @@ fn tensor_names(path: &Path) -> Result<Vec<String>> {
         Error::NotSafetensors { path, detail } => bad(&path, detail),
         other => other,
     })?;
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(io)?;
-    let len = u64::from_le_bytes(len);
-    if len > MAX_HEADER_BYTES {
-        return Err(bad(
-            path,
-            format!("a {len}-byte safetensors header: a model or LoRA file, not an embedding"),
-        ));
-    }
-    let mut header = Vec::new();
-    file.take(len).read_to_end(&mut header).map_err(io)?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|e| bad(path, format!("unreadable safetensors header: {e}")))?;
+    use super::weights::HeaderError;
+    let header =
+        super::weights::safetensors_header(path, MAX_HEADER_BYTES).map_err(|e| match e {
+            HeaderError::TooLarge(len) => bad(
+                path,
+                format!("a {len}-byte safetensors header: a model or LoRA file, not an embedding"),
+            ),
+            HeaderError::Io(source) => Error::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+            HeaderError::Json(e) => bad(path, format!("unreadable safetensors header: {e}")),
+        })?;
     Ok(header
         .into_iter()
         .map(|(k, _)| k)

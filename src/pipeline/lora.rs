@@ -315,25 +315,19 @@ impl PeftScale {
 /// The JSON header's `__metadata__` of a safetensors file (string values), read without the
 /// tensors. The header is bounded as the format bounds it (100 MB).
 fn safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
-    use std::io::Read;
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(io)?;
-    let len = u64::from_le_bytes(len);
-    if len > 100_000_000 {
-        return Err(lora_err(path, format!("safetensors header of {len} bytes")));
-    }
-    let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header).map_err(io)?;
-    let header: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|source| Error::Json {
+    use super::weights::HeaderError;
+    // The format's own bound on the header.
+    let header = super::weights::safetensors_header(path, 100_000_000).map_err(|e| match e {
+        HeaderError::TooLarge(len) => lora_err(path, format!("safetensors header of {len} bytes")),
+        HeaderError::Io(source) => Error::Io {
             path: path.to_path_buf(),
             source,
-        })?;
+        },
+        HeaderError::Json(source) => Error::Json {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
     Ok(header
         .get("__metadata__")
         .and_then(|m| m.as_object())

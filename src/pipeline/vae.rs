@@ -47,6 +47,43 @@ impl SpatialAttention {
     }
 }
 
+/// The mid block both halves share: resnet, optional single-head attention, resnet.
+struct MidBlock {
+    resnet_in: ResnetBlock,
+    attention: Option<SpatialAttention>,
+    resnet_out: ResnetBlock,
+}
+
+impl MidBlock {
+    fn load(s: &Scope, channels: i64, groups: i64, attention: bool) -> Result<Self> {
+        let resnet = |j: usize| {
+            ResnetBlock::load(
+                &s.sub(format!("resnets.{j}")),
+                channels,
+                channels,
+                None,
+                groups,
+                EPS,
+            )
+        };
+        Ok(Self {
+            resnet_in: resnet(0)?,
+            attention: attention
+                .then(|| SpatialAttention::load(&s.sub("attentions.0"), channels, groups))
+                .transpose()?,
+            resnet_out: resnet(1)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = self.resnet_in.forward(xs, None)?;
+        if let Some(attn) = &self.attention {
+            xs = attn.forward(&xs)?;
+        }
+        self.resnet_out.forward(&xs, None)
+    }
+}
+
 struct UpDecoderBlock {
     resnets: Vec<ResnetBlock>,
     upsample: Option<Upsample>,
@@ -55,9 +92,7 @@ struct UpDecoderBlock {
 pub struct VaeDecoder {
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
-    mid_resnet_in: ResnetBlock,
-    mid_attention: Option<SpatialAttention>,
-    mid_resnet_out: ResnetBlock,
+    mid: MidBlock,
     up: Vec<UpDecoderBlock>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -105,25 +140,11 @@ impl VaeDecoder {
                 .then(|| Conv2d::load(&w.sub("post_quant_conv"), lat, lat, 1, 1, 0))
                 .transpose()?,
             conv_in: Conv2d::load(&d.sub("conv_in"), lat, top, 3, 1, 1)?,
-            mid_resnet_in: ResnetBlock::load(
-                &d.sub("mid_block.resnets.0"),
+            mid: MidBlock::load(
+                &d.sub("mid_block"),
                 top,
-                top,
-                None,
                 groups,
-                EPS,
-            )?,
-            mid_attention: config
-                .mid_block_add_attention
-                .then(|| SpatialAttention::load(&d.sub("mid_block.attentions.0"), top, groups))
-                .transpose()?,
-            mid_resnet_out: ResnetBlock::load(
-                &d.sub("mid_block.resnets.1"),
-                top,
-                top,
-                None,
-                groups,
-                EPS,
+                config.mid_block_add_attention,
             )?,
             up,
             norm_out: GroupNorm::load(&d.sub("conv_norm_out"), groups, ch[0], EPS)?,
@@ -142,12 +163,7 @@ impl VaeDecoder {
             Some(conv) => conv.forward(z)?,
             None => z.shallow_clone(),
         };
-        let mut xs = self.conv_in.forward(&z)?;
-        xs = self.mid_resnet_in.forward(&xs, None)?;
-        if let Some(attn) = &self.mid_attention {
-            xs = attn.forward(&xs)?;
-        }
-        xs = self.mid_resnet_out.forward(&xs, None)?;
+        let mut xs = self.mid.forward(&self.conv_in.forward(&z)?)?;
         for block in &self.up {
             for resnet in &block.resnets {
                 xs = resnet.forward(&xs, None)?;
@@ -172,9 +188,7 @@ struct DownEncoderBlock {
 pub struct VaeEncoder {
     conv_in: Conv2d,
     down: Vec<DownEncoderBlock>,
-    mid_resnet_in: ResnetBlock,
-    mid_attention: Option<SpatialAttention>,
-    mid_resnet_out: ResnetBlock,
+    mid: MidBlock,
     norm_out: GroupNorm,
     conv_out: Conv2d,
     quant_conv: Option<Conv2d>,
@@ -236,25 +250,15 @@ impl VaeEncoder {
             });
             prev_out = out_ch;
         }
-        let mid = |j: usize| {
-            ResnetBlock::load(
-                &e.sub(format!("mid_block.resnets.{j}")),
-                top,
-                top,
-                None,
-                groups,
-                EPS,
-            )
-        };
         Ok(Some(Self {
             conv_in: Conv2d::load(&e.sub("conv_in"), config.in_channels, ch[0], 3, 1, 1)?,
             down,
-            mid_resnet_in: mid(0)?,
-            mid_attention: config
-                .mid_block_add_attention
-                .then(|| SpatialAttention::load(&e.sub("mid_block.attentions.0"), top, groups))
-                .transpose()?,
-            mid_resnet_out: mid(1)?,
+            mid: MidBlock::load(
+                &e.sub("mid_block"),
+                top,
+                groups,
+                config.mid_block_add_attention,
+            )?,
             norm_out: GroupNorm::load(&e.sub("conv_norm_out"), groups, top, EPS)?,
             conv_out: Conv2d::load(&e.sub("conv_out"), top, 2 * lat, 3, 1, 1)?,
             quant_conv: config
@@ -277,11 +281,7 @@ impl VaeEncoder {
                 xs = down.forward(&xs)?;
             }
         }
-        xs = self.mid_resnet_in.forward(&xs, None)?;
-        if let Some(attn) = &self.mid_attention {
-            xs = attn.forward(&xs)?;
-        }
-        xs = self.mid_resnet_out.forward(&xs, None)?;
+        let xs = self.mid.forward(&xs)?;
         let xs = self.norm_out.forward(&xs)?.f_silu()?;
         let mut moments = self.conv_out.forward(&xs)?;
         if let Some(q) = &self.quant_conv {

@@ -147,6 +147,36 @@ impl Weights {
     }
 }
 
+/// Why a safetensors header was not read.
+#[derive(Debug)]
+pub enum HeaderError {
+    /// Larger than the caller's bound (its size in bytes): usually a file of another kind.
+    TooLarge(u64),
+    Io(std::io::Error),
+    Json(serde_json::Error),
+}
+
+/// The JSON header of a safetensors file (tensor names → dtype/shape/offsets, and
+/// `__metadata__`), read without the tensors and only up to `max_bytes`.
+pub fn safetensors_header(
+    path: &Path,
+    max_bytes: u64,
+) -> std::result::Result<serde_json::Map<String, serde_json::Value>, HeaderError> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(HeaderError::Io)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(HeaderError::Io)?;
+    let len = u64::from_le_bytes(len);
+    if len > max_bytes {
+        return Err(HeaderError::TooLarge(len));
+    }
+    let mut header = Vec::new();
+    file.take(len)
+        .read_to_end(&mut header)
+        .map_err(HeaderError::Io)?;
+    serde_json::from_slice(&header).map_err(HeaderError::Json)
+}
+
 /// A prefixed view into [`Weights`], mirroring the module tree of the Python model.
 #[derive(Clone)]
 pub struct Scope<'a> {

@@ -39,6 +39,39 @@ pub fn load_cpu() -> StableDiffusion {
     StableDiffusion::load(&model_dir(), LoadOptions::new(Device::Cpu, Kind::Float)).unwrap()
 }
 
+/// The parameters of a reference run: square `size`, every option at its default.
+pub fn params(
+    steps: usize,
+    guidance_scale: f64,
+    size: i64,
+    scheduler: sdbatch::pipeline::schedulers::SchedulerKind,
+) -> sdbatch::pipeline::GenerateParams {
+    sdbatch::pipeline::GenerateParams {
+        steps,
+        guidance_scale,
+        width: size,
+        height: size,
+        scheduler,
+        clip_skip: 1,
+        guidance_rescale: 0.0,
+        prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
+        loras: Vec::new(),
+    }
+}
+
+/// [`params`] of a reference's meta section (`num_inference_steps`, `guidance_scale`, `size`).
+pub fn meta_params(
+    m: &serde_json::Value,
+    scheduler: sdbatch::pipeline::schedulers::SchedulerKind,
+) -> sdbatch::pipeline::GenerateParams {
+    params(
+        m["num_inference_steps"].as_u64().unwrap() as usize,
+        m["guidance_scale"].as_f64().unwrap(),
+        m["size"].as_i64().unwrap(),
+        scheduler,
+    )
+}
+
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shape mismatch");
     (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
