@@ -123,7 +123,9 @@ mod tests {
     }
 
     fn gradient(w: u32, h: u32) -> image::RgbImage {
-        image::RgbImage::from_fn(w, h, |x, y| Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, 7]))
+        image::RgbImage::from_fn(w, h, |x, y| {
+            Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, 7])
+        })
     }
 
     #[test]
@@ -132,7 +134,10 @@ mod tests {
         let out = decode(&png(&img), 16, 8).unwrap();
         assert_eq!(out.pixels, img.as_raw().clone());
         let out = decode(&png(&img), 32, 32).unwrap();
-        assert_eq!((out.width, out.height, out.pixels.len()), (32, 32, 32 * 32 * 3));
+        assert_eq!(
+            (out.width, out.height, out.pixels.len()),
+            (32, 32, 32 * 32 * 3)
+        );
     }
 
     #[test]
@@ -162,7 +167,10 @@ mod tests {
             decode(b"not an image at all", 8, 8),
             Err(InitImageError::Unreadable(_))
         ));
-        assert!(matches!(decode(b"", 8, 8), Err(InitImageError::Unreadable(_))));
+        assert!(matches!(
+            decode(b"", 8, 8),
+            Err(InitImageError::Unreadable(_))
+        ));
     }
 
     #[test]
@@ -170,7 +178,10 @@ mod tests {
         let bytes = png(&gradient(64, 64));
         for cut in [8, 40, bytes.len() / 2, bytes.len() - 13] {
             assert!(
-                matches!(decode(&bytes[..cut], 64, 64), Err(InitImageError::Unreadable(_))),
+                matches!(
+                    decode(&bytes[..cut], 64, 64),
+                    Err(InitImageError::Unreadable(_))
+                ),
                 "cut at {cut}"
             );
         }
@@ -195,7 +206,10 @@ mod tests {
         };
         let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
         out.extend(chunk(b"IHDR", &ihdr));
-        out.extend(chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]));
+        out.extend(chunk(
+            b"IDAT",
+            &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        ));
         out.extend(chunk(b"IEND", &[]));
         out
     }
@@ -205,7 +219,11 @@ mod tests {
         for &b in kind.iter().chain(data) {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
@@ -216,7 +234,10 @@ mod tests {
         // 60000² RGB would be 10 GiB; 8192x4096 is within the side limit, over the pixel limit.
         for (w, h) in [(60_000, 60_000), (MAX_SIDE + 8, 16), (8192, 4096)] {
             assert!(
-                matches!(decode(&declared_png(w, h), 8, 8), Err(InitImageError::TooLarge(_))),
+                matches!(
+                    decode(&declared_png(w, h), 8, 8),
+                    Err(InitImageError::TooLarge(_))
+                ),
                 "{w}x{h}"
             );
         }
@@ -256,7 +277,11 @@ mod tests {
     fn exif_orientation_is_applied() {
         // 32 wide, 16 tall: left half red, right half blue.
         let img = image::RgbImage::from_fn(32, 16, |x, _| {
-            if x < 16 { Rgb([255, 0, 0]) } else { Rgb([0, 0, 255]) }
+            if x < 16 {
+                Rgb([255, 0, 0])
+            } else {
+                Rgb([0, 0, 255])
+            }
         });
         let upright = decode(&jpeg_with_orientation(&img, 1), 32, 16).unwrap();
         let px = |o: &RgbImage, x: u32, y: u32| {

@@ -171,8 +171,14 @@ impl BatchMessage {
 }
 
 impl MessageItem {
-    pub const FIELDS: &'static [&'static str] =
-        &["id", "prompt", "negative_prompt", "seed", "num_images", "init_image"];
+    pub const FIELDS: &'static [&'static str] = &[
+        "id",
+        "prompt",
+        "negative_prompt",
+        "seed",
+        "num_images",
+        "init_image",
+    ];
     pub const REQUIRED: &'static [&'static str] = &["id", "prompt"];
 }
 
@@ -1340,10 +1346,7 @@ fn parse_init_image(uri: &str, limits: &Limits) -> Result<InitImage, (InvalidRea
     let Some(rest) = uri.strip_prefix("data:") else {
         return Err((
             R::InitImage,
-            format!(
-                "{} is neither s3://bucket/key nor a data: URI",
-                quote(uri)
-            ),
+            format!("{} is neither s3://bucket/key nor a data: URI", quote(uri)),
         ));
     };
     let Some((media, payload)) = rest.split_once(";base64,") else {
@@ -1373,7 +1376,12 @@ fn parse_init_image(uri: &str, limits: &Limits) -> Result<InitImage, (InvalidRea
     }
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(payload)
-        .map_err(|e| (R::InitImage, format!("the data: URI is not valid base64: {e}")))?;
+        .map_err(|e| {
+            (
+                R::InitImage,
+                format!("the data: URI is not valid base64: {e}"),
+            )
+        })?;
     if bytes.len() > MAX_INIT_IMAGE_BYTES {
         return Err((
             R::InitImageTooLarge,
@@ -2521,12 +2529,22 @@ mod tests {
                 key: "in/a b.png".into()
             }
         );
-        assert_eq!((got.sha256.as_deref(), b.strength), (None, DEFAULT_STRENGTH));
+        assert_eq!(
+            (got.sha256.as_deref(), b.strength),
+            (None, DEFAULT_STRENGTH)
+        );
         assert_eq!(got.describe(), "s3://images/in/a b.png");
         // A data URI: decoded and hashed at parse; never echoed by `describe` or `Debug`.
-        let b = parse_value(&init(&format!("data:image/png;base64,{}", b64(b"\x89PNG fake")))).unwrap();
+        let b = parse_value(&init(&format!(
+            "data:image/png;base64,{}",
+            b64(b"\x89PNG fake")
+        )))
+        .unwrap();
         let got = b.items[0].init_image.clone().unwrap();
-        assert_eq!(got.sha256.as_deref(), Some(hex::encode(Sha256::digest(b"\x89PNG fake")).as_str()));
+        assert_eq!(
+            got.sha256.as_deref(),
+            Some(hex::encode(Sha256::digest(b"\x89PNG fake")).as_str())
+        );
         assert_eq!(got.describe(), "data:");
         assert!(!format!("{b:?}").contains(&b64(b"\x89PNG fake")));
         // Refusals, each with its reason and a bounded message.
@@ -2540,10 +2558,19 @@ mod tests {
             ("https://example.com/a.png".to_string(), R::InitImage),
             (huge.clone(), R::InitImage),
             ("data:image/png,rawbytes".to_string(), R::InitImage),
-            ("data:image/png;base64,!!!notbase64".to_string(), R::InitImage),
-            (format!("data:image/gif;base64,{}", b64(b"GIF89a")), R::InitImageUnreadable),
             (
-                format!("data:image/png;base64,{}", b64(&vec![0; MAX_INIT_IMAGE_BYTES + 1])),
+                "data:image/png;base64,!!!notbase64".to_string(),
+                R::InitImage,
+            ),
+            (
+                format!("data:image/gif;base64,{}", b64(b"GIF89a")),
+                R::InitImageUnreadable,
+            ),
+            (
+                format!(
+                    "data:image/png;base64,{}",
+                    b64(&vec![0; MAX_INIT_IMAGE_BYTES + 1])
+                ),
                 R::InitImageTooLarge,
             ),
         ] {
@@ -2553,24 +2580,48 @@ mod tests {
             };
             let err = parse(&serde_json::to_vec(&init(&v)).unwrap(), &l, NATIVE).unwrap_err();
             assert_eq!(err.reason, reason, "{}", crate::bounded::cut(&v, 80));
-            assert!(err.message.len() <= crate::bounded::MAX_REASON_BYTES, "{}", err.message);
-            assert!(err.message.contains("items[0].init_image"), "{}", err.message);
+            assert!(
+                err.message.len() <= crate::bounded::MAX_REASON_BYTES,
+                "{}",
+                err.message
+            );
+            assert!(
+                err.message.contains("items[0].init_image"),
+                "{}",
+                err.message
+            );
             assert_eq!(err.batch_id.as_deref(), Some("b1"));
         }
         // Not a string: the field is blamed.
-        assert_eq!(reason_of(&with(minimal(), "/items/0/init_image", Some(json!(3)))), R::InitImage);
+        assert_eq!(
+            reason_of(&with(minimal(), "/items/0/init_image", Some(json!(3)))),
+            R::InitImage
+        );
         // Strength: (0, 1], at least one step, only with init images.
         let i2i = |strength: Value, steps: u32| {
             with(
-                with(init("s3://images/in.png"), "/params", Some(json!({"steps": steps}))),
+                with(
+                    init("s3://images/in.png"),
+                    "/params",
+                    Some(json!({"steps": steps})),
+                ),
                 "/params/strength",
                 Some(strength),
             )
         };
         assert_eq!(parse_value(&i2i(json!(0.5), 10)).unwrap().strength, 0.5);
         assert_eq!(parse_value(&i2i(json!(1), 10)).unwrap().strength, 1.0);
-        for (s, steps) in [(json!(0), 10), (json!(-0.1), 10), (json!(1.01), 10), (json!(0.05), 10)] {
-            assert_eq!(reason_of(&i2i(s.clone(), steps)), R::Strength, "{s} {steps}");
+        for (s, steps) in [
+            (json!(0), 10),
+            (json!(-0.1), 10),
+            (json!(1.01), 10),
+            (json!(0.05), 10),
+        ] {
+            assert_eq!(
+                reason_of(&i2i(s.clone(), steps)),
+                R::Strength,
+                "{s} {steps}"
+            );
         }
         assert_eq!(reason_of(&i2i(json!("high"), 10)), R::Strength);
         let txt2img_with_strength = with(minimal(), "/params", Some(json!({"strength": 0.5})));
@@ -2582,13 +2633,18 @@ mod tests {
         let plain = parse_value(&minimal()).unwrap();
         let mut explicit_none = minimal();
         explicit_none["items"][0]["init_image"] = Value::Null;
-        assert_eq!(parse_value(&explicit_none).unwrap().work_sha256(), plain.work_sha256());
-        let with_init = |v: &str| {
-            parse_value(&with(minimal(), "/items/0/init_image", Some(json!(v)))).unwrap()
-        };
+        assert_eq!(
+            parse_value(&explicit_none).unwrap().work_sha256(),
+            plain.work_sha256()
+        );
+        let with_init =
+            |v: &str| parse_value(&with(minimal(), "/items/0/init_image", Some(json!(v)))).unwrap();
         let a = with_init("s3://images/a.png");
         assert_ne!(a.work_sha256(), plain.work_sha256());
-        assert_ne!(a.work_sha256(), with_init("s3://images/b.png").work_sha256());
+        assert_ne!(
+            a.work_sha256(),
+            with_init("s3://images/b.png").work_sha256()
+        );
         // The fetched bytes' hash is part of it: other bytes under the same key are other work.
         let mut fetched = a.clone();
         fetched.items[0].init_image.as_mut().unwrap().sha256 = Some("1".repeat(64));
