@@ -243,3 +243,50 @@ async fn mixed_txt2img_and_img2img_batches_complete_and_bad_inputs_are_dead_lett
     );
     stack.broker.cleanup().await;
 }
+
+/// A store that fails while an init image is fetched: the fetch is retried like an upload, and the
+/// message completes once the store is back (the init image's bytes as recorded).
+#[tokio::test(flavor = "multi_thread")]
+async fn init_image_fetch_is_retried_through_a_storage_outage() {
+    let mut stack = Stack::new("i2i-s3down", 3).await;
+    let mut events = stack.broker.watch_events().await;
+    let init_bytes = std::fs::read(common::fixtures().join("img2img/init.png")).unwrap();
+    stack
+        .storage
+        .put(
+            &stack.bucket,
+            "inputs/init.png",
+            init_bytes.clone(),
+            "image/png",
+            &[],
+        )
+        .await
+        .unwrap();
+    let worker = stack.worker("w1", &[]);
+    worker.wait_ready(LONG).await;
+    // The fetch is the delivery's first store operation, so the retries below are its.
+    stack.s3.stop();
+    let body = serde_json::to_vec(&json!({
+        "schema_version": 1,
+        "batch_id": "outage-i2i",
+        "items": [{"id": "i", "prompt": "a teapot", "seed": 2,
+                   "init_image": "s3://images/inputs/init.png"}],
+        "params": {"steps": 2, "strength": 1.0}
+    }))
+    .unwrap();
+    stack.broker.publish(&body).await;
+    // Restarted once the worker has retried twice (counted live, while the fetch still retries).
+    worker
+        .wait_for_metric(r#"sdbatch_retries_total{cause="storage"}"#, 2.0, LONG)
+        .await;
+    stack.s3.restart();
+    let Some(Event::Completed(done)) = events.next(LONG).await else {
+        panic!("no completion: {}", worker.log_text())
+    };
+    assert_eq!(done.batch_id, "outage-i2i");
+    assert_eq!(
+        done.images[0].init_image_sha256.as_deref(),
+        Some(hex::encode(sha2::Sha256::digest(&init_bytes)).as_str())
+    );
+    stack.broker.cleanup().await;
+}
