@@ -2,15 +2,17 @@
 //!
 //! - [`Planner`] holds the images of every message in hand, in arrival order. The next batch takes
 //!   the oldest waiting image and every later image that can share its UNet batch (same size,
-//!   steps, scheduler, guidance and LoRA set: a [`ShapeKey`]), across message boundaries, up to the size the
+//!   steps, scheduler, guidance, LoRA set, and txt2img or img2img at one strength: a [`ShapeKey`]),
+//!   across message boundaries, up to the size the
 //!   [`BatchSizer`] allows. Images keep their order within a message; none is lost or duplicated.
 //! - [`BatchSizer`] picks that size per shape: the configured ceiling (`--max-batch`) on the CPU; on
 //!   CUDA the largest batch whose calibrated memory fits the device under a safety margin, and a
 //!   per-shape ceiling halved each time the device runs out of memory.
 use crate::pipeline::GenerateParams;
-use crate::pipeline::ImageRequest;
 use crate::pipeline::schedulers::SchedulerKind;
+use crate::pipeline::{ImageRequest, RgbImage};
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 /// What images must share to be denoised in one UNet batch.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -30,6 +32,10 @@ pub struct ShapeKey {
     /// The LoRA set fused into the weights for the batch (names and weights' bits, canonical
     /// order): one set per GPU batch.
     pub loras: Vec<(String, u64)>,
+    /// img2img: the strength's bits (one start step for the whole batch, and every image of the
+    /// batch needs an init image). `None`: txt2img. txt2img and img2img images never share a
+    /// batch, even of one message.
+    pub strength_bits: Option<u64>,
 }
 
 impl ShapeKey {
@@ -48,7 +54,21 @@ impl ShapeKey {
                 .iter()
                 .map(|l| (l.name.clone(), l.weight.to_bits()))
                 .collect(),
+            strength_bits: None,
         }
+    }
+
+    /// The key of an img2img image with `strength` (or of a txt2img one for `None`).
+    pub fn with_strength(self, strength: Option<f64>) -> Self {
+        Self {
+            strength_bits: strength.map(f64::to_bits),
+            ..self
+        }
+    }
+
+    /// img2img strength of the batch, `None` for txt2img.
+    pub fn strength(&self) -> Option<f64> {
+        self.strength_bits.map(f64::from_bits)
     }
 }
 
@@ -57,6 +77,8 @@ impl ShapeKey {
 pub struct PlannedImage<T> {
     pub tag: T,
     pub request: ImageRequest,
+    /// img2img: the decoded init image at the output size (shared by the images of one item).
+    pub init: Option<Arc<RgbImage>>,
 }
 
 /// A GPU batch: images of one shape, oldest first.
@@ -93,12 +115,31 @@ impl<T: Clone + PartialEq> Planner<T> {
         params: &GenerateParams,
         images: impl IntoIterator<Item = (T, ImageRequest)>,
     ) {
-        let key = ShapeKey::of(params);
-        for (tag, request) in images {
+        self.push_with(
+            params,
+            0.0,
+            images
+                .into_iter()
+                .map(|(tag, request)| (tag, request, None)),
+        );
+    }
+
+    /// Queues the images of one message, img2img ones with their init image: those are keyed
+    /// with `strength`, so they are batched apart from the txt2img images.
+    pub fn push_with(
+        &mut self,
+        params: &GenerateParams,
+        strength: f64,
+        images: impl IntoIterator<Item = (T, ImageRequest, Option<Arc<RgbImage>>)>,
+    ) {
+        let txt2img = ShapeKey::of(params);
+        let img2img = txt2img.clone().with_strength(Some(strength));
+        for (tag, request, init) in images {
+            let key = if init.is_some() { &img2img } else { &txt2img };
             self.waiting.push_back(Waiting {
                 key: key.clone(),
                 params: params.clone(),
-                image: PlannedImage { tag, request },
+                image: PlannedImage { tag, request, init },
             });
         }
     }
@@ -327,6 +368,56 @@ mod tests {
 
     fn tags(b: &PlannedBatch<Tag>) -> Vec<Tag> {
         b.images.iter().map(|i| i.tag).collect()
+    }
+
+    #[test]
+    fn img2img_images_are_batched_apart_from_txt2img_and_by_strength() {
+        let init = Arc::new(RgbImage {
+            width: 512,
+            height: 512,
+            pixels: vec![0; 512 * 512 * 3],
+        });
+        let mut p: Planner<Tag> = Planner::default();
+        // One message mixing txt2img (0, 2) and img2img (1, 3) items, then another message's
+        // img2img image at another strength and one at the same.
+        p.push_with(
+            &params(512, 50),
+            0.8,
+            [
+                ((0, 0), req(0), None),
+                ((0, 1), req(1), Some(init.clone())),
+                ((0, 2), req(2), None),
+                ((0, 3), req(3), Some(init.clone())),
+            ],
+        );
+        p.push_with(
+            &params(512, 50),
+            0.5,
+            [((1, 0), req(4), Some(init.clone()))],
+        );
+        p.push_with(
+            &params(512, 50),
+            0.8,
+            [((2, 0), req(5), Some(init.clone()))],
+        );
+        p.push(&params(512, 50), [((3, 0), req(6))]);
+        let b = p.next_batch(8).unwrap();
+        assert_eq!(tags(&b), [(0, 0), (0, 2), (3, 0)]);
+        assert_eq!(b.key.strength(), None);
+        assert!(b.images.iter().all(|i| i.init.is_none()));
+        let b = p.next_batch(8).unwrap();
+        assert_eq!(tags(&b), [(0, 1), (0, 3), (2, 0)]);
+        assert_eq!(b.key.strength(), Some(0.8));
+        assert!(b.images.iter().all(|i| i.init.as_ref() == Some(&init)));
+        let b = p.next_batch(8).unwrap();
+        assert_eq!(tags(&b), [(1, 0)]);
+        assert_eq!(b.key.strength(), Some(0.5));
+        assert!(p.is_empty());
+        // Memory does not depend on img2img: one calibration serves both.
+        assert_eq!(
+            MemoryKey::of(&ShapeKey::of(&params(512, 50)).with_strength(Some(0.8))),
+            MemoryKey::of(&ShapeKey::of(&params(512, 50)))
+        );
     }
 
     #[test]

@@ -53,6 +53,13 @@ pub struct ImageRecord {
     /// Whether the CLIP score is below the worker's `--min-clip-score` (marked, not dropped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub low_clip_score: Option<bool>,
+    /// img2img: where the item's init image came from, `s3://bucket/key` or `data:` (a data URI
+    /// is never echoed: its bytes are identified by `init_image_sha256`). Absent for txt2img.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<String>,
+    /// img2img: SHA-256 of the init image's encoded bytes, as fetched or decoded from base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image_sha256: Option<String>,
 }
 
 impl ImageRecord {
@@ -97,6 +104,8 @@ impl ImageRecord {
             safety_action: None,
             clip_score: None,
             low_clip_score: None,
+            init_image: item.init_image.as_ref().map(|i| i.describe()),
+            init_image_sha256: item.init_image.as_ref().and_then(|i| i.sha256.clone()),
         }
     }
 }
@@ -125,6 +134,9 @@ pub struct EventParams {
     /// The LoRAs fused for the batch (canonical order, with the preset's), when any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loras: Option<Vec<crate::pipeline::adapters::LoraWeight>>,
+    /// The img2img strength, when any item had an init image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
 }
 
 impl EventParams {
@@ -142,6 +154,11 @@ impl EventParams {
             prompt_syntax: (p.prompt_syntax != PromptSyntax::Plain)
                 .then(|| p.prompt_syntax.as_str().to_string()),
             loras: (!p.loras.is_empty()).then(|| p.loras.clone()),
+            strength: batch
+                .items
+                .iter()
+                .any(|i| i.init_image.is_some())
+                .then_some(batch.strength),
         }
     }
 }
@@ -426,6 +443,8 @@ mod tests {
         images[0].safety_action = Some("blank".into());
         images[0].clip_score = Some(31.5);
         images[0].low_clip_score = Some(false);
+        images[0].init_image = Some("s3://images/inputs/shoe.png".into());
+        images[0].init_image_sha256 = Some("ab".repeat(32));
         let mut c = BatchCompleted::new(
             &b,
             images,
@@ -492,6 +511,7 @@ mod tests {
                 guidance_rescale: None,
                 prompt_syntax: None,
                 loras: None,
+                strength: None,
             }
         );
         let keys: Vec<(&str, u32, &str, u64)> = c
@@ -662,6 +682,7 @@ mod tests {
                     name: "style".into(),
                     weight: 0.7,
                 }]),
+                strength: Some(0.6),
                 ..full.params.clone()
             },
             ..full
@@ -698,9 +719,17 @@ mod tests {
                 want.remove("guidance_rescale");
                 want.remove("prompt_syntax");
                 want.remove("loras");
+                want.remove("strength");
             }
             if def == "image" {
-                for optional in ["nsfw", "safety_action", "clip_score", "low_clip_score"] {
+                for optional in [
+                    "nsfw",
+                    "safety_action",
+                    "clip_score",
+                    "low_clip_score",
+                    "init_image",
+                    "init_image_sha256",
+                ] {
                     want.remove(optional);
                 }
             }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod events;
+pub mod init_image;
 pub mod keys;
 pub mod message;
 pub mod metrics;

@@ -51,6 +51,13 @@ pub const MAX_ID_LEN: usize = 128;
 pub const MAX_PREFIX_BYTES: usize = 512;
 /// Item id that would collide with the batch's manifest object (`{batch_id}/manifest.json`).
 pub const RESERVED_ITEM_ID: &str = "manifest.json";
+/// img2img strength when the message gives none (diffusers' default).
+pub const DEFAULT_STRENGTH: f64 = 0.8;
+/// Largest init image, in encoded bytes (a `data:` URI decoded, an S3 object's size): checked
+/// before an S3 download starts. A `data:` URI is bounded by `max_message_bytes` first.
+pub const MAX_INIT_IMAGE_BYTES: usize = 4 << 20;
+/// Longest S3 key of an `init_image` (S3's own limit).
+pub const MAX_INIT_KEY_BYTES: usize = 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Wire structs
@@ -82,6 +89,10 @@ pub struct MessageItem {
     pub seed: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_images: Option<u32>,
+    /// img2img: the image to start from, `s3://bucket/key` (a bucket the worker allows) or a
+    /// `data:image/{png,jpeg,webp};base64,…` URI. Absent: txt2img.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<String>,
 }
 
 /// Sampling parameters shared by every image of a message.
@@ -115,6 +126,9 @@ pub struct MessageParams {
     /// LoRAs by name in the worker's LoRA folder, with weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loras: Option<Vec<MessageLora>>,
+    /// img2img strength in (0, 1] (default [`DEFAULT_STRENGTH`]); only with `init_image` items.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
 }
 
 /// One LoRA of `params.loras`.
@@ -157,8 +171,14 @@ impl BatchMessage {
 }
 
 impl MessageItem {
-    pub const FIELDS: &'static [&'static str] =
-        &["id", "prompt", "negative_prompt", "seed", "num_images"];
+    pub const FIELDS: &'static [&'static str] = &[
+        "id",
+        "prompt",
+        "negative_prompt",
+        "seed",
+        "num_images",
+        "init_image",
+    ];
     pub const REQUIRED: &'static [&'static str] = &["id", "prompt"];
 }
 
@@ -175,6 +195,7 @@ impl MessageParams {
         "guidance_rescale",
         "prompt_syntax",
         "loras",
+        "strength",
     ];
 
     /// No field set.
@@ -282,7 +303,7 @@ impl Limits {
         Ok(())
     }
 
-    fn bucket_allowed(&self, bucket: &str) -> bool {
+    pub fn bucket_allowed(&self, bucket: &str) -> bool {
         self.default_bucket.as_deref() == Some(bucket)
             || self.allowed_buckets.iter().any(|b| b == bucket)
     }
@@ -400,10 +421,24 @@ pub enum InvalidReason {
     /// Objects stored under this `batch_id` were made by a message with different work (set by
     /// the worker from the manifest or the images' metadata, not by `parse`).
     BatchIdConflict,
+    /// `items[].init_image` is not an `s3://` key in an allowed bucket nor a PNG/JPEG/WebP
+    /// `data:` URI in base64.
+    InitImage,
+    /// The init image's S3 object does not exist (set by the worker).
+    InitImageMissing,
+    /// The init image is not a PNG, JPEG or WebP the worker can decode: another format, a
+    /// truncated or corrupt file (set by the worker, or by `parse` for a `data:` URI's type).
+    InitImageUnreadable,
+    /// The init image is over [`MAX_INIT_IMAGE_BYTES`] or its declared dimensions are over the
+    /// decoder's limits ([`crate::init_image::MAX_SIDE`], [`crate::init_image::MAX_PIXELS`]).
+    InitImageTooLarge,
+    /// `params.strength` outside (0, 1], running no step with the batch's steps, or given
+    /// without any `init_image`.
+    Strength,
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 26] = [
+    pub const ALL: [InvalidReason; 31] = [
         InvalidReason::TooLarge,
         InvalidReason::NotJson,
         InvalidReason::SchemaVersion,
@@ -430,6 +465,11 @@ impl InvalidReason {
         InvalidReason::Quality,
         InvalidReason::SafetyChecker,
         InvalidReason::BatchIdConflict,
+        InvalidReason::InitImage,
+        InvalidReason::InitImageMissing,
+        InvalidReason::InitImageUnreadable,
+        InvalidReason::InitImageTooLarge,
+        InvalidReason::Strength,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -460,6 +500,11 @@ impl InvalidReason {
             InvalidReason::Quality => "quality",
             InvalidReason::SafetyChecker => "safety_checker",
             InvalidReason::BatchIdConflict => "batch_id_conflict",
+            InvalidReason::InitImage => "init_image",
+            InvalidReason::InitImageMissing => "init_image_missing",
+            InvalidReason::InitImageUnreadable => "init_image_unreadable",
+            InvalidReason::InitImageTooLarge => "init_image_too_large",
+            InvalidReason::Strength => "strength",
         }
     }
 }
@@ -512,6 +557,8 @@ pub struct Batch {
     pub prefix: String,
     /// Format (and JPEG quality) of the images.
     pub encoding: Encoding,
+    /// img2img strength of the items with an init image ([`DEFAULT_STRENGTH`] when not given).
+    pub strength: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -524,6 +571,48 @@ pub struct BatchItem {
     /// Whether `seed` was derived from the batch and item ids (see [`derive_seed`]).
     pub seed_derived: bool,
     pub num_images: u32,
+    /// img2img: the image every image of this item starts from. `None`: txt2img.
+    pub init_image: Option<InitImage>,
+}
+
+/// Where an init image comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum InitSource {
+    /// An object the worker fetches (the bucket is one the worker allows).
+    S3 { bucket: String, key: String },
+    /// The bytes of a `data:` URI, decoded from base64 (at most [`MAX_INIT_IMAGE_BYTES`]).
+    Data { bytes: std::sync::Arc<[u8]> },
+}
+
+// Never the bytes themselves: a `Batch` is logged and compared in tests.
+impl fmt::Debug for InitSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InitSource::S3 { bucket, key } => write!(f, "s3://{bucket}/{key}"),
+            InitSource::Data { bytes } => write!(f, "data:<{} bytes>", bytes.len()),
+        }
+    }
+}
+
+/// An item's init image: its source and, once its bytes are known, their SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitImage {
+    pub source: InitSource,
+    /// SHA-256 (hex) of the encoded bytes: set by `parse` for a `data:` URI, by the worker once
+    /// it fetched an S3 object. Part of the work hash and of the image records, so a result can
+    /// be reproduced from the same bytes.
+    pub sha256: Option<String>,
+}
+
+impl InitImage {
+    /// What the events record: the `s3://` URI, or `data:` (the bytes are identified by
+    /// [`Self::sha256`]; a data URI is never echoed).
+    pub fn describe(&self) -> String {
+        match &self.source {
+            InitSource::S3 { bucket, key } => format!("s3://{bucket}/{key}"),
+            InitSource::Data { .. } => "data:".into(),
+        }
+    }
 }
 
 impl BatchItem {
@@ -595,6 +684,21 @@ impl Batch {
         }
         if !p.loras.is_empty() {
             canonical["loras"] = serde_json::json!(p.loras);
+        }
+        // img2img: the strength and each init image's source and bytes (by hash). Items without
+        // one hash as before.
+        if self.items.iter().any(|i| i.init_image.is_some()) {
+            canonical["strength"] = serde_json::json!(self.strength);
+            for (item, out) in self.items.iter().zip(
+                canonical["items"]
+                    .as_array_mut()
+                    .expect("built as an array above"),
+            ) {
+                if let Some(init) = &item.init_image {
+                    out["init_image"] = serde_json::json!(init.describe());
+                    out["init_sha256"] = serde_json::json!(init.sha256);
+                }
+            }
         }
         // The format changes the objects (keys, bytes); PNG is what earlier versions wrote.
         if self.encoding != Encoding::PNG {
@@ -938,6 +1042,13 @@ fn validate_unbounded(
             seed,
             seed_derived,
             num_images,
+            init_image: match &item.init_image {
+                None => None,
+                Some(uri) => Some(
+                    parse_init_image(uri, limits)
+                        .map_err(|(reason, m)| fail(reason, format!("{at}.init_image: {m}")))?,
+                ),
+            },
         });
     }
     if total > limits.max_total_images {
@@ -1103,6 +1214,21 @@ fn validate_unbounded(
     let loras =
         adapters::canonical(loras).map_err(|e| fail(R::Lora, format!("params.loras: {e}")))?;
 
+    let any_init = items.iter().any(|i| i.init_image.is_some());
+    let strength = p.strength.unwrap_or(DEFAULT_STRENGTH);
+    if p.strength.is_some() && !any_init {
+        return Err(fail(
+            R::Strength,
+            "params.strength is only for img2img: no item has an init_image".into(),
+        ));
+    }
+    if any_init {
+        // The pipeline's own rule (the step the schedule starts at), checked here so the batch
+        // is refused before any work instead of failing on the GPU.
+        crate::pipeline::img2img_begin(steps, strength)
+            .map_err(|e| fail(R::Strength, format!("params.strength: {e}")))?;
+    }
+
     let work = work_units(total, steps, size[0], size[1]);
     if work > limits.max_message_work {
         return Err(fail(
@@ -1174,6 +1300,102 @@ fn validate_unbounded(
         bucket,
         prefix,
         encoding,
+        strength,
+    })
+}
+
+/// Reads an `init_image` value: `s3://bucket/key` in an allowed bucket, or a base64 `data:` URI
+/// of a PNG, JPEG or WebP of at most [`MAX_INIT_IMAGE_BYTES`].
+fn parse_init_image(uri: &str, limits: &Limits) -> Result<InitImage, (InvalidReason, String)> {
+    use InvalidReason as R;
+    use base64::Engine as _;
+    if let Some(rest) = uri.strip_prefix("s3://") {
+        let Some((bucket, key)) = rest.split_once('/') else {
+            return Err((
+                R::InitImage,
+                format!("{} has no key: s3://bucket/key", quote(uri)),
+            ));
+        };
+        if !limits.bucket_allowed(bucket) {
+            return Err((
+                R::InitImage,
+                format!("bucket {} is not allowed on this worker", quote(bucket)),
+            ));
+        }
+        if key.is_empty()
+            || key.len() > MAX_INIT_KEY_BYTES
+            || key.chars().any(char::is_control)
+            || key.starts_with('/')
+        {
+            return Err((
+                R::InitImage,
+                format!(
+                    "key {} must be 1..={MAX_INIT_KEY_BYTES} bytes without control characters                      or a leading `/`",
+                    quote(key)
+                ),
+            ));
+        }
+        return Ok(InitImage {
+            source: InitSource::S3 {
+                bucket: bucket.to_string(),
+                key: key.to_string(),
+            },
+            sha256: None,
+        });
+    }
+    let Some(rest) = uri.strip_prefix("data:") else {
+        return Err((
+            R::InitImage,
+            format!("{} is neither s3://bucket/key nor a data: URI", quote(uri)),
+        ));
+    };
+    let Some((media, payload)) = rest.split_once(";base64,") else {
+        return Err((
+            R::InitImage,
+            "a data: URI must be base64 (data:image/png;base64,...)".into(),
+        ));
+    };
+    if !["image/png", "image/jpeg", "image/webp"].contains(&media) {
+        return Err((
+            R::InitImageUnreadable,
+            format!(
+                "media type {} is not image/png, image/jpeg or image/webp",
+                quote(media)
+            ),
+        ));
+    }
+    // Checked on the base64 length first, so an oversized payload is never decoded.
+    if payload.len() / 4 * 3 > MAX_INIT_IMAGE_BYTES + 3 {
+        return Err((
+            R::InitImageTooLarge,
+            format!(
+                "the data: URI holds about {} bytes, limit {MAX_INIT_IMAGE_BYTES}",
+                payload.len() / 4 * 3
+            ),
+        ));
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(payload)
+        .map_err(|e| {
+            (
+                R::InitImage,
+                format!("the data: URI is not valid base64: {e}"),
+            )
+        })?;
+    if bytes.len() > MAX_INIT_IMAGE_BYTES {
+        return Err((
+            R::InitImageTooLarge,
+            format!(
+                "the data: URI holds {} bytes, limit {MAX_INIT_IMAGE_BYTES}",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(InitImage {
+        sha256: Some(hex::encode(Sha256::digest(&bytes))),
+        source: InitSource::Data {
+            bytes: bytes.into(),
+        },
     })
 }
 
@@ -1316,6 +1538,12 @@ const ITEM: &[Spec] = &[
         InvalidReason::NumImages,
         is::<Option<u32>>,
     ),
+    (
+        "init_image",
+        false,
+        InvalidReason::InitImage,
+        is::<Option<String>>,
+    ),
 ];
 const PARAMS: &[Spec] = &[
     ("steps", false, InvalidReason::Steps, is::<Option<u32>>),
@@ -1363,6 +1591,12 @@ const PARAMS: &[Spec] = &[
         false,
         InvalidReason::Lora,
         is::<Option<Vec<MessageLora>>>,
+    ),
+    (
+        "strength",
+        false,
+        InvalidReason::Strength,
+        is::<Option<f64>>,
     ),
 ];
 const OUTPUT: &[Spec] = &[
@@ -2241,7 +2475,12 @@ mod tests {
                 "format",
                 "quality",
                 "safety_checker",
-                "batch_id_conflict"
+                "batch_id_conflict",
+                "init_image",
+                "init_image_missing",
+                "init_image_unreadable",
+                "init_image_too_large",
+                "strength"
             ]
         );
         assert_eq!(InvalidReason::Size.to_string(), "size");
@@ -2272,6 +2511,149 @@ mod tests {
         // The default admits the default maximum batch at the default settings.
         let d = Limits::default();
         assert!(work_units(d.max_total_images, 50, 512, 512) <= d.max_message_work);
+    }
+
+    #[test]
+    fn init_images_and_strength() {
+        use InvalidReason as R;
+        use base64::Engine as _;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let init = |v: &str| with(minimal(), "/items/0/init_image", Some(json!(v)));
+        // An S3 key in an allowed bucket (the default bucket is allowed).
+        let b = parse_value(&init("s3://images/in/a b.png")).unwrap();
+        let got = b.items[0].init_image.clone().unwrap();
+        assert_eq!(
+            got.source,
+            InitSource::S3 {
+                bucket: "images".into(),
+                key: "in/a b.png".into()
+            }
+        );
+        assert_eq!(
+            (got.sha256.as_deref(), b.strength),
+            (None, DEFAULT_STRENGTH)
+        );
+        assert_eq!(got.describe(), "s3://images/in/a b.png");
+        // A data URI: decoded and hashed at parse; never echoed by `describe` or `Debug`.
+        let b = parse_value(&init(&format!(
+            "data:image/png;base64,{}",
+            b64(b"\x89PNG fake")
+        )))
+        .unwrap();
+        let got = b.items[0].init_image.clone().unwrap();
+        assert_eq!(
+            got.sha256.as_deref(),
+            Some(hex::encode(Sha256::digest(b"\x89PNG fake")).as_str())
+        );
+        assert_eq!(got.describe(), "data:");
+        assert!(!format!("{b:?}").contains(&b64(b"\x89PNG fake")));
+        // Refusals, each with its reason and a bounded message.
+        let huge = "x".repeat(100_000);
+        for (v, reason) in [
+            ("s3://elsewhere/in.png".to_string(), R::InitImage),
+            ("s3://images".to_string(), R::InitImage),
+            ("s3://images/".to_string(), R::InitImage),
+            (format!("s3://images/{}", "k".repeat(1025)), R::InitImage),
+            ("s3://images/a\u{1}b".to_string(), R::InitImage),
+            ("https://example.com/a.png".to_string(), R::InitImage),
+            (huge.clone(), R::InitImage),
+            ("data:image/png,rawbytes".to_string(), R::InitImage),
+            (
+                "data:image/png;base64,!!!notbase64".to_string(),
+                R::InitImage,
+            ),
+            (
+                format!("data:image/gif;base64,{}", b64(b"GIF89a")),
+                R::InitImageUnreadable,
+            ),
+            (
+                format!(
+                    "data:image/png;base64,{}",
+                    b64(&vec![0; MAX_INIT_IMAGE_BYTES + 1])
+                ),
+                R::InitImageTooLarge,
+            ),
+        ] {
+            let l = Limits {
+                max_message_bytes: 16 << 20,
+                ..limits()
+            };
+            let err = parse(&serde_json::to_vec(&init(&v)).unwrap(), &l, NATIVE).unwrap_err();
+            assert_eq!(err.reason, reason, "{}", crate::bounded::cut(&v, 80));
+            assert!(
+                err.message.len() <= crate::bounded::MAX_REASON_BYTES,
+                "{}",
+                err.message
+            );
+            assert!(
+                err.message.contains("items[0].init_image"),
+                "{}",
+                err.message
+            );
+            assert_eq!(err.batch_id.as_deref(), Some("b1"));
+        }
+        // Not a string: the field is blamed.
+        assert_eq!(
+            reason_of(&with(minimal(), "/items/0/init_image", Some(json!(3)))),
+            R::InitImage
+        );
+        // Strength: (0, 1], at least one step, only with init images.
+        let i2i = |strength: Value, steps: u32| {
+            with(
+                with(
+                    init("s3://images/in.png"),
+                    "/params",
+                    Some(json!({"steps": steps})),
+                ),
+                "/params/strength",
+                Some(strength),
+            )
+        };
+        assert_eq!(parse_value(&i2i(json!(0.5), 10)).unwrap().strength, 0.5);
+        assert_eq!(parse_value(&i2i(json!(1), 10)).unwrap().strength, 1.0);
+        for (s, steps) in [
+            (json!(0), 10),
+            (json!(-0.1), 10),
+            (json!(1.01), 10),
+            (json!(0.05), 10),
+        ] {
+            assert_eq!(
+                reason_of(&i2i(s.clone(), steps)),
+                R::Strength,
+                "{s} {steps}"
+            );
+        }
+        assert_eq!(reason_of(&i2i(json!("high"), 10)), R::Strength);
+        let txt2img_with_strength = with(minimal(), "/params", Some(json!({"strength": 0.5})));
+        assert_eq!(reason_of(&txt2img_with_strength), R::Strength);
+    }
+
+    #[test]
+    fn init_images_enter_the_work_hash_only_when_used() {
+        let plain = parse_value(&minimal()).unwrap();
+        let mut explicit_none = minimal();
+        explicit_none["items"][0]["init_image"] = Value::Null;
+        assert_eq!(
+            parse_value(&explicit_none).unwrap().work_sha256(),
+            plain.work_sha256()
+        );
+        let with_init =
+            |v: &str| parse_value(&with(minimal(), "/items/0/init_image", Some(json!(v)))).unwrap();
+        let a = with_init("s3://images/a.png");
+        assert_ne!(a.work_sha256(), plain.work_sha256());
+        assert_ne!(
+            a.work_sha256(),
+            with_init("s3://images/b.png").work_sha256()
+        );
+        // The fetched bytes' hash is part of it: other bytes under the same key are other work.
+        let mut fetched = a.clone();
+        fetched.items[0].init_image.as_mut().unwrap().sha256 = Some("1".repeat(64));
+        let mut other = a.clone();
+        other.items[0].init_image.as_mut().unwrap().sha256 = Some("2".repeat(64));
+        assert_ne!(fetched.work_sha256(), other.work_sha256());
+        let mut strength = fetched.clone();
+        strength.strength = 0.5;
+        assert_ne!(fetched.work_sha256(), strength.work_sha256());
     }
 
     #[test]
@@ -2593,7 +2975,10 @@ mod tests {
     #[test]
     fn field_lists_match_the_structs() {
         // A fully populated message serializes every field once: its keys are serde's names.
-        let full = example();
+        // The example with the img2img fields, which the other tests leave out.
+        let mut full = example();
+        full["items"][0]["init_image"] = json!("s3://images/inputs/sku-123.png");
+        full["params"]["strength"] = json!(0.6);
         assert_eq!(keys(&full), set(BatchMessage::FIELDS));
         assert_eq!(keys(&full["items"][0]), set(MessageItem::FIELDS));
         assert_eq!(keys(&full["params"]), set(MessageParams::FIELDS));

@@ -33,6 +33,7 @@ impl From<SubmitItem> for MessageItem {
             negative_prompt: i.negative_prompt,
             seed: i.seed,
             num_images: i.num_images,
+            init_image: None,
         }
     }
 }

@@ -139,6 +139,7 @@ both_backends!(
     metadata_round_trip,
     invalid_input_is_rejected,
     bucket_check_and_create,
+    get_limited_stops_at_the_limit,
 );
 
 fn png_like(len: usize, seed: u8) -> Vec<u8> {
@@ -182,6 +183,27 @@ async fn put_get_exists(fx: Fixture) {
     assert_eq!(s.get(b, "empty").await.unwrap(), Some(Vec::new()));
 
     assert_eq!(s.retries(), 0, "nothing should have been retried");
+}
+
+/// `get_limited` returns objects up to the limit and only the size of larger ones.
+async fn get_limited_stops_at_the_limit(fx: Fixture) {
+    use sdbatch::storage::Limited;
+    let (s, b) = (&fx.storage, fx.bucket.as_str());
+    let body = png_like(1000, 3);
+    s.put(b, "in/a.png", body.clone(), "image/png", &[])
+        .await
+        .unwrap();
+    let n = body.len() as u64;
+    assert_eq!(
+        s.get_limited(b, "in/a.png", n).await.unwrap(),
+        Some(Limited::Bytes(body))
+    );
+    assert_eq!(
+        s.get_limited(b, "in/a.png", n - 1).await.unwrap(),
+        Some(Limited::TooLarge(n))
+    );
+    assert_eq!(s.get_limited(b, "in/none.png", n).await.unwrap(), None);
+    assert_permanent("bad key", s.get_limited(b, "../x", n).await);
 }
 
 async fn list_prefix_and_pages(mut fx: Fixture) {

@@ -132,6 +132,8 @@ fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
                 })
                 .collect()
         }),
+        // img2img is not offered by `submit` (prompt files carry no images).
+        strength: None,
     };
     let output = MessageOutput {
         bucket: args.bucket.clone(),

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::fs;
 use tokio::io::AsyncWriteExt;
 
-use super::{Retrier, StorageConfig, StorageError, object_name, validate_key};
+use super::{Limited, Retrier, StorageConfig, StorageError, object_name, validate_key};
 use crate::keys::RESERVED_SEGMENT_PREFIX;
 
 /// Per-bucket folder holding the metadata files (a reserved name: no key may start with it).
@@ -192,6 +192,45 @@ impl LocalStore {
                     Err(e) if is_absent(&e) => Ok(None),
                     Err(e) => Err(io_error(OP, name, "cannot read", &path, e)),
                 }
+            })
+            .await
+    }
+
+    pub(crate) async fn get_limited(
+        &self,
+        bucket: &str,
+        key: &str,
+        max_bytes: u64,
+    ) -> Result<Option<Limited>, StorageError> {
+        const OP: &str = "get";
+        let name = &object_name(bucket, key);
+        self.retrier
+            .run(OP, name, || async move {
+                let path = self.require_bucket(OP, bucket).await?.join(key);
+                match fs::metadata(&path).await {
+                    Ok(meta) if meta.len() > max_bytes => {
+                        return Ok(Some(Limited::TooLarge(meta.len())));
+                    }
+                    Ok(_) => {}
+                    Err(e) if is_absent(&e) => return Ok(None),
+                    Err(e) => return Err(io_error(OP, name, "cannot read", &path, e)),
+                }
+                // Read at most one byte past the limit: a file grown since the stat is caught.
+                let file = match fs::File::open(&path).await {
+                    Ok(f) => f,
+                    Err(e) if is_absent(&e) => return Ok(None),
+                    Err(e) => return Err(io_error(OP, name, "cannot read", &path, e)),
+                };
+                let mut bytes = Vec::new();
+                use tokio::io::AsyncReadExt as _;
+                file.take(max_bytes + 1)
+                    .read_to_end(&mut bytes)
+                    .await
+                    .map_err(|e| io_error(OP, name, "cannot read", &path, e))?;
+                if bytes.len() as u64 > max_bytes {
+                    return Ok(Some(Limited::TooLarge(bytes.len() as u64)));
+                }
+                Ok(Some(Limited::Bytes(bytes)))
             })
             .await
     }

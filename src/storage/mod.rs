@@ -178,6 +178,14 @@ impl StorageError {
     }
 }
 
+/// What [`Storage::get_limited`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Limited {
+    Bytes(Vec<u8>),
+    /// The object's size, over the limit (its body was not read).
+    TooLarge(u64),
+}
+
 /// An object store: S3-compatible or a local folder.
 #[derive(Debug)]
 pub enum Storage {
@@ -301,6 +309,22 @@ impl Storage {
         match self {
             Storage::S3(s) => s.get(bucket, key).await,
             Storage::Local(l) => l.get(bucket, key).await,
+        }
+    }
+
+    /// The object's bytes if it has at most `max_bytes`, [`Limited::TooLarge`] (its size) if it
+    /// has more, or `None` when it does not exist. The size is checked before the body is read,
+    /// so an oversized object is never downloaded (nor held in memory).
+    pub async fn get_limited(
+        &self,
+        bucket: &str,
+        key: &str,
+        max_bytes: u64,
+    ) -> Result<Option<Limited>, StorageError> {
+        validate_object("get", bucket, key)?;
+        match self {
+            Storage::S3(s) => s.get_limited(bucket, key, max_bytes).await,
+            Storage::Local(l) => l.get_limited(bucket, key, max_bytes).await,
         }
     }
 

@@ -19,7 +19,7 @@ use aws_sdk_s3::primitives::{ByteStream, SdkBody};
 use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
 
 use super::{
-    Retrier, StaticCredentials, StorageConfig, StorageError, decode_metadata_value,
+    Limited, Retrier, StaticCredentials, StorageConfig, StorageError, decode_metadata_value,
     encode_metadata_value, object_name, redact_url,
 };
 
@@ -262,6 +262,55 @@ impl S3Store {
                     )
                 })?;
                 Ok(Some(bytes.to_vec()))
+            })
+            .await
+    }
+
+    pub(crate) async fn get_limited(
+        &self,
+        bucket: &str,
+        key: &str,
+        max_bytes: u64,
+    ) -> Result<Option<Limited>, StorageError> {
+        const OP: &str = "get";
+        let name = &object_name(bucket, key);
+        self.retrier
+            .run(OP, name, || async move {
+                let out = match self
+                    .client
+                    .get_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .send()
+                    .await
+                {
+                    Ok(out) => out,
+                    Err(e) if status(&e) == Some(404) && e.code() != Some("NoSuchBucket") => {
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(classify(OP, name, e)),
+                };
+                // The declared length first: an oversized object is dropped unread.
+                let declared = out.content_length().map_or(0, |n| n.max(0) as u64);
+                if declared > max_bytes {
+                    return Ok(Some(Limited::TooLarge(declared)));
+                }
+                // And the bytes as they stream, in case the length was absent or wrong.
+                let mut body = out.body;
+                let mut bytes = Vec::with_capacity(declared as usize);
+                while let Some(chunk) = body.try_next().await.map_err(|e| {
+                    StorageError::transient(
+                        OP,
+                        name,
+                        format!("reading the body failed: {}", error_chain(&e)),
+                    )
+                })? {
+                    if (bytes.len() + chunk.len()) as u64 > max_bytes {
+                        return Ok(Some(Limited::TooLarge((bytes.len() + chunk.len()) as u64)));
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok(Some(Limited::Bytes(bytes)))
             })
             .await
     }

@@ -4,8 +4,10 @@
 use crate::error::{Error, Result};
 use crate::pipeline::clip_score::ClipScorer;
 use crate::pipeline::safety::{SafetyChecker, SafetyResult};
-use crate::pipeline::{BatchOutput, GenerateParams, ImageRequest, StableDiffusion};
-use std::sync::mpsc;
+use crate::pipeline::{
+    BatchOutput, GenerateParams, ImageRequest, Img2Img, RgbImage, StableDiffusion,
+};
+use std::sync::{Arc, mpsc};
 use tokio::sync::oneshot;
 
 /// The models the thread owns: the pipeline and the optional per-image checks.
@@ -25,9 +27,17 @@ impl Models {
     }
 }
 
+/// img2img inputs of a GPU job: one init image per request (at the output size), one strength.
+#[derive(Debug, Clone)]
+pub struct GpuImg2Img {
+    pub images: Vec<Arc<RgbImage>>,
+    pub strength: f64,
+}
+
 struct Job {
     requests: Vec<ImageRequest>,
     params: GenerateParams,
+    init: Option<GpuImg2Img>,
     /// Run the safety checker on the images.
     safety: bool,
     span: tracing::Span,
@@ -118,10 +128,13 @@ fn is_oom(e: &Error) -> bool {
 /// Runs `requests` as one batch; on CUDA out-of-memory (libtorch's caching allocator has already
 /// released its cached blocks and retried before reporting it) splits the batch in halves and runs
 /// them one after the other. Images come back in request order.
+///
+/// With `init` (img2img), `init.images[i]` belongs to `requests[i]`; the halves split both alike.
 fn generate_splitting(
     model: &StableDiffusion,
     requests: &[ImageRequest],
     params: &GenerateParams,
+    init: Option<Img2Img<'_>>,
     report: &mut GpuReport,
 ) -> Result<BatchOutput, GpuError> {
     let cuda = model.device().is_cuda();
@@ -135,7 +148,7 @@ fn generate_splitting(
     };
     let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         model
-            .generate(requests, params, &mut |_, _, _| {
+            .generate_with(requests, params, init, &mut |_, _, _| {
                 // The UNet's activations are live during the steps: sample memory there.
                 if cuda {
                     sample(&mut min_free, &mut total);
@@ -178,8 +191,24 @@ fn generate_splitting(
                 half,
                 "CUDA out of memory: splitting the batch"
             );
-            let mut first = generate_splitting(model, &requests[..half], params, report)?;
-            let second = generate_splitting(model, &requests[half..], params, report)?;
+            let halves = init.map(|i| {
+                let (a, b) = i.images.split_at(half);
+                (Img2Img { images: a, ..i }, Img2Img { images: b, ..i })
+            });
+            let mut first = generate_splitting(
+                model,
+                &requests[..half],
+                params,
+                halves.map(|h| h.0),
+                report,
+            )?;
+            let second = generate_splitting(
+                model,
+                &requests[half..],
+                params,
+                halves.map(|h| h.1),
+                report,
+            )?;
             first.images.extend(second.images);
             first.timings.total_ms += second.timings.total_ms;
             first.timings.denoise_ms += second.timings.denoise_ms;
@@ -240,37 +269,52 @@ impl GpuExecutor {
                     let idle_before = finished.elapsed();
                     let _enter = job.span.enter();
                     let mut report = GpuReport::default();
-                    let result = generate_splitting(model, &job.requests, &job.params, &mut report)
-                        .and_then(|output| {
-                            // The checks run here, batched, on the device that holds their weights.
-                            let safety = match (&models.safety, job.safety) {
-                                (Some(checker), true) => {
-                                    Some(checker.check(&output.images).map_err(GpuError::from)?)
-                                }
-                                _ => None,
-                            };
-                            let clip_scores = match &models.clip {
-                                Some(scorer) => {
-                                    let prompts: Vec<&str> =
-                                        job.requests.iter().map(|r| r.prompt.as_str()).collect();
-                                    Some(
-                                        scorer
-                                            .scores(&prompts, &output.images)
-                                            .map_err(GpuError::from)?,
-                                    )
-                                }
-                                None => None,
-                            };
-                            Ok(GpuOutput {
-                                output,
-                                oom_sizes: report.oom_sizes,
-                                memory: report.memory,
-                                total_bytes: report.total_bytes,
-                                idle_before,
-                                safety,
-                                clip_scores,
-                            })
-                        });
+                    // The pipeline takes a slice of images: copied once per job from the shared
+                    // decoded images (a few MB at most, next to seconds of denoising).
+                    let init_images: Vec<RgbImage> = job
+                        .init
+                        .iter()
+                        .flat_map(|i| i.images.iter().map(|img| (**img).clone()))
+                        .collect();
+                    let init = job.init.as_ref().map(|i| Img2Img {
+                        images: &init_images,
+                        strength: i.strength,
+                    });
+                    let result =
+                        generate_splitting(model, &job.requests, &job.params, init, &mut report)
+                            .and_then(|output| {
+                                // The checks run here, batched, on the device that holds their weights.
+                                let safety = match (&models.safety, job.safety) {
+                                    (Some(checker), true) => Some(
+                                        checker.check(&output.images).map_err(GpuError::from)?,
+                                    ),
+                                    _ => None,
+                                };
+                                let clip_scores = match &models.clip {
+                                    Some(scorer) => {
+                                        let prompts: Vec<&str> = job
+                                            .requests
+                                            .iter()
+                                            .map(|r| r.prompt.as_str())
+                                            .collect();
+                                        Some(
+                                            scorer
+                                                .scores(&prompts, &output.images)
+                                                .map_err(GpuError::from)?,
+                                        )
+                                    }
+                                    None => None,
+                                };
+                                Ok(GpuOutput {
+                                    output,
+                                    oom_sizes: report.oom_sizes,
+                                    memory: report.memory,
+                                    total_bytes: report.total_bytes,
+                                    idle_before,
+                                    safety,
+                                    clip_scores,
+                                })
+                            });
                     finished = std::time::Instant::now();
                     let _ = job.reply.send(result);
                 }
@@ -293,11 +337,23 @@ impl GpuExecutor {
         params: GenerateParams,
         safety: bool,
     ) -> Result<GpuOutput, GpuError> {
+        self.generate_with(requests, params, None, safety).await
+    }
+
+    /// [`generate`](Self::generate), img2img from `init` when given (one image per request).
+    pub async fn generate_with(
+        &self,
+        requests: Vec<ImageRequest>,
+        params: GenerateParams,
+        init: Option<GpuImg2Img>,
+        safety: bool,
+    ) -> Result<GpuOutput, GpuError> {
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job {
                 requests,
                 params,
+                init,
                 safety,
                 span: tracing::Span::current(),
                 reply,

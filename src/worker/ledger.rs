@@ -14,7 +14,7 @@ use super::WorkerError;
 use crate::batching::{PlannedBatch, Planner, ShapeKey};
 use crate::events::ImageRecord;
 use crate::message::Batch;
-use crate::pipeline::{GenerateParams, ImageRequest};
+use crate::pipeline::{GenerateParams, ImageRequest, RgbImage};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -39,6 +39,9 @@ pub struct Admission {
     pub previous_failures: i64,
     /// Work of one image ([`crate::message::work_units`]).
     pub units_per_image: f64,
+    /// Per item of the batch, its decoded init image (img2img; `None`: txt2img). Empty when no
+    /// item has one.
+    pub init_images: Vec<Option<Arc<RgbImage>>>,
 }
 
 /// A message in hand. `handle` is the shell's (broker handle, body, tracing span, clock).
@@ -144,6 +147,8 @@ pub struct GpuJob {
     pub params: GenerateParams,
     pub tags: Vec<Tag>,
     pub requests: Vec<ImageRequest>,
+    /// img2img (the key has a strength): one init image per request, in order. Empty for txt2img.
+    pub init_images: Vec<Arc<RgbImage>>,
     /// Any of its messages asked for the safety checker (one pass for the whole batch; each
     /// message uses the verdicts only if it asked).
     pub safety: bool,
@@ -237,13 +242,17 @@ impl<H> Ledger<H> {
         self.next_seq += 1;
         let resumed = a.records.iter().flatten().count();
         let remaining = a.requests.len() - resumed;
-        self.planner.push(
+        self.planner.push_with(
             &a.batch.params,
+            a.batch.strength,
             a.requests
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| a.records[*i].is_none())
-                .map(|(i, (_, _, r))| ((seq, i), r.clone())),
+                .map(|(i, (item, _, r))| {
+                    let init = a.init_images.get(*item).cloned().flatten();
+                    ((seq, i), r.clone(), init)
+                }),
         );
         self.messages.insert(
             seq,
@@ -291,6 +300,9 @@ impl<H> Ledger<H> {
             images,
         } = self.planner.next_batch(size)?;
         let tags: Vec<Tag> = images.iter().map(|i| i.tag).collect();
+        // The planner keys img2img images apart, so a batch's images all have one or none.
+        let init_images: Vec<Arc<RgbImage>> =
+            images.iter().filter_map(|i| i.init.clone()).collect();
         let requests: Vec<ImageRequest> = images.into_iter().map(|i| i.request).collect();
         let safety = tags
             .iter()
@@ -302,6 +314,7 @@ impl<H> Ledger<H> {
             params,
             tags,
             requests,
+            init_images,
             safety,
         })
     }
@@ -461,6 +474,7 @@ mod tests {
             safety: false,
             previous_failures: 0,
             units_per_image: 1.0,
+            init_images: Vec::new(),
         }
     }
 

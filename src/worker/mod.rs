@@ -36,6 +36,7 @@ mod broker;
 pub mod calibration;
 pub mod gpu;
 pub mod holding;
+mod inputs;
 pub mod ledger;
 pub mod resume;
 mod session;

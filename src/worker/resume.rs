@@ -106,6 +106,8 @@ mod tests {
             safety_action: None,
             clip_score: None,
             low_clip_score: None,
+            init_image: None,
+            init_image_sha256: None,
         }
     }
 

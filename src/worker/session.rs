@@ -246,7 +246,7 @@ impl Session<'_> {
             batch_id = tracing::field::Empty,
             tag = delivery.delivery_tag
         );
-        let batch = match message::parse(
+        let mut batch = match message::parse(
             &delivery.data,
             &cfg.limits,
             self.worker.gpu.info().native_size,
@@ -268,6 +268,32 @@ impl Session<'_> {
             header_int(&delivery.properties, "x-delivery-count"),
             cfg.topology.delivery_limit,
         );
+
+        // img2img inputs first: their bytes are part of the work (hash), and a bad one makes
+        // the message invalid before anything is looked up or planned.
+        let init_images = match super::inputs::load(&self.worker.storage, &mut batch)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(images) => images,
+            Err(super::inputs::InputError::Invalid(invalid)) => {
+                return self
+                    .reject_invalid(delivery, invalid)
+                    .instrument(span)
+                    .await;
+            }
+            Err(super::inputs::InputError::Storage(e)) => {
+                let result = Err(e.into());
+                let failed = Settling::unstarted(
+                    delivery,
+                    previous_failures,
+                    &batch,
+                    &result,
+                    cfg.topology.delivery_limit,
+                );
+                return self.settle(failed, result).instrument(span).await;
+            }
+        };
 
         // Hashed once per delivery: the manifest, the stored images and the event compare or
         // record it.
@@ -401,6 +427,7 @@ impl Session<'_> {
             safety,
             previous_failures,
             units_per_image,
+            init_images,
         };
         let (_, next) = self.ledger.admit(handle, admission);
         if let Some(next) = next {
@@ -808,6 +835,7 @@ impl Session<'_> {
             params,
             tags,
             requests,
+            init_images,
             safety,
         }) = self
             .ledger
@@ -826,7 +854,11 @@ impl Session<'_> {
             let gpu = self.worker.gpu.clone();
             let tx = self.done_tx.clone();
             self.tasks.spawn(async move {
-                let result = gpu.generate(requests, params, safety).await;
+                let init = key.strength().map(|strength| super::gpu::GpuImg2Img {
+                    images: init_images,
+                    strength,
+                });
+                let result = gpu.generate_with(requests, params, init, safety).await;
                 let _ = tx.send(Done::Gpu { key, tags, result });
             });
         }
