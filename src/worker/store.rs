@@ -77,7 +77,8 @@ pub(super) async fn store_image(
         params: &batch.params,
         model: &cfg.model_name,
         model_sha256: model_sha256.as_deref(),
-        denoising_strength: None,
+        // img2img items record their strength, as A1111 does.
+        denoising_strength: item.init_image.as_ref().map(|_| batch.strength),
     });
     let embedded = embedded_record(
         &batch,
