@@ -116,8 +116,64 @@ def ref_img2img(out_dir: Path, ref_dir: Path, model_dir: Path, h) -> dict:
     }
 
 
+HIRES = {"scale": 2, "steps": 10, "strength": 0.5, "first_steps": 10}
+
+
+def ref_hires(ref_dir: Path, model_dir: Path, h) -> dict:
+    """A hires fix as diffusers users write it: txt2img at 64x64 (PNDM), PIL Lanczos resize to
+    128x128, img2img (PNDM) of that at strength 0.5.
+
+        hires.safetensors: first uint8 [1,64,64,3]; upscaled uint8 [128,128,3] (PIL);
+        image uint8 [1,128,128,3]
+    """
+    import diffusers
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    sched = diffusers.PNDMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    pipe = h.load_pipeline(model_dir, sched)
+    size = h.IMAGE_SIZE
+    first = pipe(
+        h.ASTRONAUT_PROMPT,
+        negative_prompt=h.CLIP_SKIP_NEGATIVE_PROMPT,
+        guidance_scale=h.GUIDANCE_SCALE,
+        num_inference_steps=HIRES["first_steps"],
+        height=size,
+        width=size,
+        generator=torch.Generator("cpu").manual_seed(h.SCHEDULER_SEED),
+        output_type="np",
+    ).images
+    first = h.to_uint8(np.asarray(first, dtype=np.float32))
+    big = size * HIRES["scale"]
+    upscaled = Image.fromarray(first[0]).resize((big, big), Image.LANCZOS)
+    i2i = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
+    i2i.scheduler = diffusers.PNDMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    i2i.set_progress_bar_config(disable=True)
+    out = i2i(
+        h.ASTRONAUT_PROMPT,
+        image=upscaled,
+        strength=HIRES["strength"],
+        negative_prompt=h.CLIP_SKIP_NEGATIVE_PROMPT,
+        guidance_scale=h.GUIDANCE_SCALE,
+        num_inference_steps=HIRES["steps"],
+        generator=[torch.Generator("cpu").manual_seed(h.SCHEDULER_SEED)],
+        output_type="np",
+    ).images
+    image = h.to_uint8(np.asarray(out, dtype=np.float32))
+    h.save_tensors(ref_dir / "hires.safetensors", {
+        "first": torch.from_numpy(first),
+        "upscaled": torch.from_numpy(np.asarray(upscaled).copy()),
+        "image": torch.from_numpy(image),
+    })
+    return dict(HIRES, prompt=h.ASTRONAUT_PROMPT, negative_prompt=h.CLIP_SKIP_NEGATIVE_PROMPT,
+                seed=h.SCHEDULER_SEED, guidance_scale=h.GUIDANCE_SCALE, size=size, scheduler="pndm",
+                upscaler="PIL Image.LANCZOS")
+
+
 if __name__ == "__main__":
     import make_fixtures as h
 
     out = h.DEFAULT_OUT
     print(json.dumps(ref_img2img(out, out / "reference", out / "tiny-sd", h), indent=2))
+    print(json.dumps(ref_hires(out / "reference", out / "tiny-sd", h), indent=2))

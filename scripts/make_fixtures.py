@@ -2526,6 +2526,7 @@ def make_tiny(out_dir: Path) -> None:
     weighted_info = ref_weighted_prompts(ref_dir, model_dir)
     lora_info = fixtures_lora.ref_lora(ref_dir, model_dir, out_dir / "loras", sys.modules[__name__])
     img2img_info = fixtures_img2img.ref_img2img(out_dir, ref_dir, model_dir, sys.modules[__name__])
+    hires_info = fixtures_img2img.ref_hires(ref_dir, model_dir, sys.modules[__name__])
     ti_info = ref_textual_inversion(out_dir, ref_dir, model_dir)
     sd2_dir = out_dir / "tiny-sd2"
     build_tiny_sd2(sd2_dir, vocab, merges)
@@ -2544,6 +2545,7 @@ def make_tiny(out_dir: Path) -> None:
             "sd2": sd2_info,
             "lora": lora_info,
             "img2img": img2img_info,
+            "hires": hires_info,
         },
     )
     stds.update(make_checker_fixtures(out_dir, model_dir, ref_dir, tokenizer, vocab, merges))

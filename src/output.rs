@@ -140,6 +140,9 @@ pub struct Sidecar<'a> {
     pub width: i64,
     pub height: i64,
     pub scheduler: &'a str,
+    /// A hires fix's second pass (width and height above are the final size).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hires: Option<crate::pipeline::hires::Hires>,
     /// img2img: the init image file and the strength.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init_image: Option<&'a str>,
@@ -226,6 +229,8 @@ pub struct Infotext<'a> {
     pub model_sha256: Option<&'a str>,
     /// img2img: the strength (A1111's `Denoising strength`).
     pub denoising_strength: Option<f64>,
+    /// A hires fix's second pass (`params` is the first pass).
+    pub hires: Option<crate::pipeline::hires::Hires>,
 }
 
 /// A1111's display name of a scheduler (`modules/sd_samplers_*.py`) and, for the Karras
@@ -316,6 +321,14 @@ pub fn a1111_parameters(info: &Infotext) -> String {
     }
     if let Some(strength) = info.denoising_strength {
         let _ = write!(out, ", Denoising strength: {strength}");
+    }
+    if let Some(h) = info.hires {
+        // A1111's keys for its "Hires. fix" (Size stays the first pass's, as A1111 writes it).
+        let _ = write!(
+            out,
+            ", Denoising strength: {}, Hires upscale: {}, Hires steps: {}, Hires upscaler: Lanczos",
+            h.strength, h.scale, h.steps
+        );
     }
     if p.clip_skip > 1 {
         let _ = write!(out, ", Clip skip: {}", p.clip_skip);
@@ -581,6 +594,7 @@ mod tests {
             model: "/models/sd-v1-5.safetensors",
             model_sha256: Some("6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"),
             denoising_strength: None,
+            hires: None,
         }
     }
 

@@ -237,3 +237,143 @@ fn generate_cli_runs_img2img() {
         assert_eq!(written, 0, "{says}: nothing written");
     }
 }
+
+/// Hires fix against diffusers written as two calls (txt2img, PIL Lanczos resize, img2img): each
+/// pass exactly, and the whole with sdbatch's own Lanczos resize.
+#[test]
+fn hires_fix_matches_the_two_call_reference() {
+    use sdbatch::pipeline::hires::{Hires, upscale_lanczos};
+    let model = load_cpu();
+    let meta = meta();
+    let m = &meta["hires"];
+    let r = reference("hires.safetensors");
+    let request = ImageRequest {
+        prompt: m["prompt"].as_str().unwrap().into(),
+        negative_prompt: Some(m["negative_prompt"].as_str().unwrap().into()),
+        seed: m["seed"].as_u64().unwrap(),
+    };
+    let size = m["size"].as_i64().unwrap();
+    let guidance = m["guidance_scale"].as_f64().unwrap();
+    let first = params(
+        m["first_steps"].as_u64().unwrap() as usize,
+        guidance,
+        size,
+        SchedulerKind::Pndm,
+    );
+    let hires = Hires {
+        scale: m["scale"].as_f64().unwrap(),
+        steps: m["steps"].as_u64().unwrap() as usize,
+        strength: m["strength"].as_f64().unwrap(),
+    };
+    let one = |p: &GenerateParams, init: Option<Img2Img<'_>>| {
+        model
+            .generate_with(std::slice::from_ref(&request), p, init, &mut |_, _, _| {})
+            .unwrap()
+            .images
+            .remove(0)
+    };
+    // The first pass is plain txt2img.
+    let first_image = one(&first, None);
+    assert_images_match(
+        "hires first pass",
+        &first_image.pixels,
+        &u8_vec(&r["first"]),
+    );
+    // The second pass from diffusers' own upscaled image: img2img at 128x128.
+    let big = (size as f64 * hires.scale) as i64;
+    let pil = RgbImage {
+        width: big as u32,
+        height: big as u32,
+        pixels: u8_vec(&r["upscaled"]),
+    };
+    let second = GenerateParams {
+        width: big,
+        height: big,
+        ..params(hires.steps, guidance, size, SchedulerKind::Pndm)
+    };
+    let from_pil = one(
+        &second,
+        Some(Img2Img {
+            images: std::slice::from_ref(&pil),
+            strength: hires.strength,
+        }),
+    );
+    assert_images_match("hires second pass", &from_pil.pixels, &u8_vec(&r["image"]));
+    // Our Lanczos3 and PIL's LANCZOS are different resamplers of the same filter.
+    let ours = upscale_lanczos(&first_image, big as u32, big as u32).unwrap();
+    let (within, max) = pixel_agreement(&ours.pixels, &pil.pixels);
+    println!(
+        "Lanczos3 vs PIL LANCZOS: {:.2} % within 1 level, max {max}",
+        within * 100.0
+    );
+    assert!(within >= 0.95, "the resamplers disagree: {within}");
+    // The whole hires fix, with our resize: the second pass on our upscaled image.
+    let out = model
+        .generate_hires(
+            std::slice::from_ref(&request),
+            &first,
+            hires,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+    let expected = one(
+        &second,
+        Some(Img2Img {
+            images: std::slice::from_ref(&ours),
+            strength: hires.strength,
+        }),
+    );
+    assert_eq!(out.images[0].width, 128);
+    assert!(
+        out.images[0] == expected,
+        "generate_hires is its two passes"
+    );
+    assert_images_match(
+        "hires fix end to end (our Lanczos3) vs diffusers (PIL's)",
+        &out.images[0].pixels,
+        &u8_vec(&r["image"]),
+    );
+
+    // And from the command line.
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        serde_json::json!({"id": "h", "prompt": m["prompt"], "negative_prompt": m["negative_prompt"], "seed": m["seed"]})
+            .to_string(),
+    )
+    .unwrap();
+    let model_path = model_dir();
+    let steps = m["first_steps"].to_string();
+    let hires_steps = m["steps"].to_string();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdbatch"))
+        .args(["generate", "--model", model_path.to_str().unwrap()])
+        .args(["--prompts", prompts.to_str().unwrap()])
+        .args(["--out", dir.path().join("out").to_str().unwrap()])
+        .args([
+            "--steps",
+            &steps,
+            "--scheduler",
+            "pndm",
+            "--guidance",
+            "7.5",
+        ])
+        .args([
+            "--hires-scale",
+            "2",
+            "--hires-steps",
+            &hires_steps,
+            "--hires-strength",
+            "0.5",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let png = image::open(dir.path().join("out/h.png")).unwrap().to_rgb8();
+    assert_eq!(png.dimensions(), (128, 128));
+    assert!(
+        png.as_raw() == &out.images[0].pixels,
+        "generate --hires-* is generate_hires"
+    );
+}

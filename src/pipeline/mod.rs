@@ -10,6 +10,7 @@ pub mod clip_score;
 pub mod clip_vision;
 pub mod config;
 pub mod embeddings;
+pub mod hires;
 pub mod lora;
 pub mod nn;
 pub mod noise;

@@ -79,6 +79,7 @@ pub(super) async fn store_image(
         model_sha256: model_sha256.as_deref(),
         // img2img items record their strength, as A1111 does.
         denoising_strength: item.init_image.as_ref().map(|_| batch.strength),
+        hires: None,
     });
     let embedded = embedded_record(
         &batch,
