@@ -160,6 +160,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_img2img  # noqa: E402  (beside this script)
+import fixtures_inpaint  # noqa: E402  (beside this script)
 import fixtures_lora  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -2495,7 +2496,8 @@ def make_tiny(out_dir: Path) -> None:
     model_dir = out_dir / "tiny-sd"
     ref_dir = out_dir / "reference"
     emb_dir = out_dir / "embeddings"
-    for d in (model_dir, ref_dir, emb_dir, out_dir / "loras", out_dir / "img2img"):  # only the folders this script owns
+    owned = (model_dir, ref_dir, emb_dir, out_dir / "loras", out_dir / "img2img", out_dir / "inpaint", out_dir / "tiny-sd-inpaint")
+    for d in owned:  # only the folders this script owns
         if d.exists():
             shutil.rmtree(d)
     ref_dir.mkdir(parents=True)
@@ -2527,6 +2529,8 @@ def make_tiny(out_dir: Path) -> None:
     lora_info = fixtures_lora.ref_lora(ref_dir, model_dir, out_dir / "loras", sys.modules[__name__])
     img2img_info = fixtures_img2img.ref_img2img(out_dir, ref_dir, model_dir, sys.modules[__name__])
     hires_info = fixtures_img2img.ref_hires(ref_dir, model_dir, sys.modules[__name__])
+    # After img2img: reuses its init image.
+    inpaint_info = fixtures_inpaint.ref_inpaint(out_dir, ref_dir, model_dir, sys.modules[__name__])
     ti_info = ref_textual_inversion(out_dir, ref_dir, model_dir)
     sd2_dir = out_dir / "tiny-sd2"
     build_tiny_sd2(sd2_dir, vocab, merges)
@@ -2546,6 +2550,7 @@ def make_tiny(out_dir: Path) -> None:
             "lora": lora_info,
             "img2img": img2img_info,
             "hires": hires_info,
+            "inpaint": inpaint_info,
         },
     )
     stds.update(make_checker_fixtures(out_dir, model_dir, ref_dir, tokenizer, vocab, merges))

@@ -68,8 +68,14 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "FILE")]
     pub init_image: Option<PathBuf>,
     /// img2img: how much of the schedule runs, in (0, 1] (1: only the composition survives).
-    #[arg(long, default_value_t = 0.8, requires = "init_image")]
-    pub strength: f64,
+    /// Default 0.8; with --mask 1.0 (diffusers' inpainting default).
+    #[arg(long, requires = "init_image")]
+    pub strength: Option<f64>,
+    /// Inpainting: repaint the white part of this mask (black keeps the init image; grey
+    /// levels are thresholded at 50 %). Same formats and limits as --init-image; resized to the
+    /// output size like it. Works with inpainting models (9-channel UNet) and ordinary ones.
+    #[arg(long, value_name = "FILE", requires = "init_image")]
+    pub mask: Option<PathBuf>,
     /// Hires fix: generate, upscale by this factor (Lanczos3; in (1, 4], sizes rounded down to
     /// multiples of 8), then img2img at the larger size.
     #[arg(long, conflicts_with = "init_image")]
@@ -83,30 +89,40 @@ pub struct GenerateArgs {
     pub hires_strength: f64,
 }
 
+impl GenerateArgs {
+    /// --strength as given, else the mode's default.
+    fn strength(&self) -> f64 {
+        self.strength
+            .unwrap_or(if self.mask.is_some() { 1.0 } else { 0.8 })
+    }
+}
+
 /// Largest init image accepted, in pixels per side (decoding allocates width x height x 4).
 const MAX_INIT_SIDE: u32 = 4096;
 
 /// Reads `path` as an RGB image with EXIF orientation applied, under decode limits (a
 /// decompression bomb fails before it allocates).
 fn read_init_image(path: &std::path::Path) -> Result<image::RgbImage> {
+    read_image("--init-image", path)
+}
+
+/// [`read_init_image`] for the flag `flag` (errors name it).
+fn read_image(flag: &str, path: &std::path::Path) -> Result<image::RgbImage> {
     use image::ImageDecoder;
     let reader = image::ImageReader::open(path)
-        .with_context(|| format!("--init-image {}", path.display()))?
+        .with_context(|| format!("{flag} {}", path.display()))?
         .with_guessed_format()
-        .with_context(|| format!("--init-image {}", path.display()))?;
+        .with_context(|| format!("{flag} {}", path.display()))?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_INIT_SIDE);
     limits.max_image_height = Some(MAX_INIT_SIDE);
     limits.max_alloc = Some(u64::from(MAX_INIT_SIDE) * u64::from(MAX_INIT_SIDE) * 4);
-    let mut decoder = reader.into_decoder().with_context(|| {
-        format!(
-            "--init-image {}: not a PNG, JPEG or WebP image",
-            path.display()
-        )
-    })?;
+    let mut decoder = reader
+        .into_decoder()
+        .with_context(|| format!("{flag} {}: not a PNG, JPEG or WebP image", path.display()))?;
     decoder.set_limits(limits).with_context(|| {
         format!(
-            "--init-image {}: larger than {MAX_INIT_SIDE}x{MAX_INIT_SIDE}",
+            "{flag} {}: larger than {MAX_INIT_SIDE}x{MAX_INIT_SIDE}",
             path.display()
         )
     })?;
@@ -114,7 +130,7 @@ fn read_init_image(path: &std::path::Path) -> Result<image::RgbImage> {
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = image::DynamicImage::from_decoder(decoder)
-        .with_context(|| format!("--init-image {}: cannot decode", path.display()))?;
+        .with_context(|| format!("{flag} {}: cannot decode", path.display()))?;
     img.apply_orientation(orientation);
     Ok(img.to_rgb8())
 }
@@ -152,6 +168,27 @@ fn fit_init_image(
         height: h,
         pixels: img.into_raw(),
     })
+}
+
+/// The mask at the init image's (fitted) size: resized with the same filter when it differs
+/// (diffusers resizes the mask to the output size too), then reduced to grey as PIL does.
+fn fit_mask(
+    mask: image::RgbImage,
+    init: &sdbatch::pipeline::RgbImage,
+) -> Result<sdbatch::pipeline::GrayImage> {
+    let (w, h) = (init.width, init.height);
+    let mask = if mask.dimensions() == (w, h) {
+        mask
+    } else {
+        image::imageops::resize(&mask, w, h, image::imageops::FilterType::Lanczos3)
+    };
+    Ok(sdbatch::pipeline::GrayImage::from_rgb(
+        &sdbatch::pipeline::RgbImage {
+            width: w,
+            height: h,
+            pixels: mask.into_raw(),
+        },
+    ))
 }
 
 /// One image to make, with where it goes.
@@ -228,8 +265,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             )
         })
         .transpose()?;
+    let strength = args.strength();
     if init_image.is_some() {
-        sdbatch::pipeline::img2img_begin(args.sampling.steps as usize, args.strength)
+        sdbatch::pipeline::img2img_begin(args.sampling.steps as usize, strength)
             .map_err(|e| anyhow::anyhow!("--strength: {e}"))?;
     }
     let hires = args
@@ -245,6 +283,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         sdbatch::pipeline::img2img_begin(h.steps, h.strength)
             .map_err(|e| anyhow::anyhow!("--hires-strength: {e}"))?;
     }
+    let mask = match (&args.mask, &init_image) {
+        (Some(path), Some(init)) => Some(fit_mask(read_image("--mask", path)?, init)?),
+        _ => None,
+    };
 
     let model = args.model.load()?;
     let check_options = sdbatch::pipeline::LoadOptions::new(model.device(), model.dtype());
@@ -313,17 +355,28 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .iter()
             .flat_map(|img| std::iter::repeat_n(img.clone(), requests.len()))
             .collect();
-        let img2img = init_image.as_ref().map(|_| sdbatch::pipeline::Img2Img {
-            images: &inits,
-            strength: args.strength,
-        });
         let mut on_step = |i: usize, total: usize, _: &tch::Tensor| {
             steps_bar.set_length(total as u64);
             steps_bar.set_position(i as u64 + 1);
         };
-        let out = match hires {
-            Some(h) => model.generate_hires(&requests, &params, h, &mut on_step)?,
-            None => model.generate_with(&requests, &params, img2img, &mut on_step)?,
+        let out = match (hires, &mask) {
+            (Some(h), _) => model.generate_hires(&requests, &params, h, &mut on_step)?,
+            (None, Some(mask)) => {
+                let masks = vec![mask.clone(); requests.len()];
+                let inpaint = sdbatch::pipeline::Inpaint {
+                    images: &inits,
+                    masks: &masks,
+                    strength,
+                };
+                model.generate_inpaint(&requests, &params, inpaint, &mut on_step)?
+            }
+            (None, None) => {
+                let img2img = init_image.as_ref().map(|_| sdbatch::pipeline::Img2Img {
+                    images: &inits,
+                    strength,
+                });
+                model.generate_with(&requests, &params, img2img, &mut on_step)?
+            }
         };
         let verdicts = checker.as_ref().map(|c| c.check(&out.images)).transpose()?;
         let scores = match &scorer {
@@ -357,7 +410,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 hires,
                 scheduler: params.scheduler.name(),
                 init_image: args.init_image.as_deref().and_then(|p| p.to_str()),
-                strength: init_image.as_ref().map(|_| args.strength),
+                strength: init_image.as_ref().map(|_| strength),
                 clip_skip: (params.clip_skip != 1).then_some(params.clip_skip),
                 guidance_rescale: (params.guidance_rescale != 0.0)
                     .then_some(params.guidance_rescale),
@@ -382,7 +435,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 params: &params,
                 model: &model_name,
                 model_sha256: model_sha256.as_deref(),
-                denoising_strength: init_image.as_ref().map(|_| args.strength),
+                denoising_strength: init_image.as_ref().map(|_| strength),
                 hires,
             };
             write_image(

@@ -11,6 +11,7 @@ pub mod clip_vision;
 pub mod config;
 pub mod embeddings;
 pub mod hires;
+pub mod inpaint;
 pub mod lora;
 pub mod nn;
 pub mod noise;
@@ -33,6 +34,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use weights::Weights;
+
+pub use inpaint::{GrayImage, Inpaint};
 
 /// How to load a model folder.
 #[derive(Debug, Clone)]
@@ -583,11 +586,15 @@ impl StableDiffusion {
         let vae = vae::VaeDecoder::load(&vae_cfg, &vae_cfg_path, &vae_weights.root())?;
         let vae_encoder = vae::VaeEncoder::load(&vae_cfg, &vae_cfg_path, &vae_weights.root())?;
         drop(vae_weights);
-        if vae.latent_channels() != unet.in_channels() {
+        // An inpainting UNet (stable-diffusion-inpainting) also takes the mask (1 channel) and
+        // the masked image's latents: latents + 1 + latents input channels.
+        let inpainting_unet = unet.in_channels() == 2 * vae.latent_channels() + 1;
+        if vae.latent_channels() != unet.in_channels() && !inpainting_unet {
             return Err(Error::Config {
                 path: vae_cfg_path,
                 message: format!(
-                    "latent_channels {} does not match the UNet's in_channels {}",
+                    "latent_channels {} does not match the UNet's in_channels {} (nor its \
+                     inpainting layout, latents + mask + masked-image latents)",
                     vae.latent_channels(),
                     unet.in_channels()
                 ),
@@ -968,6 +975,13 @@ impl StableDiffusion {
         on_step: &mut StepCallback<'_>,
     ) -> Result<BatchOutput> {
         self.validate(requests, p)?;
+        if self.is_inpainting_model() {
+            return Err(Error::InvalidArgument(
+                "this is an inpainting model (its UNet also takes a mask): give it an init \
+                 image and a mask"
+                    .into(),
+            ));
+        }
         if let Some(init) = &init {
             self.validate_img2img(requests, p, init)?;
         }

@@ -261,9 +261,19 @@ impl Scheduler for DpmSolverMultistepScheduler {
         Ok(())
     }
 
-    /// `alpha_t · x + sigma_t · noise` at the first step's sigma.
     fn add_noise(&self, original: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[0])?;
+        self.add_noise_at(original, noise, 0)
+    }
+
+    /// `alpha_t · x + sigma_t · noise` at step `step_index`'s sigma.
+    fn add_noise_at(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        let sigma = *self.sigmas.get(step_index).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "DPM-Solver++: no step {step_index} to add noise at ({} sigmas)",
+                self.sigmas.len()
+            ))
+        })?;
+        let (alpha_t, sigma_t) = alpha_sigma(sigma)?;
         Ok(original
             .f_mul_scalar(f64::from(alpha_t))?
             .f_add(&noise.f_mul_scalar(f64::from(sigma_t))?)?)

@@ -107,7 +107,11 @@ impl Scheduler for EulerScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        self.steps.add_noise(original, noise)
+        self.steps.add_noise(original, noise, 0)
+    }
+
+    fn add_noise_at(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        self.steps.add_noise(original, noise, step_index)
     }
 
     fn step(

@@ -64,7 +64,11 @@ impl Scheduler for EulerAncestralScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        self.steps.add_noise(original, noise)
+        self.steps.add_noise(original, noise, 0)
+    }
+
+    fn add_noise_at(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        self.steps.add_noise(original, noise, step_index)
     }
 
     fn needs_noise(&self) -> bool {

@@ -78,6 +78,21 @@ pub trait Scheduler: Send {
         ))
     }
 
+    /// Inpainting with an ordinary UNet: `original` noised to the level of step `step_index`
+    /// (after `start_at`, counted from the new start), as diffusers' inpaint pipeline calls
+    /// `scheduler.add_noise(image_latents, noise, [timesteps[step_index]])` to blend the kept
+    /// area back in after each step. `add_noise_at(…, 0)` is [`add_noise`](Self::add_noise).
+    fn add_noise_at(
+        &self,
+        _original: &Tensor,
+        _noise: &Tensor,
+        _step_index: usize,
+    ) -> Result<Tensor> {
+        Err(Error::InvalidArgument(
+            "this scheduler does not support inpainting yet".into(),
+        ))
+    }
+
     /// Computes the latents after step `step_index` from the (guided) model output.
     /// Must be called exactly once per index, in order: multistep schedulers keep history.
     fn step(

@@ -147,7 +147,17 @@ impl Scheduler for PndmScheduler {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        super::add_noise_ddpm(&self.alphas_cumprod, self.timesteps_int[0], original, noise)
+        self.add_noise_at(original, noise, 0)
+    }
+
+    fn add_noise_at(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        let t = *self.timesteps_int.get(step_index).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "PNDM: no step {step_index} to add noise at ({} steps)",
+                self.timesteps_int.len()
+            ))
+        })?;
+        super::add_noise_ddpm(&self.alphas_cumprod, t, original, noise)
     }
 
     fn step(

@@ -5,7 +5,7 @@
 //! diffusers computes all of this with numpy in float64 from float32 inputs and stores the results
 //! as float32; the functions here keep the same precision at every stage.
 use super::config::{SchedulerConfig, Spacing, np_arange, np_interp_unit_grid, np_linspace};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use tch::Tensor;
 
 /// Karras et al.'s rho, the value diffusers hard-codes.
@@ -176,9 +176,22 @@ impl SigmaSteps {
         Ok(())
     }
 
-    /// `original + noise · sigma` at the first step: the k-diffusion schedulers' `add_noise`.
-    pub fn add_noise(&self, original: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        Ok(original.f_add(&noise.f_mul_scalar(f64::from(self.sigmas[0]))?)?)
+    /// `original + noise · sigma` at step `step_index`: the k-diffusion schedulers' `add_noise`
+    /// (diffusers takes the sigma of the begin index before the first step, of the current step
+    /// index after it).
+    pub fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        step_index: usize,
+    ) -> Result<Tensor> {
+        let sigma = self.sigmas.get(step_index).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "no step {step_index} to add noise at ({} sigmas)",
+                self.sigmas.len()
+            ))
+        })?;
+        Ok(original.f_add(&noise.f_mul_scalar(f64::from(*sigma))?)?)
     }
 
     /// The sample divided by `(sigma ** 2 + 1) ** 0.5` of step `step_index`.

@@ -1,0 +1,349 @@
+//! Inpainting, as diffusers' `StableDiffusionInpaintPipeline`: repaint the white part of a mask,
+//! keep the black part.
+//!
+//! Two kinds of UNet do it:
+//! - **Inpainting UNets** (`stable-diffusion-inpainting` layout, `in_channels` 9): the UNet sees
+//!   `[latents (4), mask (1), masked-image latents (4)]` at every step and repaints by itself.
+//! - **Ordinary UNets** (`in_channels` 4): after every step the kept area is overwritten by the
+//!   init image's latents noised to the next step's level, `(1 − m)·add_noise(x₀, ε, t₊₁) + m·x`.
+//!
+//! Each image's generator gives, in diffusers' order: the init image's VAE sample (when the
+//! image latents are needed: an ordinary UNet, or a strength below 1), the initial noise, the
+//! masked image's VAE sample, then one draw per step for ancestral samplers.
+use super::{
+    BatchOutput, GenerateParams, ImageRequest, Img2Img, RgbImage, StableDiffusion, StepCallback,
+    Timings, images_to_tensor, img2img_begin, ms, noise, prompt_weights, rescale_guidance,
+};
+use crate::error::{Error, Result};
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+/// One 8-bit grey channel (a mask: 255 repaints, 0 keeps; binarised at 128).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrayImage {
+    pub width: u32,
+    pub height: u32,
+    pub pixels: Vec<u8>,
+}
+
+impl GrayImage {
+    /// PIL's `convert("L")` of an RGB image (ITU-R 601-2 luma in 16-bit fixed point, rounded),
+    /// which is what diffusers' mask processor does to a colour mask.
+    pub fn from_rgb(img: &RgbImage) -> Self {
+        let pixels = img
+            .pixels
+            .chunks_exact(3)
+            .map(|p| {
+                let l = u32::from(p[0]) * 19595 + u32::from(p[1]) * 38470 + u32::from(p[2]) * 7471;
+                // At most 255 · 65536 + 0x8000 >> 16 = 255: the cast cannot truncate.
+                ((l + 0x8000) >> 16) as u8
+            })
+            .collect();
+        Self {
+            width: img.width,
+            height: img.height,
+            pixels,
+        }
+    }
+}
+
+/// Inpainting inputs for a batch: per request an init image and a mask of the output's size.
+#[derive(Debug, Clone, Copy)]
+pub struct Inpaint<'a> {
+    pub images: &'a [RgbImage],
+    /// White (≥ 128) repaints, black keeps.
+    pub masks: &'a [GrayImage],
+    /// In (0, 1]: as img2img. diffusers' default for inpainting is 1: the masked area starts
+    /// from pure noise (the init image still shows through the mask input or the blend).
+    pub strength: f64,
+}
+
+/// Masks to `[n, 1, H, W]` float32 of 0 and 1, as diffusers' mask processor (`/255`, then
+/// `< 0.5 → 0`, `≥ 0.5 → 1`).
+fn masks_to_tensor(masks: &[GrayImage]) -> Result<Tensor> {
+    let parts = masks
+        .iter()
+        .map(|m| {
+            Ok(Tensor::from_slice(&m.pixels)
+                .f_view([1, 1, i64::from(m.height), i64::from(m.width)])?
+                .f_to_kind(Kind::Float)?
+                .f_div_scalar(255.0)?
+                .f_ge(0.5)?
+                .f_to_kind(Kind::Float)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::f_cat(&parts, 0)?)
+}
+
+impl StableDiffusion {
+    /// Whether the UNet is an inpainting one (`in_channels` = latents + mask + masked-image
+    /// latents): it needs a mask and an image, so plain text-to-image cannot drive it.
+    pub fn is_inpainting_model(&self) -> bool {
+        self.unet.in_channels() == 2 * self.vae.latent_channels() + 1
+    }
+
+    /// Checks inpainting inputs: img2img's checks on the images and the strength (which also
+    /// refuse schedulers that cannot start mid-schedule or add noise), one mask per request at
+    /// the output's size.
+    fn validate_inpaint(
+        &self,
+        requests: &[ImageRequest],
+        p: &GenerateParams,
+        inpaint: &Inpaint<'_>,
+    ) -> Result<()> {
+        let images = Img2Img {
+            images: inpaint.images,
+            strength: inpaint.strength,
+        };
+        self.validate_img2img(requests, p, &images)
+            .map_err(|e| match e {
+                Error::InvalidArgument(m) => {
+                    Error::InvalidArgument(m.replace("img2img", "inpainting"))
+                }
+                other => other,
+            })?;
+        let bad = |msg: String| Err(Error::InvalidArgument(msg));
+        if inpaint.masks.len() != requests.len() {
+            return bad(format!(
+                "{} masks for {} requests",
+                inpaint.masks.len(),
+                requests.len()
+            ));
+        }
+        for (i, m) in inpaint.masks.iter().enumerate() {
+            if (i64::from(m.width), i64::from(m.height)) != (p.width, p.height)
+                || m.pixels.len() != m.width as usize * m.height as usize
+            {
+                return bad(format!(
+                    "mask {i} is {}x{}, the output {}x{}: resize it first",
+                    m.width, m.height, p.width, p.height
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The text conditioning of a batch: `[negatives…, positives…]` with guidance, positives
+    /// alone without (as `generate_with` builds it).
+    fn encode_requests(
+        &self,
+        requests: &[ImageRequest],
+        p: &GenerateParams,
+        guided: bool,
+    ) -> Result<Tensor> {
+        let mut texts: Vec<&str> = Vec::with_capacity(requests.len() * 2);
+        if guided {
+            texts.extend(
+                requests
+                    .iter()
+                    .map(|r| r.negative_prompt.as_deref().unwrap_or("")),
+            );
+        }
+        texts.extend(requests.iter().map(|r| r.prompt.as_str()));
+        match p.prompt_syntax {
+            prompt_weights::PromptSyntax::Plain => {
+                self.encode_prompts_skipping(&texts, p.clip_skip)
+            }
+            prompt_weights::PromptSyntax::A1111 => self.encode_prompts_a1111(&texts, p.clip_skip),
+        }
+    }
+
+    /// Inpaints one image per request (diffusers' `StableDiffusionInpaintPipeline`): the white
+    /// part of each mask is generated from the prompt, the black part kept from the init image.
+    /// Works with inpainting UNets (9 input channels) and ordinary ones (4: the kept area is
+    /// blended back in after every step, so its edges can show a seam).
+    pub fn generate_inpaint(
+        &self,
+        requests: &[ImageRequest],
+        p: &GenerateParams,
+        inpaint: Inpaint<'_>,
+        on_step: &mut StepCallback<'_>,
+    ) -> Result<BatchOutput> {
+        self.validate(requests, p)?;
+        self.validate_inpaint(requests, p, &inpaint)?;
+        let encoder = self.vae_encoder.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(
+                "inpainting needs the VAE's encoder, which this model's weights lack".into(),
+            )
+        })?;
+        let _no_grad = tch::no_grad_guard();
+        let started = Instant::now();
+        let device = self.options.device;
+        let kind = self.options.dtype;
+        let n = requests.len() as i64;
+        let guided = p.guidance_scale > 1.0;
+        let uses_mask_input = self.is_inpainting_model();
+
+        let t_lora = Instant::now();
+        self.apply_loras(&p.loras)?;
+        let lora = self.sync_elapsed(t_lora);
+
+        let t0 = Instant::now();
+        let context = self.encode_requests(requests, p, guided)?;
+        let text_encode = self.sync_elapsed(t0);
+
+        let t1 = Instant::now();
+        let mut scheduler = p.scheduler.build(&self.scheduler_config, p.steps)?;
+        scheduler.start_at(img2img_begin(p.steps, inpaint.strength)?)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let (lat_h, lat_w) = (
+            p.height / self.vae_scale_factor,
+            p.width / self.vae_scale_factor,
+        );
+        let shape = [1, self.vae.latent_channels(), lat_h, lat_w];
+        // diffusers compares the float with 1.0 exactly (`is_strength_max`).
+        let pure_noise = inpaint.strength == 1.0;
+        // The init image's own latents: the blend needs them, and so does a start below
+        // strength 1 (noised image latents).
+        let needs_image_latents = !uses_mask_input || !pure_noise;
+        let noise_draw = usize::from(needs_image_latents);
+        let masked_draw = noise_draw + 1;
+        let first_step_draw = masked_draw + 1;
+        let draws = first_step_draw
+            + if scheduler.needs_noise() {
+                timesteps.len()
+            } else {
+                0
+            };
+        let noise: Vec<Vec<Tensor>> = requests
+            .iter()
+            .map(|r| noise::image_noise(r.seed, shape, kind, draws))
+            .collect::<Result<_>>()?;
+        let batch_noise = |draw: usize| -> Result<Tensor> {
+            let parts: Vec<&Tensor> = noise.iter().map(|v| &v[draw]).collect();
+            Ok(Tensor::f_cat(&parts, 0)?.f_to_device(device)?)
+        };
+        // VAE samples times the scaling factor, one image at a time with its own generator's
+        // draw, as diffusers' `_encode_vae_image` with a list of generators.
+        let encode = |pixels: &Tensor, draw: usize| -> Result<Tensor> {
+            let pixels = pixels.f_to_device(device)?.f_to_kind(kind)?;
+            let parts = (0..n)
+                .map(|i| {
+                    let dist = encoder.encode(&pixels.f_narrow(0, i, 1)?)?;
+                    dist.sample(&noise[i as usize][draw].f_to_device(device)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::f_cat(&parts, 0)?.f_mul_scalar(self.vae_scaling_factor)?)
+        };
+
+        // Pixels and mask stay float32 until encoded, as diffusers keeps `init_image` and
+        // `mask_condition` in float32.
+        let pixels = images_to_tensor(inpaint.images)?;
+        let mask_full = masks_to_tensor(inpaint.masks)?;
+        let masked_pixels = pixels.f_mul(&mask_full.f_lt(0.5)?)?;
+        let image_latents = if needs_image_latents {
+            Some(encode(&pixels, 0)?)
+        } else {
+            None
+        };
+        let init_noise = batch_noise(noise_draw)?;
+        let mut latents = match &image_latents {
+            Some(clean) if !pure_noise => scheduler.add_noise(clean, &init_noise)?,
+            _ => init_noise.f_mul_scalar(scheduler.init_noise_sigma())?,
+        };
+        // `interpolate` to the latent size, default mode "nearest".
+        let mask = mask_full
+            .f_upsample_nearest2d([lat_h, lat_w], None, None)?
+            .f_to_device(device)?
+            .f_to_kind(kind)?;
+        let masked_latents = encode(&masked_pixels, masked_draw)?;
+        let double = |t: &Tensor| -> Result<Tensor> {
+            Ok(if guided {
+                Tensor::f_cat(&[t, t], 0)?
+            } else {
+                t.shallow_clone()
+            })
+        };
+        let unet_extra = [double(&mask)?, double(&masked_latents)?];
+        let keep = mask.f_mul_scalar(-1.0)?.f_add_scalar(1.0)?;
+
+        for (i, &t) in timesteps.iter().enumerate() {
+            let model_in = scheduler.scale_model_input(&double(&latents)?, i);
+            let model_in = if uses_mask_input {
+                Tensor::f_cat(&[&model_in, &unet_extra[0], &unet_extra[1]], 1)?
+            } else {
+                model_in
+            };
+            let batch = model_in.size()[0];
+            let ts = Tensor::from_slice(&[t as f32])
+                .f_to_device(device)?
+                .f_expand([batch], false)?;
+            let eps = self.unet.forward(&model_in, &ts, &context)?;
+            let eps = if guided {
+                let halves = eps.f_chunk(2, 0)?;
+                let (uncond, text) = (&halves[0], &halves[1]);
+                let guided = uncond.f_add(&text.f_sub(uncond)?.f_mul_scalar(p.guidance_scale)?)?;
+                if p.guidance_rescale > 0.0 {
+                    rescale_guidance(&guided, text, p.guidance_rescale)?
+                } else {
+                    guided
+                }
+            } else {
+                eps
+            };
+            let step_noise = if scheduler.needs_noise() {
+                Some(batch_noise(first_step_draw + i)?)
+            } else {
+                None
+            };
+            latents = scheduler.step(&eps, i, &latents, step_noise.as_ref())?;
+            if let Some(clean) = image_latents.as_ref().filter(|_| !uses_mask_input) {
+                // The kept area, at the noise level of the step that comes next (clean after
+                // the last step), with the same noise the run started from.
+                let proper = if i + 1 < timesteps.len() {
+                    scheduler.add_noise_at(clean, &init_noise, i + 1)?
+                } else {
+                    clean.shallow_clone()
+                };
+                latents = keep.f_mul(&proper)?.f_add(&mask.f_mul(&latents)?)?;
+            }
+            on_step(i, timesteps.len(), &latents);
+        }
+        let denoise = self.sync_elapsed(t1);
+
+        let t2 = Instant::now();
+        let images = self.decode(&latents)?;
+        let vae_decode = self.sync_elapsed(t2);
+        Ok(BatchOutput {
+            images,
+            timings: Timings {
+                lora_ms: ms(lora),
+                text_encode_ms: ms(text_encode),
+                denoise_ms: ms(denoise),
+                unet_steps: timesteps.len(),
+                vae_decode_ms: ms(vae_decode),
+                total_ms: ms(started.elapsed()),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn luma_matches_pil() {
+        // Values from PIL: Image.new("RGB", (1, 1), c).convert("L").getpixel((0, 0)).
+        let img = RgbImage {
+            width: 4,
+            height: 1,
+            pixels: vec![100, 200, 50, 200, 100, 50, 255, 255, 255, 1, 0, 0],
+        };
+        assert_eq!(GrayImage::from_rgb(&img).pixels, vec![153, 124, 255, 0]);
+    }
+
+    #[test]
+    fn masks_binarise_at_half() {
+        let m = GrayImage {
+            width: 3,
+            height: 1,
+            pixels: vec![127, 128, 255],
+        };
+        let t = masks_to_tensor(&[m]).unwrap();
+        assert_eq!(
+            Vec::<f32>::try_from(t.flatten(0, -1)).unwrap(),
+            vec![0.0, 1.0, 1.0]
+        );
+    }
+}
