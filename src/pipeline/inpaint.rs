@@ -12,7 +12,7 @@
 //! masked image's VAE sample, then one draw per step for ancestral samplers.
 use super::{
     BatchOutput, GenerateParams, ImageRequest, Img2Img, RgbImage, StableDiffusion, StepCallback,
-    Timings, images_to_tensor, img2img_begin, ms, noise, prompt_weights, rescale_guidance,
+    Timings, images_to_tensor, img2img_begin, ms, noise, prompt_weights,
 };
 use crate::error::{Error, Result};
 use std::time::Instant;
@@ -264,23 +264,7 @@ impl StableDiffusion {
             } else {
                 model_in
             };
-            let batch = model_in.size()[0];
-            let ts = Tensor::from_slice(&[t as f32])
-                .f_to_device(device)?
-                .f_expand([batch], false)?;
-            let eps = self.unet.forward(&model_in, &ts, &context)?;
-            let eps = if guided {
-                let halves = eps.f_chunk(2, 0)?;
-                let (uncond, text) = (&halves[0], &halves[1]);
-                let guided = uncond.f_add(&text.f_sub(uncond)?.f_mul_scalar(p.guidance_scale)?)?;
-                if p.guidance_rescale > 0.0 {
-                    rescale_guidance(&guided, text, p.guidance_rescale)?
-                } else {
-                    guided
-                }
-            } else {
-                eps
-            };
+            let eps = self.guided_prediction(&model_in, t, &context, p, guided)?;
             let step_noise = if scheduler.needs_noise() {
                 Some(batch_noise(first_step_draw + i)?)
             } else {

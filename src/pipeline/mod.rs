@@ -1080,23 +1080,7 @@ impl StableDiffusion {
                 latents.shallow_clone()
             };
             let model_in = scheduler.scale_model_input(&model_in, i);
-            let batch = model_in.size()[0];
-            let ts = Tensor::from_slice(&[t as f32])
-                .f_to_device(device)?
-                .f_expand([batch], false)?;
-            let eps = self.unet.forward(&model_in, &ts, &context)?;
-            let eps = if guided {
-                let halves = eps.f_chunk(2, 0)?;
-                let (uncond, text) = (&halves[0], &halves[1]);
-                let guided = uncond.f_add(&text.f_sub(uncond)?.f_mul_scalar(p.guidance_scale)?)?;
-                if p.guidance_rescale > 0.0 {
-                    rescale_guidance(&guided, text, p.guidance_rescale)?
-                } else {
-                    guided
-                }
-            } else {
-                eps
-            };
+            let eps = self.guided_prediction(&model_in, t, &context, p, guided)?;
             let step_noise = if scheduler.needs_noise() {
                 Some(batch_noise(first_step_draw + i)?)
             } else {
@@ -1122,6 +1106,34 @@ impl StableDiffusion {
                 total_ms: ms(started.elapsed()),
             },
         })
+    }
+
+    /// The UNet's noise prediction for `model_in` (scaled, and doubled as [uncond, text] when
+    /// `guided`) at timestep `t`, combined by classifier-free guidance and its rescale.
+    pub(crate) fn guided_prediction(
+        &self,
+        model_in: &Tensor,
+        t: f64,
+        context: &Tensor,
+        p: &GenerateParams,
+        guided: bool,
+    ) -> Result<Tensor> {
+        let batch = model_in.size()[0];
+        let ts = Tensor::from_slice(&[t as f32])
+            .f_to_device(self.options.device)?
+            .f_expand([batch], false)?;
+        let eps = self.unet.forward(model_in, &ts, context)?;
+        if !guided {
+            return Ok(eps);
+        }
+        let halves = eps.f_chunk(2, 0)?;
+        let (uncond, text) = (&halves[0], &halves[1]);
+        let combined = uncond.f_add(&text.f_sub(uncond)?.f_mul_scalar(p.guidance_scale)?)?;
+        if p.guidance_rescale > 0.0 {
+            rescale_guidance(&combined, text, p.guidance_rescale)
+        } else {
+            Ok(combined)
+        }
     }
 
     /// Latents → RGB8 images, post-processed as diffusers does (`(x/2 + 0.5).clamp(0, 1)` in the
