@@ -161,16 +161,10 @@ impl StableDiffusion {
     ) -> Result<BatchOutput> {
         self.validate(requests, p)?;
         self.validate_inpaint(requests, p, &inpaint)?;
-        let encoder = self.vae_encoder.as_ref().ok_or_else(|| {
-            Error::InvalidArgument(
-                "inpainting needs the VAE's encoder, which this model's weights lack".into(),
-            )
-        })?;
         let _no_grad = tch::no_grad_guard();
         let started = Instant::now();
         let device = self.options.device;
         let kind = self.options.dtype;
-        let n = requests.len() as i64;
         let guided = p.guidance_scale > 1.0;
         let uses_mask_input = self.is_inpainting_model();
 
@@ -205,26 +199,10 @@ impl StableDiffusion {
             } else {
                 0
             };
-        let noise: Vec<Vec<Tensor>> = requests
-            .iter()
-            .map(|r| noise::image_noise(r.seed, shape, kind, draws))
-            .collect::<Result<_>>()?;
-        let batch_noise = |draw: usize| -> Result<Tensor> {
-            let parts: Vec<&Tensor> = noise.iter().map(|v| &v[draw]).collect();
-            Ok(Tensor::f_cat(&parts, 0)?.f_to_device(device)?)
-        };
-        // VAE samples times the scaling factor, one image at a time with its own generator's
-        // draw, as diffusers' `_encode_vae_image` with a list of generators.
-        let encode = |pixels: &Tensor, draw: usize| -> Result<Tensor> {
-            let pixels = pixels.f_to_device(device)?.f_to_kind(kind)?;
-            let parts = (0..n)
-                .map(|i| {
-                    let dist = encoder.encode(&pixels.f_narrow(0, i, 1)?)?;
-                    dist.sample(&noise[i as usize][draw].f_to_device(device)?)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Ok(Tensor::f_cat(&parts, 0)?.f_mul_scalar(self.vae_scaling_factor)?)
-        };
+        let noise = noise::BatchNoise::new(requests.iter().map(|r| r.seed), shape, kind, draws)?;
+        let batch_noise = |draw: usize| noise.batch(draw, device);
+        // VAE samples as diffusers' `_encode_vae_image` with a list of generators.
+        let encode = |pixels: &Tensor, draw: usize| self.encode_images(pixels, &noise, draw);
 
         // Pixels and mask stay float32 until encoded, as diffusers keeps `init_image` and
         // `mask_condition` in float32.

@@ -1042,33 +1042,12 @@ impl StableDiffusion {
             } else {
                 0
             };
-        let noise: Vec<Vec<Tensor>> = requests
-            .iter()
-            .map(|r| noise::image_noise(r.seed, shape, kind, draws))
-            .collect::<Result<_>>()?;
-        let batch_noise = |draw: usize| -> Result<Tensor> {
-            let parts: Vec<&Tensor> = noise.iter().map(|v| &v[draw]).collect();
-            Ok(Tensor::f_cat(&parts, 0)?.f_to_device(device)?)
-        };
+        let noise = noise::BatchNoise::new(requests.iter().map(|r| r.seed), shape, kind, draws)?;
+        let batch_noise = |draw: usize| noise.batch(draw, device);
         let mut latents = match &init {
             None => batch_noise(0)?.f_mul_scalar(scheduler.init_noise_sigma())?,
             Some(init) => {
-                let encoder = self.vae_encoder.as_ref().ok_or_else(|| {
-                    Error::InvalidArgument(
-                        "img2img needs the VAE's encoder, which this model's weights lack".into(),
-                    )
-                })?;
-                let pixels = images_to_tensor(init.images)?
-                    .f_to_device(device)?
-                    .f_to_kind(kind)?;
-                // One image at a time, as diffusers encodes with one generator per image.
-                let encoded = (0..n)
-                    .map(|i| {
-                        let dist = encoder.encode(&pixels.f_narrow(0, i, 1)?)?;
-                        dist.sample(&noise[i as usize][0].f_to_device(device)?)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let clean = Tensor::f_cat(&encoded, 0)?.f_mul_scalar(self.vae_scaling_factor)?;
+                let clean = self.encode_images(&images_to_tensor(init.images)?, &noise, 0)?;
                 scheduler.add_noise(&clean, &batch_noise(1)?)?
             }
         };
@@ -1106,6 +1085,33 @@ impl StableDiffusion {
                 total_ms: ms(started.elapsed()),
             },
         })
+    }
+
+    /// `pixels` (`[n, 3, H, W]` in [-1, 1]) to latents as img2img and inpainting start from them:
+    /// a sample of each image's latent distribution, drawn from draw `draw` of that image's own
+    /// generator (one image at a time, as diffusers encodes with one generator per image), times
+    /// the VAE's scaling factor.
+    pub(crate) fn encode_images(
+        &self,
+        pixels: &Tensor,
+        noise: &noise::BatchNoise,
+        draw: usize,
+    ) -> Result<Tensor> {
+        let encoder = self.vae_encoder.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(
+                "img2img and inpainting need the VAE's encoder, which this model's weights lack"
+                    .into(),
+            )
+        })?;
+        let device = self.options.device;
+        let pixels = pixels.f_to_device(device)?.f_to_kind(self.options.dtype)?;
+        let parts = (0..pixels.size()[0])
+            .map(|i| {
+                let dist = encoder.encode(&pixels.f_narrow(0, i, 1)?)?;
+                dist.sample(&noise.image(i as usize, draw).f_to_device(device)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::f_cat(&parts, 0)?.f_mul_scalar(self.vae_scaling_factor)?)
     }
 
     /// The UNet's noise prediction for `model_in` (scaled, and doubled as [uncond, text] when

@@ -24,6 +24,38 @@ pub fn image_noise(seed: u64, shape: [i64; 4], kind: Kind, draws: usize) -> Resu
         .collect()
 }
 
+/// The noise of every image of a batch: `draws` draws each, in the order the pipeline uses them.
+pub struct BatchNoise {
+    per_image: Vec<Vec<Tensor>>,
+}
+
+impl BatchNoise {
+    pub fn new(
+        seeds: impl IntoIterator<Item = u64>,
+        shape: [i64; 4],
+        kind: Kind,
+        draws: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            per_image: seeds
+                .into_iter()
+                .map(|seed| image_noise(seed, shape, kind, draws))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Draw `draw` of every image, stacked into one batch on `device`.
+    pub fn batch(&self, draw: usize, device: Device) -> Result<Tensor> {
+        let parts: Vec<&Tensor> = self.per_image.iter().map(|v| &v[draw]).collect();
+        Ok(Tensor::f_cat(&parts, 0)?.f_to_device(device)?)
+    }
+
+    /// Draw `draw` of image `image` alone (`[1, c, h, w]`, on the CPU).
+    pub fn image(&self, image: usize, draw: usize) -> &Tensor {
+        &self.per_image[image][draw]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
