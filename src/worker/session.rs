@@ -283,15 +283,10 @@ impl Session<'_> {
                     .await;
             }
             Err(super::inputs::InputError::Storage(e)) => {
-                let result = Err(e.into());
-                let failed = Settling::unstarted(
-                    delivery,
-                    previous_failures,
-                    &batch,
-                    &result,
-                    cfg.topology.delivery_limit,
-                );
-                return self.settle(failed, result).instrument(span).await;
+                return self
+                    .fail_unstarted(delivery, previous_failures, &batch, e.into())
+                    .instrument(span)
+                    .await;
             }
         };
 
@@ -315,15 +310,10 @@ impl Session<'_> {
             }
             Ok(None) => {}
             Err(e) => {
-                let result = Err(e.into());
-                let failed = Settling::unstarted(
-                    delivery,
-                    previous_failures,
-                    &batch,
-                    &result,
-                    cfg.topology.delivery_limit,
-                );
-                return self.settle(failed, result).instrument(span).await;
+                return self
+                    .fail_unstarted(delivery, previous_failures, &batch, e.into())
+                    .instrument(span)
+                    .await;
             }
         }
 
@@ -379,15 +369,10 @@ impl Session<'_> {
                     .await;
             }
             Err(e) => {
-                let result = Err(e.into());
-                let failed = Settling::unstarted(
-                    delivery,
-                    previous_failures,
-                    &batch,
-                    &result,
-                    cfg.topology.delivery_limit,
-                );
-                return self.settle(failed, result).instrument(span).await;
+                return self
+                    .fail_unstarted(delivery, previous_failures, &batch, e.into())
+                    .instrument(span)
+                    .await;
             }
         };
         let units_per_image = message::work_units(
@@ -586,6 +571,26 @@ impl Session<'_> {
     /// Carries out a message's verdict: ack; on a permanent failure take
     /// back what it stored and dead-letter it at once; on a transient one nack with requeue (on
     /// its last attempt `batch.failed` is published first). Errors are broker errors.
+    /// Settles a delivery that failed before any of its images was planned (an input, manifest
+    /// or listing lookup): retried or dead-lettered by the usual rules.
+    async fn fail_unstarted(
+        &self,
+        delivery: Delivery,
+        previous_failures: i64,
+        batch: &Batch,
+        error: WorkerError,
+    ) -> Result<(), WorkerError> {
+        let result = Err(error);
+        let failed = Settling::unstarted(
+            delivery,
+            previous_failures,
+            batch,
+            &result,
+            self.worker.cfg.topology.delivery_limit,
+        );
+        self.settle(failed, result).await
+    }
+
     async fn settle(
         &self,
         failed: Settling,
