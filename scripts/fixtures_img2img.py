@@ -4,6 +4,8 @@ Imported by make_fixtures.py (which owns the model, the prompts and the helpers)
 
     img2img/init.png                 a 64x64 synthetic init image (smooth shapes and noise)
     reference/img2img.safetensors    see ref_img2img
+    reference/hires.safetensors      see ref_hires
+    reference/hires_latent.safetensors  see ref_hires_latent
 """
 from __future__ import annotations
 
@@ -171,9 +173,72 @@ def ref_hires(ref_dir: Path, model_dir: Path, h) -> dict:
                 upscaler="PIL Image.LANCZOS")
 
 
+HIRES_LATENT = {"scale": 2, "steps": 8, "strength": 0.6, "first_steps": 6}
+
+
+def ref_hires_latent(ref_dir: Path, model_dir: Path, h) -> dict:
+    """A latent hires fix (AUTOMATIC1111's "Latent" upscaler) as a diffusers user writes it:
+    txt2img at 64x64 returning latents, `F.interpolate(..., mode="bilinear")` to the 128x128
+    latent size, img2img from those latents (diffusers takes a 4-channel `image` as latents: no
+    VAE encode, so no draw from the generator for it). Euler ancestral in both passes, so the
+    order of every draw from each image's generator is checked too. Two images, two seeds.
+
+        hires_latent.safetensors: first_latents f32 [2,4,8,8]; upscaled f32 [2,4,16,16];
+        image uint8 [2,128,128,3]
+    """
+    import diffusers
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    cfg = HIRES_LATENT
+    seeds = [h.SCHEDULER_SEED, h.SCHEDULER_SEED + 1]
+    make = lambda: diffusers.EulerAncestralDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    pipe = h.load_pipeline(model_dir, make())
+    size = h.IMAGE_SIZE
+    prompts = [h.ASTRONAUT_PROMPT] * 2
+    negatives = [h.CLIP_SKIP_NEGATIVE_PROMPT] * 2
+    first = pipe(
+        prompts,
+        negative_prompt=negatives,
+        guidance_scale=h.GUIDANCE_SCALE,
+        num_inference_steps=cfg["first_steps"],
+        height=size,
+        width=size,
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        output_type="latent",
+    ).images
+    big = size * cfg["scale"]
+    scale = pipe.vae_scale_factor
+    upscaled = F.interpolate(first, size=(big // scale, big // scale), mode="bilinear")
+    i2i = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
+    i2i.scheduler = make()
+    i2i.set_progress_bar_config(disable=True)
+    out = i2i(
+        prompts,
+        image=upscaled,
+        strength=cfg["strength"],
+        negative_prompt=negatives,
+        guidance_scale=h.GUIDANCE_SCALE,
+        num_inference_steps=cfg["steps"],
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        output_type="np",
+    ).images
+    image = h.to_uint8(np.asarray(out, dtype=np.float32))
+    h.save_tensors(ref_dir / "hires_latent.safetensors", {
+        "first_latents": first.float().contiguous(),
+        "upscaled": upscaled.float().contiguous(),
+        "image": torch.from_numpy(image),
+    })
+    return dict(cfg, prompt=h.ASTRONAUT_PROMPT, negative_prompt=h.CLIP_SKIP_NEGATIVE_PROMPT,
+                seeds=seeds, guidance_scale=h.GUIDANCE_SCALE, size=size, scheduler="euler_ancestral",
+                upscaler="latent (F.interpolate bilinear)")
+
+
 if __name__ == "__main__":
     import make_fixtures as h
 
     out = h.DEFAULT_OUT
     print(json.dumps(ref_img2img(out, out / "reference", out / "tiny-sd", h), indent=2))
     print(json.dumps(ref_hires(out / "reference", out / "tiny-sd", h), indent=2))
+    print(json.dumps(ref_hires_latent(out / "reference", out / "tiny-sd", h), indent=2))

@@ -2529,6 +2529,7 @@ def make_tiny(out_dir: Path) -> None:
     lora_info = fixtures_lora.ref_lora(ref_dir, model_dir, out_dir / "loras", sys.modules[__name__])
     img2img_info = fixtures_img2img.ref_img2img(out_dir, ref_dir, model_dir, sys.modules[__name__])
     hires_info = fixtures_img2img.ref_hires(ref_dir, model_dir, sys.modules[__name__])
+    hires_latent_info = fixtures_img2img.ref_hires_latent(ref_dir, model_dir, sys.modules[__name__])
     # After img2img: reuses its init image.
     inpaint_info = fixtures_inpaint.ref_inpaint(out_dir, ref_dir, model_dir, sys.modules[__name__])
     ti_info = ref_textual_inversion(out_dir, ref_dir, model_dir)
@@ -2550,6 +2551,7 @@ def make_tiny(out_dir: Path) -> None:
             "lora": lora_info,
             "img2img": img2img_info,
             "hires": hires_info,
+            "hires_latent": hires_latent_info,
             "inpaint": inpaint_info,
         },
     )

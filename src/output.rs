@@ -326,8 +326,11 @@ pub fn a1111_parameters(info: &Infotext) -> String {
         // A1111's keys for its "Hires. fix" (Size stays the first pass's, as A1111 writes it).
         let _ = write!(
             out,
-            ", Denoising strength: {}, Hires upscale: {}, Hires steps: {}, Hires upscaler: Lanczos",
-            h.strength, h.scale, h.steps
+            ", Denoising strength: {}, Hires upscale: {}, Hires steps: {}, Hires upscaler: {}",
+            h.strength,
+            h.scale,
+            h.steps,
+            h.upscaler.a1111_name()
         );
     }
     if p.clip_skip > 1 {

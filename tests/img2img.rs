@@ -242,7 +242,7 @@ fn generate_cli_runs_img2img() {
 /// pass exactly, and the whole with sdbatch's own Lanczos resize.
 #[test]
 fn hires_fix_matches_the_two_call_reference() {
-    use sdbatch::pipeline::hires::{Hires, upscale_lanczos};
+    use sdbatch::pipeline::hires::{Hires, Upscaler, upscale_lanczos};
     let model = load_cpu();
     let meta = meta();
     let m = &meta["hires"];
@@ -264,6 +264,7 @@ fn hires_fix_matches_the_two_call_reference() {
         scale: m["scale"].as_f64().unwrap(),
         steps: m["steps"].as_u64().unwrap() as usize,
         strength: m["strength"].as_f64().unwrap(),
+        upscaler: Upscaler::Lanczos,
     };
     let one = |p: &GenerateParams, init: Option<Img2Img<'_>>| {
         model
@@ -376,4 +377,129 @@ fn hires_fix_matches_the_two_call_reference() {
         png.as_raw() == &out.images[0].pixels,
         "generate --hires-* is generate_hires"
     );
+}
+
+/// The latent hires fix (A1111's "Latent" upscaler) against diffusers written as two calls:
+/// txt2img returning latents, `F.interpolate(bilinear)`, img2img from those latents. Euler
+/// ancestral in both passes, two seeds: the first pass's latents, the interpolation and the
+/// final images all match, so every draw of each image's generator is in diffusers' order (no
+/// VAE-sample draw when img2img starts from latents).
+#[test]
+fn latent_hires_fix_matches_the_two_call_reference() {
+    use sdbatch::pipeline::hires::{Hires, Upscaler};
+    let model = load_cpu();
+    let meta = meta();
+    let m = &meta["hires_latent"];
+    let r = reference("hires_latent.safetensors");
+    let seeds: Vec<u64> = m["seeds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
+    let requests: Vec<ImageRequest> = seeds
+        .iter()
+        .map(|&seed| ImageRequest {
+            prompt: m["prompt"].as_str().unwrap().into(),
+            negative_prompt: Some(m["negative_prompt"].as_str().unwrap().into()),
+            seed,
+        })
+        .collect();
+    let size = m["size"].as_i64().unwrap();
+    let first_steps = m["first_steps"].as_u64().unwrap() as usize;
+    let first = params(
+        first_steps,
+        m["guidance_scale"].as_f64().unwrap(),
+        size,
+        SchedulerKind::EulerAncestral,
+    );
+    let hires = Hires {
+        scale: m["scale"].as_f64().unwrap(),
+        steps: m["steps"].as_u64().unwrap() as usize,
+        strength: m["strength"].as_f64().unwrap(),
+        upscaler: Upscaler::Latent,
+    };
+    let mut calls = 0;
+    let mut first_latents = None;
+    let out = model
+        .generate_hires(&requests, &first, hires, &mut |_, _, latents| {
+            if calls + 1 == first_steps {
+                first_latents = Some(latents.copy());
+            }
+            calls += 1;
+        })
+        .unwrap();
+    let begin = img2img_begin(hires.steps, hires.strength).unwrap();
+    assert_eq!(
+        calls,
+        first_steps + hires.steps - begin,
+        "both passes' steps"
+    );
+    let first_latents = first_latents.unwrap();
+    assert_close(
+        "latent hires: first pass latents",
+        &first_latents,
+        &r["first_latents"],
+        1e-4,
+    );
+    let big = (size as f64 * hires.scale) as i64;
+    let upscaled = first_latents.upsample_bilinear2d([big / 8, big / 8], false, None, None);
+    assert_close(
+        "latent hires: bilinear upscale",
+        &upscaled,
+        &r["upscaled"],
+        1e-4,
+    );
+    let expected = u8_vec(&r["image"]);
+    let per_image = (big * big * 3) as usize;
+    assert_eq!(out.images.len(), 2);
+    for (i, img) in out.images.iter().enumerate() {
+        assert_eq!((img.width, img.height), (big as u32, big as u32));
+        assert_images_match(
+            &format!("latent hires image {i} vs diffusers"),
+            &img.pixels,
+            &expected[i * per_image..(i + 1) * per_image],
+        );
+    }
+
+    // And from the command line, the same two images in one batch.
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    let lines: Vec<String> = seeds
+        .iter()
+        .enumerate()
+        .map(|(i, seed)| {
+            serde_json::json!({"id": format!("h{i}"), "prompt": m["prompt"], "negative_prompt": m["negative_prompt"], "seed": seed})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&prompts, lines.join("\n")).unwrap();
+    let model_path = model_dir();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdbatch"))
+        .args(["generate", "--model", model_path.to_str().unwrap()])
+        .args(["--prompts", prompts.to_str().unwrap()])
+        .args(["--out", dir.path().join("out").to_str().unwrap()])
+        .args(["--steps", &first_steps.to_string(), "--batch-size", "2"])
+        .args(["--scheduler", "euler_ancestral", "--guidance", "7.5"])
+        .args([
+            "--hires-scale",
+            "2",
+            "--hires-steps",
+            &hires.steps.to_string(),
+        ])
+        .args(["--hires-strength", &hires.strength.to_string()])
+        .args(["--hires-upscaler", "latent"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (i, img) in out.images.iter().enumerate() {
+        let png = image::open(dir.path().join(format!("out/h{i}.png")))
+            .unwrap()
+            .to_rgb8();
+        assert!(
+            png.as_raw() == &img.pixels,
+            "generate --hires-upscaler latent is generate_hires"
+        );
+    }
 }

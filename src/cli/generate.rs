@@ -76,8 +76,8 @@ pub struct GenerateArgs {
     /// output size like it. Works with inpainting models (9-channel UNet) and ordinary ones.
     #[arg(long, value_name = "FILE", requires = "init_image")]
     pub mask: Option<PathBuf>,
-    /// Hires fix: generate, upscale by this factor (Lanczos3; in (1, 4], sizes rounded down to
-    /// multiples of 8), then img2img at the larger size.
+    /// Hires fix: generate, upscale by this factor (in (1, 4], sizes rounded down to multiples
+    /// of 8), then img2img at the larger size.
     #[arg(long, conflicts_with = "init_image")]
     pub hires_scale: Option<f64>,
     /// Hires fix: steps of the second pass's schedule.
@@ -87,6 +87,11 @@ pub struct GenerateArgs {
     /// Hires fix: strength of the second pass, in (0, 1].
     #[arg(long, default_value_t = 0.5, requires = "hires_scale")]
     pub hires_strength: f64,
+    /// Hires fix: `lanczos` resizes the decoded image (Lanczos3) and encodes it again; `latent`
+    /// resizes the latents bilinearly (no VAE round trip; wants a strength of 0.5-0.7).
+    #[arg(long, default_value = "lanczos", requires = "hires_scale",
+          value_parser = clap::builder::PossibleValuesParser::new(["lanczos", "latent"]))]
+    pub hires_upscaler: String,
 }
 
 impl GenerateArgs {
@@ -276,6 +281,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             scale,
             steps: args.hires_steps as usize,
             strength: args.hires_strength,
+            upscaler: args.hires_upscaler.parse().unwrap_or_default(),
         });
     if let Some(h) = &hires {
         h.size(8, 8, 8)

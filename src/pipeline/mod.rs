@@ -185,6 +185,39 @@ pub struct BatchOutput {
     pub timings: Timings,
 }
 
+/// Where a denoising loop starts.
+#[derive(Clone, Copy)]
+pub(crate) enum Start<'a> {
+    /// Pure noise (txt2img).
+    Noise,
+    /// Init images, encoded by the VAE and noised to their strength's level (img2img).
+    Images(Img2Img<'a>),
+    /// Latents already (`[n, c, h/8, w/8]`, scaled as the UNet sees them: a latent hires fix's
+    /// upscaled first pass), noised to `strength`'s level, as diffusers' img2img pipeline does
+    /// with a 4-channel `image`.
+    Latents { latents: &'a Tensor, strength: f64 },
+}
+
+impl Start<'_> {
+    /// The img2img strength, `None` for txt2img.
+    fn strength(&self) -> Option<f64> {
+        match self {
+            Start::Noise => None,
+            Start::Images(init) => Some(init.strength),
+            Start::Latents { strength, .. } => Some(*strength),
+        }
+    }
+}
+
+/// The latents a denoising loop ended with, and what it took.
+pub(crate) struct Denoised {
+    pub latents: Tensor,
+    pub lora: Duration,
+    pub text_encode: Duration,
+    pub denoise: Duration,
+    pub unet_steps: usize,
+}
+
 /// Progress of the denoising loop: step index, number of steps, latents after the step.
 pub type StepCallback<'a> = dyn FnMut(usize, usize, &Tensor) + 'a;
 
@@ -975,6 +1008,47 @@ impl StableDiffusion {
         on_step: &mut StepCallback<'_>,
     ) -> Result<BatchOutput> {
         self.validate(requests, p)?;
+        let start = match init {
+            Some(init) => {
+                self.validate_img2img(requests, p, &init)?;
+                Start::Images(init)
+            }
+            None => Start::Noise,
+        };
+        let started = Instant::now();
+        let denoised = self.denoise(requests, p, start, on_step)?;
+        self.finish(denoised, started)
+    }
+
+    /// Decodes denoised latents into the batch's images and timings.
+    pub(crate) fn finish(&self, d: Denoised, started: Instant) -> Result<BatchOutput> {
+        let _no_grad = tch::no_grad_guard();
+        let t2 = Instant::now();
+        let images = self.decode(&d.latents)?;
+        let vae_decode = self.sync_elapsed(t2);
+        Ok(BatchOutput {
+            images,
+            timings: Timings {
+                lora_ms: ms(d.lora),
+                text_encode_ms: ms(d.text_encode),
+                denoise_ms: ms(d.denoise),
+                unet_steps: d.unet_steps,
+                vae_decode_ms: ms(vae_decode),
+                total_ms: ms(started.elapsed()),
+            },
+        })
+    }
+
+    /// The denoising loop of txt2img and img2img (inputs validated by the caller): the text
+    /// conditioning, the starting latents of `start`, every scheduler step. Returns the final
+    /// latents, not yet decoded.
+    pub(crate) fn denoise(
+        &self,
+        requests: &[ImageRequest],
+        p: &GenerateParams,
+        start: Start<'_>,
+        on_step: &mut StepCallback<'_>,
+    ) -> Result<Denoised> {
         if self.is_inpainting_model() {
             return Err(Error::InvalidArgument(
                 "this is an inpainting model (its UNet also takes a mask): give it an init \
@@ -982,14 +1056,9 @@ impl StableDiffusion {
                     .into(),
             ));
         }
-        if let Some(init) = &init {
-            self.validate_img2img(requests, p, init)?;
-        }
         let _no_grad = tch::no_grad_guard();
-        let started = Instant::now();
         let device = self.options.device;
         let kind = self.options.dtype;
-        let n = requests.len() as i64;
         // As diffusers: guidance only when the scale is above 1 (a scale of 1 is the text branch alone).
         let guided = p.guidance_scale > 1.0;
 
@@ -1022,8 +1091,8 @@ impl StableDiffusion {
 
         let t1 = Instant::now();
         let mut scheduler = p.scheduler.build(&self.scheduler_config, p.steps)?;
-        if let Some(init) = &init {
-            scheduler.start_at(img2img_begin(p.steps, init.strength)?)?;
+        if let Some(strength) = start.strength() {
+            scheduler.start_at(img2img_begin(p.steps, strength)?)?;
         }
         let timesteps = scheduler.timesteps().to_vec();
         let shape = [
@@ -1033,9 +1102,13 @@ impl StableDiffusion {
             p.width / self.vae_scale_factor,
         ];
         // Each image's generator gives, in order: the initial noise (txt2img), or the VAE
-        // sample and then the noise added to it (img2img); then one draw per step for
-        // ancestral samplers. diffusers draws in the same order.
-        let first_step_draw = if init.is_some() { 2 } else { 1 };
+        // sample and then the noise added to it (img2img from images; from latents there is
+        // no VAE sample); then one draw per step for ancestral samplers. diffusers draws in the
+        // same order.
+        let first_step_draw = match start {
+            Start::Noise | Start::Latents { .. } => 1,
+            Start::Images(_) => 2,
+        };
         let draws = first_step_draw
             + if scheduler.needs_noise() {
                 timesteps.len()
@@ -1044,11 +1117,15 @@ impl StableDiffusion {
             };
         let noise = noise::BatchNoise::new(requests.iter().map(|r| r.seed), shape, kind, draws)?;
         let batch_noise = |draw: usize| noise.batch(draw, device);
-        let mut latents = match &init {
-            None => batch_noise(0)?.f_mul_scalar(scheduler.init_noise_sigma())?,
-            Some(init) => {
+        let mut latents = match &start {
+            Start::Noise => batch_noise(0)?.f_mul_scalar(scheduler.init_noise_sigma())?,
+            Start::Images(init) => {
                 let clean = self.encode_images(&images_to_tensor(init.images)?, &noise, 0)?;
                 scheduler.add_noise(&clean, &batch_noise(1)?)?
+            }
+            Start::Latents { latents, .. } => {
+                let clean = latents.f_to_device(device)?.f_to_kind(kind)?;
+                scheduler.add_noise(&clean, &batch_noise(0)?)?
             }
         };
 
@@ -1069,21 +1146,12 @@ impl StableDiffusion {
             on_step(i, timesteps.len(), &latents);
         }
         let denoise = self.sync_elapsed(t1);
-
-        let t2 = Instant::now();
-        let images = self.decode(&latents)?;
-        let vae_decode = self.sync_elapsed(t2);
-        debug_assert_eq!(images.len() as i64, n);
-        Ok(BatchOutput {
-            images,
-            timings: Timings {
-                lora_ms: ms(lora),
-                text_encode_ms: ms(text_encode),
-                denoise_ms: ms(denoise),
-                unet_steps: timesteps.len(),
-                vae_decode_ms: ms(vae_decode),
-                total_ms: ms(started.elapsed()),
-            },
+        Ok(Denoised {
+            latents,
+            lora,
+            text_encode,
+            denoise,
+            unet_steps: timesteps.len(),
         })
     }
 
