@@ -2,15 +2,17 @@
 //!
 //! - [`Planner`] holds the images of every message in hand, in arrival order. The next batch takes
 //!   the oldest waiting image and every later image that can share its UNet batch (same size,
-//!   steps, scheduler, guidance, LoRA set, and txt2img or img2img at one strength: a [`ShapeKey`]),
+//!   steps, scheduler, guidance, LoRA set, and one [`Mode`]: txt2img, img2img or inpainting at
+//!   one strength, or one hires fix: a [`ShapeKey`]),
 //!   across message boundaries, up to the size the
 //!   [`BatchSizer`] allows. Images keep their order within a message; none is lost or duplicated.
 //! - [`BatchSizer`] picks that size per shape: the configured ceiling (`--max-batch`) on the CPU; on
 //!   CUDA the largest batch whose calibrated memory fits the device under a safety margin, and a
 //!   per-shape ceiling halved each time the device runs out of memory.
 use crate::pipeline::GenerateParams;
+use crate::pipeline::hires::{Hires, Upscaler};
 use crate::pipeline::schedulers::SchedulerKind;
-use crate::pipeline::{ImageRequest, RgbImage};
+use crate::pipeline::{GrayImage, ImageRequest, RgbImage};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -32,10 +34,91 @@ pub struct ShapeKey {
     /// The LoRA set fused into the weights for the batch (names and weights' bits, canonical
     /// order): one set per GPU batch.
     pub loras: Vec<(String, u64)>,
-    /// img2img: the strength's bits (one start step for the whole batch, and every image of the
-    /// batch needs an init image). `None`: txt2img. txt2img and img2img images never share a
-    /// batch, even of one message.
-    pub strength_bits: Option<u64>,
+    /// How the batch's images start: images of different modes never share a batch, even of
+    /// one message.
+    pub mode: Mode,
+}
+
+/// How the images of a GPU batch start, one per batch: the pipeline call differs, and so does
+/// what every image brings (an init image, a mask). Floats as bits, so keys hash and compare
+/// exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    Txt2Img,
+    /// From init images, at one strength (one start step for the batch).
+    Img2Img {
+        strength_bits: u64,
+    },
+    /// From init images and masks, at one strength.
+    Inpaint {
+        strength_bits: u64,
+    },
+    /// txt2img, then one hires fix's second pass at the larger size.
+    Hires {
+        scale_bits: u64,
+        steps: usize,
+        strength_bits: u64,
+        upscaler: Upscaler,
+    },
+}
+
+impl Mode {
+    pub fn img2img(strength: f64) -> Self {
+        Mode::Img2Img {
+            strength_bits: strength.to_bits(),
+        }
+    }
+
+    pub fn inpaint(strength: f64) -> Self {
+        Mode::Inpaint {
+            strength_bits: strength.to_bits(),
+        }
+    }
+
+    pub fn hires(h: &Hires) -> Self {
+        Mode::Hires {
+            scale_bits: h.scale.to_bits(),
+            steps: h.steps,
+            strength_bits: h.strength.to_bits(),
+            upscaler: h.upscaler,
+        }
+    }
+
+    /// The hires fix of a [`Mode::Hires`] batch.
+    pub fn as_hires(&self) -> Option<Hires> {
+        match *self {
+            Mode::Hires {
+                scale_bits,
+                steps,
+                strength_bits,
+                upscaler,
+            } => Some(Hires {
+                scale: f64::from_bits(scale_bits),
+                steps,
+                strength: f64::from_bits(strength_bits),
+                upscaler,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The img2img or inpainting strength, `None` for txt2img and hires batches.
+    pub fn strength(&self) -> Option<f64> {
+        match *self {
+            Mode::Img2Img { strength_bits } | Mode::Inpaint { strength_bits } => {
+                Some(f64::from_bits(strength_bits))
+            }
+            Mode::Txt2Img | Mode::Hires { .. } => None,
+        }
+    }
+}
+
+/// What one image brings besides its prompt: an init image (img2img, inpainting) and a mask
+/// (inpainting), decoded at the output size and shared by the images of one item.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImageInputs {
+    pub init: Option<Arc<RgbImage>>,
+    pub mask: Option<Arc<GrayImage>>,
 }
 
 impl ShapeKey {
@@ -54,21 +137,24 @@ impl ShapeKey {
                 .iter()
                 .map(|l| (l.name.clone(), l.weight.to_bits()))
                 .collect(),
-            strength_bits: None,
+            mode: Mode::Txt2Img,
         }
     }
 
-    /// The key of an img2img image with `strength` (or of a txt2img one for `None`).
-    pub fn with_strength(self, strength: Option<f64>) -> Self {
-        Self {
-            strength_bits: strength.map(f64::to_bits),
-            ..self
-        }
+    /// The key of an image of `mode`.
+    pub fn with_mode(self, mode: Mode) -> Self {
+        Self { mode, ..self }
     }
 
-    /// img2img strength of the batch, `None` for txt2img.
-    pub fn strength(&self) -> Option<f64> {
-        self.strength_bits.map(f64::from_bits)
+    /// The size of the batch's largest pass: the hires fix's second pass, or the only one.
+    pub fn peak_size(&self) -> (i64, i64) {
+        match self.mode.as_hires() {
+            // Validated when the message was read; the first pass's size otherwise.
+            Some(h) => h
+                .size(self.width, self.height, 8)
+                .unwrap_or((self.width, self.height)),
+            None => (self.width, self.height),
+        }
     }
 }
 
@@ -77,8 +163,8 @@ impl ShapeKey {
 pub struct PlannedImage<T> {
     pub tag: T,
     pub request: ImageRequest,
-    /// img2img: the decoded init image at the output size (shared by the images of one item).
-    pub init: Option<Arc<RgbImage>>,
+    /// What it starts from besides noise (empty for txt2img and hires images).
+    pub inputs: ImageInputs,
 }
 
 /// A GPU batch: images of one shape, oldest first.
@@ -117,29 +203,29 @@ impl<T: Clone + PartialEq> Planner<T> {
     ) {
         self.push_with(
             params,
-            0.0,
             images
                 .into_iter()
-                .map(|(tag, request)| (tag, request, None)),
+                .map(|(tag, request)| (tag, request, Mode::Txt2Img, ImageInputs::default())),
         );
     }
 
-    /// Queues the images of one message, img2img ones with their init image: those are keyed
-    /// with `strength`, so they are batched apart from the txt2img images.
+    /// Queues the images of one message, each with its mode and inputs: images of different
+    /// modes are keyed apart, so they never share a batch.
     pub fn push_with(
         &mut self,
         params: &GenerateParams,
-        strength: f64,
-        images: impl IntoIterator<Item = (T, ImageRequest, Option<Arc<RgbImage>>)>,
+        images: impl IntoIterator<Item = (T, ImageRequest, Mode, ImageInputs)>,
     ) {
-        let txt2img = ShapeKey::of(params);
-        let img2img = txt2img.clone().with_strength(Some(strength));
-        for (tag, request, init) in images {
-            let key = if init.is_some() { &img2img } else { &txt2img };
+        let base = ShapeKey::of(params);
+        for (tag, request, mode, inputs) in images {
             self.waiting.push_back(Waiting {
-                key: key.clone(),
+                key: base.clone().with_mode(mode),
                 params: params.clone(),
-                image: PlannedImage { tag, request, init },
+                image: PlannedImage {
+                    tag,
+                    request,
+                    inputs,
+                },
             });
         }
     }
@@ -200,10 +286,12 @@ pub struct MemoryKey {
 }
 
 impl MemoryKey {
+    /// A hires batch's memory is its second pass's (the larger size's).
     pub fn of(key: &ShapeKey) -> Self {
+        let (width, height) = key.peak_size();
         Self {
-            width: key.width,
-            height: key.height,
+            width,
+            height,
             // As the pipeline: guidance only above 1.
             guided: f64::from_bits(key.guidance_bits) > 1.0,
         }
@@ -371,53 +459,91 @@ mod tests {
     }
 
     #[test]
-    fn img2img_images_are_batched_apart_from_txt2img_and_by_strength() {
+    fn modes_are_batched_apart_and_by_strength() {
         let init = Arc::new(RgbImage {
             width: 512,
             height: 512,
             pixels: vec![0; 512 * 512 * 3],
         });
+        let mask = Arc::new(GrayImage {
+            width: 512,
+            height: 512,
+            pixels: vec![255; 512 * 512],
+        });
+        let i2i = ImageInputs {
+            init: Some(init.clone()),
+            mask: None,
+        };
+        let inp = ImageInputs {
+            init: Some(init.clone()),
+            mask: Some(mask.clone()),
+        };
+        let none = ImageInputs::default;
         let mut p: Planner<Tag> = Planner::default();
-        // One message mixing txt2img (0, 2) and img2img (1, 3) items, then another message's
-        // img2img image at another strength and one at the same.
+        // One message mixing txt2img (0, 2), img2img (1, 3) and inpainting (4) items, then
+        // another message's img2img image at another strength and one at the same, then a
+        // txt2img message and a hires one.
         p.push_with(
             &params(512, 50),
-            0.8,
             [
-                ((0, 0), req(0), None),
-                ((0, 1), req(1), Some(init.clone())),
-                ((0, 2), req(2), None),
-                ((0, 3), req(3), Some(init.clone())),
+                ((0, 0), req(0), Mode::Txt2Img, none()),
+                ((0, 1), req(1), Mode::img2img(0.8), i2i.clone()),
+                ((0, 2), req(2), Mode::Txt2Img, none()),
+                ((0, 3), req(3), Mode::img2img(0.8), i2i.clone()),
+                ((0, 4), req(4), Mode::inpaint(1.0), inp.clone()),
             ],
         );
         p.push_with(
             &params(512, 50),
-            0.5,
-            [((1, 0), req(4), Some(init.clone()))],
+            [((1, 0), req(5), Mode::img2img(0.5), i2i.clone())],
         );
         p.push_with(
             &params(512, 50),
-            0.8,
-            [((2, 0), req(5), Some(init.clone()))],
+            [((2, 0), req(6), Mode::img2img(0.8), i2i.clone())],
         );
-        p.push(&params(512, 50), [((3, 0), req(6))]);
+        p.push(&params(512, 50), [((3, 0), req(7))]);
+        let hires = Hires {
+            scale: 1.5,
+            steps: 20,
+            strength: 0.5,
+            upscaler: Upscaler::Latent,
+        };
+        p.push_with(
+            &params(512, 50),
+            [((4, 0), req(8), Mode::hires(&hires), none())],
+        );
         let b = p.next_batch(8).unwrap();
         assert_eq!(tags(&b), [(0, 0), (0, 2), (3, 0)]);
-        assert_eq!(b.key.strength(), None);
-        assert!(b.images.iter().all(|i| i.init.is_none()));
+        assert_eq!(b.key.mode, Mode::Txt2Img);
+        assert!(b.images.iter().all(|i| i.inputs == none()));
         let b = p.next_batch(8).unwrap();
         assert_eq!(tags(&b), [(0, 1), (0, 3), (2, 0)]);
-        assert_eq!(b.key.strength(), Some(0.8));
-        assert!(b.images.iter().all(|i| i.init.as_ref() == Some(&init)));
+        assert_eq!(b.key.mode.strength(), Some(0.8));
+        assert!(b.images.iter().all(|i| i.inputs == i2i));
+        let b = p.next_batch(8).unwrap();
+        assert_eq!(tags(&b), [(0, 4)]);
+        assert_eq!(b.key.mode, Mode::inpaint(1.0));
+        assert!(b.images.iter().all(|i| i.inputs == inp));
         let b = p.next_batch(8).unwrap();
         assert_eq!(tags(&b), [(1, 0)]);
-        assert_eq!(b.key.strength(), Some(0.5));
+        assert_eq!(b.key.mode.strength(), Some(0.5));
+        let b = p.next_batch(8).unwrap();
+        assert_eq!(tags(&b), [(4, 0)]);
+        assert_eq!(b.key.mode.as_hires(), Some(hires));
         assert!(p.is_empty());
-        // Memory does not depend on img2img: one calibration serves both.
+        // Memory does not depend on img2img or inpainting: one calibration serves them all; a
+        // hires batch is sized by its second pass (768x768).
+        let base = ShapeKey::of(&params(512, 50));
         assert_eq!(
-            MemoryKey::of(&ShapeKey::of(&params(512, 50)).with_strength(Some(0.8))),
-            MemoryKey::of(&ShapeKey::of(&params(512, 50)))
+            MemoryKey::of(&base.clone().with_mode(Mode::img2img(0.8))),
+            MemoryKey::of(&base)
         );
+        assert_eq!(
+            MemoryKey::of(&base.clone().with_mode(Mode::inpaint(0.8))),
+            MemoryKey::of(&base)
+        );
+        let big = MemoryKey::of(&base.with_mode(Mode::hires(&hires)));
+        assert_eq!((big.width, big.height), (768, 768));
     }
 
     #[test]

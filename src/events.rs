@@ -60,6 +60,12 @@ pub struct ImageRecord {
     /// img2img: SHA-256 of the init image's encoded bytes, as fetched or decoded from base64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_image_sha256: Option<String>,
+    /// Inpainting: where the item's mask came from (as `init_image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_image: Option<String>,
+    /// Inpainting: SHA-256 of the mask's encoded bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_image_sha256: Option<String>,
 }
 
 impl ImageRecord {
@@ -89,6 +95,7 @@ impl ImageRecord {
     /// Panics if `item_index` is out of range.
     pub fn planned(batch: &Batch, item_index: usize, n: u32) -> Self {
         let item = &batch.items[item_index];
+        let (width, height) = batch.output_size();
         Self {
             item_id: item.id.clone(),
             n,
@@ -98,14 +105,16 @@ impl ImageRecord {
             seed_derived: item.seed_derived,
             bytes: 0,
             sha256: String::new(),
-            width: batch.params.width as u32,
-            height: batch.params.height as u32,
+            width: width as u32,
+            height: height as u32,
             nsfw: None,
             safety_action: None,
             clip_score: None,
             low_clip_score: None,
             init_image: item.init_image.as_ref().map(|i| i.describe()),
             init_image_sha256: item.init_image.as_ref().and_then(|i| i.sha256.clone()),
+            mask_image: item.mask_image.as_ref().map(|i| i.describe()),
+            mask_image_sha256: item.mask_image.as_ref().and_then(|i| i.sha256.clone()),
         }
     }
 }
@@ -134,9 +143,16 @@ pub struct EventParams {
     /// The LoRAs fused for the batch (canonical order, with the preset's), when any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loras: Option<Vec<crate::pipeline::adapters::LoraWeight>>,
-    /// The img2img strength, when any item had an init image.
+    /// The img2img strength, when any item had an init image and no mask.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// The inpainting strength, when any item had a mask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inpaint_strength: Option<f64>,
+    /// The hires fix (`width` and `height` are its first pass; the images' own sizes are the
+    /// second's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hires: Option<crate::pipeline::hires::Hires>,
 }
 
 impl EventParams {
@@ -157,8 +173,14 @@ impl EventParams {
             strength: batch
                 .items
                 .iter()
-                .any(|i| i.init_image.is_some())
+                .any(|i| i.init_image.is_some() && i.mask_image.is_none())
                 .then_some(batch.strength),
+            inpaint_strength: batch
+                .items
+                .iter()
+                .any(|i| i.mask_image.is_some())
+                .then_some(batch.inpaint_strength),
+            hires: batch.hires,
         }
     }
 }
@@ -445,6 +467,8 @@ mod tests {
         images[0].low_clip_score = Some(false);
         images[0].init_image = Some("s3://images/inputs/shoe.png".into());
         images[0].init_image_sha256 = Some("ab".repeat(32));
+        images[0].mask_image = Some("s3://images/inputs/shoe-mask.png".into());
+        images[0].mask_image_sha256 = Some("cd".repeat(32));
         let mut c = BatchCompleted::new(
             &b,
             images,
@@ -512,6 +536,8 @@ mod tests {
                 prompt_syntax: None,
                 loras: None,
                 strength: None,
+                inpaint_strength: None,
+                hires: None,
             }
         );
         let keys: Vec<(&str, u32, &str, u64)> = c
@@ -683,6 +709,13 @@ mod tests {
                     weight: 0.7,
                 }]),
                 strength: Some(0.6),
+                inpaint_strength: Some(1.0),
+                hires: Some(crate::pipeline::hires::Hires {
+                    scale: 2.0,
+                    steps: 20,
+                    strength: 0.5,
+                    upscaler: crate::pipeline::hires::Upscaler::Latent,
+                }),
                 ..full.params.clone()
             },
             ..full
@@ -720,6 +753,8 @@ mod tests {
                 want.remove("prompt_syntax");
                 want.remove("loras");
                 want.remove("strength");
+                want.remove("inpaint_strength");
+                want.remove("hires");
             }
             if def == "image" {
                 for optional in [
@@ -729,6 +764,8 @@ mod tests {
                     "low_clip_score",
                     "init_image",
                     "init_image_sha256",
+                    "mask_image",
+                    "mask_image_sha256",
                 ] {
                     want.remove(optional);
                 }

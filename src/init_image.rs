@@ -33,6 +33,16 @@ pub enum InitImageError {
 /// Decodes `bytes` (PNG, JPEG or WebP) within the limits, applies its EXIF orientation and
 /// resizes it to `width`×`height` (Lanczos3) when its size differs.
 pub fn decode(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage, InitImageError> {
+    decode_sized(bytes, width, height).map(|(image, _)| image)
+}
+
+/// [`decode`], also returning the image's own size (after its EXIF orientation), so a mask can
+/// be checked against its init image.
+pub fn decode_sized(
+    bytes: &[u8],
+    width: u32,
+    height: u32,
+) -> Result<(RgbImage, (u32, u32)), InitImageError> {
     let unreadable = |e: &dyn std::fmt::Display| InitImageError::Unreadable(bound(e));
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -68,7 +78,8 @@ pub fn decode(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage, InitIma
     let orientation = decoder.orientation().map_err(|e| classify(&e))?;
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| classify(&e))?;
     image.apply_orientation(orientation);
-    let rgb = if (image.width(), image.height()) == (width, height) {
+    let own_size = (image.width(), image.height());
+    let rgb = if own_size == (width, height) {
         image.into_rgb8()
     } else {
         image::imageops::resize(
@@ -78,11 +89,14 @@ pub fn decode(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage, InitIma
             image::imageops::FilterType::Lanczos3,
         )
     };
-    Ok(RgbImage {
-        width,
-        height,
-        pixels: rgb.into_raw(),
-    })
+    Ok((
+        RgbImage {
+            width,
+            height,
+            pixels: rgb.into_raw(),
+        },
+        own_size,
+    ))
 }
 
 fn too_large(w: u32, h: u32) -> InitImageError {

@@ -1,4 +1,8 @@
 //! `sdbatch`: command-line entry point. Each subcommand lives in `cli/`.
+
+// Clippy computes the layout of deeply nested async blocks (the worker inside `bench --planner`),
+// which goes past the default query depth of 128.
+#![recursion_limit = "256"]
 mod cli;
 
 use clap::Parser;

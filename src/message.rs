@@ -16,6 +16,7 @@ use crate::bounded::quote;
 use crate::keys::id_problem;
 use crate::output::{Encoding, ImageFormat};
 use crate::pipeline::adapters::{self, LoraWeight};
+use crate::pipeline::hires::{Hires, Upscaler};
 use crate::pipeline::prompt_weights::{self, PromptSyntax};
 use crate::pipeline::schedulers::SchedulerKind;
 use crate::pipeline::{GenerateParams, ImageRequest};
@@ -53,6 +54,14 @@ pub const MAX_PREFIX_BYTES: usize = 512;
 pub const RESERVED_ITEM_ID: &str = "manifest.json";
 /// img2img strength when the message gives none (diffusers' default).
 pub const DEFAULT_STRENGTH: f64 = 0.8;
+/// Inpainting strength when the message gives none (diffusers' default: the masked area starts
+/// from pure noise).
+pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
+/// Widths and heights are multiples of this (the VAE's downsampling factor of every SD 1.x/2.x
+/// model).
+pub const SIZE_MULTIPLE: i64 = 8;
+/// Hires fix second-pass strength when `params.hires` gives none.
+pub const DEFAULT_HIRES_STRENGTH: f64 = 0.5;
 /// Largest init image, in encoded bytes (a `data:` URI decoded, an S3 object's size): checked
 /// before an S3 download starts. A `data:` URI is bounded by `max_message_bytes` first.
 pub const MAX_INIT_IMAGE_BYTES: usize = 4 << 20;
@@ -93,6 +102,10 @@ pub struct MessageItem {
     /// `data:image/{png,jpeg,webp};base64,…` URI. Absent: txt2img.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_image: Option<String>,
+    /// Inpainting (with `init_image`): white repaints, black keeps; the same forms as
+    /// `init_image`, and the same size as it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_image: Option<String>,
 }
 
 /// Sampling parameters shared by every image of a message.
@@ -126,9 +139,34 @@ pub struct MessageParams {
     /// LoRAs by name in the worker's LoRA folder, with weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loras: Option<Vec<MessageLora>>,
-    /// img2img strength in (0, 1] (default [`DEFAULT_STRENGTH`]); only with `init_image` items.
+    /// img2img and inpainting strength in (0, 1] (default [`DEFAULT_STRENGTH`] for img2img,
+    /// [`DEFAULT_INPAINT_STRENGTH`] for inpainting); only with `init_image` items.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// Hires fix: generate, upscale, img2img at the larger size (txt2img items only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hires: Option<MessageHires>,
+}
+
+/// `params.hires`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageHires {
+    /// Output size over `width` × `height`, in (1, 4]; sizes round down to multiples of 8.
+    pub scale: f64,
+    /// Steps of the second pass's schedule (default: `params.steps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
+    /// Strength of the second pass in (0, 1] (default [`DEFAULT_HIRES_STRENGTH`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
+    /// `"lanczos"` (default) or `"latent"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upscaler: Option<String>,
+}
+
+impl MessageHires {
+    pub const FIELDS: &'static [&'static str] = &["scale", "steps", "strength", "upscaler"];
 }
 
 /// One LoRA of `params.loras`.
@@ -178,6 +216,7 @@ impl MessageItem {
         "seed",
         "num_images",
         "init_image",
+        "mask_image",
     ];
     pub const REQUIRED: &'static [&'static str] = &["id", "prompt"];
 }
@@ -196,6 +235,7 @@ impl MessageParams {
         "prompt_syntax",
         "loras",
         "strength",
+        "hires",
     ];
 
     /// No field set.
@@ -435,10 +475,24 @@ pub enum InvalidReason {
     /// `params.strength` outside (0, 1], running no step with the batch's steps, or given
     /// without any `init_image`.
     Strength,
+    /// `items[].mask_image` malformed (as [`Self::InitImage`]), or given without an
+    /// `init_image`; or (set by the worker) missing on an item for an inpainting model.
+    MaskImage,
+    /// The mask's S3 object does not exist (set by the worker).
+    MaskImageMissing,
+    /// The mask is not a PNG, JPEG or WebP the worker can decode.
+    MaskImageUnreadable,
+    /// The mask is over the same limits as an init image.
+    MaskImageTooLarge,
+    /// The mask's size differs from its init image's (set by the worker).
+    MaskImageSize,
+    /// `params.hires` malformed, out of range, larger than the worker's `max_side`, or with
+    /// `init_image` items.
+    Hires,
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 31] = [
+    pub const ALL: [InvalidReason; 37] = [
         InvalidReason::TooLarge,
         InvalidReason::NotJson,
         InvalidReason::SchemaVersion,
@@ -470,6 +524,12 @@ impl InvalidReason {
         InvalidReason::InitImageUnreadable,
         InvalidReason::InitImageTooLarge,
         InvalidReason::Strength,
+        InvalidReason::MaskImage,
+        InvalidReason::MaskImageMissing,
+        InvalidReason::MaskImageUnreadable,
+        InvalidReason::MaskImageTooLarge,
+        InvalidReason::MaskImageSize,
+        InvalidReason::Hires,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -505,6 +565,12 @@ impl InvalidReason {
             InvalidReason::InitImageUnreadable => "init_image_unreadable",
             InvalidReason::InitImageTooLarge => "init_image_too_large",
             InvalidReason::Strength => "strength",
+            InvalidReason::MaskImage => "mask_image",
+            InvalidReason::MaskImageMissing => "mask_image_missing",
+            InvalidReason::MaskImageUnreadable => "mask_image_unreadable",
+            InvalidReason::MaskImageTooLarge => "mask_image_too_large",
+            InvalidReason::MaskImageSize => "mask_image_size",
+            InvalidReason::Hires => "hires",
         }
     }
 }
@@ -557,8 +623,24 @@ pub struct Batch {
     pub prefix: String,
     /// Format (and JPEG quality) of the images.
     pub encoding: Encoding,
-    /// img2img strength of the items with an init image ([`DEFAULT_STRENGTH`] when not given).
+    /// img2img strength of the items with an init image and no mask ([`DEFAULT_STRENGTH`]
+    /// when not given).
     pub strength: f64,
+    /// Inpainting strength of the items with a mask ([`DEFAULT_INPAINT_STRENGTH`] when not
+    /// given; `params.strength` sets both).
+    pub inpaint_strength: f64,
+    /// Hires fix of every (txt2img) image.
+    pub hires: Option<Hires>,
+}
+
+/// What an item's images start from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ItemMode {
+    Txt2Img,
+    /// From the init image, at this strength.
+    Img2Img(f64),
+    /// From the init image, repainting the mask's white part, at this strength.
+    Inpaint(f64),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -572,12 +654,14 @@ pub struct BatchItem {
     pub seed_derived: bool,
     pub num_images: u32,
     /// img2img: the image every image of this item starts from. `None`: txt2img.
-    pub init_image: Option<InitImage>,
+    pub init_image: Option<InputImage>,
+    /// Inpainting (only with `init_image`): white repaints, black keeps.
+    pub mask_image: Option<InputImage>,
 }
 
 /// Where an init image comes from.
 #[derive(Clone, PartialEq, Eq)]
-pub enum InitSource {
+pub enum ImageSource {
     /// An object the worker fetches (the bucket is one the worker allows).
     S3 { bucket: String, key: String },
     /// The bytes of a `data:` URI, decoded from base64 (at most [`MAX_INIT_IMAGE_BYTES`]).
@@ -585,32 +669,32 @@ pub enum InitSource {
 }
 
 // Never the bytes themselves: a `Batch` is logged and compared in tests.
-impl fmt::Debug for InitSource {
+impl fmt::Debug for ImageSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            InitSource::S3 { bucket, key } => write!(f, "s3://{bucket}/{key}"),
-            InitSource::Data { bytes } => write!(f, "data:<{} bytes>", bytes.len()),
+            ImageSource::S3 { bucket, key } => write!(f, "s3://{bucket}/{key}"),
+            ImageSource::Data { bytes } => write!(f, "data:<{} bytes>", bytes.len()),
         }
     }
 }
 
 /// An item's init image: its source and, once its bytes are known, their SHA-256.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InitImage {
-    pub source: InitSource,
+pub struct InputImage {
+    pub source: ImageSource,
     /// SHA-256 (hex) of the encoded bytes: set by `parse` for a `data:` URI, by the worker once
     /// it fetched an S3 object. Part of the work hash and of the image records, so a result can
     /// be reproduced from the same bytes.
     pub sha256: Option<String>,
 }
 
-impl InitImage {
+impl InputImage {
     /// What the events record: the `s3://` URI, or `data:` (the bytes are identified by
     /// [`Self::sha256`]; a data URI is never echoed).
     pub fn describe(&self) -> String {
         match &self.source {
-            InitSource::S3 { bucket, key } => format!("s3://{bucket}/{key}"),
-            InitSource::Data { .. } => "data:".into(),
+            ImageSource::S3 { bucket, key } => format!("s3://{bucket}/{key}"),
+            ImageSource::Data { .. } => "data:".into(),
         }
     }
 }
@@ -623,6 +707,25 @@ impl BatchItem {
 }
 
 impl Batch {
+    /// How the images of `item` start.
+    pub fn mode(&self, item: &BatchItem) -> ItemMode {
+        match (&item.init_image, &item.mask_image) {
+            (None, _) => ItemMode::Txt2Img,
+            (Some(_), None) => ItemMode::Img2Img(self.strength),
+            (Some(_), Some(_)) => ItemMode::Inpaint(self.inpaint_strength),
+        }
+    }
+
+    /// The size of the stored images: the hires fix's when there is one.
+    pub fn output_size(&self) -> (i64, i64) {
+        let (w, h) = (self.params.width, self.params.height);
+        match &self.hires {
+            // Validated by `parse`, so the size is defined; the first pass's otherwise.
+            Some(hires) => hires.size(w, h, SIZE_MULTIPLE).unwrap_or((w, h)),
+            None => (w, h),
+        }
+    }
+
     /// One request per image, in message order: item by item, `n` = 0..num_images within an item.
     pub fn image_requests(&self) -> Vec<(usize, u32, ImageRequest)> {
         let mut out = Vec::with_capacity(self.total_images());
@@ -698,7 +801,17 @@ impl Batch {
                     out["init_image"] = serde_json::json!(init.describe());
                     out["init_sha256"] = serde_json::json!(init.sha256);
                 }
+                if let Some(mask) = &item.mask_image {
+                    out["mask_image"] = serde_json::json!(mask.describe());
+                    out["mask_sha256"] = serde_json::json!(mask.sha256);
+                }
             }
+            if self.items.iter().any(|i| i.mask_image.is_some()) {
+                canonical["inpaint_strength"] = serde_json::json!(self.inpaint_strength);
+            }
+        }
+        if let Some(h) = &self.hires {
+            canonical["hires"] = serde_json::json!(h);
         }
         // The format changes the objects (keys, bytes); PNG is what earlier versions wrote.
         if self.encoding != Encoding::PNG {
@@ -712,12 +825,8 @@ impl Batch {
 
     /// Work in image-steps-megapixels: what one message asks of a GPU, for the worker's cap.
     pub fn work_units(&self) -> f64 {
-        work_units(
-            self.total_images(),
-            self.params.steps,
-            self.params.width,
-            self.params.height,
-        )
+        let p = &self.params;
+        self.total_images() as f64 * image_work(p.steps, p.width, p.height, self.hires.as_ref())
     }
 
     /// `{prefix}/{batch_id}/{item_id}/{n}.{png,jpg,webp}` (no leading `/` without a prefix).
@@ -755,6 +864,22 @@ impl Batch {
 /// steps is 13.1 units. Time on a given GPU is close to proportional to it.
 pub fn work_units(images: usize, steps: usize, width: i64, height: i64) -> f64 {
     images as f64 * steps as f64 * (width as f64 * height as f64) / 1e6
+}
+
+/// [`work_units`] of one image, a hires fix's second pass included (the steps its strength
+/// runs, at the larger size).
+pub fn image_work(steps: usize, width: i64, height: i64, hires: Option<&Hires>) -> f64 {
+    let first = work_units(1, steps, width, height);
+    let Some(h) = hires else {
+        return first;
+    };
+    match h.size(width, height, SIZE_MULTIPLE) {
+        Ok((w, hh)) => {
+            let run = h.steps - crate::pipeline::img2img_begin(h.steps, h.strength).unwrap_or(0);
+            first + work_units(1, run, w, hh)
+        }
+        Err(_) => first,
+    }
 }
 
 /// The seed of an item without one: the first 8 bytes (big-endian) of
@@ -1045,8 +1170,24 @@ fn validate_unbounded(
             init_image: match &item.init_image {
                 None => None,
                 Some(uri) => Some(
-                    parse_init_image(uri, limits)
+                    parse_input_image(uri, limits, InputRole::Init)
                         .map_err(|(reason, m)| fail(reason, format!("{at}.init_image: {m}")))?,
+                ),
+            },
+            mask_image: match (&item.mask_image, &item.init_image) {
+                (None, _) => None,
+                (Some(_), None) => {
+                    return Err(fail(
+                        R::MaskImage,
+                        format!(
+                            "{at}.mask_image needs an init_image: the mask says which part of it \
+                             to repaint"
+                        ),
+                    ));
+                }
+                (Some(uri), Some(_)) => Some(
+                    parse_input_image(uri, limits, InputRole::Mask)
+                        .map_err(|(reason, m)| fail(reason, format!("{at}.mask_image: {m}")))?,
                 ),
             },
         });
@@ -1214,22 +1355,34 @@ fn validate_unbounded(
     let loras =
         adapters::canonical(loras).map_err(|e| fail(R::Lora, format!("params.loras: {e}")))?;
 
-    let any_init = items.iter().any(|i| i.init_image.is_some());
+    let any_img2img = items
+        .iter()
+        .any(|i| i.init_image.is_some() && i.mask_image.is_none());
+    let any_mask = items.iter().any(|i| i.mask_image.is_some());
     let strength = p.strength.unwrap_or(DEFAULT_STRENGTH);
-    if p.strength.is_some() && !any_init {
+    let inpaint_strength = p.strength.unwrap_or(DEFAULT_INPAINT_STRENGTH);
+    if p.strength.is_some() && !any_img2img && !any_mask {
         return Err(fail(
             R::Strength,
-            "params.strength is only for img2img: no item has an init_image".into(),
+            "params.strength is only for img2img and inpainting: no item has an init_image".into(),
         ));
     }
-    if any_init {
-        // The pipeline's own rule (the step the schedule starts at), checked here so the batch
-        // is refused before any work instead of failing on the GPU.
-        crate::pipeline::img2img_begin(steps, strength)
-            .map_err(|e| fail(R::Strength, format!("params.strength: {e}")))?;
+    // The pipeline's own rule (the step the schedule starts at), checked here so the batch is
+    // refused before any work instead of failing on the GPU.
+    for (used, value) in [(any_img2img, strength), (any_mask, inpaint_strength)] {
+        if used {
+            crate::pipeline::img2img_begin(steps, value)
+                .map_err(|e| fail(R::Strength, format!("params.strength: {e}")))?;
+        }
     }
+    let hires = match &p.hires {
+        None => None,
+        Some(h) => {
+            Some(parse_hires(h, steps, size, limits, &items).map_err(|m| fail(R::Hires, m))?)
+        }
+    };
 
-    let work = work_units(total, steps, size[0], size[1]);
+    let work = total as f64 * image_work(steps, size[0], size[1], hires.as_ref());
     if work > limits.max_message_work {
         return Err(fail(
             R::TooMuchWork,
@@ -1301,24 +1454,131 @@ fn validate_unbounded(
         prefix,
         encoding,
         strength,
+        inpaint_strength,
+        hires,
     })
 }
 
-/// Reads an `init_image` value: `s3://bucket/key` in an allowed bucket, or a base64 `data:` URI
+/// Reads `params.hires`: a scale whose output fits the worker's `max_side`, steps within the
+/// worker's limits (default: the batch's), a strength that runs at least one step, a known
+/// upscaler; txt2img items only (A1111's hires fix is a txt2img feature too).
+fn parse_hires(
+    h: &MessageHires,
+    steps: usize,
+    size: [i64; 2],
+    limits: &Limits,
+    items: &[BatchItem],
+) -> Result<Hires, String> {
+    if let Some(at) = items.iter().position(|i| i.init_image.is_some()) {
+        return Err(format!(
+            "params.hires is for text-to-image: items[{at}] has an init_image (send img2img and \
+             inpainting items in another message)"
+        ));
+    }
+    let steps = match h.steps {
+        None => steps,
+        Some(s) if (limits.min_steps..=limits.max_steps).contains(&(s as usize)) => s as usize,
+        Some(s) => {
+            return Err(format!(
+                "params.hires.steps {s} must be in {}..={}",
+                limits.min_steps, limits.max_steps
+            ));
+        }
+    };
+    let upscaler = match h.upscaler.as_deref() {
+        None => Upscaler::default(),
+        Some(name) => name.parse().map_err(|()| {
+            format!(
+                "params.hires.upscaler {} must be one of {}",
+                quote(name),
+                Upscaler::ALL.map(Upscaler::name).join(", ")
+            )
+        })?,
+    };
+    let hires = Hires {
+        scale: h.scale,
+        steps,
+        strength: h.strength.unwrap_or(DEFAULT_HIRES_STRENGTH),
+        upscaler,
+    };
+    let (w, hh) = hires
+        .size(size[0], size[1], SIZE_MULTIPLE)
+        .map_err(|e| format!("params.hires.scale: {e}"))?;
+    if w > limits.max_side || hh > limits.max_side {
+        return Err(format!(
+            "params.hires.scale {} makes {w}x{hh}, over this worker's {} a side",
+            h.scale, limits.max_side
+        ));
+    }
+    crate::pipeline::img2img_begin(hires.steps, hires.strength)
+        .map_err(|e| format!("params.hires.strength: {e}"))?;
+    Ok(hires)
+}
+
+/// Which input image of an item a value is: the reasons a bad one gets differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputRole {
+    Init,
+    Mask,
+}
+
+impl InputRole {
+    /// Malformed value (not `s3://` in an allowed bucket nor a base64 `data:` URI).
+    pub fn bad(self) -> InvalidReason {
+        match self {
+            InputRole::Init => InvalidReason::InitImage,
+            InputRole::Mask => InvalidReason::MaskImage,
+        }
+    }
+
+    pub fn missing(self) -> InvalidReason {
+        match self {
+            InputRole::Init => InvalidReason::InitImageMissing,
+            InputRole::Mask => InvalidReason::MaskImageMissing,
+        }
+    }
+
+    pub fn unreadable(self) -> InvalidReason {
+        match self {
+            InputRole::Init => InvalidReason::InitImageUnreadable,
+            InputRole::Mask => InvalidReason::MaskImageUnreadable,
+        }
+    }
+
+    pub fn too_large(self) -> InvalidReason {
+        match self {
+            InputRole::Init => InvalidReason::InitImageTooLarge,
+            InputRole::Mask => InvalidReason::MaskImageTooLarge,
+        }
+    }
+
+    /// The message field, for error texts.
+    pub fn field(self) -> &'static str {
+        match self {
+            InputRole::Init => "init_image",
+            InputRole::Mask => "mask_image",
+        }
+    }
+}
+
+/// Reads an `init_image` or `mask_image` value: `s3://bucket/key` in an allowed bucket, or a base64 `data:` URI
 /// of a PNG, JPEG or WebP of at most [`MAX_INIT_IMAGE_BYTES`].
-fn parse_init_image(uri: &str, limits: &Limits) -> Result<InitImage, (InvalidReason, String)> {
-    use InvalidReason as R;
+fn parse_input_image(
+    uri: &str,
+    limits: &Limits,
+    role: InputRole,
+) -> Result<InputImage, (InvalidReason, String)> {
     use base64::Engine as _;
     if let Some(rest) = uri.strip_prefix("s3://") {
         let Some((bucket, key)) = rest.split_once('/') else {
             return Err((
-                R::InitImage,
+                role.bad(),
                 format!("{} has no key: s3://bucket/key", quote(uri)),
             ));
         };
         if !limits.bucket_allowed(bucket) {
             return Err((
-                R::InitImage,
+                role.bad(),
                 format!("bucket {} is not allowed on this worker", quote(bucket)),
             ));
         }
@@ -1328,15 +1588,15 @@ fn parse_init_image(uri: &str, limits: &Limits) -> Result<InitImage, (InvalidRea
             || key.starts_with('/')
         {
             return Err((
-                R::InitImage,
+                role.bad(),
                 format!(
                     "key {} must be 1..={MAX_INIT_KEY_BYTES} bytes without control characters                      or a leading `/`",
                     quote(key)
                 ),
             ));
         }
-        return Ok(InitImage {
-            source: InitSource::S3 {
+        return Ok(InputImage {
+            source: ImageSource::S3 {
                 bucket: bucket.to_string(),
                 key: key.to_string(),
             },
@@ -1345,19 +1605,19 @@ fn parse_init_image(uri: &str, limits: &Limits) -> Result<InitImage, (InvalidRea
     }
     let Some(rest) = uri.strip_prefix("data:") else {
         return Err((
-            R::InitImage,
+            role.bad(),
             format!("{} is neither s3://bucket/key nor a data: URI", quote(uri)),
         ));
     };
     let Some((media, payload)) = rest.split_once(";base64,") else {
         return Err((
-            R::InitImage,
+            role.bad(),
             "a data: URI must be base64 (data:image/png;base64,...)".into(),
         ));
     };
     if !["image/png", "image/jpeg", "image/webp"].contains(&media) {
         return Err((
-            R::InitImageUnreadable,
+            role.unreadable(),
             format!(
                 "media type {} is not image/png, image/jpeg or image/webp",
                 quote(media)
@@ -1367,7 +1627,7 @@ fn parse_init_image(uri: &str, limits: &Limits) -> Result<InitImage, (InvalidRea
     // Checked on the base64 length first, so an oversized payload is never decoded.
     if payload.len() / 4 * 3 > MAX_INIT_IMAGE_BYTES + 3 {
         return Err((
-            R::InitImageTooLarge,
+            role.too_large(),
             format!(
                 "the data: URI holds about {} bytes, limit {MAX_INIT_IMAGE_BYTES}",
                 payload.len() / 4 * 3
@@ -1378,22 +1638,22 @@ fn parse_init_image(uri: &str, limits: &Limits) -> Result<InitImage, (InvalidRea
         .decode(payload)
         .map_err(|e| {
             (
-                R::InitImage,
+                role.bad(),
                 format!("the data: URI is not valid base64: {e}"),
             )
         })?;
     if bytes.len() > MAX_INIT_IMAGE_BYTES {
         return Err((
-            R::InitImageTooLarge,
+            role.too_large(),
             format!(
                 "the data: URI holds {} bytes, limit {MAX_INIT_IMAGE_BYTES}",
                 bytes.len()
             ),
         ));
     }
-    Ok(InitImage {
+    Ok(InputImage {
         sha256: Some(hex::encode(Sha256::digest(&bytes))),
-        source: InitSource::Data {
+        source: ImageSource::Data {
             bytes: bytes.into(),
         },
     })
@@ -1544,6 +1804,12 @@ const ITEM: &[Spec] = &[
         InvalidReason::InitImage,
         is::<Option<String>>,
     ),
+    (
+        "mask_image",
+        false,
+        InvalidReason::MaskImage,
+        is::<Option<String>>,
+    ),
 ];
 const PARAMS: &[Spec] = &[
     ("steps", false, InvalidReason::Steps, is::<Option<u32>>),
@@ -1597,6 +1863,12 @@ const PARAMS: &[Spec] = &[
         false,
         InvalidReason::Strength,
         is::<Option<f64>>,
+    ),
+    (
+        "hires",
+        false,
+        InvalidReason::Hires,
+        is::<Option<MessageHires>>,
     ),
 ];
 const OUTPUT: &[Spec] = &[
@@ -2480,7 +2752,13 @@ mod tests {
                 "init_image_missing",
                 "init_image_unreadable",
                 "init_image_too_large",
-                "strength"
+                "strength",
+                "mask_image",
+                "mask_image_missing",
+                "mask_image_unreadable",
+                "mask_image_too_large",
+                "mask_image_size",
+                "hires"
             ]
         );
         assert_eq!(InvalidReason::Size.to_string(), "size");
@@ -2514,6 +2792,153 @@ mod tests {
     }
 
     #[test]
+    fn masks_need_an_init_image_and_have_their_own_reasons_and_strength() {
+        use InvalidReason as R;
+        let two = json!({"schema_version": 1, "batch_id": "b1", "items": [
+            {"id": "i2i", "prompt": "a", "init_image": "s3://images/in/a.png"},
+            {"id": "inp", "prompt": "b", "init_image": "s3://images/in/a.png",
+             "mask_image": "s3://images/in/a-mask.png"},
+            {"id": "t2i", "prompt": "c"}]});
+        let b = parse_value(&two).unwrap();
+        // Defaults as diffusers: 0.8 for img2img, 1.0 for inpainting.
+        assert_eq!(b.mode(&b.items[0]), ItemMode::Img2Img(DEFAULT_STRENGTH));
+        assert_eq!(
+            b.mode(&b.items[1]),
+            ItemMode::Inpaint(DEFAULT_INPAINT_STRENGTH)
+        );
+        assert_eq!(b.mode(&b.items[2]), ItemMode::Txt2Img);
+        assert_eq!(
+            b.items[1].mask_image.as_ref().unwrap().describe(),
+            "s3://images/in/a-mask.png"
+        );
+        // A given strength applies to both.
+        let b = parse_value(&with(
+            two.clone(),
+            "/params",
+            Some(json!({"strength": 0.5})),
+        ))
+        .unwrap();
+        assert_eq!(b.mode(&b.items[0]), ItemMode::Img2Img(0.5));
+        assert_eq!(b.mode(&b.items[1]), ItemMode::Inpaint(0.5));
+        // The mask enters the work hash (so does a different mask).
+        let other = with(
+            two.clone(),
+            "/items/1/mask_image",
+            Some(json!("s3://images/in/other.png")),
+        );
+        assert_ne!(
+            parse_value(&two).unwrap().work_sha256(),
+            parse_value(&other).unwrap().work_sha256()
+        );
+        // A mask alone, or malformed, or with the init image's refusals under its own reasons.
+        let masked = |v: &str| {
+            with(
+                with(
+                    minimal(),
+                    "/items/0/init_image",
+                    Some(json!("s3://images/a.png")),
+                ),
+                "/items/0/mask_image",
+                Some(json!(v)),
+            )
+        };
+        let alone = with(
+            minimal(),
+            "/items/0/mask_image",
+            Some(json!("s3://images/m.png")),
+        );
+        assert_eq!(reason_of(&alone), R::MaskImage);
+        assert_eq!(reason_of(&masked("s3://elsewhere/m.png")), R::MaskImage);
+        assert_eq!(
+            reason_of(&masked("data:image/gif;base64,R0lG")),
+            R::MaskImageUnreadable
+        );
+        let big = format!(
+            "data:image/png;base64,{}",
+            "A".repeat(MAX_INIT_IMAGE_BYTES / 3 * 4 + 8)
+        );
+        let l = Limits {
+            max_message_bytes: 8 << 20,
+            ..limits()
+        };
+        let e = parse(&serde_json::to_vec(&masked(&big)).unwrap(), &l, NATIVE).unwrap_err();
+        assert_eq!(e.reason, R::MaskImageTooLarge);
+        assert!(
+            e.message.starts_with("items[0].mask_image:"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            reason_of(&with(minimal(), "/items/0/mask_image", Some(json!(7)))),
+            R::MaskImage
+        );
+    }
+
+    #[test]
+    fn hires_is_checked_defaulted_and_counted_as_work() {
+        use InvalidReason as R;
+        let hires = |h: Value| {
+            with(
+                minimal(),
+                "/params",
+                Some(json!({"steps": 30, "width": 512, "height": 512, "hires": h})),
+            )
+        };
+        let b = parse_value(&hires(json!({"scale": 2}))).unwrap();
+        assert_eq!(
+            b.hires,
+            Some(Hires {
+                scale: 2.0,
+                steps: 30,
+                strength: DEFAULT_HIRES_STRENGTH,
+                upscaler: Upscaler::Lanczos,
+            })
+        );
+        assert_eq!(b.output_size(), (1024, 1024));
+        // Work: 30 steps at 512² plus 15 steps (strength 0.5 of 30) at 1024².
+        let want = work_units(1, 30, 512, 512) + work_units(1, 15, 1024, 1024);
+        assert!((b.work_units() - want).abs() < 1e-9, "{}", b.work_units());
+        let b = parse_value(&hires(
+            json!({"scale": 1.5, "steps": 10, "strength": 0.7, "upscaler": "latent"}),
+        ))
+        .unwrap();
+        assert_eq!(b.hires.unwrap().upscaler, Upscaler::Latent);
+        assert_eq!(b.output_size(), (768, 768));
+        // The hires fix is part of the work.
+        assert_ne!(
+            parse_value(&hires(json!({"scale": 2})))
+                .unwrap()
+                .work_sha256(),
+            parse_value(&hires(json!({"scale": 1.5})))
+                .unwrap()
+                .work_sha256()
+        );
+        for bad in [
+            json!({"scale": 1}),
+            json!({"scale": 4.5}),
+            json!({"scale": 3}),
+            json!({"scale": 2, "steps": 0}),
+            json!({"scale": 2, "steps": 1000}),
+            json!({"scale": 2, "strength": 0}),
+            json!({"scale": 2, "strength": 1.5}),
+            json!({"scale": 2, "steps": 1, "strength": 0.5}),
+            json!({"scale": 2, "upscaler": "esrgan"}),
+            json!({"scale": 2, "typo": 1}),
+            json!({"steps": 10}),
+            json!("2x"),
+        ] {
+            assert_eq!(reason_of(&hires(bad.clone())), R::Hires, "{bad}");
+        }
+        // Not with img2img or inpainting items.
+        let with_init = with(
+            hires(json!({"scale": 2})),
+            "/items/0/init_image",
+            Some(json!("s3://images/a.png")),
+        );
+        assert_eq!(reason_of(&with_init), R::Hires);
+    }
+
+    #[test]
     fn init_images_and_strength() {
         use InvalidReason as R;
         use base64::Engine as _;
@@ -2524,7 +2949,7 @@ mod tests {
         let got = b.items[0].init_image.clone().unwrap();
         assert_eq!(
             got.source,
-            InitSource::S3 {
+            ImageSource::S3 {
                 bucket: "images".into(),
                 key: "in/a b.png".into()
             }
@@ -2978,8 +3403,12 @@ mod tests {
         // The example with the img2img fields, which the other tests leave out.
         let mut full = example();
         full["items"][0]["init_image"] = json!("s3://images/inputs/sku-123.png");
+        full["items"][0]["mask_image"] = json!("s3://images/inputs/sku-123-mask.png");
         full["params"]["strength"] = json!(0.6);
+        full["params"]["hires"] =
+            json!({"scale": 2.0, "steps": 20, "strength": 0.5, "upscaler": "latent"});
         assert_eq!(keys(&full), set(BatchMessage::FIELDS));
+        assert_eq!(keys(&full["params"]["hires"]), set(MessageHires::FIELDS));
         assert_eq!(keys(&full["items"][0]), set(MessageItem::FIELDS));
         assert_eq!(keys(&full["params"]), set(MessageParams::FIELDS));
         assert_eq!(keys(&full["output"]), set(MessageOutput::FIELDS));
@@ -3041,6 +3470,11 @@ mod tests {
             (&defs["item"], MessageItem::FIELDS, MessageItem::REQUIRED),
             (&defs["params"], MessageParams::FIELDS, &[][..]),
             (&defs["output"], MessageOutput::FIELDS, &[][..]),
+            (
+                &defs["params"]["properties"]["hires"],
+                MessageHires::FIELDS,
+                &["scale"][..],
+            ),
         ] {
             assert_eq!(keys(&obj["properties"]), set(fields));
             assert_eq!(obj["additionalProperties"], false);

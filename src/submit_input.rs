@@ -34,6 +34,7 @@ impl From<SubmitItem> for MessageItem {
             seed: i.seed,
             num_images: i.num_images,
             init_image: None,
+            mask_image: None,
         }
     }
 }

@@ -72,6 +72,18 @@ pub struct SubmitArgs {
     /// several.
     #[arg(long = "lora", value_name = "NAME[:WEIGHT]", value_parser = sdbatch::pipeline::adapters::parse_flag)]
     pub loras: Vec<sdbatch::pipeline::adapters::LoraWeight>,
+    /// Hires fix: generate, upscale by this factor (in (1, 4]), then img2img at the larger size.
+    #[arg(long)]
+    pub hires_scale: Option<f64>,
+    /// Hires fix: steps of the second pass's schedule (default: --steps).
+    #[arg(long, requires = "hires_scale")]
+    pub hires_steps: Option<u32>,
+    /// Hires fix: strength of the second pass, in (0, 1] (default 0.5).
+    #[arg(long, requires = "hires_scale")]
+    pub hires_strength: Option<f64>,
+    /// Hires fix: lanczos (default) or latent.
+    #[arg(long, requires = "hires_scale", value_parser = ["lanczos", "latent"])]
+    pub hires_upscaler: Option<String>,
     /// Bucket (must be allowed by the workers; default: the workers' default bucket).
     #[arg(long)]
     pub bucket: Option<String>,
@@ -134,6 +146,14 @@ fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
         }),
         // img2img is not offered by `submit` (prompt files carry no images).
         strength: None,
+        hires: args
+            .hires_scale
+            .map(|scale| sdbatch::message::MessageHires {
+                scale,
+                steps: args.hires_steps,
+                strength: args.hires_strength,
+                upscaler: args.hires_upscaler.clone(),
+            }),
     };
     let output = MessageOutput {
         bucket: args.bucket.clone(),
@@ -159,7 +179,21 @@ fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
     let split = Split {
         max_items: args.batch_size as usize,
         max_work: args.max_work,
-        work_per_image: message::work_units(1, steps, side(params.width), side(params.height)),
+        work_per_image: message::image_work(
+            steps,
+            side(params.width),
+            side(params.height),
+            args.hires_scale
+                .map(|scale| sdbatch::pipeline::hires::Hires {
+                    scale,
+                    steps: args.hires_steps.map_or(steps, |s| s as usize),
+                    strength: args
+                        .hires_strength
+                        .unwrap_or(message::DEFAULT_HIRES_STRENGTH),
+                    upscaler: Default::default(),
+                })
+                .as_ref(),
+        ),
     };
     let messages = into_messages(items, split, &prefix, &params, &output)?;
     // Catch what a worker would reject before anything is published (bucket allow-lists and

@@ -1,13 +1,16 @@
 //! The GPU executor: one thread owns the model (libtorch tensors are `Send` but not `Sync`) and
 //! runs generation jobs one at a time, in the order they arrive. Async code submits jobs and awaits
 //! the result without blocking the runtime.
+use crate::batching::{ImageInputs, Mode};
 use crate::error::{Error, Result};
 use crate::pipeline::clip_score::ClipScorer;
+use crate::pipeline::hires::Hires;
 use crate::pipeline::safety::{SafetyChecker, SafetyResult};
 use crate::pipeline::{
-    BatchOutput, GenerateParams, ImageRequest, Img2Img, RgbImage, StableDiffusion,
+    BatchOutput, GenerateParams, GrayImage, ImageRequest, Img2Img, Inpaint, RgbImage,
+    StableDiffusion,
 };
-use std::sync::{Arc, mpsc};
+use std::sync::mpsc;
 use tokio::sync::oneshot;
 
 /// The models the thread owns: the pipeline and the optional per-image checks.
@@ -27,17 +30,83 @@ impl Models {
     }
 }
 
-/// img2img inputs of a GPU job: one init image per request (at the output size), one strength.
+/// What a GPU job does besides txt2img: its mode (one per batch) and, per request, its inputs
+/// (at the output size; empty for txt2img and hires).
 #[derive(Debug, Clone)]
-pub struct GpuImg2Img {
-    pub images: Vec<Arc<RgbImage>>,
-    pub strength: f64,
+pub struct GpuWork {
+    pub mode: Mode,
+    pub inputs: Vec<ImageInputs>,
+}
+
+impl GpuWork {
+    pub fn txt2img() -> Self {
+        Self {
+            mode: Mode::Txt2Img,
+            inputs: Vec::new(),
+        }
+    }
+}
+
+/// A job's inputs, borrowed for one pipeline call (and split alike when a batch is halved).
+#[derive(Clone, Copy)]
+enum Work<'a> {
+    Txt2Img,
+    Img2Img(Img2Img<'a>),
+    Inpaint(Inpaint<'a>),
+    Hires(Hires),
+}
+
+impl<'a> Work<'a> {
+    /// The inputs of requests `..at` and `at..`.
+    fn split_at(self, at: usize) -> (Self, Self) {
+        match self {
+            Work::Txt2Img | Work::Hires(_) => (self, self),
+            Work::Img2Img(i) => {
+                let (a, b) = i.images.split_at(at);
+                (
+                    Work::Img2Img(Img2Img { images: a, ..i }),
+                    Work::Img2Img(Img2Img { images: b, ..i }),
+                )
+            }
+            Work::Inpaint(i) => {
+                let (a, b) = i.images.split_at(at);
+                let (ma, mb) = i.masks.split_at(at);
+                (
+                    Work::Inpaint(Inpaint {
+                        images: a,
+                        masks: ma,
+                        ..i
+                    }),
+                    Work::Inpaint(Inpaint {
+                        images: b,
+                        masks: mb,
+                        ..i
+                    }),
+                )
+            }
+        }
+    }
+
+    fn run(
+        self,
+        model: &StableDiffusion,
+        requests: &[ImageRequest],
+        params: &GenerateParams,
+        on_step: &mut crate::pipeline::StepCallback<'_>,
+    ) -> Result<BatchOutput> {
+        match self {
+            Work::Txt2Img => model.generate_with(requests, params, None, on_step),
+            Work::Img2Img(i) => model.generate_with(requests, params, Some(i), on_step),
+            Work::Inpaint(i) => model.generate_inpaint(requests, params, i, on_step),
+            Work::Hires(h) => model.generate_hires(requests, params, h, on_step),
+        }
+    }
 }
 
 struct Job {
     requests: Vec<ImageRequest>,
     params: GenerateParams,
-    init: Option<GpuImg2Img>,
+    work: GpuWork,
     /// Run the safety checker on the images.
     safety: bool,
     span: tracing::Span,
@@ -98,6 +167,8 @@ pub struct ModelInfo {
     /// Total device memory (CUDA), for the batch sizer; `None` on the CPU.
     pub total_memory: Option<u64>,
     pub native_size: i64,
+    /// The UNet is an inpainting one: every item needs an init image and a mask.
+    pub inpainting_model: bool,
     pub has_safety_checker: bool,
     /// The GPU's product name (CUDA), which with the dtype keys stored calibrations.
     pub gpu_name: Option<String>,
@@ -129,12 +200,12 @@ fn is_oom(e: &Error) -> bool {
 /// released its cached blocks and retried before reporting it) splits the batch in halves and runs
 /// them one after the other. Images come back in request order.
 ///
-/// With `init` (img2img), `init.images[i]` belongs to `requests[i]`; the halves split both alike.
+/// The inputs of `work` belong to the requests in order; the halves split both alike.
 fn generate_splitting(
     model: &StableDiffusion,
     requests: &[ImageRequest],
     params: &GenerateParams,
-    init: Option<Img2Img<'_>>,
+    work: Work<'_>,
     report: &mut GpuReport,
 ) -> Result<BatchOutput, GpuError> {
     let cuda = model.device().is_cuda();
@@ -147,20 +218,19 @@ fn generate_splitting(
         }
     };
     let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        model
-            .generate_with(requests, params, init, &mut |_, _, _| {
-                // The UNet's activations are live during the steps: sample memory there.
-                if cuda {
-                    sample(&mut min_free, &mut total);
-                }
-            })
-            .map_err(|e| {
-                if is_oom(&e) {
-                    GpuError::OutOfMemory(e.to_string())
-                } else {
-                    GpuError::Pipeline(e)
-                }
-            })
+        work.run(model, requests, params, &mut |_, _, _| {
+            // The UNet's activations are live during the steps: sample memory there.
+            if cuda {
+                sample(&mut min_free, &mut total);
+            }
+        })
+        .map_err(|e| {
+            if is_oom(&e) {
+                GpuError::OutOfMemory(e.to_string())
+            } else {
+                GpuError::Pipeline(e)
+            }
+        })
     }))
     .unwrap_or_else(|panic| {
         let msg = panic
@@ -191,24 +261,9 @@ fn generate_splitting(
                 half,
                 "CUDA out of memory: splitting the batch"
             );
-            let halves = init.map(|i| {
-                let (a, b) = i.images.split_at(half);
-                (Img2Img { images: a, ..i }, Img2Img { images: b, ..i })
-            });
-            let mut first = generate_splitting(
-                model,
-                &requests[..half],
-                params,
-                halves.map(|h| h.0),
-                report,
-            )?;
-            let second = generate_splitting(
-                model,
-                &requests[half..],
-                params,
-                halves.map(|h| h.1),
-                report,
-            )?;
+            let (a, b) = work.split_at(half);
+            let mut first = generate_splitting(model, &requests[..half], params, a, report)?;
+            let second = generate_splitting(model, &requests[half..], params, b, report)?;
             first.images.extend(second.images);
             first.timings.total_ms += second.timings.total_ms;
             first.timings.denoise_ms += second.timings.denoise_ms;
@@ -247,6 +302,7 @@ impl GpuExecutor {
                         None
                     },
                     native_size: model.native_size(),
+                    inpainting_model: model.is_inpainting_model(),
                     gpu_name: match model.device() {
                         tch::Device::Cuda(i) => crate::device::cuda_device_name(i),
                         _ => None,
@@ -269,19 +325,34 @@ impl GpuExecutor {
                     let idle_before = finished.elapsed();
                     let _enter = job.span.enter();
                     let mut report = GpuReport::default();
-                    // The pipeline takes a slice of images: copied once per job from the shared
-                    // decoded images (a few MB at most, next to seconds of denoising).
-                    let init_images: Vec<RgbImage> = job
-                        .init
+                    // The pipeline takes slices of images: copied once per job from the shared
+                    // decoded inputs (a few MB at most, next to seconds of denoising).
+                    let inputs = &job.work.inputs;
+                    let init_images: Vec<RgbImage> = inputs
                         .iter()
-                        .flat_map(|i| i.images.iter().map(|img| (**img).clone()))
+                        .filter_map(|i| i.init.as_deref().cloned())
                         .collect();
-                    let init = job.init.as_ref().map(|i| Img2Img {
-                        images: &init_images,
-                        strength: i.strength,
-                    });
+                    let masks: Vec<GrayImage> = inputs
+                        .iter()
+                        .filter_map(|i| i.mask.as_deref().cloned())
+                        .collect();
+                    let work = match job.work.mode {
+                        Mode::Txt2Img => Work::Txt2Img,
+                        Mode::Hires { .. } => {
+                            job.work.mode.as_hires().map_or(Work::Txt2Img, Work::Hires)
+                        }
+                        Mode::Img2Img { strength_bits } => Work::Img2Img(Img2Img {
+                            images: &init_images,
+                            strength: f64::from_bits(strength_bits),
+                        }),
+                        Mode::Inpaint { strength_bits } => Work::Inpaint(Inpaint {
+                            images: &init_images,
+                            masks: &masks,
+                            strength: f64::from_bits(strength_bits),
+                        }),
+                    };
                     let result =
-                        generate_splitting(model, &job.requests, &job.params, init, &mut report)
+                        generate_splitting(model, &job.requests, &job.params, work, &mut report)
                             .and_then(|output| {
                                 // The checks run here, batched, on the device that holds their weights.
                                 let safety = match (&models.safety, job.safety) {
@@ -337,15 +408,16 @@ impl GpuExecutor {
         params: GenerateParams,
         safety: bool,
     ) -> Result<GpuOutput, GpuError> {
-        self.generate_with(requests, params, None, safety).await
+        self.generate_with(requests, params, GpuWork::txt2img(), safety)
+            .await
     }
 
-    /// [`generate`](Self::generate), img2img from `init` when given (one image per request).
+    /// [`generate`](Self::generate) in `work`'s mode, from its inputs (one per request).
     pub async fn generate_with(
         &self,
         requests: Vec<ImageRequest>,
         params: GenerateParams,
-        init: Option<GpuImg2Img>,
+        work: GpuWork,
         safety: bool,
     ) -> Result<GpuOutput, GpuError> {
         let (reply, rx) = oneshot::channel();
@@ -353,7 +425,7 @@ impl GpuExecutor {
             .send(Job {
                 requests,
                 params,
-                init,
+                work,
                 safety,
                 span: tracing::Span::current(),
                 reply,

@@ -11,10 +11,10 @@
 //! images are dropped, generated ones are no longer stored, and it is settled once the uploads
 //! already started have reported, so nothing of it lands after the verdict.
 use super::WorkerError;
-use crate::batching::{PlannedBatch, Planner, ShapeKey};
+use crate::batching::{ImageInputs, Mode, PlannedBatch, Planner, ShapeKey};
 use crate::events::ImageRecord;
-use crate::message::Batch;
-use crate::pipeline::{GenerateParams, ImageRequest, RgbImage};
+use crate::message::{Batch, ItemMode};
+use crate::pipeline::{GenerateParams, ImageRequest};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -39,9 +39,9 @@ pub struct Admission {
     pub previous_failures: i64,
     /// Work of one image ([`crate::message::work_units`]).
     pub units_per_image: f64,
-    /// Per item of the batch, its decoded init image (img2img; `None`: txt2img). Empty when no
-    /// item has one.
-    pub init_images: Vec<Option<Arc<RgbImage>>>,
+    /// Per item of the batch, its decoded init image and mask (img2img, inpainting). Empty
+    /// when no item has one.
+    pub inputs: Vec<ImageInputs>,
 }
 
 /// A message in hand. `handle` is the shell's (broker handle, body, tracing span, clock).
@@ -141,14 +141,23 @@ pub enum Next<H> {
     Settle(Box<Settled<H>>),
 }
 
+/// The planner's mode of the images of `batch.items[item]`.
+fn mode_of(batch: &Batch, item: usize) -> Mode {
+    match batch.mode(&batch.items[item]) {
+        ItemMode::Txt2Img => batch.hires.as_ref().map_or(Mode::Txt2Img, Mode::hires),
+        ItemMode::Img2Img(strength) => Mode::img2img(strength),
+        ItemMode::Inpaint(strength) => Mode::inpaint(strength),
+    }
+}
+
 /// A GPU batch for the model thread.
 pub struct GpuJob {
     pub key: ShapeKey,
     pub params: GenerateParams,
     pub tags: Vec<Tag>,
     pub requests: Vec<ImageRequest>,
-    /// img2img (the key has a strength): one init image per request, in order. Empty for txt2img.
-    pub init_images: Vec<Arc<RgbImage>>,
+    /// One per request, in order: what it starts from (empty for txt2img and hires).
+    pub inputs: Vec<ImageInputs>,
     /// Any of its messages asked for the safety checker (one pass for the whole batch; each
     /// message uses the verdicts only if it asked).
     pub safety: bool,
@@ -242,16 +251,16 @@ impl<H> Ledger<H> {
         self.next_seq += 1;
         let resumed = a.records.iter().flatten().count();
         let remaining = a.requests.len() - resumed;
+        let batch = &a.batch;
         self.planner.push_with(
-            &a.batch.params,
-            a.batch.strength,
+            &batch.params,
             a.requests
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| a.records[*i].is_none())
                 .map(|(i, (item, _, r))| {
-                    let init = a.init_images.get(*item).cloned().flatten();
-                    ((seq, i), r.clone(), init)
+                    let inputs = a.inputs.get(*item).cloned().unwrap_or_default();
+                    ((seq, i), r.clone(), mode_of(batch, *item), inputs)
                 }),
         );
         self.messages.insert(
@@ -300,9 +309,7 @@ impl<H> Ledger<H> {
             images,
         } = self.planner.next_batch(size)?;
         let tags: Vec<Tag> = images.iter().map(|i| i.tag).collect();
-        // The planner keys img2img images apart, so a batch's images all have one or none.
-        let init_images: Vec<Arc<RgbImage>> =
-            images.iter().filter_map(|i| i.init.clone()).collect();
+        let inputs: Vec<ImageInputs> = images.iter().map(|i| i.inputs.clone()).collect();
         let requests: Vec<ImageRequest> = images.into_iter().map(|i| i.request).collect();
         let safety = tags
             .iter()
@@ -314,7 +321,7 @@ impl<H> Ledger<H> {
             params,
             tags,
             requests,
-            init_images,
+            inputs,
             safety,
         })
     }
@@ -474,7 +481,7 @@ mod tests {
             safety: false,
             previous_failures: 0,
             units_per_image: 1.0,
-            init_images: Vec::new(),
+            inputs: Vec::new(),
         }
     }
 

@@ -108,6 +108,8 @@ mod tests {
             low_clip_score: None,
             init_image: None,
             init_image_sha256: None,
+            mask_image: None,
+            mask_image_sha256: None,
         }
     }
 

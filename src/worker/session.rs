@@ -269,9 +269,17 @@ impl Session<'_> {
             cfg.topology.delivery_limit,
         );
 
-        // img2img inputs first: their bytes are part of the work (hash), and a bad one makes
-        // the message invalid before anything is looked up or planned.
-        let init_images = match super::inputs::load(&self.worker.storage, &mut batch)
+        // img2img and inpainting inputs first: their bytes are part of the work (hash), and a
+        // bad one makes the message invalid before anything is looked up or planned.
+        if let Err(invalid) =
+            super::inputs::check_model(&batch, self.worker.gpu.info().inpainting_model)
+        {
+            return self
+                .reject_invalid(delivery, invalid)
+                .instrument(span)
+                .await;
+        }
+        let inputs = match super::inputs::load(&self.worker.storage, &mut batch)
             .instrument(span.clone())
             .await
         {
@@ -412,7 +420,7 @@ impl Session<'_> {
             safety,
             previous_failures,
             units_per_image,
-            init_images,
+            inputs,
         };
         let (_, next) = self.ledger.admit(handle, admission);
         if let Some(next) = next {
@@ -840,7 +848,7 @@ impl Session<'_> {
             params,
             tags,
             requests,
-            init_images,
+            inputs,
             safety,
         }) = self
             .ledger
@@ -859,11 +867,11 @@ impl Session<'_> {
             let gpu = self.worker.gpu.clone();
             let tx = self.done_tx.clone();
             self.tasks.spawn(async move {
-                let init = key.strength().map(|strength| super::gpu::GpuImg2Img {
-                    images: init_images,
-                    strength,
-                });
-                let result = gpu.generate_with(requests, params, init, safety).await;
+                let work = super::gpu::GpuWork {
+                    mode: key.mode,
+                    inputs,
+                };
+                let result = gpu.generate_with(requests, params, work, safety).await;
                 let _ = tx.send(Done::Gpu { key, tags, result });
             });
         }

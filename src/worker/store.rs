@@ -5,7 +5,7 @@ use super::broker::publish_event;
 use super::gpu::GpuOutput;
 use super::{ImageChecks, SafetyPolicy, WorkerConfig, WorkerError, resume};
 use crate::events::{self, BatchCompleted, ImageRecord};
-use crate::message::Batch;
+use crate::message::{Batch, ItemMode};
 use crate::metrics::Metrics;
 use crate::output::{Embedded, Infotext, a1111_parameters, encode};
 use crate::pipeline::ImageRequest;
@@ -77,9 +77,12 @@ pub(super) async fn store_image(
         params: &batch.params,
         model: &cfg.model_name,
         model_sha256: model_sha256.as_deref(),
-        // img2img items record their strength, as A1111 does.
-        denoising_strength: item.init_image.as_ref().map(|_| batch.strength),
-        hires: None,
+        // img2img and inpainting items record their strength, as A1111 does.
+        denoising_strength: match batch.mode(item) {
+            ItemMode::Txt2Img => None,
+            ItemMode::Img2Img(strength) | ItemMode::Inpaint(strength) => Some(strength),
+        },
+        hires: batch.hires,
     });
     let embedded = embedded_record(
         &batch,

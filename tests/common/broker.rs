@@ -277,11 +277,16 @@ impl WorkerProcess {
         let model = super::model_dir();
         let metrics_port = free_port();
         let metrics_addr = format!("127.0.0.1:{metrics_port}");
+        // The tiny model unless `extra` names another.
+        let model_args: &[&str] = if extra.contains(&"--model") {
+            &[]
+        } else {
+            &["--model", model.to_str().unwrap()]
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_sdbatch"))
+            .arg("worker")
+            .args(model_args)
             .args([
-                "worker",
-                "--model",
-                model.to_str().unwrap(),
                 "--queue-prefix",
                 prefix,
                 "--s3-endpoint",
