@@ -156,6 +156,22 @@ pub struct MessageOutput {
     /// JPEG quality 1..=100 (default 90); refused with the lossless formats.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<u32>,
+    /// Where the batch's events are also POSTed (see docs/webhooks.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<MessageWebhook>,
+}
+
+/// `output.webhook`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageWebhook {
+    /// `https://…` on a host the worker allows ([`crate::webhook::WebhookUrl::parse`]).
+    pub url: String,
+}
+
+impl MessageWebhook {
+    pub const FIELDS: &'static [&'static str] = &["url"];
+    pub const REQUIRED: &'static [&'static str] = &["url"];
 }
 
 impl BatchMessage {
@@ -205,7 +221,8 @@ impl MessageParams {
 }
 
 impl MessageOutput {
-    pub const FIELDS: &'static [&'static str] = &["bucket", "prefix", "format", "quality"];
+    pub const FIELDS: &'static [&'static str] =
+        &["bucket", "prefix", "format", "quality", "webhook"];
 
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
@@ -435,10 +452,13 @@ pub enum InvalidReason {
     /// `params.strength` outside (0, 1], running no step with the batch's steps, or given
     /// without any `init_image`.
     Strength,
+    /// `output.webhook` not `{"url": …}` with a URL of an accepted shape; or (set by the worker)
+    /// a URL its webhook policy refuses (host not allowed, plain http, a private address).
+    Webhook,
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 31] = [
+    pub const ALL: [InvalidReason; 32] = [
         InvalidReason::TooLarge,
         InvalidReason::NotJson,
         InvalidReason::SchemaVersion,
@@ -470,6 +490,7 @@ impl InvalidReason {
         InvalidReason::InitImageUnreadable,
         InvalidReason::InitImageTooLarge,
         InvalidReason::Strength,
+        InvalidReason::Webhook,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -505,6 +526,7 @@ impl InvalidReason {
             InvalidReason::InitImageUnreadable => "init_image_unreadable",
             InvalidReason::InitImageTooLarge => "init_image_too_large",
             InvalidReason::Strength => "strength",
+            InvalidReason::Webhook => "webhook",
         }
     }
 }
@@ -559,6 +581,9 @@ pub struct Batch {
     pub encoding: Encoding,
     /// img2img strength of the items with an init image ([`DEFAULT_STRENGTH`] when not given).
     pub strength: f64,
+    /// Where the batch's events are also sent (shape checked; the worker checks its policy).
+    /// Not part of the work: the same work with another webhook is the same batch.
+    pub webhook: Option<crate::webhook::WebhookUrl>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1280,6 +1305,11 @@ fn validate_unbounded(
     };
     let encoding =
         Encoding::new(format, out.quality).map_err(|e| fail(R::Quality, format!("output.{e}")))?;
+    let webhook = out
+        .webhook
+        .map(|w| crate::webhook::WebhookUrl::parse(&w.url))
+        .transpose()
+        .map_err(|e| fail(R::Webhook, format!("output.webhook.url: {e}")))?;
 
     Ok(Batch {
         batch_id: msg.batch_id.clone(),
@@ -1301,6 +1331,7 @@ fn validate_unbounded(
         prefix,
         encoding,
         strength,
+        webhook,
     })
 }
 
@@ -1604,6 +1635,12 @@ const OUTPUT: &[Spec] = &[
     ("prefix", false, InvalidReason::Prefix, is::<Option<String>>),
     ("format", false, InvalidReason::Format, is::<Option<String>>),
     ("quality", false, InvalidReason::Quality, is::<Option<u32>>),
+    (
+        "webhook",
+        false,
+        InvalidReason::Webhook,
+        is::<Option<MessageWebhook>>,
+    ),
 ];
 
 fn check_object(
@@ -2480,7 +2517,8 @@ mod tests {
                 "init_image_missing",
                 "init_image_unreadable",
                 "init_image_too_large",
-                "strength"
+                "strength",
+                "webhook"
             ]
         );
         assert_eq!(InvalidReason::Size.to_string(), "size");
@@ -2795,6 +2833,41 @@ mod tests {
     }
 
     #[test]
+    fn output_webhook() {
+        let o = |v: Value| with(minimal(), "/output", Some(json!({"webhook": v})));
+        let url = "https://hooks.example.com/sdbatch?token=t0k3n";
+        let b = parse_value(&o(json!({"url": url}))).unwrap();
+        assert_eq!(b.webhook.as_ref().map(|w| w.url().as_str()), Some(url));
+        assert_eq!(parse_value(&minimal()).unwrap().webhook, None);
+        assert_eq!(parse_value(&o(Value::Null)).unwrap().webhook, None);
+        // The shape only: which hosts are allowed is the worker's business.
+        assert!(parse_value(&o(json!({"url": "http://127.0.0.1:8080/"}))).is_ok());
+        let long = format!("https://example.com/{}", "a".repeat(3000));
+        for (bad, says) in [
+            (json!("https://example.com/"), "webhook"),
+            (json!({}), "url"),
+            (json!({"url": 5}), "webhook"),
+            (
+                json!({"url": "https://example.com/", "secret": "x"}),
+                "secret",
+            ),
+            (json!({"url": "ftp://example.com/"}), "scheme"),
+            (json!({"url": "https://u:p@example.com/"}), "credentials"),
+            (json!({"url": "https://example.com/#f"}), "fragment"),
+            (json!({"url": "not a url"}), "whitespace"),
+            (json!({"url": long}), "limit 2048"),
+        ] {
+            let e = parse_value(&o(bad.clone())).unwrap_err();
+            assert_eq!(e.reason, InvalidReason::Webhook, "{bad}: {}", e.message);
+            assert!(e.message.contains(says), "{bad}: {}", e.message);
+            assert!(e.message.len() < 300, "{}", e.message);
+        }
+        // Not part of the work: another webhook does not make it other work.
+        let plain = parse_value(&minimal()).unwrap().work_sha256();
+        assert_eq!(b.work_sha256(), plain);
+    }
+
+    #[test]
     fn clip_skip() {
         let p = |v: Value| with(minimal(), "/params", Some(json!({"clip_skip": v})));
         assert_eq!(parse_value(&minimal()).unwrap().params.clip_skip, 1);
@@ -2979,10 +3052,15 @@ mod tests {
         let mut full = example();
         full["items"][0]["init_image"] = json!("s3://images/inputs/sku-123.png");
         full["params"]["strength"] = json!(0.6);
+        full["output"]["webhook"] = json!({"url": "https://hooks.example.com/sdbatch"});
         assert_eq!(keys(&full), set(BatchMessage::FIELDS));
         assert_eq!(keys(&full["items"][0]), set(MessageItem::FIELDS));
         assert_eq!(keys(&full["params"]), set(MessageParams::FIELDS));
         assert_eq!(keys(&full["output"]), set(MessageOutput::FIELDS));
+        assert_eq!(
+            keys(&full["output"]["webhook"]),
+            set(MessageWebhook::FIELDS)
+        );
         let msg: BatchMessage = serde_json::from_value(full.clone()).unwrap();
         assert_eq!(serde_json::to_value(&msg).unwrap(), full);
         // The required ones are exactly those serde insists on.
@@ -3041,6 +3119,11 @@ mod tests {
             (&defs["item"], MessageItem::FIELDS, MessageItem::REQUIRED),
             (&defs["params"], MessageParams::FIELDS, &[][..]),
             (&defs["output"], MessageOutput::FIELDS, &[][..]),
+            (
+                &defs["webhook"],
+                MessageWebhook::FIELDS,
+                MessageWebhook::REQUIRED,
+            ),
         ] {
             assert_eq!(keys(&obj["properties"]), set(fields));
             assert_eq!(obj["additionalProperties"], false);
