@@ -46,6 +46,11 @@ pub mod defaults {
     pub const RECONNECT_MIN_MS: u64 = 500;
     pub const RECONNECT_MAX_SECS: u64 = 30;
     pub const PUBLISH_ATTEMPTS: usize = 6;
+    /// One webhook attempt at most, and how long a webhook is retried.
+    pub const WEBHOOK_TIMEOUT_SECS: u64 = 10;
+    pub const WEBHOOK_GIVE_UP_SECS: u64 = 3600;
+    /// How long an exiting worker waits for webhook deliveries in progress.
+    pub const WEBHOOK_SHUTDOWN_SECS: u64 = 5;
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -86,6 +91,8 @@ pub struct FileConfig {
     pub storage: StorageSection,
     #[serde(default)]
     pub limits: LimitsSection,
+    #[serde(default)]
+    pub webhook: WebhookSection,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -110,6 +117,19 @@ pub struct LimitsSection {
     pub max_prompt_bytes: Option<usize>,
     pub max_side: Option<i64>,
     pub max_steps: Option<usize>,
+}
+
+/// `[webhook]`: see `sdbatch worker --help` and docs/webhooks.md.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSection {
+    pub allow: Option<Vec<String>>,
+    /// A file holding the secret (the secret itself never goes in this file).
+    pub secret_file: Option<String>,
+    pub allow_private: Option<bool>,
+    pub allow_http: Option<bool>,
+    pub timeout_secs: Option<u64>,
+    pub give_up_secs: Option<u64>,
 }
 
 impl FileConfig {

@@ -23,6 +23,7 @@ pub mod prompts;
 pub mod queue;
 pub mod storage;
 pub mod submit_input;
+pub mod webhook;
 pub mod worker;
 
 pub use error::{Error, Result};

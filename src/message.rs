@@ -194,6 +194,22 @@ pub struct MessageOutput {
     /// JPEG quality 1..=100 (default 90); refused with the lossless formats.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<u32>,
+    /// Where the batch's events are also POSTed (see docs/webhooks.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<MessageWebhook>,
+}
+
+/// `output.webhook`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageWebhook {
+    /// `https://…` on a host the worker allows ([`crate::webhook::WebhookUrl::parse`]).
+    pub url: String,
+}
+
+impl MessageWebhook {
+    pub const FIELDS: &'static [&'static str] = &["url"];
+    pub const REQUIRED: &'static [&'static str] = &["url"];
 }
 
 impl BatchMessage {
@@ -245,7 +261,8 @@ impl MessageParams {
 }
 
 impl MessageOutput {
-    pub const FIELDS: &'static [&'static str] = &["bucket", "prefix", "format", "quality"];
+    pub const FIELDS: &'static [&'static str] =
+        &["bucket", "prefix", "format", "quality", "webhook"];
 
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
@@ -489,10 +506,13 @@ pub enum InvalidReason {
     /// `params.hires` malformed, out of range, larger than the worker's `max_side`, or with
     /// `init_image` items.
     Hires,
+    /// `output.webhook` not `{"url": …}` with a URL of an accepted shape; or (set by the worker)
+    /// a URL its webhook policy refuses (host not allowed, plain http, a private address).
+    Webhook,
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 37] = [
+    pub const ALL: [InvalidReason; 38] = [
         InvalidReason::TooLarge,
         InvalidReason::NotJson,
         InvalidReason::SchemaVersion,
@@ -530,6 +550,7 @@ impl InvalidReason {
         InvalidReason::MaskImageTooLarge,
         InvalidReason::MaskImageSize,
         InvalidReason::Hires,
+        InvalidReason::Webhook,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -571,6 +592,7 @@ impl InvalidReason {
             InvalidReason::MaskImageTooLarge => "mask_image_too_large",
             InvalidReason::MaskImageSize => "mask_image_size",
             InvalidReason::Hires => "hires",
+            InvalidReason::Webhook => "webhook",
         }
     }
 }
@@ -631,6 +653,9 @@ pub struct Batch {
     pub inpaint_strength: f64,
     /// Hires fix of every (txt2img) image.
     pub hires: Option<Hires>,
+    /// Where the batch's events are also sent (shape checked; the worker checks its policy).
+    /// Not part of the work: the same work with another webhook is the same batch.
+    pub webhook: Option<crate::webhook::WebhookUrl>,
 }
 
 /// What an item's images start from.
@@ -1433,6 +1458,11 @@ fn validate_unbounded(
     };
     let encoding =
         Encoding::new(format, out.quality).map_err(|e| fail(R::Quality, format!("output.{e}")))?;
+    let webhook = out
+        .webhook
+        .map(|w| crate::webhook::WebhookUrl::parse(&w.url))
+        .transpose()
+        .map_err(|e| fail(R::Webhook, format!("output.webhook.url: {e}")))?;
 
     Ok(Batch {
         batch_id: msg.batch_id.clone(),
@@ -1456,6 +1486,7 @@ fn validate_unbounded(
         strength,
         inpaint_strength,
         hires,
+        webhook,
     })
 }
 
@@ -1876,6 +1907,12 @@ const OUTPUT: &[Spec] = &[
     ("prefix", false, InvalidReason::Prefix, is::<Option<String>>),
     ("format", false, InvalidReason::Format, is::<Option<String>>),
     ("quality", false, InvalidReason::Quality, is::<Option<u32>>),
+    (
+        "webhook",
+        false,
+        InvalidReason::Webhook,
+        is::<Option<MessageWebhook>>,
+    ),
 ];
 
 fn check_object(
@@ -2758,7 +2795,8 @@ mod tests {
                 "mask_image_unreadable",
                 "mask_image_too_large",
                 "mask_image_size",
-                "hires"
+                "hires",
+                "webhook"
             ]
         );
         assert_eq!(InvalidReason::Size.to_string(), "size");
@@ -3220,6 +3258,41 @@ mod tests {
     }
 
     #[test]
+    fn output_webhook() {
+        let o = |v: Value| with(minimal(), "/output", Some(json!({"webhook": v})));
+        let url = "https://hooks.example.com/sdbatch?token=t0k3n";
+        let b = parse_value(&o(json!({"url": url}))).unwrap();
+        assert_eq!(b.webhook.as_ref().map(|w| w.url().as_str()), Some(url));
+        assert_eq!(parse_value(&minimal()).unwrap().webhook, None);
+        assert_eq!(parse_value(&o(Value::Null)).unwrap().webhook, None);
+        // The shape only: which hosts are allowed is the worker's business.
+        assert!(parse_value(&o(json!({"url": "http://127.0.0.1:8080/"}))).is_ok());
+        let long = format!("https://example.com/{}", "a".repeat(3000));
+        for (bad, says) in [
+            (json!("https://example.com/"), "webhook"),
+            (json!({}), "url"),
+            (json!({"url": 5}), "webhook"),
+            (
+                json!({"url": "https://example.com/", "secret": "x"}),
+                "secret",
+            ),
+            (json!({"url": "ftp://example.com/"}), "scheme"),
+            (json!({"url": "https://u:p@example.com/"}), "credentials"),
+            (json!({"url": "https://example.com/#f"}), "fragment"),
+            (json!({"url": "not a url"}), "whitespace"),
+            (json!({"url": long}), "limit 2048"),
+        ] {
+            let e = parse_value(&o(bad.clone())).unwrap_err();
+            assert_eq!(e.reason, InvalidReason::Webhook, "{bad}: {}", e.message);
+            assert!(e.message.contains(says), "{bad}: {}", e.message);
+            assert!(e.message.len() < 300, "{}", e.message);
+        }
+        // Not part of the work: another webhook does not make it other work.
+        let plain = parse_value(&minimal()).unwrap().work_sha256();
+        assert_eq!(b.work_sha256(), plain);
+    }
+
+    #[test]
     fn clip_skip() {
         let p = |v: Value| with(minimal(), "/params", Some(json!({"clip_skip": v})));
         assert_eq!(parse_value(&minimal()).unwrap().params.clip_skip, 1);
@@ -3407,11 +3480,16 @@ mod tests {
         full["params"]["strength"] = json!(0.6);
         full["params"]["hires"] =
             json!({"scale": 2.0, "steps": 20, "strength": 0.5, "upscaler": "latent"});
+        full["output"]["webhook"] = json!({"url": "https://hooks.example.com/sdbatch"});
         assert_eq!(keys(&full), set(BatchMessage::FIELDS));
         assert_eq!(keys(&full["params"]["hires"]), set(MessageHires::FIELDS));
         assert_eq!(keys(&full["items"][0]), set(MessageItem::FIELDS));
         assert_eq!(keys(&full["params"]), set(MessageParams::FIELDS));
         assert_eq!(keys(&full["output"]), set(MessageOutput::FIELDS));
+        assert_eq!(
+            keys(&full["output"]["webhook"]),
+            set(MessageWebhook::FIELDS)
+        );
         let msg: BatchMessage = serde_json::from_value(full.clone()).unwrap();
         assert_eq!(serde_json::to_value(&msg).unwrap(), full);
         // The required ones are exactly those serde insists on.
@@ -3474,6 +3552,11 @@ mod tests {
                 &defs["params"]["properties"]["hires"],
                 MessageHires::FIELDS,
                 &["scale"][..],
+            ),
+            (
+                &defs["webhook"],
+                MessageWebhook::FIELDS,
+                MessageWebhook::REQUIRED,
             ),
         ] {
             assert_eq!(keys(&obj["properties"]), set(fields));

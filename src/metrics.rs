@@ -49,6 +49,13 @@ pub struct Metrics {
     /// Connections to this endpoint closed unserved because `ServerLimits::max_connections` were
     /// open.
     pub http_connections_refused: IntCounter,
+    /// Webhook deliveries by outcome: delivered, failed_retrying (an attempt failed, another
+    /// follows), gave_up, refused (policy or redirect), dropped (queue full).
+    pub webhook_deliveries: IntCounterVec,
+    /// Time of each webhook attempt (lookup, connect, TLS, request, response head).
+    pub webhook_request_seconds: Histogram,
+    /// Webhook deliveries waiting or in progress.
+    pub webhook_pending: IntGauge,
     /// Called before each rendering, for values kept elsewhere (the store's retry count).
     refreshers: std::sync::Mutex<Vec<Refresher>>,
     /// Readiness inputs.
@@ -218,6 +225,20 @@ impl Metrics {
             http_connections_refused: counter(
                 "sdbatch_http_connections_refused_total",
                 "Connections to the metrics endpoint closed unserved: too many were open.",
+            ),
+            webhook_deliveries: counter_vec(
+                "sdbatch_webhook_deliveries_total",
+                "Webhook deliveries by outcome (failed_retrying: attempts that are retried).",
+                "outcome",
+            ),
+            webhook_request_seconds: histogram(
+                "sdbatch_webhook_request_seconds",
+                "Time of each webhook attempt.",
+                buckets(0.005, 2.0, 14),
+            ),
+            webhook_pending: gauge(
+                "sdbatch_webhook_pending",
+                "Webhook deliveries waiting or in progress.",
             ),
             refreshers: std::sync::Mutex::new(Vec::new()),
             model_loaded: AtomicBool::new(false),

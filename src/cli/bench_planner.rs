@@ -70,6 +70,7 @@ async fn run_mode(
         lora_dir: None,
         lora_cache_bytes: defaults::LORA_CACHE_MB << 20,
         ai_marking: defaults::AI_MARKING,
+        webhook: sdbatch::webhook::WebhookConfig::default(),
     };
     let conn = queue::connect(amqp_url, "sdbatch bench").await?;
     let channel = conn.create_channel().await?;

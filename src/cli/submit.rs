@@ -160,6 +160,9 @@ fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
         prefix: args.prefix.clone(),
         format: args.format.clone(),
         quality: args.quality,
+        // Webhooks are for producers that build their own messages; `submit --wait` listens on
+        // the events exchange.
+        webhook: None,
     };
     if !(args.max_work.is_finite() && args.max_work > 0.0) {
         anyhow::bail!("--max-work must be a positive number");

@@ -3,7 +3,7 @@
 use super::BrokerArgs;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
-use sdbatch::config::{FileConfig, defaults};
+use sdbatch::config::{FileConfig, WebhookSection, defaults};
 use sdbatch::message::Limits;
 use sdbatch::pipeline::clip_score::ClipScorer;
 use sdbatch::pipeline::safety::SafetyChecker;
@@ -11,6 +11,7 @@ use sdbatch::pipeline::single_file::SingleFileOptions;
 use sdbatch::pipeline::{LoadOptions, StableDiffusion};
 use sdbatch::queue::Topology;
 use sdbatch::storage::{Storage, StorageConfig};
+use sdbatch::webhook::{AllowEntry, Policy, Secret, Settings, WebhookConfig};
 use sdbatch::worker::gpu::GpuExecutor;
 use sdbatch::worker::gpu::Models;
 use sdbatch::worker::{SafetyPolicy, Worker, WorkerConfig};
@@ -189,7 +190,53 @@ pub struct WorkerArgs {
         value_name = "BOOL"
     )]
     pub ai_marking: Option<bool>,
+    /// Hosts webhooks (`output.webhook`) may go to, comma-separated: `hooks.example.com`,
+    /// `*.example.com` (its subdomains), an IP address; each optionally with `:PORT`. Default:
+    /// none, and messages with a webhook are dead-lettered (reason `webhook`).
+    #[arg(
+        long,
+        env = "SDBATCH_WEBHOOK_ALLOW",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub webhook_allow: Option<Vec<String>>,
+    /// File holding the secret webhooks are signed with (at least 16 bytes, surrounding
+    /// whitespace ignored). Or the secret itself in SDBATCH_WEBHOOK_SECRET (not both). Required
+    /// with --webhook-allow.
+    #[arg(long, env = "SDBATCH_WEBHOOK_SECRET_FILE", hide_env_values = true)]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Let webhooks reach loopback, private (RFC 1918), CGNAT, link-local and unique-local
+    /// addresses (default false: a public receiver only). For receivers on the worker's own
+    /// network, and tests.
+    #[arg(
+        long,
+        env = "SDBATCH_WEBHOOK_ALLOW_PRIVATE",
+        hide_env_values = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub webhook_allow_private: Option<bool>,
+    /// Accept plain http:// webhook URLs (default false: https only). For development.
+    #[arg(
+        long,
+        env = "SDBATCH_WEBHOOK_ALLOW_HTTP",
+        hide_env_values = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub webhook_allow_http: Option<bool>,
+    /// Seconds one webhook attempt may take (default 10, 1..=300).
+    #[arg(long, env = "SDBATCH_WEBHOOK_TIMEOUT_SECS", hide_env_values = true)]
+    pub webhook_timeout_secs: Option<u64>,
+    /// Seconds a webhook is retried before it is given up (default 3600, 1..=86400).
+    #[arg(long, env = "SDBATCH_WEBHOOK_GIVE_UP_SECS", hide_env_values = true)]
+    pub webhook_give_up_secs: Option<u64>,
 }
+
+/// The environment variable holding the webhook secret itself (a flag would show it in `ps`).
+const WEBHOOK_SECRET_ENV: &str = "SDBATCH_WEBHOOK_SECRET";
 
 fn default_worker_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -344,6 +391,18 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
         (None, None) => SafetyPolicy::from_str(defaults::SAFETY_POLICY, true)
             .map_err(|e| anyhow!("default safety policy: {e}"))?,
     };
+    let webhook = webhook_config(
+        WebhookArgs {
+            allow: args.webhook_allow,
+            secret_file: args.webhook_secret_file,
+            allow_private: args.webhook_allow_private,
+            allow_http: args.webhook_allow_http,
+            timeout_secs: args.webhook_timeout_secs,
+            give_up_secs: args.webhook_give_up_secs,
+        },
+        &file.webhook,
+        std::env::var(WEBHOOK_SECRET_ENV).ok(),
+    )?;
     let worker = WorkerConfig {
         amqp_url,
         topology,
@@ -402,6 +461,7 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
             .ai_marking
             .or(file.ai_marking)
             .unwrap_or(defaults::AI_MARKING),
+        webhook,
     };
     let clip_model = args.clip_model.or(file.clip_model.map(PathBuf::from));
     if worker.min_clip_score.is_some() && clip_model.is_none() {
@@ -445,6 +505,89 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
     })
 }
 
+/// The webhook flags, taken out of [`WorkerArgs`] before it is consumed.
+struct WebhookArgs {
+    allow: Option<Vec<String>>,
+    secret_file: Option<PathBuf>,
+    allow_private: Option<bool>,
+    allow_http: Option<bool>,
+    timeout_secs: Option<u64>,
+    give_up_secs: Option<u64>,
+}
+
+/// The webhook settings: flags, then the `[webhook]` section, then defaults; the secret from
+/// its file or `secret_env` (never both, never logged).
+fn webhook_config(
+    args: WebhookArgs,
+    file: &WebhookSection,
+    secret_env: Option<String>,
+) -> Result<WebhookConfig> {
+    let allow = args
+        .allow
+        .or(file.allow.clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|entry| entry.parse::<AllowEntry>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("--webhook-allow: {e}"))?;
+    let secret_file = args
+        .secret_file
+        .or(file.secret_file.clone().map(PathBuf::from));
+    let secret = match (secret_file, secret_env.filter(|s| !s.is_empty())) {
+        (Some(_), Some(_)) => {
+            bail!("both --webhook-secret-file and {WEBHOOK_SECRET_ENV} are set: give one")
+        }
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("--webhook-secret-file {}", path.display()))?;
+            Some(
+                Secret::from_text(&text)
+                    .map_err(|e| anyhow!("--webhook-secret-file {}: {e}", path.display()))?,
+            )
+        }
+        (None, Some(text)) => {
+            Some(Secret::from_text(&text).map_err(|e| anyhow!("{WEBHOOK_SECRET_ENV}: {e}"))?)
+        }
+        (None, None) => None,
+    };
+    if !allow.is_empty() && secret.is_none() {
+        bail!(
+            "--webhook-allow needs a signing secret: --webhook-secret-file FILE or \
+             {WEBHOOK_SECRET_ENV}"
+        );
+    }
+    let timeout_secs = args
+        .timeout_secs
+        .or(file.timeout_secs)
+        .unwrap_or(defaults::WEBHOOK_TIMEOUT_SECS);
+    if !(1..=300).contains(&timeout_secs) {
+        bail!("--webhook-timeout-secs {timeout_secs} must be in 1..=300");
+    }
+    // Deliveries wait in memory: a day is the most worth holding.
+    let give_up_secs = args
+        .give_up_secs
+        .or(file.give_up_secs)
+        .unwrap_or(defaults::WEBHOOK_GIVE_UP_SECS);
+    if !(1..=86_400).contains(&give_up_secs) {
+        bail!("--webhook-give-up-secs {give_up_secs} must be in 1..=86400");
+    }
+    let base = WebhookConfig::default();
+    Ok(WebhookConfig {
+        policy: Policy {
+            allow,
+            allow_http: args.allow_http.or(file.allow_http).unwrap_or(false),
+            allow_private: args.allow_private.or(file.allow_private).unwrap_or(false),
+        },
+        secret,
+        settings: Settings {
+            timeout: Duration::from_secs(timeout_secs),
+            give_up: Duration::from_secs(give_up_secs),
+            ..base.settings
+        },
+        ..base
+    })
+}
+
 /// SIGTERM or SIGINT sets the shutdown flag; a second signal exits at once.
 fn spawn_signal_handler(tx: tokio::sync::watch::Sender<bool>) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -480,6 +623,18 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         broker = %sdbatch::queue::redact_url(&r.worker.amqp_url),
         "starting worker"
     );
+
+    let webhook = &r.worker.webhook;
+    if webhook.is_enabled() {
+        // The allow list and switches, never the secret.
+        tracing::info!(
+            allow = ?webhook.policy.allow,
+            allow_private = webhook.policy.allow_private,
+            allow_http = webhook.policy.allow_http,
+            give_up = ?webhook.settings.give_up,
+            "webhooks on"
+        );
+    }
 
     let (tx, rx) = tokio::sync::watch::channel(false);
     spawn_signal_handler(tx)?;
@@ -586,6 +741,9 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
 
     let worker = Worker::new(r.worker, Arc::new(gpu), storage, metrics);
     worker.run(rx).await?;
+    worker
+        .finish_webhooks(Duration::from_secs(defaults::WEBHOOK_SHUTDOWN_SECS))
+        .await;
     tracing::info!("worker stopped");
     Ok(())
 }
@@ -614,7 +772,10 @@ mod tests {
             "s3_region" => "storage.region".into(),
             "bucket" | "allowed_buckets" | "prefix" => format!("storage.{id}"),
             "max_message_bytes" | "max_message_work" => format!("limits.{id}"),
-            other => other.into(),
+            other => match other.strip_prefix("webhook_") {
+                Some(key) => format!("webhook.{key}"),
+                None => other.into(),
+            },
         }
     }
 
@@ -775,5 +936,124 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("CLIP model"), "{e}");
+    }
+
+    #[test]
+    fn webhook_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret-s3cret-s3cret\n").unwrap();
+        let secret = secret.to_str().unwrap();
+        let base = ["--model", "/m", "--bucket", "images"];
+        let with = |extra: &[&str]| {
+            let mut a = base.to_vec();
+            a.extend(extra);
+            resolve_args(&a).map(|r| r.worker.webhook)
+        };
+        // Off by default.
+        let off = with(&[]).unwrap();
+        assert!(!off.is_enabled());
+        assert_eq!(off, WebhookConfig::default());
+        // On: flags parsed, the secret read and never shown.
+        let on = with(&[
+            "--webhook-allow",
+            "hooks.example.com,*.example.net:8443",
+            "--webhook-secret-file",
+            secret,
+            "--webhook-allow-private",
+            "--webhook-timeout-secs",
+            "5",
+            "--webhook-give-up-secs",
+            "60",
+        ])
+        .unwrap();
+        assert!(on.is_enabled());
+        assert_eq!(on.policy.allow.len(), 2);
+        assert!(on.policy.allow_private && !on.policy.allow_http);
+        assert_eq!(on.settings.timeout, Duration::from_secs(5));
+        assert_eq!(on.settings.give_up, Duration::from_secs(60));
+        assert_eq!(
+            on.secret,
+            Some(Secret::from_text("s3cret-s3cret-s3cret").unwrap())
+        );
+        assert!(!format!("{on:?}").contains("s3cret"));
+        // The file's section, and flags over it.
+        let toml = dir.path().join("w.toml");
+        std::fs::write(
+            &toml,
+            format!(
+                "[webhook]\nallow = [\"127.0.0.1\"]\nsecret_file = {secret:?}\nallow_http = true\n\
+                 timeout_secs = 3\n"
+            ),
+        )
+        .unwrap();
+        let filed = with(&["--config", toml.to_str().unwrap()]).unwrap();
+        assert!(filed.is_enabled() && filed.policy.allow_http);
+        assert_eq!(filed.settings.timeout, Duration::from_secs(3));
+        let flagged = with(&[
+            "--config",
+            toml.to_str().unwrap(),
+            "--webhook-allow-http",
+            "false",
+            "--webhook-timeout-secs",
+            "7",
+        ])
+        .unwrap();
+        assert!(!flagged.policy.allow_http);
+        assert_eq!(flagged.settings.timeout, Duration::from_secs(7));
+
+        // The secret from the variable, not both, never echoed when too short.
+        let args = || WebhookArgs {
+            allow: Some(vec!["hooks.example.com".into()]),
+            secret_file: None,
+            allow_private: None,
+            allow_http: None,
+            timeout_secs: None,
+            give_up_secs: None,
+        };
+        let section = WebhookSection::default();
+        let env = Some("env-secret-0123456789".to_string());
+        assert!(
+            webhook_config(args(), &section, env.clone())
+                .unwrap()
+                .is_enabled()
+        );
+        let both = WebhookArgs {
+            secret_file: Some(PathBuf::from(secret)),
+            ..args()
+        };
+        let e = webhook_config(both, &section, env).unwrap_err().to_string();
+        assert!(e.contains("give one"), "{e}");
+        let e = webhook_config(args(), &section, Some("tiny".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least 16") && !e.contains("tiny"), "{e}");
+
+        for (extra, says) in [
+            (&["--webhook-allow", "hooks.example.com"][..], "secret"),
+            (
+                &[
+                    "--webhook-allow",
+                    "https://x/",
+                    "--webhook-secret-file",
+                    secret,
+                ][..],
+                "--webhook-allow",
+            ),
+            (&["--webhook-timeout-secs", "0"][..], "1..=300"),
+            (&["--webhook-give-up-secs", "86401"][..], "1..=86400"),
+            (
+                &[
+                    "--webhook-allow",
+                    "a.example",
+                    "--webhook-secret-file",
+                    "/nonexistent/s",
+                ][..],
+                "/nonexistent/s",
+            ),
+        ] {
+            let e = with(extra).err().unwrap().to_string();
+            assert!(e.contains(says), "{extra:?}: {e}");
+        }
     }
 }

@@ -4,20 +4,23 @@ use super::{WorkerConfig, WorkerError};
 use crate::events::{self, BatchFailed};
 use crate::metrics::Metrics;
 use crate::queue::{self, Publisher, QueueError, QueueResult};
+use crate::webhook::Target;
 use backon::{ExponentialBuilder, Retryable};
 use lapin::Acker;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use std::time::Duration;
 
-/// Publishes an event with confirms. A publish the broker refused (nack, unroutable) is retried
-/// with backoff; a broken or silent connection is not (the same channel cannot recover): that
-/// error goes up and ends the session.
+/// Publishes an event with confirms, then hands the same bytes to the batch's webhook (which
+/// returns at once: a webhook never holds up the ack). A publish the broker refused (nack,
+/// unroutable) is retried with backoff; a broken or silent connection is not (the same channel
+/// cannot recover): that error goes up and ends the session.
 pub(super) async fn publish_event<T: serde::Serialize>(
     cfg: &WorkerConfig,
     metrics: &Metrics,
     publisher: &Publisher,
     key: &str,
     event: &T,
+    webhook: &Target,
 ) -> Result<(), WorkerError> {
     let body = serde_json::to_vec(event).map_err(|e| WorkerError::Other(e.to_string()))?;
     let exchange = cfg.topology.events_exchange.clone();
@@ -39,6 +42,7 @@ pub(super) async fn publish_event<T: serde::Serialize>(
         tracing::warn!(error = %e, retry_in = ?d, "publishing {key} failed; retrying")
     })
     .await?;
+    webhook.send(key, &body);
     Ok(())
 }
 
@@ -50,9 +54,18 @@ pub(super) async fn publish_failed(
     batch_id: Option<String>,
     reason: &str,
     error: &str,
+    webhook: &Target,
 ) -> Result<(), WorkerError> {
     let event = BatchFailed::new(batch_id, reason, error, &cfg.worker_id);
-    publish_event(cfg, metrics, publisher, events::BATCH_FAILED, &event).await
+    publish_event(
+        cfg,
+        metrics,
+        publisher,
+        events::BATCH_FAILED,
+        &event,
+        webhook,
+    )
+    .await
 }
 
 /// The broker's view of one message: ack, nack or reject, each within the broker timeout.

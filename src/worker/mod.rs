@@ -107,6 +107,8 @@ pub struct WorkerConfig {
     /// Mark every image as AI-generated in its XMP (IPTC `DigitalSourceType`
     /// `trainedAlgorithmicMedia`, EU AI Act Art. 50(2)).
     pub ai_marking: bool,
+    /// Which webhooks the worker sends, signed how, retried how long ([`crate::webhook`]).
+    pub webhook: crate::webhook::WebhookConfig,
 }
 
 /// What happens to an image the safety checker flags.
@@ -197,6 +199,8 @@ pub struct Worker {
     gpu: Arc<GpuExecutor>,
     storage: Arc<Storage>,
     metrics: Arc<Metrics>,
+    /// Kept across broker connections: deliveries outlive the session that started them.
+    webhooks: crate::webhook::WebhookSender,
 }
 
 /// Carries the store's retry count into the retries metric (the count only grows).
@@ -223,12 +227,33 @@ impl Worker {
         let seen = AtomicU64::new(0);
         let s = storage.clone();
         metrics.on_render(move |m| sync_storage_retries(&s, &seen, m));
+        let webhooks = crate::webhook::WebhookSender::new(&cfg.webhook, metrics.clone());
         Self {
             cfg: Arc::new(cfg),
             gpu,
             storage,
             metrics,
+            webhooks,
         }
+    }
+
+    /// Waits at most `limit` for the webhook deliveries in progress (at shutdown: a delivery
+    /// of the last batch's event gets a moment, a receiver that is down does not hold the exit).
+    pub async fn finish_webhooks(&self, limit: Duration) {
+        if tokio::time::timeout(limit, self.webhooks.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                pending = self.metrics.webhook_pending.get(),
+                "exiting with webhook deliveries pending: they are lost"
+            );
+        }
+    }
+
+    /// Where `batch`'s events go besides the events exchange (its `output.webhook`).
+    fn webhook(&self, batch: &crate::message::Batch) -> crate::webhook::Target {
+        crate::webhook::Target::for_batch(&self.webhooks, batch)
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {

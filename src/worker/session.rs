@@ -15,6 +15,7 @@ use crate::output::ImageFormat;
 use crate::pipeline::ImageRequest;
 use crate::queue::{self, Publisher, QueueError, header_int, header_value};
 use crate::storage::StorageError;
+use crate::webhook::Target;
 use futures_lite::StreamExt;
 use lapin::Acker;
 use lapin::message::Delivery;
@@ -61,6 +62,8 @@ struct Settling {
     stored: Vec<String>,
     /// How it leaves the worker ([`verdict`]).
     verdict: Verdict,
+    /// Its webhook, told of a failure too.
+    webhook: Target,
 }
 
 impl Settling {
@@ -71,6 +74,7 @@ impl Settling {
         batch: &Batch,
         result: &Result<(), WorkerError>,
         delivery_limit: u32,
+        webhook: Target,
     ) -> Self {
         Self {
             acker: delivery.acker,
@@ -80,10 +84,14 @@ impl Settling {
             bucket: batch.bucket.clone(),
             stored: Vec::new(),
             verdict: verdict(result, previous_failures, delivery_limit),
+            webhook,
         }
     }
 
-    fn from_ledger(s: Settled<Handle>) -> (Self, Result<(), WorkerError>, tracing::Span) {
+    fn from_ledger(
+        s: Settled<Handle>,
+        worker: &Worker,
+    ) -> (Self, Result<(), WorkerError>, tracing::Span) {
         let m = s.message;
         let settling = Settling {
             acker: m.handle.acker,
@@ -93,6 +101,7 @@ impl Settling {
             bucket: m.batch.bucket.clone(),
             stored: s.stored,
             verdict: s.verdict,
+            webhook: worker.webhook(&m.batch),
         };
         (settling, s.result, m.handle.span)
     }
@@ -256,13 +265,31 @@ impl Session<'_> {
                 if let Some(id) = &invalid.batch_id {
                     span.record("batch_id", id.as_str());
                 }
+                // Its webhook is not known to be valid: nothing is sent there.
                 return self
-                    .reject_invalid(delivery, invalid)
+                    .reject_invalid(delivery, invalid, &Target::none())
                     .instrument(span)
                     .await;
             }
         };
         span.record("batch_id", batch.batch_id.as_str());
+        // A webhook this worker may not call dead-letters the message before any work (and is
+        // not told). The addresses a host name resolves to are checked before each request.
+        if let Some(refusal) = batch
+            .webhook
+            .as_ref()
+            .and_then(|url| cfg.webhook.check_url(url).err())
+        {
+            let invalid = Invalid {
+                reason: message::InvalidReason::Webhook,
+                message: format!("output.webhook.url: {refusal}"),
+                batch_id: Some(batch.batch_id.clone()),
+            };
+            return self
+                .reject_invalid(delivery, invalid, &Target::none())
+                .instrument(span)
+                .await;
+        }
         let previous_failures = previous_failures(
             delivery.redelivered,
             header_int(&delivery.properties, "x-delivery-count"),
@@ -274,8 +301,9 @@ impl Session<'_> {
         if let Err(invalid) =
             super::inputs::check_model(&batch, self.worker.gpu.info().inpainting_model)
         {
+            let webhook = self.worker.webhook(&batch);
             return self
-                .reject_invalid(delivery, invalid)
+                .reject_invalid(delivery, invalid, &webhook)
                 .instrument(span)
                 .await;
         }
@@ -286,7 +314,7 @@ impl Session<'_> {
             Ok(images) => images,
             Err(super::inputs::InputError::Invalid(invalid)) => {
                 return self
-                    .reject_invalid(delivery, invalid)
+                    .reject_invalid(delivery, invalid, &self.worker.webhook(&batch))
                     .instrument(span)
                     .await;
             }
@@ -335,7 +363,7 @@ impl Session<'_> {
                 batch_id: Some(batch.batch_id.clone()),
             };
             return self
-                .reject_invalid(delivery, invalid)
+                .reject_invalid(delivery, invalid, &self.worker.webhook(&batch))
                 .instrument(span)
                 .await;
         }
@@ -348,7 +376,7 @@ impl Session<'_> {
                 batch_id: Some(batch.batch_id.clone()),
             };
             return self
-                .reject_invalid(delivery, invalid)
+                .reject_invalid(delivery, invalid, &self.worker.webhook(&batch))
                 .instrument(span)
                 .await;
         }
@@ -372,7 +400,7 @@ impl Session<'_> {
                     batch_id: Some(batch.batch_id.clone()),
                 };
                 return self
-                    .reject_invalid(delivery, invalid)
+                    .reject_invalid(delivery, invalid, &self.worker.webhook(&batch))
                     .instrument(span)
                     .await;
             }
@@ -458,7 +486,9 @@ impl Session<'_> {
                 ),
                 batch_id: Some(batch.batch_id.clone()),
             };
-            return self.reject_invalid(delivery, invalid).await;
+            return self
+                .reject_invalid(delivery, invalid, &self.worker.webhook(&batch))
+                .await;
         }
         let republished = async {
             let mut event = stored?;
@@ -470,6 +500,7 @@ impl Session<'_> {
                 &self.publisher,
                 events::BATCH_COMPLETED,
                 &event,
+                &self.worker.webhook(&batch),
             )
             .await
         }
@@ -487,6 +518,7 @@ impl Session<'_> {
             &batch,
             &republished,
             cfg.topology.delivery_limit,
+            self.worker.webhook(&batch),
         );
         self.settle(settling, republished).await
     }
@@ -572,7 +604,7 @@ impl Session<'_> {
                 .with_label_values(&["failed"])
                 .inc_by(settled.message.records.len() as u64);
         }
-        let (settling, result, span) = Settling::from_ledger(settled);
+        let (settling, result, span) = Settling::from_ledger(settled, self.worker);
         self.settle(settling, result).instrument(span).await
     }
 
@@ -595,6 +627,7 @@ impl Session<'_> {
             batch,
             &result,
             self.worker.cfg.topology.delivery_limit,
+            self.worker.webhook(batch),
         );
         self.settle(failed, result).await
     }
@@ -629,6 +662,7 @@ impl Session<'_> {
                     Some(failed.batch_id),
                     reason,
                     &error.to_string(),
+                    &failed.webhook,
                 )
                 .await
             }
@@ -643,6 +677,7 @@ impl Session<'_> {
                         Some(failed.batch_id),
                         reasons::DELIVERY_LIMIT,
                         &error.to_string(),
+                        &failed.webhook,
                     )
                     .await?;
                     m.batches.with_label_values(&["dead_lettered"]).inc();
@@ -667,6 +702,7 @@ impl Session<'_> {
         batch_id: Option<String>,
         reason: &str,
         text: &str,
+        webhook: &Target,
     ) -> Result<(), WorkerError> {
         let cfg = &self.worker.cfg;
         let text = crate::bounded::reason(text);
@@ -693,7 +729,7 @@ impl Session<'_> {
         let m = &self.worker.metrics;
         m.batches.with_label_values(&["dead_lettered"]).inc();
         m.dead_letters.with_label_values(&[reason]).inc();
-        publish_failed(cfg, m, &self.publisher, batch_id, reason, &text).await?;
+        publish_failed(cfg, m, &self.publisher, batch_id, reason, &text, webhook).await?;
         Ok(ack(cfg, acker).await?)
     }
 
@@ -704,6 +740,7 @@ impl Session<'_> {
         &self,
         delivery: Delivery,
         invalid: Invalid,
+        webhook: &Target,
     ) -> Result<(), WorkerError> {
         let cfg = &self.worker.cfg;
         tracing::warn!(reason = invalid.reason.as_str(), error = %invalid.message, "invalid message: dead-lettering");
@@ -721,6 +758,7 @@ impl Session<'_> {
                 None,
                 invalid.reason.as_str(),
                 &invalid.message,
+                webhook,
             )
             .await;
         }
@@ -730,6 +768,7 @@ impl Session<'_> {
             invalid.batch_id.clone(),
             invalid.reason.as_str(),
             &invalid.message,
+            webhook,
         )
         .await
     }
@@ -927,7 +966,7 @@ impl Session<'_> {
                         "batch completed"
                     );
                 }
-                let (settling, result, span) = Settling::from_ledger(settled);
+                let (settling, result, span) = Settling::from_ledger(settled, self.worker);
                 self.settle(settling, result).instrument(span).await
             }
         }
@@ -1035,6 +1074,7 @@ impl Session<'_> {
             self.publisher.clone(),
             event,
             m.batch.clone(),
+            self.worker.webhook(&m.batch),
         )
         .instrument(m.handle.span.clone());
         let tx = self.done_tx.clone();

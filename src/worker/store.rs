@@ -11,6 +11,7 @@ use crate::output::{Embedded, Infotext, a1111_parameters, encode};
 use crate::pipeline::ImageRequest;
 use crate::queue::Publisher;
 use crate::storage::Storage;
+use crate::webhook::Target;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -200,6 +201,7 @@ pub(super) async fn finish_batch(
     publisher: Publisher,
     event: BatchCompleted,
     batch: Arc<Batch>,
+    webhook: Target,
 ) -> Result<(), WorkerError> {
     let manifest =
         serde_json::to_vec_pretty(&event).map_err(|e| WorkerError::Other(e.to_string()))?;
@@ -212,7 +214,15 @@ pub(super) async fn finish_batch(
             &[],
         )
         .await?;
-    publish_event(&cfg, &metrics, &publisher, events::BATCH_COMPLETED, &event).await
+    publish_event(
+        &cfg,
+        &metrics,
+        &publisher,
+        events::BATCH_COMPLETED,
+        &event,
+        &webhook,
+    )
+    .await
 }
 
 /// The checks' results for image `position` of a GPU batch, and the policy applied to it.

@@ -146,3 +146,4 @@ pub fn copy_dir(from: &Path, to: &Path) {
 pub mod s3;
 pub mod slow_proxy;
 pub mod stack;
+pub mod webhook_receiver;
