@@ -47,11 +47,10 @@ version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 image="localhost/sdbatch:$version" # the name deploy/ uses (sdbatch:VERSION)
 # Bump when the stand-ins' recipe below changes: they are rebuilt under the new tag (and, since
 # every layer above them changes, the next build is a cold one).
-standin=v1
+standin=v2
 runtime_base="localhost/sdbatch-standin-debian:bookworm-slim-$standin"
 rust_version=$(rustc --version | sed -n 's/^rustc \([0-9]*\.[0-9]*\)\..*/\1/p')
 rust_base="localhost/sdbatch-standin-rust:$rust_version-bookworm-$standin"
-min_free_gb=${SDBATCH_IMAGE_MIN_FREE_GB:-12}
 
 log() { echo "image-test: $*"; }
 die() { echo "image-test: FAIL: $*" >&2; exit 1; }
@@ -87,9 +86,14 @@ flock -w 3600 9 || die "another image test holds $state/lock"
 export TMPDIR="$state/tmp"
 bh() { buildah --root "$state/storage" --runroot "$state/run" --storage-driver overlay "$@"; }
 
+# Disk: a cold build peaks at ~15 GB above what it leaves behind (~11 GB: the stand-ins, the build
+# stage's libtorch layer, cargo's cache folders, the image), a build on a warm cache at ~8 GB. Refuse
+# to start rather than fill a shared disk; SDBATCH_IMAGE_RESERVE_GB is what must stay free besides.
+if bh inspect --type image "$image" >/dev/null 2>&1; then need_gb=8; else need_gb=16; fi
+need_gb=$((need_gb + ${SDBATCH_IMAGE_RESERVE_GB:-4}))
 free_gb=$(df -P --block-size=1G "$state" | awk 'NR==2 {print $4}')
-if [ "$free_gb" -lt "$min_free_gb" ]; then
-  die "only ${free_gb} GB free under $state; a build needs up to ~12 GB (SDBATCH_IMAGE_MIN_FREE_GB=$min_free_gb)"
+if [ "$free_gb" -lt "$need_gb" ]; then
+  die "only ${free_gb} GB free under $state, the build needs ~${need_gb} GB (SDBATCH_IMAGE_RESERVE_GB included)"
 fi
 
 # --- the stand-in bases ---------------------------------------------------------------------------
@@ -131,7 +135,11 @@ if ! bh inspect --type image "$rust_base" >/dev/null 2>&1; then
   log "building $rust_base (compilers from buildpack-deps:bookworm + the toolchain in $sysroot)"
   ctx="$state/rust-context"
   rm -rf "$ctx"
-  mkdir -p "$ctx/toolchain"
+  mkdir -p "$ctx/toolchain" "$ctx/ca"
+  # This machine reaches PyPI and crates.io through an egress proxy that presents its own CA, which
+  # the host trusts (/usr/local/share/ca-certificates, PIP_CERT, ...). The stand-in trusts it too,
+  # as a base image made for such a network would; the Dockerfile needs nothing of it.
+  cp /usr/local/share/ca-certificates/*.crt "$ctx/ca/" 2>/dev/null || true
   # Hard links, not copies: the toolchain is ~600 MB. Its docs (share/) stay out.
   for d in bin lib libexec etc; do [ -e "$sysroot/$d" ] && cp -al "$sysroot/$d" "$ctx/toolchain/"; done
   tc="/usr/local/rustup/toolchains/$(rustc --version | awk '{print $2}')-x86_64-unknown-linux-gnu"
@@ -140,19 +148,23 @@ if ! bh inspect --type image "$rust_base" >/dev/null 2>&1; then
   # touch; it has many more (-dev libraries) that sdbatch does not link.
   cat >"$ctx/Containerfile" <<EOF
 FROM $runtime_base
+COPY ca /usr/local/share/ca-certificates
 RUN apt-get update \\
  && apt-get install -y --no-install-recommends ca-certificates curl wget netbase git procps \\
       gcc g++ libc6-dev make autoconf automake libtool patch file bzip2 unzip xz-utils dpkg-dev \\
       libssl-dev zlib1g-dev \\
+ && update-ca-certificates \\
  && rm -rf /var/lib/apt/lists/*
 ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo \\
-    PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+    PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt PIP_CERT=/etc/ssl/certs/ca-certificates.crt \\
+    REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt CARGO_HTTP_CAINFO=/etc/ssl/certs/ca-certificates.crt
 COPY toolchain $tc
 RUN mkdir -p /usr/local/cargo/bin \\
  && for t in cargo rustc rustdoc; do ln -s $tc/bin/\$t /usr/local/cargo/bin/\$t; done \\
  && cargo --version && rustc --version
 EOF
-  bh bud --quiet --isolation chroot --layers=false -t "$rust_base" "$ctx" >/dev/null ||
+  bh bud --quiet --isolation chroot --layers=false --force-rm -t "$rust_base" "$ctx" >/dev/null ||
     die "building $rust_base failed"
   rm -rf "$ctx"
   log "built $rust_base in $((SECONDS - t0)) s"
@@ -162,10 +174,18 @@ fi
 t0=$SECONDS
 log "building $image from Dockerfile (RUST_IMAGE=$rust_base, CUDA_RUNTIME=$runtime_base)"
 # --format docker: OCI image configs have no HEALTHCHECK. --layers: keep every step as a cache.
-bh bud --isolation chroot --layers --format docker --pull=false \
-  --build-arg "RUST_IMAGE=$rust_base" --build-arg "CUDA_RUNTIME=$runtime_base" \
-  -t "$image" -f Dockerfile . >"$state/build.log" 2>&1 ||
-  { tail -n 40 "$state/build.log" >&2; die "buildah bud failed (log: $state/build.log)"; }
+# Two runs, the build stage first: buildah keeps each stage's working container (a second copy of
+# all the stage wrote) until the run ends, so in one run the build stage's ~3.5 GB copy would
+# still be there while the runtime stage copies the libraries. The second run takes the build
+# stage from the layer cache.
+: >"$state/build.log"
+for run in "--target build -t localhost/sdbatch-build:$version" "-t $image"; do
+  # shellcheck disable=SC2086 # $run is two options, split on purpose
+  bh bud --isolation chroot --layers --force-rm --format docker --pull=false \
+    --build-arg "RUST_IMAGE=$rust_base" --build-arg "CUDA_RUNTIME=$runtime_base" \
+    $run -f Dockerfile . >>"$state/build.log" 2>&1 ||
+    { tail -n 40 "$state/build.log" >&2; die "buildah bud failed (log: $state/build.log)"; }
+done
 build_secs=$((SECONDS - t0))
 cached_steps=$(grep -c -- '--> Using cache' "$state/build.log" || true)
 grep -E '^image-libtorch: (dropped|kept)' "$state/build.log" | sed 's/^/  /' || true
