@@ -187,6 +187,25 @@ for run in "--target build -t localhost/sdbatch-build:$version" "-t $image"; do
     { tail -n 40 "$state/build.log" >&2; die "buildah bud failed (log: $state/build.log)"; }
 done
 build_secs=$((SECONDS - t0))
+# Bound the disk across runs: intermediate images (the layer cache) of earlier builds that the
+# current ones no longer build on, e.g. the previous binary's layers, are removed; the cache of
+# the current build is kept. (buildah rmi --prune would remove that cache too.)
+python3 - "$state/storage/overlay-images/images.json" "$state/storage/overlay-layers/layers.json" <<'EOF' |
+import json, sys
+images = json.load(open(sys.argv[1]))
+parent = {l["id"]: l.get("parent") for l in json.load(open(sys.argv[2]))}
+in_use = set()
+for img in images:
+    if img.get("names"): # tagged: the stand-ins, the build stage, the image
+        layer = img.get("layer")
+        while layer and layer not in in_use:
+            in_use.add(layer)
+            layer = parent.get(layer)
+for img in images:
+    if not img.get("names") and img.get("layer") not in in_use:
+        print(img["id"])
+EOF
+  while read -r stale; do bh rmi "$stale" >/dev/null 2>&1 || true; done
 cached_steps=$(grep -c -- '--> Using cache' "$state/build.log" || true)
 grep -E '^image-libtorch: (dropped|kept)' "$state/build.log" | sed 's/^/  /' || true
 log "built $image in ${build_secs} s (${cached_steps} steps from the layer cache; log: $state/build.log)"
