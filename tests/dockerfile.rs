@@ -50,16 +50,25 @@ fn deploy_names_the_image_as_the_build_tags_it() {
     let tag = format!("sdbatch:{version}");
     for (file, wanted) in [
         ("README.md", format!("docker build -t {tag} .")),
-        ("README.md", format!("buildah bud --format docker -t {tag} .")),
+        (
+            "README.md",
+            format!("buildah bud --format docker -t {tag} ."),
+        ),
         ("deploy/README.md", format!("docker build -t {tag} .")),
-        ("deploy/README.md", format!("buildah bud --format docker -t {tag} .")),
+        (
+            "deploy/README.md",
+            format!("buildah bud --format docker -t {tag} ."),
+        ),
         ("Dockerfile", format!("docker build -t {tag} .")),
         ("deploy/docker-compose.yml", format!("image: {tag}\n")),
         (
             "deploy/k8s/deployment.yaml",
             format!("image: registry.example.com/{tag} "),
         ),
-        ("deploy/k8s/kustomization.yaml", format!("newTag: {version}\n")),
+        (
+            "deploy/k8s/kustomization.yaml",
+            format!("newTag: {version}\n"),
+        ),
     ] {
         assert!(read(file).contains(&wanted), "{file} lacks `{wanted}`");
     }
@@ -74,9 +83,9 @@ fn healthcheck_reads_the_workers_metrics_address() {
     let worker = std::fs::read_to_string(root().join("src/cli/worker.rs")).unwrap();
     assert!(worker.contains("env = \"SDBATCH_METRICS_ADDR\""));
     let healthcheck = dockerfile
-        .split("HEALTHCHECK")
+        .split("\nHEALTHCHECK ")
         .nth(1)
-        .expect("a HEALTHCHECK");
+        .expect("a HEALTHCHECK instruction");
     assert!(healthcheck.contains("${SDBATCH_METRICS_ADDR:-0.0.0.0:9090}"));
     assert!(dockerfile.contains("EXPOSE 9090"));
 }
