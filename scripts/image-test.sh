@@ -47,7 +47,7 @@ version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 image="localhost/sdbatch:$version" # the name deploy/ uses (sdbatch:VERSION)
 # Bump when the stand-ins' recipe below changes: they are rebuilt under the new tag (and, since
 # every layer above them changes, the next build is a cold one).
-standin=v2
+standin=v3
 runtime_base="localhost/sdbatch-standin-debian:bookworm-slim-$standin"
 rust_version=$(rustc --version | sed -n 's/^rustc \([0-9]*\.[0-9]*\)\..*/\1/p')
 rust_base="localhost/sdbatch-standin-rust:$rust_version-bookworm-$standin"
@@ -122,6 +122,15 @@ URIs: http://deb.debian.org/debian-security
 Suites: bookworm-security
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+  # And apt's cache files (~80 MB) cleaned after every apt run, as the official debian and ubuntu
+  # images do (their /etc/apt/apt.conf.d/docker-clean): without it the image would measure bigger
+  # here than on the real base.
+  cat >"$rootfs/etc/apt/apt.conf.d/docker-clean" <<'EOF'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
 EOF
   rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/cache/apt/*.bin
   ctr=$(bh from scratch)
@@ -245,12 +254,8 @@ cleanup() {
   return 0
 }
 trap cleanup EXIT
-new_container() {
-  local c
-  c=$(bh from --pull=false --name "sdbatch-image-test-$1-$$" "$image")
-  containers+=("$c")
-  echo "$c"
-}
+# Called as c=$(new_container NAME), in a subshell, so the caller records it in containers.
+new_container() { bh from --pull=false --name "sdbatch-image-test-$1-$$" "$image"; }
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 # Polls "$@" once a second until it succeeds, for at most $1 seconds.
 wait_for() {
@@ -264,6 +269,7 @@ wait_for() {
 }
 
 tool=$(new_container tool)
+containers+=("$tool")
 # Mounts are read-only; the one output folder is the image user's (uid 10001).
 mkdir -p "$work/out-image" "$work/out-host" "$work/in"
 chown 10001:10001 "$work/out-image"
@@ -347,6 +353,7 @@ mkdir -p "$work/s3/images" # s3s-fs buckets are folders
 metrics_port=$(free_port)
 amqp=amqp://guest:guest@127.0.0.1:5672/%2f
 worker_ctr=$(new_container worker)
+containers+=("$worker_ctr")
 # The worker's settings as a deployment passes them: environment variables (deploy/k8s/configmap.yaml).
 bh run -v "$model:/models/sd:ro" \
   --env "AMQP_URL=$amqp" --env "S3_ENDPOINT=http://127.0.0.1:$s3_port" --env S3_BUCKET=images \
