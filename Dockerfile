@@ -1,6 +1,13 @@
 # syntax=docker/dockerfile:1
-# sdbatch GPU image. libtorch comes from the PyPI torch wheel (the same 2.11.0 the project pins),
-# installed into a venv in the build stage and copied, libraries only, into a slim CUDA runtime.
+# sdbatch GPU image. libtorch comes from the PyPI torch wheel (the same 2.11.0 the project pins):
+# the build stage unpacks it into /opt/libtorch (headers + the libraries sdbatch can load, see
+# scripts/image-libtorch.sh), links against it, and the runtime stage ships exactly those libraries.
+#
+#   docker build -t sdbatch:0.1.0 .
+#   buildah bud --format docker -t sdbatch:0.1.0 .       (docker format: OCI configs drop HEALTHCHECK)
+#
+# scripts/image-test.sh builds this file unchanged on local stand-ins for the two bases and runs
+# the image (see the README).
 
 ARG CUDA_RUNTIME=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 ARG RUST_IMAGE=rust:1.95-bookworm
@@ -10,28 +17,40 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY scripts/requirements-fixtures.txt scripts/
-# torch only: the reference-fixture packages are for tests, not for the image.
-RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir "$(grep '^torch==' scripts/requirements-fixtures.txt)"
-ENV PATH=/opt/venv/bin:$PATH LIBTORCH_USE_PYTORCH=1
+COPY scripts/requirements-fixtures.txt scripts/image-libtorch.sh scripts/
+# torch only: the reference-fixture packages are for tests, not for the image. The venv is only a
+# way to unpack the wheels; it is deleted in the same step, so the layer holds /opt/libtorch alone
+# (the wheels' Python parts, triton included, never reach a layer). Before the sources are copied:
+# a code change reuses this layer.
+RUN python3 -m venv /tmp/torch-venv \
+ && /tmp/torch-venv/bin/pip install --no-cache-dir "$(grep '^torch==' scripts/requirements-fixtures.txt)" \
+ && scripts/image-libtorch.sh /tmp/torch-venv/lib/python3*/site-packages /opt/libtorch \
+ && rm -rf /tmp/torch-venv
+# torch-sys and build.rs read LIBTORCH (include/, lib/, build-version).
+ENV LIBTORCH=/opt/libtorch
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src src
 # The built-in CLIP tokenizer's BPE file, embedded at compile time.
 COPY data data
-RUN cargo build --release --locked --bin sdbatch \
- && mkdir -p /out/lib \
- && cp target/release/sdbatch /out/ \
- && cp -a /opt/venv/lib/python3*/site-packages/torch/lib/. /out/lib/ \
- && for d in /opt/venv/lib/python3*/site-packages/nvidia/*/lib; do cp -a "$d"/. /out/lib/; done
+# Cache mounts (BuildKit and buildah): crates are downloaded once, and a code change recompiles the
+# sdbatch crate alone. Neither lands in a layer, so the binary is copied out in the same step.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin sdbatch \
+ && mkdir -p /out \
+ && cp target/release/sdbatch /out/
 
 FROM ${CUDA_RUNTIME}
 RUN useradd --system --uid 10001 --create-home sdbatch \
  && apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /out/lib /opt/sdbatch/lib
+# The libraries first: they change only with the torch pin, so after a code change the new image
+# differs from the old one in its last, small layer (a pull fetches ~0.2 GB, not ~3.5 GB).
+COPY --from=build /opt/libtorch/lib /opt/sdbatch/lib
 COPY --from=build /out/sdbatch /usr/local/bin/sdbatch
-ENV LD_LIBRARY_PATH=/opt/sdbatch/lib \
+# /usr/local/nvidia/lib*: where the CUDA base images look for driver libraries that older NVIDIA
+# container runtimes mount (the base's own LD_LIBRARY_PATH, which this line replaces).
+ENV LD_LIBRARY_PATH=/opt/sdbatch/lib:/usr/local/nvidia/lib:/usr/local/nvidia/lib64 \
     RUST_LOG=info
 # The model is mounted here (docker run -v /models/sd-v1-4:/models/sd:ro ...).
 VOLUME ["/models"]
@@ -40,8 +59,8 @@ USER 10001:10001
 WORKDIR /home/sdbatch
 EXPOSE 9090
 # The worker serves /healthz on --metrics-addr (default 0.0.0.0:9090); readiness (/readyz) is the
-# orchestrator's business.
+# orchestrator's business. The port follows SDBATCH_METRICS_ADDR when the address is set that way.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-  CMD ["sh", "-c", "curl -fsS http://127.0.0.1:9090/healthz >/dev/null || exit 1"]
+  CMD ["sh", "-c", "a=${SDBATCH_METRICS_ADDR:-0.0.0.0:9090}; curl -fsS \"http://127.0.0.1:${a##*:}/healthz\" >/dev/null || exit 1"]
 ENTRYPOINT ["sdbatch"]
 CMD ["worker"]
