@@ -76,6 +76,7 @@ pub struct FileConfig {
     pub broker_timeout_secs: Option<u64>,
     pub consumer_timeout_secs: Option<u64>,
     pub max_pending_images: Option<usize>,
+    pub progress_interval_secs: Option<u64>,
     pub metrics_addr: Option<String>,
     pub safety_checker: Option<bool>,
     pub safety_policy: Option<String>,

@@ -17,6 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Routing keys (and `event` values).
 pub const BATCH_COMPLETED: &str = "batch.completed";
 pub const BATCH_FAILED: &str = "batch.failed";
+pub const BATCH_PROGRESS: &str = "batch.progress";
 /// `schema_version` of both events.
 pub const EVENT_SCHEMA_VERSION: u32 = 1;
 
@@ -321,7 +322,63 @@ impl BatchFailed {
     }
 }
 
-/// Either event, told apart by its `event` field (for consumers of the events exchange).
+/// `batch.progress`, and the progress object stored next to the manifest while a batch runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchProgress {
+    pub schema_version: u32,
+    /// Always [`BATCH_PROGRESS`].
+    pub event: String,
+    pub batch_id: String,
+    /// Always `"running"`.
+    pub status: String,
+    /// Images stored (including those an earlier delivery stored), of `images_total`.
+    pub images_done: usize,
+    pub images_total: usize,
+    pub bucket: String,
+    /// The keys of the images stored so far, in message order.
+    pub keys: Vec<String>,
+    /// Images per second this delivery made so far; absent before its first image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images_per_second: Option<f64>,
+    /// Seconds left at that rate; absent with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
+    pub worker_id: String,
+    /// RFC 3339 UTC.
+    pub updated_at: String,
+}
+
+impl BatchProgress {
+    /// The progress of `batch` with `records` stored so far (message order), stamped now.
+    pub fn new(
+        batch: &Batch,
+        records: &[ImageRecord],
+        rate_and_eta: Option<(f64, f64)>,
+        worker_id: impl Into<String>,
+    ) -> Self {
+        Self {
+            schema_version: EVENT_SCHEMA_VERSION,
+            event: BATCH_PROGRESS.to_string(),
+            batch_id: batch.batch_id.clone(),
+            status: "running".to_string(),
+            images_done: records.len(),
+            images_total: batch.total_images(),
+            bucket: batch.bucket.clone(),
+            keys: records.iter().map(|r| r.key.clone()).collect(),
+            // Rounded: these are estimates, and the JSON stays short.
+            images_per_second: rate_and_eta.map(|(r, _)| (r * 1000.0).round() / 1000.0),
+            eta_seconds: rate_and_eta.map(|(_, e)| e.ceil()),
+            worker_id: worker_id.into(),
+            updated_at: now_rfc3339(),
+        }
+    }
+
+    pub fn to_json_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a BatchProgress always serializes")
+    }
+}
+
+/// Any event, told apart by its `event` field (for consumers of the events exchange).
 // One value per event read off the wire, never stored in bulk: boxing the larger variant would
 // only cost every consumer a deref.
 #[allow(clippy::large_enum_variant)]
@@ -329,6 +386,7 @@ impl BatchFailed {
 pub enum Event {
     Completed(BatchCompleted),
     Failed(BatchFailed),
+    Progress(BatchProgress),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -351,6 +409,7 @@ impl Event {
         match head.event.as_str() {
             BATCH_COMPLETED => Ok(Event::Completed(serde_json::from_slice(body)?)),
             BATCH_FAILED => Ok(Event::Failed(serde_json::from_slice(body)?)),
+            BATCH_PROGRESS => Ok(Event::Progress(serde_json::from_slice(body)?)),
             _ => Err(EventError::UnknownEvent(head.event)),
         }
     }
@@ -360,6 +419,7 @@ impl Event {
         match self {
             Event::Completed(c) => Some(&c.batch_id),
             Event::Failed(f) => f.batch_id.as_deref(),
+            Event::Progress(p) => Some(&p.batch_id),
         }
     }
 
@@ -368,6 +428,7 @@ impl Event {
         match self {
             Event::Completed(_) => BATCH_COMPLETED,
             Event::Failed(_) => BATCH_FAILED,
+            Event::Progress(_) => BATCH_PROGRESS,
         }
     }
 }
@@ -800,11 +861,15 @@ mod tests {
                 let again = match &e {
                     Event::Completed(c) => serde_json::to_value(c).unwrap(),
                     Event::Failed(f) => serde_json::to_value(f).unwrap(),
+                    Event::Progress(p) => serde_json::to_value(p).unwrap(),
                 };
                 assert_eq!(again, v, "documented event differs from its struct form");
                 kinds.insert(e.routing_key());
             }
         }
-        assert_eq!(kinds, BTreeSet::from([BATCH_COMPLETED, BATCH_FAILED]));
+        assert_eq!(
+            kinds,
+            BTreeSet::from([BATCH_COMPLETED, BATCH_FAILED, BATCH_PROGRESS])
+        );
     }
 }

@@ -52,6 +52,9 @@ pub const MAX_ID_LEN: usize = 128;
 pub const MAX_PREFIX_BYTES: usize = 512;
 /// Item id that would collide with the batch's manifest object (`{batch_id}/manifest.json`).
 pub const RESERVED_ITEM_ID: &str = "manifest.json";
+/// Item ids that would collide with the batch's other objects: the manifest and the progress
+/// object (a local-directory sink cannot hold a file and a folder of one name).
+pub const RESERVED_ITEM_IDS: [&str; 2] = [RESERVED_ITEM_ID, "progress.json"];
 /// img2img strength when the message gives none (diffusers' default).
 pub const DEFAULT_STRENGTH: f64 = 0.8;
 /// Inpainting strength when the message gives none (diffusers' default: the masked area starts
@@ -872,16 +875,26 @@ impl Batch {
         self.key("manifest.json")
     }
 
+    /// `{prefix}/{batch_id}/progress.json`: the last `batch.progress` of a running batch.
+    pub fn progress_key(&self) -> String {
+        self.key("progress.json")
+    }
+
     pub fn total_images(&self) -> usize {
         self.items.iter().map(|i| i.num_images as usize).sum()
     }
 
     fn key(&self, rest: &str) -> String {
-        if self.prefix.is_empty() {
-            format!("{}/{rest}", self.batch_id)
-        } else {
-            format!("{}/{}/{rest}", self.prefix, self.batch_id)
-        }
+        batch_key(&self.prefix, &self.batch_id, rest)
+    }
+}
+
+/// `{prefix}/{batch_id}/{rest}` (no leading `/` without a prefix): where a batch's objects are.
+pub fn batch_key(prefix: &str, batch_id: &str, rest: &str) -> String {
+    if prefix.is_empty() {
+        format!("{batch_id}/{rest}")
+    } else {
+        format!("{prefix}/{batch_id}/{rest}")
     }
 }
 
@@ -1142,10 +1155,13 @@ fn validate_unbounded(
                 ),
             ));
         }
-        if item.id == RESERVED_ITEM_ID {
+        if RESERVED_ITEM_IDS.contains(&item.id.as_str()) {
             return Err(fail(
                 R::ItemId,
-                format!("{at}.id {RESERVED_ITEM_ID:?} is reserved for the batch manifest"),
+                format!(
+                    "{at}.id {:?} is reserved for the batch's own objects",
+                    item.id
+                ),
             ));
         }
         if let Some(first) = seen.insert(&item.id, i) {

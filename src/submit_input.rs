@@ -4,8 +4,7 @@
 //! Every file error names the file and line ([`Error::PromptFile`]).
 use crate::error::{Error, Result};
 use crate::message::{
-    BatchMessage, MessageItem, MessageOutput, MessageParams, RESERVED_ITEM_ID, SCHEMA_VERSION,
-    is_valid_batch_id,
+    BatchMessage, MessageItem, MessageOutput, MessageParams, SCHEMA_VERSION, is_valid_batch_id,
 };
 use crate::prompts::is_safe_id;
 use serde::Deserialize;
@@ -277,8 +276,8 @@ fn check_id(id: &str) -> std::result::Result<(), String> {
             "id `{id}` must match [A-Za-z0-9_.-]{{1,128}} and not be `.` or `..`"
         ));
     }
-    if id == RESERVED_ITEM_ID {
-        return Err(format!("id `{id}` is reserved for the batch manifest"));
+    if crate::message::RESERVED_ITEM_IDS.contains(&id) {
+        return Err(format!("id `{id}` is reserved for the batch's own objects"));
     }
     Ok(())
 }

@@ -122,6 +122,7 @@ async fn lora_sets_are_batched_apart_and_match_generate() {
                 done.insert(c.batch_id.clone(), c);
             }
             Event::Failed(f) => failed.push(f),
+            Event::Progress(_) => unreachable!("Events::next skips progress reports"),
         }
     }
     assert_eq!(failed.len(), 1, "{failed:?}");

@@ -78,10 +78,7 @@ async fn batch_events_reach_the_webhook_signed_and_refused_webhooks_are_dead_let
     let by_id = |id: &str| {
         on_exchange
             .iter()
-            .find(|e| match e {
-                Event::Completed(c) => c.batch_id == id,
-                Event::Failed(f) => f.batch_id.as_deref() == Some(id),
-            })
+            .find(|e| e.batch_id() == Some(id) && !matches!(e, Event::Progress(_)))
             .unwrap_or_else(|| panic!("no event for {id}: {on_exchange:?}"))
             .clone()
     };

@@ -57,6 +57,7 @@ async fn run_mode(
         broker_timeout: queue::DEFAULT_OPERATION_TIMEOUT,
         consumer_timeout: Duration::from_secs(defaults::CONSUMER_TIMEOUT_SECS),
         max_pending_images: defaults::MAX_PENDING_IMAGES,
+        progress_interval: sdbatch::progress::DEFAULT_INTERVAL,
         reconnect_min: Duration::from_millis(defaults::RECONNECT_MIN_MS),
         // Shorter than a worker's: a bench run that loses the broker should end soon.
         reconnect_max: Duration::from_secs(5),
@@ -125,6 +126,7 @@ async fn run_mode(
                 completed.insert(c.batch_id);
             }
             Event::Failed(f) => bail!("{name}: batch failed: {} {}", f.reason, f.error),
+            Event::Progress(_) => {}
         }
     }
     let seconds = started.elapsed().as_secs_f64();

@@ -46,11 +46,11 @@ pub enum DlqCommand {
 }
 
 /// One dead letter as read from the queue (unacked until we decide).
-struct DeadLetter {
+pub(super) struct DeadLetter {
     msg: BasicGetMessage,
-    batch_id: String,
-    reason: String,
-    detail: String,
+    pub(super) batch_id: String,
+    pub(super) reason: String,
+    pub(super) detail: String,
     /// A worker judged the message itself invalid (`x-sdbatch-error`), as opposed to the broker
     /// dead-lettering it after failed deliveries.
     invalid: bool,
@@ -150,7 +150,11 @@ fn render_body(body: &[u8]) -> String {
 }
 
 /// Reads up to `limit` dead letters without acking them: closing the channel returns the rest.
-async fn read_all(channel: &Channel, queue_name: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+pub(super) async fn read_all(
+    channel: &Channel,
+    queue_name: &str,
+    limit: usize,
+) -> Result<Vec<DeadLetter>> {
     let mut out = Vec::new();
     while out.len() < limit {
         match channel

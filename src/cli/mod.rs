@@ -3,6 +3,7 @@ mod bench;
 mod bench_planner;
 mod dlq;
 mod generate;
+mod status;
 mod submit;
 mod topology;
 mod worker;
@@ -51,6 +52,9 @@ pub enum Command {
     Dlq(dlq::DlqArgs),
     /// Declare the exchanges and queues (idempotent) and print them.
     Topology(topology::TopologyArgs),
+    /// Each batch's state (queued, running with progress, completed with its keys, failed with
+    /// its reason) from its objects and the dead-letter queue.
+    Status(status::StatusArgs),
 }
 
 pub fn default_amqp_url() -> String {
@@ -347,6 +351,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Topology(mut args) => {
             args.broker = args.broker.resolved();
             runtime()?.block_on(topology::run(args))
+        }
+        Command::Status(mut args) => {
+            args.broker = args.broker.resolved();
+            runtime()?.block_on(status::run(args))
         }
     }
 }

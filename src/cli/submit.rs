@@ -235,7 +235,11 @@ pub async fn run(args: SubmitArgs) -> Result<()> {
             queue::subscribe_events(
                 &channel,
                 &topology,
-                &[events::BATCH_COMPLETED, events::BATCH_FAILED],
+                &[
+                    events::BATCH_COMPLETED,
+                    events::BATCH_FAILED,
+                    events::BATCH_PROGRESS,
+                ],
             )
             .await?,
         )
@@ -280,6 +284,8 @@ pub async fn run(args: SubmitArgs) -> Result<()> {
     let mut completed: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut failed: BTreeMap<String, String> = BTreeMap::new();
     let mut failed_images = 0;
+    // Images done per batch (progress reports, then the completion): the bar shows their sum.
+    let mut done: HashMap<String, u64> = HashMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     while completed.len() + failed.len() < expected.len() {
         let delivery = tokio::select! {
@@ -300,8 +306,18 @@ pub async fn run(args: SubmitArgs) -> Result<()> {
             continue;
         }
         match event {
+            Event::Progress(p) => {
+                // Reports of one batch only grow; an older one arriving late changes nothing.
+                let now = (p.images_done as u64).min(expected[&id]);
+                let before = done.entry(id).or_insert(0);
+                if now > *before {
+                    bar.inc(now - *before);
+                    *before = now;
+                }
+            }
             Event::Completed(c) => {
-                bar.inc(c.images.len() as u64);
+                let before = done.get(&id).copied().unwrap_or(0);
+                bar.inc((c.images.len() as u64).saturating_sub(before));
                 // Worker-supplied text: printed escaped (see `printable`).
                 completed.insert(
                     id,

@@ -88,6 +88,10 @@ pub struct WorkerArgs {
     /// instead of filling host memory.
     #[arg(long, env = "SDBATCH_MAX_PENDING_IMAGES", hide_env_values = true)]
     pub max_pending_images: Option<usize>,
+    /// Seconds between two `batch.progress` events of one batch, at least (default 5; also at
+    /// most one per GPU batch; 0: one per GPU batch).
+    #[arg(long, env = "SDBATCH_PROGRESS_INTERVAL_SECS", hide_env_values = true)]
+    pub progress_interval_secs: Option<u64>,
     /// Largest message body accepted, in bytes, checked before parsing (default 1048576 = 1 MiB);
     /// larger ones are dead-lettered unparsed with reason `too_large`.
     #[arg(long, env = "SDBATCH_MAX_MESSAGE_BYTES", hide_env_values = true)]
@@ -438,6 +442,12 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
             .or(file.max_pending_images)
             .unwrap_or(defaults::MAX_PENDING_IMAGES)
             .max(1),
+        progress_interval: args
+            .progress_interval_secs
+            .or(file.progress_interval_secs)
+            .map_or(sdbatch::progress::DEFAULT_INTERVAL, |s| {
+                Duration::from_secs(s.min(defaults::MAX_GRACE_PERIOD_SECS))
+            }),
         reconnect_min: Duration::from_millis(defaults::RECONNECT_MIN_MS),
         reconnect_max: Duration::from_secs(defaults::RECONNECT_MAX_SECS),
         publish_attempts: defaults::PUBLISH_ATTEMPTS,

@@ -55,6 +55,8 @@ pub struct Message<H> {
     pub previous_failures: i64,
     /// Images an earlier delivery had stored (taken over, not generated).
     pub resumed: usize,
+    /// When it reports `batch.progress` (set by the session on its first stored image).
+    pub progress: Option<crate::progress::Throttle>,
     pub generate_ms: f64,
     pub encode_ms: f64,
     pub upload_ms: f64,
@@ -69,6 +71,13 @@ pub struct Message<H> {
     units_per_image: f64,
     /// Set once the message failed; the first failure is the one reported.
     failure: Option<WorkerError>,
+}
+
+impl<H> Message<H> {
+    /// An upload or the GPU failed for it: it will be settled as failed, not completed.
+    pub fn is_failing(&self) -> bool {
+        self.failure.is_some()
+    }
 }
 
 impl<H> Message<H> {
@@ -198,6 +207,10 @@ impl<H> Ledger<H> {
         self.messages.get(&seq)
     }
 
+    pub fn get_mut(&mut self, seq: u64) -> Option<&mut Message<H>> {
+        self.messages.get_mut(&seq)
+    }
+
     /// Messages in hand.
     pub fn len(&self) -> usize {
         self.messages.len()
@@ -274,6 +287,7 @@ impl<H> Ledger<H> {
                 safety: a.safety,
                 previous_failures: a.previous_failures,
                 resumed,
+                progress: None,
                 generate_ms: 0.0,
                 encode_ms: 0.0,
                 upload_ms: 0.0,

@@ -82,6 +82,8 @@ pub struct WorkerConfig {
     /// Images generated but not yet encoded and stored, at most: a slow store then slows the
     /// GPU instead of filling host memory.
     pub max_pending_images: usize,
+    /// Minimum time between two `batch.progress` events of one batch.
+    pub progress_interval: Duration,
     /// Time limit of one broker operation (publish with confirm, ack, nack, declare). One that
     /// runs out ends the session as a lost connection instead of hanging the worker.
     pub broker_timeout: Duration,

@@ -116,6 +116,8 @@ enum Done {
     },
     Upload {
         tag: Tag,
+        /// The GPU batch that made the image (numbered by the session), for progress reports.
+        gpu_batch: u64,
         result: Result<(ImageRecord, f64, f64), WorkerError>,
     },
     Finished {
@@ -160,6 +162,8 @@ impl Worker {
             ledger: Ledger::new(cfg.topology.delivery_limit, cfg.max_pending_images),
             tasks: JoinSet::new(),
             done_tx,
+            gpu_batches: 0,
+            progress_objects: spawn_progress_writer(self.storage.clone()),
         };
         // Subscribed (and re-subscribed with another prefetch) by `adjust_consumer`.
         let mut consumer: Option<lapin::Consumer> = None;
@@ -239,6 +243,35 @@ struct Session<'w> {
     ledger: Ledger<Handle>,
     tasks: JoinSet<()>,
     done_tx: mpsc::UnboundedSender<Done>,
+    /// GPU batches returned so far (numbers them for progress reports).
+    gpu_batches: u64,
+    /// Progress objects to store, in order, off the session's loop.
+    progress_objects: mpsc::Sender<ProgressObject>,
+}
+
+/// A progress object to store: `body` at `bucket`/`key`.
+struct ProgressObject {
+    bucket: String,
+    key: String,
+    body: Vec<u8>,
+}
+
+/// Stores progress objects one at a time, in the order reported, so a slow store delays them and
+/// never the session. When they pile up (the store is down), new ones are dropped: the next
+/// report of the batch, or its manifest, brings the state up to date.
+fn spawn_progress_writer(storage: Arc<crate::storage::Storage>) -> mpsc::Sender<ProgressObject> {
+    let (tx, mut rx) = mpsc::channel::<ProgressObject>(64);
+    tokio::spawn(async move {
+        while let Some(o) = rx.recv().await {
+            if let Err(e) = storage
+                .put(&o.bucket, &o.key, o.body, "application/json", &[])
+                .await
+            {
+                tracing::warn!(key = %o.key, error = %e, "could not store a progress object");
+            }
+        }
+    });
+    tx
 }
 
 impl Session<'_> {
@@ -932,7 +965,11 @@ impl Session<'_> {
                     Ok(())
                 }
             },
-            Done::Upload { tag, result } => {
+            Done::Upload {
+                tag,
+                gpu_batch,
+                result,
+            } => {
                 if let Ok((_, encode_ms, upload_ms)) = &result {
                     let metrics = &self.worker.metrics;
                     metrics.png_encode_seconds.observe(encode_ms / 1e3);
@@ -940,7 +977,10 @@ impl Session<'_> {
                 }
                 match self.ledger.upload_done(tag, result) {
                     Some(next) => self.carry_out(next).await,
-                    None => Ok(()),
+                    None => {
+                        self.report_progress(tag.0, gpu_batch).await;
+                        Ok(())
+                    }
                 }
             }
             Done::Finished { seq, result } => {
@@ -981,8 +1021,12 @@ impl Session<'_> {
         learned: &mut Learned,
     ) {
         let metrics = &self.worker.metrics;
+        self.gpu_batches += 1;
+        let gpu_batch = self.gpu_batches;
+        let hires = key.mode.as_hires();
         learned.holding.record_batch(
-            message::work_units(tags.len(), key.steps, key.width, key.height),
+            tags.len() as f64
+                * message::image_work(key.steps, key.width, key.height, hires.as_ref()),
             out.output.timings.total_ms / 1e3,
         );
         for &oom in &out.oom_sizes {
@@ -1036,8 +1080,59 @@ impl Session<'_> {
             let tx = self.done_tx.clone();
             self.tasks.spawn(async move {
                 let result = fut.await;
-                let _ = tx.send(Done::Upload { tag, result });
+                let _ = tx.send(Done::Upload {
+                    tag,
+                    gpu_batch,
+                    result,
+                });
             });
+        }
+    }
+
+    /// An image of message `seq`, made in GPU batch `gpu_batch`, was stored: reports
+    /// `batch.progress` when the throttle allows (event and progress object). A failing message
+    /// reports nothing; a report that cannot be published is logged, never fails the batch.
+    async fn report_progress(&mut self, seq: u64, gpu_batch: u64) {
+        let cfg = &self.worker.cfg;
+        let Some(m) = self.ledger.get_mut(seq) else {
+            return;
+        };
+        if m.is_failing() {
+            return;
+        }
+        let done = m.records.iter().flatten().count();
+        let total = m.records.len();
+        let throttle = m
+            .progress
+            .get_or_insert_with(|| crate::progress::Throttle::new(cfg.progress_interval));
+        if !throttle.should_emit(Instant::now(), gpu_batch, done, total) {
+            return;
+        }
+        let records: Vec<ImageRecord> = m.records.iter().flatten().cloned().collect();
+        let rate =
+            crate::progress::rate_and_eta(done, m.resumed, total, m.handle.started.elapsed());
+        let event = events::BatchProgress::new(&m.batch, &records, rate, &cfg.worker_id);
+        let (span, batch) = (m.handle.span.clone(), m.batch.clone());
+        let object = ProgressObject {
+            bucket: batch.bucket.clone(),
+            key: batch.progress_key(),
+            body: event.to_json_vec(),
+        };
+        if self.progress_objects.try_send(object).is_err() {
+            tracing::debug!(parent: &span, "progress objects pile up: this one is skipped");
+        }
+        let published = publish_event(
+            cfg,
+            &self.worker.metrics,
+            &self.publisher,
+            events::BATCH_PROGRESS,
+            &event,
+            &self.worker.webhook(&batch),
+        )
+        .instrument(span.clone())
+        .await;
+        if let Err(e) = published {
+            tracing::warn!(parent: &span, error = %e, "could not publish batch.progress");
         }
     }
 

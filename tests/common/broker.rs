@@ -164,8 +164,20 @@ pub struct Events {
 }
 
 impl Events {
-    /// The next event, or None after `timeout`.
+    /// The next completion or failure (progress reports skipped), or None after `timeout`.
     pub async fn next(&mut self, timeout: Duration) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_any(left).await? {
+                Event::Progress(_) => continue,
+                other => return Some(other),
+            }
+        }
+    }
+
+    /// The next event of any kind, `batch.progress` included, or None after `timeout`.
+    pub async fn next_any(&mut self, timeout: Duration) -> Option<Event> {
         let d = tokio::time::timeout(timeout, self.consumer.next())
             .await
             .ok()??

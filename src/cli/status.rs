@@ -1,0 +1,134 @@
+//! `sdbatch status BATCH_ID…`: each batch's state from its objects (manifest, progress object)
+//! and the dead-letter queue, without listening to events. The decision is
+//! [`sdbatch::status::classify`]; this reads what it needs.
+use super::{BrokerArgs, MAX_FIELD_CHARS, printable};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use sdbatch::events::{BatchCompleted, BatchProgress};
+use sdbatch::message::batch_key;
+use sdbatch::queue;
+use sdbatch::status::{BatchStatus, DeadLetter, classify};
+use sdbatch::storage::{Limited, Storage, StorageConfig};
+use std::collections::HashMap;
+
+/// Largest manifest or progress object read (1024 images' records are well under 2 MiB).
+const MAX_OBJECT_BYTES: u64 = 16 << 20;
+/// Dead letters read at most to find the batches' (the rest stay unread, in the queue).
+const MAX_DEAD_LETTERS: usize = 100_000;
+/// Batch ids per call.
+const MAX_BATCH_IDS: usize = 1000;
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// The batches to look up.
+    #[arg(required = true, value_name = "BATCH_ID")]
+    pub batch_ids: Vec<String>,
+    /// One JSON object per batch, one per line.
+    #[arg(long)]
+    pub json: bool,
+    /// The bucket the batches were stored in.
+    #[arg(long, env = "S3_BUCKET", hide_env_values = true)]
+    pub bucket: String,
+    /// The key prefix the batches were stored under (the message's `output.prefix`, or the
+    /// workers' default).
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// `s3://` or `file:///absolute/folder`, as the workers'.
+    #[arg(
+        long,
+        env = "SDBATCH_STORAGE_URL",
+        hide_env_values = true,
+        default_value = "s3://"
+    )]
+    pub storage_url: String,
+    #[arg(long, env = "S3_ENDPOINT", hide_env_values = true)]
+    pub s3_endpoint: Option<String>,
+    #[arg(long, env = "AWS_REGION", hide_env_values = true)]
+    pub s3_region: Option<String>,
+}
+
+/// An object's JSON, `None` when it does not exist.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    storage: &Storage,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<T>> {
+    match storage
+        .get_limited(bucket, key, MAX_OBJECT_BYTES)
+        .await
+        .with_context(|| format!("reading s3://{bucket}/{key}"))?
+    {
+        None => Ok(None),
+        Some(Limited::TooLarge(size)) => bail!("s3://{bucket}/{key} is {size} bytes: not ours"),
+        Some(Limited::Bytes(b)) => Ok(Some(
+            serde_json::from_slice(&b).with_context(|| format!("s3://{bucket}/{key}"))?,
+        )),
+    }
+}
+
+pub async fn run(args: StatusArgs) -> Result<()> {
+    if args.batch_ids.len() > MAX_BATCH_IDS {
+        bail!("at most {MAX_BATCH_IDS} batch ids per call");
+    }
+    let mut cfg = StorageConfig::new(args.storage_url.clone());
+    cfg.endpoint = args.s3_endpoint.clone();
+    cfg.region = args.s3_region.clone();
+    let storage = Storage::connect(&cfg).await?;
+
+    // The dead letters, read once for every batch asked about (and returned to the queue when
+    // the channel closes: nothing is acked).
+    let topology = args.broker.topology();
+    let conn = queue::connect(&args.broker.amqp_url, "sdbatch status").await?;
+    let channel = conn.create_channel().await?;
+    queue::declare(&channel, &topology).await?;
+    let wanted: std::collections::HashSet<&str> =
+        args.batch_ids.iter().map(String::as_str).collect();
+    let mut dead: HashMap<String, DeadLetter> = HashMap::new();
+    for l in super::dlq::read_all(&channel, &topology.dead_queue, MAX_DEAD_LETTERS).await? {
+        if wanted.contains(l.batch_id.as_str()) {
+            dead.insert(
+                l.batch_id.clone(),
+                DeadLetter {
+                    reason: l.reason.clone(),
+                    detail: l.detail.clone(),
+                },
+            );
+        }
+    }
+    let _ = channel.close(200, "done".into()).await;
+    let _ = conn.close(200, "done".into()).await;
+
+    for id in &args.batch_ids {
+        let manifest: Option<BatchCompleted> = read_json(
+            &storage,
+            &args.bucket,
+            &batch_key(&args.prefix, id, "manifest.json"),
+        )
+        .await?;
+        let progress: Option<BatchProgress> = if manifest.is_none() {
+            read_json(
+                &storage,
+                &args.bucket,
+                &batch_key(&args.prefix, id, "progress.json"),
+            )
+            .await?
+        } else {
+            None
+        };
+        let status = classify(id, manifest.as_ref(), dead.get(id), progress.as_ref());
+        if args.json {
+            println!("{}", serde_json::to_string(&status)?);
+        } else {
+            // Worker- and producer-supplied text: escaped.
+            println!("{}", printable(&status.line(), 4 * MAX_FIELD_CHARS));
+            if let BatchStatus::Completed { keys, .. } = &status {
+                for k in keys {
+                    println!("  {}", printable(k, 1024));
+                }
+            }
+        }
+    }
+    Ok(())
+}
