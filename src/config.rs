@@ -16,6 +16,8 @@ pub mod defaults {
     pub const DELIVERY_LIMIT: u32 = 3;
     /// Messages held at once at most (holding may take fewer, see `worker::holding`).
     pub const PREFETCH: u16 = 8;
+    /// High-lane messages taken in a row before one of the normal lane (`worker::lanes`).
+    pub const HIGH_LANE_RATIO: u32 = crate::worker::lanes::DEFAULT_RATIO;
     /// Images per GPU batch at most on CUDA (free memory decides below it).
     pub const MAX_BATCH_CUDA: usize = 64;
     /// Images per batch on the CPU (the batch size itself).
@@ -60,6 +62,7 @@ pub struct FileConfig {
     pub queue_prefix: Option<String>,
     pub delivery_limit: Option<u32>,
     pub prefetch: Option<u16>,
+    pub high_lane_ratio: Option<u32>,
     pub worker_id: Option<String>,
     pub model: Option<String>,
     pub device: Option<String>,

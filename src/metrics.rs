@@ -17,6 +17,10 @@ pub struct Metrics {
     /// Images by outcome: completed, failed.
     pub images: IntCounterVec,
     pub dead_letters: IntCounterVec,
+    /// Batch messages taken in, by priority lane.
+    pub lane_received: IntCounterVec,
+    /// Batch messages acked (completed, or dead-lettered by the worker), by priority lane.
+    pub lane_acked: IntCounterVec,
     /// Retries by cause: storage, publish.
     pub retries: IntCounterVec,
     pub oom_splits: IntCounter,
@@ -120,6 +124,16 @@ impl Metrics {
                 "sdbatch_dead_letters_total",
                 "Messages dead-lettered, by reason.",
                 "reason",
+            ),
+            lane_received: counter_vec(
+                "sdbatch_lane_messages_received_total",
+                "Batch messages taken in, by priority lane.",
+                "lane",
+            ),
+            lane_acked: counter_vec(
+                "sdbatch_lane_messages_acked_total",
+                "Batch messages acked (completed or dead-lettered), by priority lane.",
+                "lane",
             ),
             retries: counter_vec(
                 "sdbatch_retries_total",

@@ -474,11 +474,18 @@ fn the_configmap_worker_toml_loads_and_matches_the_scaler() {
         cfg.prefetch,
         "keda-scaledobject.yaml `value` should equal worker.toml `prefetch`"
     );
-    // KEDA watches the queue the workers consume.
+    // KEDA watches the queues the workers consume, both lanes summed (and not the DLQ).
     let prefix = cfg.queue_prefix.as_deref().unwrap_or("sdbatch");
+    let scaled = |key| yaml_value("deploy/k8s/keda-scaledobject.yaml", "triggers", key);
+    let escaped = prefix.replace('.', "\\.");
+    assert_eq!(scaled("queueName"), format!("^{escaped}\\.jobs(\\.high)?$"));
+    assert_eq!(scaled("useRegex"), "true");
+    assert_eq!(scaled("operation"), "sum");
+    // The regex names exactly the worker's two lanes.
+    let topology = sdbatch::queue::Topology::with_prefix(prefix);
     assert_eq!(
-        yaml_value("deploy/k8s/keda-scaledobject.yaml", "triggers", "queueName"),
-        format!("{prefix}.jobs")
+        (topology.jobs_queue, topology.jobs_high_queue),
+        (format!("{prefix}.jobs"), format!("{prefix}.jobs.high"))
     );
 }
 

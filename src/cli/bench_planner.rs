@@ -45,6 +45,7 @@ async fn run_mode(
         amqp_url: amqp_url.to_string(),
         topology: topology.clone(),
         prefetch,
+        high_lane_ratio: defaults::HIGH_LANE_RATIO,
         worker_id: format!("bench-{name}"),
         model_name: args.model.model.display().to_string(),
         limits: Limits {
@@ -132,7 +133,11 @@ async fn run_mode(
     let seconds = started.elapsed().as_secs_f64();
     let _ = stop_tx.send(true);
     handle.await??;
-    for q in [&topology.jobs_queue, &topology.dead_queue] {
+    for q in [
+        &topology.jobs_queue,
+        &topology.jobs_high_queue,
+        &topology.dead_queue,
+    ] {
         let _ = channel
             .queue_delete(q.as_str().into(), Default::default())
             .await;

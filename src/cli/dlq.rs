@@ -26,8 +26,8 @@ pub enum DlqCommand {
     },
     /// Print one dead letter's headers and body.
     Show { batch_id: String },
-    /// Send dead letters back to the jobs queue (all, or the given batch ids). Letters a worker
-    /// rejected as invalid are skipped unless --include-invalid.
+    /// Send dead letters back to the lane they came from (all, or the given batch ids). Letters a
+    /// worker rejected as invalid are skipped unless --include-invalid.
     Requeue {
         batch_ids: Vec<String>,
         #[arg(long)]
@@ -243,6 +243,8 @@ pub async fn run(args: DlqArgs) -> Result<()> {
                     skipped += 1;
                     continue;
                 }
+                // Back to its own lane: read before the headers that say so are dropped.
+                let lane = queue::dead_letter_lane(&l.msg.delivery.properties, &topology);
                 // A fresh message: the dead-lettering headers describe the old life, and
                 // x-delivery-count must start over.
                 let mut headers = FieldTable::default();
@@ -262,17 +264,24 @@ pub async fn run(args: DlqArgs) -> Result<()> {
                 publisher
                     .publish_json(
                         &topology.jobs_exchange,
-                        &topology.jobs_queue,
+                        topology.queue(lane),
                         &l.msg.delivery.data,
                         Some(headers),
                         true,
                     )
                     .await?;
                 l.msg.delivery.acker.ack(BasicAckOptions::default()).await?;
-                println!("requeued {}", printable(&l.batch_id, MAX_FIELD_CHARS));
+                println!(
+                    "requeued {} ({} lane)",
+                    printable(&l.batch_id, MAX_FIELD_CHARS),
+                    lane.as_str()
+                );
                 sent += 1;
             }
-            println!("{sent} dead letter(s) sent back to {}", topology.jobs_queue);
+            println!(
+                "{sent} dead letter(s) sent back to {} / {}",
+                topology.jobs_queue, topology.jobs_high_queue
+            );
             if skipped > 0 {
                 println!(
                     "{skipped} dead letter(s) skipped: rejected by a worker as invalid \

@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lapin::options::BasicAckOptions;
 use sdbatch::events::{self, Event};
 use sdbatch::message::{self, BatchMessage, Limits, MessageOutput, MessageParams};
-use sdbatch::queue::{self, Publisher};
+use sdbatch::queue::{self, Lane, Publisher};
 use sdbatch::submit_input::{Split, expand_template, into_messages, parse_var, read_items};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -99,6 +99,10 @@ pub struct SubmitArgs {
     /// Follow the events until every batch completed or failed; print the object keys.
     #[arg(long)]
     pub wait: bool,
+    /// The lane: `high` batches go to {prefix}.jobs.high, which workers take from first (still
+    /// leaving the normal lane one message in every `--high-lane-ratio` + 1).
+    #[arg(long, value_enum, default_value_t = Lane::Normal)]
+    pub priority: Lane,
     /// Give up waiting after this many seconds.
     #[arg(long, default_value_t = 3600)]
     pub timeout_secs: u64,
@@ -249,11 +253,12 @@ pub async fn run(args: SubmitArgs) -> Result<()> {
 
     let publisher = Publisher::new(&conn).await?;
     let mut expected: HashMap<String, u64> = HashMap::new();
+    let lane_queue = topology.queue(args.priority);
     for m in &messages {
         publisher
             .publish_json(
                 &topology.jobs_exchange,
-                &topology.jobs_queue,
+                lane_queue,
                 &m.to_json_vec(),
                 None,
                 true,
@@ -267,7 +272,7 @@ pub async fn run(args: SubmitArgs) -> Result<()> {
         "submitted {} batch(es), {} image(s) to {}",
         messages.len(),
         total_images,
-        topology.jobs_queue
+        lane_queue
     );
 
     let Some(consumer) = events_consumer.as_mut() else {

@@ -25,6 +25,10 @@ pub async fn run(args: TopologyArgs) -> Result<()> {
         t.jobs_exchange, t.jobs_queue, t.delivery_limit
     );
     println!(
+        "high lane:       {} (direct) -> quorum queue {} (same arguments; workers take it first)",
+        t.jobs_exchange, t.jobs_high_queue
+    );
+    println!(
         "dead letters:    {} (direct) -> quorum queue {}",
         t.dead_exchange, t.dead_queue
     );

@@ -30,6 +30,11 @@ pub struct WorkerArgs {
     /// planned across all of them.
     #[arg(long, env = "SDBATCH_PREFETCH", hide_env_values = true)]
     pub prefetch: Option<u16>,
+    /// While both lanes have waiting messages: high-lane messages taken in a row before one of
+    /// the normal lane (default 4; at least 1 normal per N high, so neither lane starves).
+    #[arg(long, env = "SDBATCH_HIGH_LANE_RATIO", hide_env_values = true,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub high_lane_ratio: Option<u32>,
     /// Worker id in events, logs and the consumer tag (default: host name and pid).
     #[arg(long, env = "SDBATCH_WORKER_ID", hide_env_values = true)]
     pub worker_id: Option<String>,
@@ -242,6 +247,16 @@ pub struct WorkerArgs {
 /// The environment variable holding the webhook secret itself (a flag would show it in `ps`).
 const WEBHOOK_SECRET_ENV: &str = "SDBATCH_WEBHOOK_SECRET";
 
+/// `--high-lane-ratio`, else the config file's, else the default; the file's is checked as the
+/// flag's is (the flag's parser already refused what is out of range).
+fn high_lane_ratio(flag: Option<u32>, file: Option<u32>) -> Result<u32> {
+    let ratio = flag.or(file).unwrap_or(defaults::HIGH_LANE_RATIO);
+    if !(1..=1000).contains(&ratio) {
+        bail!("high_lane_ratio {ratio} must be in 1..=1000");
+    }
+    Ok(ratio)
+}
+
 fn default_worker_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
@@ -415,6 +430,7 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
             .or(file.prefetch)
             .unwrap_or(defaults::PREFETCH)
             .max(1),
+        high_lane_ratio: high_lane_ratio(args.high_lane_ratio, file.high_lane_ratio)?,
         worker_id: args
             .worker_id
             .or(file.worker_id)
@@ -882,6 +898,7 @@ mod tests {
         // And the defaults are the documented ones.
         let w = &plain.worker;
         assert_eq!(w.prefetch, defaults::PREFETCH);
+        assert_eq!(w.high_lane_ratio, defaults::HIGH_LANE_RATIO);
         assert_eq!(w.safety_policy, SafetyPolicy::Blank);
         assert!(w.warm_up && !w.safety_default);
         assert!(w.ai_marking);

@@ -4,6 +4,8 @@
 //! - exchange `sdbatch.jobs` (direct) → quorum queue `sdbatch.jobs`, with a delivery limit (a batch
 //!   that keeps failing is dead-lettered instead of looping forever) and at-least-once
 //!   dead-lettering to `sdbatch.dlx` → queue `sdbatch.jobs.dead`;
+//! - the same exchange → quorum queue `sdbatch.jobs.high`, the high-priority lane, with the same
+//!   arguments and the same dead-letter queue (routing key = queue name, as for the normal lane);
 //! - exchange `sdbatch.events` (topic) for `batch.completed` / `batch.failed`.
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -39,7 +41,11 @@ where
 #[derive(Debug, Clone, PartialEq)]
 pub struct Topology {
     pub jobs_exchange: String,
+    /// The normal lane.
     pub jobs_queue: String,
+    /// The high-priority lane ([`Lane::High`]): workers take from it first (see
+    /// `worker::lanes`).
+    pub jobs_high_queue: String,
     pub dead_exchange: String,
     pub dead_queue: String,
     pub events_exchange: String,
@@ -55,15 +61,54 @@ impl Default for Topology {
 }
 
 impl Topology {
-    /// Names `{prefix}.jobs`, `{prefix}.dlx`, `{prefix}.jobs.dead`, `{prefix}.events`.
+    /// Names `{prefix}.jobs`, `{prefix}.jobs.high`, `{prefix}.dlx`, `{prefix}.jobs.dead`,
+    /// `{prefix}.events`.
     pub fn with_prefix(prefix: &str) -> Self {
         Self {
             jobs_exchange: format!("{prefix}.jobs"),
             jobs_queue: format!("{prefix}.jobs"),
+            jobs_high_queue: format!("{prefix}.jobs.high"),
             dead_exchange: format!("{prefix}.dlx"),
             dead_queue: format!("{prefix}.jobs.dead"),
             events_exchange: format!("{prefix}.events"),
             delivery_limit: 3,
+        }
+    }
+
+    /// The queue of `lane`; publishing to the jobs exchange with this routing key reaches it.
+    pub fn queue(&self, lane: Lane) -> &str {
+        match lane {
+            Lane::Normal => &self.jobs_queue,
+            Lane::High => &self.jobs_high_queue,
+        }
+    }
+
+    /// The lane a queue name (or a routing key on the jobs exchange, which names its queue)
+    /// belongs to; anything else is the normal lane.
+    pub fn lane_of(&self, queue_or_routing_key: &str) -> Lane {
+        if queue_or_routing_key == self.jobs_high_queue {
+            Lane::High
+        } else {
+            Lane::Normal
+        }
+    }
+}
+
+/// A priority lane: each is its own quorum queue of batch messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Lane {
+    Normal,
+    High,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 2] = [Lane::High, Lane::Normal];
+
+    /// The `lane` label of metrics, and the `--priority` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Normal => "normal",
+            Lane::High => "high",
         }
     }
 }
@@ -124,6 +169,22 @@ pub fn header_int(props: &BasicProperties, key: &str) -> Option<i64> {
     }
 }
 
+/// The lane a dead letter came from, for sending it back there: the worker's `x-sdbatch-lane`
+/// header on the copies it dead-letters itself, else the broker's `x-first-death-queue` (a
+/// delivery limit or a reject), else the normal lane (a letter from before the lanes existed).
+pub fn dead_letter_lane(props: &BasicProperties, t: &Topology) -> Lane {
+    if let Some(lane) = header_str(props, "x-sdbatch-lane") {
+        return if lane == Lane::High.as_str() {
+            Lane::High
+        } else {
+            Lane::Normal
+        };
+    }
+    header_str(props, "x-first-death-queue")
+        .map(|q| t.lane_of(&q))
+        .unwrap_or(Lane::Normal)
+}
+
 /// `amqp://user:***@host/vhost`: the URL with its password hidden, for logs.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
@@ -162,6 +223,8 @@ pub async fn declare(channel: &Channel, t: &Topology) -> QueueResult<()> {
     )
     .await?;
     declare_exchange(channel, &t.jobs_exchange, ExchangeKind::Direct).await?;
+    // Both lanes get identical arguments: a message has the same delivery limit and reaches the
+    // same dead-letter queue whichever lane it was published to.
     let jobs_args = table(&[
         ("x-queue-type", long("quorum")),
         (
@@ -175,7 +238,10 @@ pub async fn declare(channel: &Channel, t: &Topology) -> QueueResult<()> {
         ("x-dead-letter-strategy", long("at-least-once")),
         ("x-overflow", long("reject-publish")),
     ]);
-    declare_bound_queue(channel, &t.jobs_exchange, &t.jobs_queue, jobs_args).await?;
+    declare_bound_queue(channel, &t.jobs_exchange, &t.jobs_queue, jobs_args.clone()).await?;
+    // Declared after the normal lane: a deployment that predates the lanes gains the queue and
+    // keeps its existing one unchanged.
+    declare_bound_queue(channel, &t.jobs_exchange, &t.jobs_high_queue, jobs_args).await?;
     declare_exchange(channel, &t.events_exchange, ExchangeKind::Topic).await
 }
 
@@ -347,10 +413,44 @@ mod tests {
     }
 
     #[test]
+    fn dead_letters_go_back_to_their_lane() {
+        let t = Topology::with_prefix("t1");
+        let with = |entries: &[(&str, &str)]| {
+            let headers: Vec<(&str, AMQPValue)> =
+                entries.iter().map(|(k, v)| (*k, long(v))).collect();
+            BasicProperties::default().with_headers(table(&headers))
+        };
+        let lane = |entries: &[(&str, &str)]| dead_letter_lane(&with(entries), &t);
+        assert_eq!(lane(&[("x-sdbatch-lane", "high")]), Lane::High);
+        assert_eq!(lane(&[("x-sdbatch-lane", "normal")]), Lane::Normal);
+        assert_eq!(lane(&[("x-first-death-queue", "t1.jobs.high")]), Lane::High);
+        assert_eq!(lane(&[("x-first-death-queue", "t1.jobs")]), Lane::Normal);
+        // The worker's own header wins over the broker's (it is the more recent life).
+        assert_eq!(
+            lane(&[
+                ("x-first-death-queue", "t1.jobs"),
+                ("x-sdbatch-lane", "high")
+            ]),
+            Lane::High
+        );
+        assert_eq!(lane(&[]), Lane::Normal);
+        assert_eq!(
+            dead_letter_lane(&BasicProperties::default(), &t),
+            Lane::Normal
+        );
+    }
+
+    #[test]
     fn prefixed_names() {
         let t = Topology::with_prefix("t1");
         assert_eq!(t.jobs_queue, "t1.jobs");
         assert_eq!(t.dead_queue, "t1.jobs.dead");
+        assert_eq!(t.jobs_high_queue, "t1.jobs.high");
+        assert_eq!(t.queue(Lane::High), "t1.jobs.high");
+        assert_eq!(t.queue(Lane::Normal), "t1.jobs");
+        assert_eq!(t.lane_of("t1.jobs.high"), Lane::High);
+        assert_eq!(t.lane_of("t1.jobs"), Lane::Normal);
+        assert_eq!(t.lane_of("t1.jobs.dead"), Lane::Normal);
         assert_eq!(Topology::default().events_exchange, "sdbatch.events");
     }
 }

@@ -30,13 +30,16 @@
 //! dead-letter or requeue next), `session` the shell that feeds it from lapin and the store and
 //! carries out its answers, `broker` the per-message broker operations (ack/nack/reject/publish,
 //! all under the broker timeout), `store` the image encoding and upload and manifest, [`holding`] how much work
-//! to hold under the consumer timeout, [`resume`] what an earlier delivery already stored, and
+//! to hold under the consumer timeout, [`lanes`] which priority lane the next message comes from
+//! (and `intake` the pulls and waiting consumers that carry it out), [`resume`] what an earlier delivery already stored, and
 //! [`gpu`] the model thread.
 mod broker;
 pub mod calibration;
 pub mod gpu;
 pub mod holding;
 mod inputs;
+mod intake;
+pub mod lanes;
 pub mod ledger;
 pub mod resume;
 mod session;
@@ -62,8 +65,11 @@ pub struct WorkerConfig {
     pub amqp_url: String,
     pub topology: Topology,
     /// Unacked messages the broker may hand this worker at once (basic.qos); the planner batches
-    /// across all of them.
+    /// across all of them. Messages are pulled one at a time up to this bound (see `intake`).
     pub prefetch: u16,
+    /// High-lane messages taken in a row, while both lanes have work, before one of the normal
+    /// lane ([`lanes`]).
+    pub high_lane_ratio: u32,
     pub worker_id: String,
     /// Model name recorded in events and metadata.
     pub model_name: String,

@@ -5,6 +5,8 @@
 use super::broker::{ack, previous_failures, publish_event, publish_failed, reject, requeue};
 use super::gpu::{GpuError, GpuOutput};
 use super::holding::Holding;
+use super::intake::{self, Waiting};
+use super::lanes::LanePolicy;
 use super::ledger::{Admission, GpuJob, Ledger, Next, Settled, Tag, Verdict, verdict};
 use super::store::{ImageJob, finish_batch, image_checks, ms, store_image};
 use super::{Learned, Worker, WorkerError, reasons, resume};
@@ -13,13 +15,11 @@ use crate::events::{self, BatchCompleted, ImageRecord};
 use crate::message::{self, Batch, Invalid};
 use crate::output::ImageFormat;
 use crate::pipeline::ImageRequest;
-use crate::queue::{self, Publisher, QueueError, header_int, header_value};
+use crate::queue::{self, Lane, Publisher, QueueError, Topology, header_int, header_value};
 use crate::storage::StorageError;
 use crate::webhook::Target;
-use futures_lite::StreamExt;
 use lapin::Acker;
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,6 +49,14 @@ pub(super) struct Handle {
     redelivered: bool,
     started: Instant,
     span: tracing::Span,
+    lane: Lane,
+}
+
+/// The message a dead letter is a copy of: the lane it came from, its handle and body.
+struct Original<'a> {
+    lane: Lane,
+    acker: &'a Acker,
+    body: &'a [u8],
 }
 
 /// A message whose work is over, on its way to be acked, requeued or dead-lettered.
@@ -64,6 +72,7 @@ struct Settling {
     verdict: Verdict,
     /// Its webhook, told of a failure too.
     webhook: Target,
+    lane: Lane,
 }
 
 impl Settling {
@@ -73,10 +82,12 @@ impl Settling {
         previous_failures: i64,
         batch: &Batch,
         result: &Result<(), WorkerError>,
-        delivery_limit: u32,
+        topology: &Topology,
         webhook: Target,
     ) -> Self {
+        let delivery_limit = topology.delivery_limit;
         Self {
+            lane: topology.lane_of(delivery.routing_key.as_str()),
             acker: delivery.acker,
             body: delivery.data,
             previous_failures,
@@ -102,6 +113,7 @@ impl Settling {
             stored: s.stored,
             verdict: s.verdict,
             webhook: worker.webhook(&m.batch),
+            lane: m.handle.lane,
         };
         (settling, s.result, m.handle.span)
     }
@@ -147,6 +159,8 @@ impl Worker {
         tracing::info!(
             broker = %queue::redact_url(&cfg.amqp_url),
             queue = %cfg.topology.jobs_queue,
+            high_lane = %cfg.topology.jobs_high_queue,
+            high_lane_ratio = cfg.high_lane_ratio,
             max_prefetch = cfg.prefetch,
             max_batch = cfg.max_batch,
             "consuming"
@@ -157,7 +171,7 @@ impl Worker {
         let mut session = Session {
             worker: self,
             channel: channel.clone(),
-            consumer_prefetch: 0,
+            lanes: LanePolicy::new(cfg.high_lane_ratio),
             publisher,
             ledger: Ledger::new(cfg.topology.delivery_limit, cfg.max_pending_images),
             tasks: JoinSet::new(),
@@ -165,19 +179,17 @@ impl Worker {
             gpu_batches: 0,
             progress_objects: spawn_progress_writer(self.storage.clone()),
         };
-        // Subscribed (and re-subscribed with another prefetch) by `adjust_consumer`.
-        let mut consumer: Option<lapin::Consumer> = None;
+        // Subscribed by `take_in` only while both lanes are empty.
+        let mut waiting = Waiting::default();
         let mut draining = false;
         let mut deadline: Option<tokio::time::Instant> = None;
 
         loop {
             session.dispatch(learned);
+            let mut took = false;
             if !draining {
-                match session
-                    .adjust_consumer(&mut consumer, &mut learned.holding)
-                    .await
-                {
-                    Ok(()) => {}
+                match session.take_in(&mut waiting, &mut learned.holding).await {
+                    Ok(t) => took = t,
                     Err(WorkerError::Queue(e)) => return Ok(e.into()),
                     Err(e) => return Err(e),
                 }
@@ -205,22 +217,22 @@ impl Worker {
                             "shutdown requested: finishing the messages in hand");
                         // Deliveries still on their way stay unacked and go back to the queue
                         // when the connection closes.
-                        if consumer.take().is_some() {
-                            let cancel = channel.basic_cancel(session.consumer_tag().as_str().into(), BasicCancelOptions::default());
-                            let _ = tokio::time::timeout(limit, cancel).await;
-                        }
+                        waiting.abandon(&channel, limit).await;
                     }
                     Ok(())
                 }
                 _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => {
                     return Err(WorkerError::GraceExpired(cfg.grace_period));
                 }
-                next = async { consumer.as_mut().expect("guarded by is_some").next().await }, if !draining && consumer.is_some() => match next {
-                    Some(Ok(delivery)) => session.accept(delivery, &mut learned.holding).await,
+                next = waiting.next(), if !draining && waiting.is_active() => match next {
+                    Some(Ok(delivery)) => session.woken(delivery, &mut waiting, &mut learned.holding).await,
                     Some(Err(e)) => return Ok(SessionEnd::ConnectionLost(e.to_string())),
                     None => return Ok(SessionEnd::ConnectionLost("consumer stream ended".into())),
                 },
                 Some(done) = done_rx.recv() => session.on_done(done, learned).await,
+                // A message was just taken in: look for the next one before waiting, while the
+                // other branches (a signal, finished work) still get their turn.
+                () = std::future::ready(()), if took => Ok(()),
             };
             match step {
                 Ok(()) => {}
@@ -236,9 +248,8 @@ struct Session<'w> {
     worker: &'w Worker,
     /// The consuming channel.
     channel: lapin::Channel,
-    /// The current consumer's prefetch (RabbitMQ applies a prefetch per consumer, fixed when it
-    /// subscribes: changing it means subscribing anew).
-    consumer_prefetch: u16,
+    /// Which lane the next message comes from.
+    lanes: LanePolicy,
     publisher: Publisher,
     ledger: Ledger<Handle>,
     tasks: JoinSet<()>,
@@ -467,6 +478,7 @@ impl Session<'_> {
             .with_label_values(&["resumed"])
             .inc_by(resumed as u64);
         let handle = Handle {
+            lane: cfg.topology.lane_of(delivery.routing_key.as_str()),
             acker: delivery.acker,
             body: delivery.data,
             redelivered: delivery.redelivered,
@@ -550,7 +562,7 @@ impl Session<'_> {
             previous_failures,
             &batch,
             &republished,
-            cfg.topology.delivery_limit,
+            &cfg.topology,
             self.worker.webhook(&batch),
         );
         self.settle(settling, republished).await
@@ -659,7 +671,7 @@ impl Session<'_> {
             previous_failures,
             batch,
             &result,
-            self.worker.cfg.topology.delivery_limit,
+            &self.worker.cfg.topology,
             self.worker.webhook(batch),
         );
         self.settle(failed, result).await
@@ -673,7 +685,11 @@ impl Session<'_> {
         let cfg = &self.worker.cfg;
         let m = &self.worker.metrics;
         let error = match result {
-            Ok(()) => return Ok(ack(cfg, &failed.acker).await?),
+            Ok(()) => {
+                ack(cfg, &failed.acker).await?;
+                self.acked(failed.lane);
+                return Ok(());
+            }
             // The broker is gone: nothing can be settled on this channel; it redelivers.
             Err(WorkerError::Queue(e)) => return Err(e.into()),
             Err(e) => e,
@@ -689,9 +705,13 @@ impl Session<'_> {
                         tracing::warn!(key, error = %e, "could not delete an image of the failed batch");
                     }
                 }
+                let original = Original {
+                    lane: failed.lane,
+                    acker: &failed.acker,
+                    body: &failed.body,
+                };
                 self.dead_letter(
-                    &failed.acker,
-                    &failed.body,
+                    original,
                     Some(failed.batch_id),
                     reason,
                     &error.to_string(),
@@ -730,8 +750,7 @@ impl Session<'_> {
     /// message is requeued instead, so it is never lost.
     async fn dead_letter(
         &self,
-        acker: &Acker,
-        body: &[u8],
+        Original { lane, acker, body }: Original<'_>,
         batch_id: Option<String>,
         reason: &str,
         text: &str,
@@ -746,6 +765,8 @@ impl Session<'_> {
             "x-sdbatch-worker".into(),
             header_value(&crate::bounded::cut(&cfg.worker_id, 128)),
         );
+        // The lane it came from, for `sdbatch dlq requeue` (a copy has no x-first-death-queue).
+        headers.insert("x-sdbatch-lane".into(), header_value(lane.as_str()));
         let t = &cfg.topology;
         let published = self
             .publisher
@@ -763,7 +784,14 @@ impl Session<'_> {
         m.batches.with_label_values(&["dead_lettered"]).inc();
         m.dead_letters.with_label_values(&[reason]).inc();
         publish_failed(cfg, m, &self.publisher, batch_id, reason, &text, webhook).await?;
-        Ok(ack(cfg, acker).await?)
+        ack(cfg, acker).await?;
+        self.acked(lane);
+        Ok(())
+    }
+
+    fn acked(&self, lane: Lane) {
+        let m = &self.worker.metrics;
+        m.lane_acked.with_label_values(&[lane.as_str()]).inc();
     }
 
     /// Dead-letters an invalid message with its reason, publishes `batch.failed`, acks it. A body
@@ -795,9 +823,13 @@ impl Session<'_> {
             )
             .await;
         }
+        let original = Original {
+            lane: cfg.topology.lane_of(delivery.routing_key.as_str()),
+            acker: &delivery.acker,
+            body: &delivery.data,
+        };
         self.dead_letter(
-            &delivery.acker,
-            &delivery.data,
+            original,
             invalid.batch_id.clone(),
             invalid.reason.as_str(),
             &invalid.message,
@@ -806,81 +838,50 @@ impl Session<'_> {
         .await
     }
 
-    fn consumer_tag(&self) -> String {
-        format!(
-            "sdbatch-{}-{}",
-            self.worker.cfg.worker_id,
-            self.ledger.consumer_gen()
-        )
+    /// A consumer tag of this worker no earlier subscription of the session used.
+    fn next_consumer_tag(&mut self) -> String {
+        let generation = self.ledger.next_consumer();
+        format!("sdbatch-{}-{generation}", self.worker.cfg.worker_id)
     }
 
-    /// Lets the broker deliver as many messages as the work in hand leaves room for (see
-    /// [`super::holding`]). RabbitMQ fixes a consumer's prefetch when it subscribes, so a
-    /// different number means cancelling the consumer (the deliveries already on their way are
-    /// taken in) and subscribing again with the room that is left; no room, no consumer.
-    async fn adjust_consumer(
+    /// Takes in at most one message while the work in hand leaves room for one (see
+    /// [`super::holding`]): pulled from the lane whose turn it is ([`LanePolicy`]), else from
+    /// the other; when both lanes are empty, a consumer on each waits for the next message (see
+    /// [`intake`]). Returns whether it took a message.
+    async fn take_in(
         &mut self,
-        consumer: &mut Option<lapin::Consumer>,
+        waiting: &mut Waiting,
         holding: &mut Holding,
-    ) -> Result<(), WorkerError> {
-        let remaining = self.ledger.ungenerated_units();
+    ) -> Result<bool, WorkerError> {
+        let cfg = self.worker.cfg.clone();
+        let limit = cfg.broker_timeout;
         let in_hand = self.ledger.len();
+        let remaining = self.ledger.ungenerated_units();
         let wanted = usize::from(holding.prefetch(in_hand, remaining));
-        let current = self.ledger.from_current_consumer();
-        let unchanged = match consumer {
-            Some(_) => usize::from(self.consumer_prefetch) + (in_hand - current) == wanted,
-            None => wanted <= in_hand,
-        };
-        if unchanged {
-            return Ok(());
-        }
-        let limit = self.worker.cfg.broker_timeout;
-        if let Some(mut old) = consumer.take() {
-            queue::within(
-                limit,
-                "basic.cancel",
-                self.channel.basic_cancel(
-                    self.consumer_tag().as_str().into(),
-                    BasicCancelOptions::default(),
-                ),
-            )
-            .await?;
-            // lapin ends the stream after the deliveries that arrived before the cancel-ok.
-            loop {
-                match tokio::time::timeout(limit, old.next()).await {
-                    Ok(Some(Ok(delivery))) => self.accept(delivery, holding).await?,
-                    Ok(Some(Err(e))) => return Err(QueueError::from(e).into()),
-                    Ok(None) => break,
-                    Err(_) => {
-                        return Err(QueueError::Timeout {
-                            op: "basic.cancel (draining)",
-                            limit,
-                        }
-                        .into());
-                    }
-                }
-            }
-        }
-        let room = wanted.saturating_sub(self.ledger.len());
+        let room = wanted.saturating_sub(in_hand);
         self.worker.metrics.prefetch.set(room as i64);
         if room == 0 {
-            tracing::debug!(
-                in_hand = self.ledger.len(),
-                "no room for more work: not consuming"
-            );
-            return Ok(());
+            if waiting.is_active() {
+                tracing::debug!(in_hand, "no room for more work: not consuming");
+                for delivery in waiting.cancel(&self.channel, limit).await? {
+                    self.take(delivery, holding).await?;
+                }
+            }
+            return Ok(false);
         }
-        let room = u16::try_from(room).unwrap_or(u16::MAX);
-        queue::within(
-            limit,
-            "basic.qos",
-            self.channel.basic_qos(room, BasicQosOptions::default()),
-        )
-        .await?;
-        self.ledger.next_consumer();
-        let cfg = &self.worker.cfg;
+        if waiting.is_active() {
+            return Ok(false);
+        }
+        for lane in self.lanes.order() {
+            let queue_name = cfg.topology.queue(lane);
+            if let Some(delivery) = intake::pull(&self.channel, queue_name, limit).await? {
+                self.take(delivery, holding).await?;
+                return Ok(true);
+            }
+        }
         // RabbitMQ ≥ 3.12 takes the consumer timeout per consumer; older brokers ignore the
-        // argument and the worker relies on holding less.
+        // argument, and pulled messages always run under the broker's own: the worker relies on
+        // holding less.
         let mut args = FieldTable::default();
         args.insert(
             "x-consumer-timeout".into(),
@@ -888,28 +889,46 @@ impl Session<'_> {
                 i64::try_from(cfg.consumer_timeout.as_millis()).unwrap_or(i64::MAX),
             ),
         );
-        let tag = self.consumer_tag();
-        *consumer = Some(
-            queue::within(
-                limit,
-                "basic.consume",
-                self.channel.basic_consume(
-                    cfg.topology.jobs_queue.as_str().into(),
-                    tag.as_str().into(),
-                    BasicConsumeOptions::default(),
-                    args,
-                ),
-            )
-            .await?,
-        );
-        self.consumer_prefetch = room;
+        let tag = self.next_consumer_tag();
+        waiting
+            .subscribe(&self.channel, &cfg.topology, &tag, args, limit)
+            .await?;
         tracing::debug!(
-            prefetch = room,
-            in_hand = self.ledger.len(),
+            room,
+            in_hand,
             remaining_s = holding.seconds_for(remaining),
-            "consuming with a new prefetch"
+            "both lanes empty: waiting for a message"
         );
+        Ok(false)
+    }
+
+    /// A waiting consumer delivered: take the message in and stop waiting, so the next one is
+    /// pulled in the lane policy's order again.
+    async fn woken(
+        &mut self,
+        delivery: Delivery,
+        waiting: &mut Waiting,
+        holding: &mut Holding,
+    ) -> Result<(), WorkerError> {
+        self.take(delivery, holding).await?;
+        let limit = self.worker.cfg.broker_timeout;
+        for delivery in waiting.cancel(&self.channel, limit).await? {
+            self.take(delivery, holding).await?;
+        }
         Ok(())
+    }
+
+    /// Counts a delivery against its lane, then handles it.
+    async fn take(&mut self, delivery: Delivery, holding: &mut Holding) -> Result<(), WorkerError> {
+        let lane = self
+            .worker
+            .cfg
+            .topology
+            .lane_of(delivery.routing_key.as_str());
+        self.lanes.taken(lane);
+        let m = &self.worker.metrics;
+        m.lane_received.with_label_values(&[lane.as_str()]).inc();
+        self.accept(delivery, holding).await
     }
 
     /// Queues the GPU batches the ledger has room for on the model thread.

@@ -90,6 +90,15 @@ impl Broker {
         self.publish_with_headers(body, None).await
     }
 
+    /// Publishes to the queue of `lane` (what `submit --priority` does).
+    pub async fn publish_to(&self, lane: queue::Lane, body: &[u8]) {
+        let t = &self.topology;
+        self.publisher
+            .publish_json(&t.jobs_exchange, t.queue(lane), body, None, true)
+            .await
+            .unwrap();
+    }
+
     /// Publishes to the jobs queue with producer headers.
     pub async fn publish_with_headers(&self, body: &[u8], headers: Option<FieldTable>) {
         let t = &self.topology;
@@ -142,7 +151,7 @@ impl Broker {
 
     pub async fn cleanup(self) {
         let t = &self.topology;
-        for q in [&t.jobs_queue, &t.dead_queue] {
+        for q in [&t.jobs_queue, &t.jobs_high_queue, &t.dead_queue] {
             let _ = self
                 .channel
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())

@@ -1,0 +1,142 @@
+//! The broker side of taking messages in from the two lanes (which lane is
+//! [`super::lanes::LanePolicy`]'s decision): one message pulled with `basic.get` from a given
+//! lane, and, while both lanes are empty, a consumer on each lane that wakes the worker up.
+//!
+//! Why pull: RabbitMQ pushes to a consumer as many messages as its prefetch allows, in the order
+//! of its own queue, and a prefetch is per consumer (quorum queues have no channel-wide
+//! "global" prefetch). Two consumers would each need room of their own, so the worker would hold
+//! up to twice what [`super::holding`] allows, and a push cannot say "high first". A pull takes
+//! exactly one message from exactly the lane chosen, so the messages in hand keep the holding
+//! bound and the order is the policy's. Waiting on empty lanes is push (prefetch 1 per lane) so
+//! an idle worker does not poll; the first delivery cancels both consumers and pulling resumes.
+use crate::queue::{self, Lane, QueueError, QueueResult, Topology};
+use futures_lite::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
+use std::time::Duration;
+
+/// Takes one message from `queue_name`, if it has one ready.
+pub(super) async fn pull(
+    channel: &Channel,
+    queue_name: &str,
+    limit: Duration,
+) -> QueueResult<Option<Delivery>> {
+    let got = queue::within(
+        limit,
+        "basic.get",
+        channel.basic_get(queue_name.into(), BasicGetOptions::default()),
+    )
+    .await?;
+    Ok(got.map(|m| m.delivery))
+}
+
+struct LaneConsumer {
+    tag: String,
+    consumer: Consumer,
+}
+
+/// The consumers that wait for a message while both lanes are empty (none otherwise).
+#[derive(Default)]
+pub(super) struct Waiting {
+    consumers: Vec<LaneConsumer>,
+}
+
+impl Waiting {
+    pub fn is_active(&self) -> bool {
+        !self.consumers.is_empty()
+    }
+
+    /// Subscribes to both lanes with prefetch 1 each, tags `{tag}-{lane}`. While the worker
+    /// holds less than its bound minus one this stays within it; at exactly one message of room,
+    /// messages arriving on both lanes at the same moment can make it one over, for as long
+    /// as the cancel takes (the worker then holds nothing more until it is back under).
+    pub async fn subscribe(
+        &mut self,
+        channel: &Channel,
+        topology: &Topology,
+        tag: &str,
+        arguments: FieldTable,
+        limit: Duration,
+    ) -> QueueResult<()> {
+        // basic.qos (not global) applies to the consumers subscribed after it on this channel.
+        queue::within(
+            limit,
+            "basic.qos",
+            channel.basic_qos(1, BasicQosOptions::default()),
+        )
+        .await?;
+        for lane in Lane::ALL {
+            let tag = format!("{tag}-{}", lane.as_str());
+            let consumer = queue::within(
+                limit,
+                "basic.consume",
+                channel.basic_consume(
+                    topology.queue(lane).into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    arguments.clone(),
+                ),
+            )
+            .await?;
+            self.consumers.push(LaneConsumer { tag, consumer });
+        }
+        Ok(())
+    }
+
+    /// The next delivery of either lane; never resolves while none is subscribed. `None` or an
+    /// error: the consumer's channel is gone.
+    pub async fn next(&mut self) -> Option<Result<Delivery, lapin::Error>> {
+        match self.consumers.as_mut_slice() {
+            [] => std::future::pending().await,
+            [one] => one.consumer.next().await,
+            [a, b, ..] => tokio::select! {
+                d = a.consumer.next() => d,
+                d = b.consumer.next() => d,
+            },
+        }
+    }
+
+    /// Cancels the consumers and returns what they delivered before the cancel took effect
+    /// (lapin ends a consumer's stream after the deliveries that arrived before the cancel-ok):
+    /// those are the worker's now and must be handled.
+    pub async fn cancel(
+        &mut self,
+        channel: &Channel,
+        limit: Duration,
+    ) -> QueueResult<Vec<Delivery>> {
+        let mut delivered = Vec::new();
+        for mut c in std::mem::take(&mut self.consumers) {
+            queue::within(
+                limit,
+                "basic.cancel",
+                channel.basic_cancel(c.tag.as_str().into(), BasicCancelOptions::default()),
+            )
+            .await?;
+            loop {
+                match tokio::time::timeout(limit, c.consumer.next()).await {
+                    Ok(Some(Ok(delivery))) => delivered.push(delivery),
+                    Ok(Some(Err(e))) => return Err(e.into()),
+                    Ok(None) => break,
+                    Err(_) => {
+                        return Err(QueueError::Timeout {
+                            op: "basic.cancel (draining)",
+                            limit,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(delivered)
+    }
+
+    /// Cancels the consumers without waiting for what is on its way (shutdown: deliveries not
+    /// taken in stay unacked and go back to their queue when the connection closes).
+    pub async fn abandon(&mut self, channel: &Channel, limit: Duration) {
+        for c in std::mem::take(&mut self.consumers) {
+            let cancel = channel.basic_cancel(c.tag.as_str().into(), BasicCancelOptions::default());
+            let _ = tokio::time::timeout(limit, cancel).await;
+        }
+    }
+}
