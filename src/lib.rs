@@ -9,6 +9,7 @@
 //! - [`worker`]: the queue consumer; [`config`]: its TOML file; [`submit_input`]: producer input.
 pub mod batching;
 pub mod bounded;
+pub mod bridge;
 pub mod config;
 pub mod device;
 pub mod error;
