@@ -14,6 +14,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod events;
+pub mod gpu_memory;
 pub mod init_image;
 pub mod keys;
 pub mod message;

@@ -2,7 +2,8 @@
 use super::{ModelArgs, SamplingArgs};
 use anyhow::{Result, bail};
 use clap::Args;
-use sdbatch::device::{cuda_memory, device_name, dtype_name, peak_rss};
+use sdbatch::device::{device_name, dtype_name, peak_rss};
+use sdbatch::gpu_memory::{CudaMemory, PeakProbe};
 use sdbatch::pipeline::{GenerateParams, ImageRequest, StableDiffusion};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -112,25 +113,27 @@ fn measure(
     for _ in 0..args.warmup {
         model.generate(&reqs, params, &mut |_, _, _| {})?;
     }
-    let cuda = model.device().is_cuda();
-    let mut min_free = u64::MAX;
-    let mut total_mem = 0;
+    let mut peak: Option<u64> = None;
     let (mut sum_total, mut sum_step, mut sum_text, mut sum_vae) = (0.0, 0.0, 0.0, 0.0);
     for _ in 0..args.repeats {
+        // The allocator's peak (through the bridge), else the driver's free memory: what the
+        // worker's batch sizer is calibrated on.
+        let mut probe = match model.device() {
+            tch::Device::Cuda(i) => Some(PeakProbe::start(CudaMemory(i))),
+            _ => None,
+        };
         let out = model.generate(&reqs, params, &mut |_, _, _| {
-            if cuda && let Some((free, total)) = cuda_memory() {
-                min_free = min_free.min(free);
-                total_mem = total;
+            if let Some(p) = probe.as_mut() {
+                p.sample();
             }
         })?;
+        if let Some(reading) = probe.and_then(PeakProbe::finish) {
+            peak = Some(peak.unwrap_or(0).max(reading.used));
+        }
         sum_total += out.timings.total_ms;
         sum_step += out.timings.ms_per_step();
         sum_text += out.timings.text_encode_ms;
         sum_vae += out.timings.vae_decode_ms;
-    }
-    if cuda && let Some((free, total)) = cuda_memory() {
-        min_free = min_free.min(free);
-        total_mem = total;
     }
     let r = args.repeats as f64;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
@@ -141,8 +144,8 @@ fn measure(
         text_encode_ms: sum_text / r,
         vae_decode_ms: sum_vae / r,
         batch_s: sum_total / r / 1e3,
-        peak_memory_gib: if cuda {
-            (min_free != u64::MAX).then(|| gib(total_mem - min_free))
+        peak_memory_gib: if model.device().is_cuda() {
+            peak.map(gib)
         } else {
             peak_rss().map(gib)
         },
