@@ -10,6 +10,7 @@
 #include <ATen/Tensor.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/version.h>
 
 #include <cstdint>
 #include <cstring>
@@ -61,6 +62,9 @@ struct SdbMemoryStats {
 
 // The message of the last failed call on this thread (valid until the next call on it).
 const char* sdb_last_error() { return last_error.c_str(); }
+
+// The libtorch version this bridge was compiled against ("2.11.0").
+const char* sdb_torch_version() { return TORCH_VERSION; }
 
 // 1 if CUDA is usable, 0 if not, -1 on error.
 int sdb_cuda_usable() {

@@ -45,6 +45,11 @@ pub fn compiled_in() -> bool {
     cfg!(sdbatch_bridge)
 }
 
+/// The version of the libtorch the bridge was compiled against (`2.11.0`); `None` without it.
+pub fn torch_version() -> Option<String> {
+    ffi::torch_version()
+}
+
 /// Whether libtorch can use a CUDA device now.
 pub fn cuda_usable() -> Result<bool> {
     match ffi::cuda_usable() {
@@ -156,6 +161,7 @@ mod ffi {
 
     unsafe extern "C" {
         fn sdb_last_error() -> *const c_char;
+        fn sdb_torch_version() -> *const c_char;
         fn sdb_cuda_usable() -> c_int;
         fn sdb_cuda_memory_stats(device: c_int, out: *mut SdbMemoryStats) -> c_int;
         fn sdb_cuda_reset_peak(device: c_int) -> c_int;
@@ -185,6 +191,12 @@ mod ffi {
             1 => Status::NoCuda,
             _ => Status::Failed(last_error()),
         }
+    }
+
+    pub fn torch_version() -> Option<String> {
+        // SAFETY: returns a pointer to a static NUL-terminated string literal.
+        let text = unsafe { CStr::from_ptr(sdb_torch_version()) };
+        Some(text.to_string_lossy().into_owned())
     }
 
     pub fn cuda_usable() -> Status<i32> {
@@ -286,6 +298,10 @@ mod ffi {
 
     pub struct Handle;
 
+    pub fn torch_version() -> Option<String> {
+        None
+    }
+
     pub fn cuda_usable() -> Status<i32> {
         Status::Failed(BridgeError::Absent)
     }
@@ -314,6 +330,12 @@ mod tests {
     fn the_bridge_is_built_here() {
         // CI builds against the venv's torch, whose headers are there.
         assert!(compiled_in());
+    }
+
+    #[test]
+    fn knows_the_torch_it_was_built_against() {
+        let v = torch_version().expect("bridge built");
+        assert_eq!(v.split('.').count(), 3, "{v}");
     }
 
     #[test]

@@ -73,7 +73,13 @@ pub struct BenchArgs {
 
 #[derive(Debug, Serialize)]
 struct Report {
+    /// Loading the model (and the compiled packages with --compiled), seconds.
+    load_s: f64,
+    /// Eager (also with --compiled: the compiled rows are `compiled`).
     rows: Vec<Row>,
+    /// The same runs through the compiled UNet and VAE decoder (with --compiled).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    compiled: Vec<Row>,
     /// Restoring the originals and fusing the --lora set again, mean of 5 switches.
     #[serde(skip_serializing_if = "Option::is_none")]
     lora_switch_ms: Option<f64>,
@@ -162,7 +168,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.batch_sizes.is_empty() {
         bail!("--batch-sizes is empty");
     }
+    let loading = std::time::Instant::now();
     let model = args.model.load()?;
+    let load_s = loading.elapsed().as_secs_f64();
+    // The first table is eager; a compiled model is measured in its own table below.
+    model.set_compiled_enabled(false);
     let params = args.sampling.params(&model)?;
     model.validate(&requests(1), &params)?;
     let mem_label = if model.device().is_cuda() {
@@ -181,6 +191,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         params.guidance_scale,
         args.warmup,
         args.repeats
+    );
+    println!(
+        "load: {load_s:.2} s (weights{})",
+        if args.model.compiled.is_some() {
+            " and compiled packages"
+        } else {
+            ""
+        }
     );
     let lora_switch_ms = if params.loras.is_empty() {
         None
@@ -229,19 +247,66 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         rows.push(row);
     }
+    let compiled = if model.compiled().is_some() {
+        compare_compiled(&model, &params, &rows, &args)?
+    } else {
+        Vec::new()
+    };
     let fast = match &args.fast_lora {
         Some(lcm) => compare_fast(&model, &params, lcm, &rows, &args)?,
         None => Vec::new(),
     };
     if let Some(path) = &args.json {
         let report = Report {
+            load_s,
             rows,
+            compiled,
             lora_switch_ms,
             fast,
         };
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
+}
+
+/// The compiled UNet and VAE decoder at each batch size, beside `rows` (eager).
+fn compare_compiled(
+    model: &StableDiffusion,
+    params: &GenerateParams,
+    rows: &[Row],
+    args: &BenchArgs,
+) -> Result<Vec<Row>> {
+    println!();
+    println!(
+        "compiled (AOTInductor) vs eager; shapes the package does not cover run eagerly (logged)"
+    );
+    println!(
+        "{:>6} | {:>15} | {:>18} | {:>15} | {:>18} | {:>8}",
+        "batch",
+        "eager images/s",
+        "eager ms/UNet step",
+        "compiled img/s",
+        "compiled ms/step",
+        "speed-up"
+    );
+    println!("{}", "-".repeat(96));
+    model.set_compiled_enabled(true);
+    let mut out = Vec::new();
+    for row in rows {
+        let c = measure(model, params, row.batch_size, args)?;
+        println!(
+            "{:>6} | {:>15.3} | {:>18.2} | {:>15.3} | {:>18.2} | {:>7.2}x",
+            row.batch_size,
+            row.images_per_s,
+            row.ms_per_unet_step,
+            c.images_per_s,
+            c.ms_per_unet_step,
+            c.images_per_s / row.images_per_s
+        );
+        out.push(c);
+    }
+    model.set_compiled_enabled(false);
+    Ok(out)
 }
 
 /// Preset "fast" at each batch size, beside `rows` (the sampling flags' run).
