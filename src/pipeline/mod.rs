@@ -14,6 +14,7 @@ pub mod embeddings;
 pub mod hires;
 pub mod inpaint;
 pub mod lora;
+pub mod mapped;
 pub mod nn;
 pub mod noise;
 pub mod prompt_weights;
