@@ -7,7 +7,8 @@
 //! and what to record.
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use sdbatch::device::{cuda_device_name, dtype_name, parse_device, parse_dtype};
+use sdbatch::device::{dtype_name, parse_device, parse_dtype};
+use sdbatch::pipeline::compiled::{CompiledMeta, Target, UNetEntry, VaeEntry, expand_gpu};
 use sdbatch::pipeline::config::{UNetConfig, VaeConfig, read_json};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -20,9 +21,15 @@ pub struct CompileArgs {
     /// Model folder in the diffusers layout (single-file checkpoints: convert them first).
     #[arg(long)]
     pub model: PathBuf,
-    /// Output folder (created): unet.pt2, vae_decoder.pt2, sdbatch-compiled.json.
+    /// Output folder: unet.pt2, vae_decoder.pt2, sdbatch-compiled.json. `{gpu}` in it stands for
+    /// the GPU's model (`nvidia-h200`), as in the worker's --compiled. A folder already compiled
+    /// for this model, device, dtype, torch and shapes is left as it is (an init container can
+    /// run this on every start); --force compiles again.
     #[arg(long)]
     pub out: PathBuf,
+    /// Compile even when --out already holds packages for this model and machine.
+    #[arg(long)]
+    pub force: bool,
     /// Batch sizes (images) to serve compiled: one dynamic batch dimension covers 1 up to the
     /// largest (twice that for the UNet, which sees both guidance halves).
     #[arg(long, default_value = "1,2,4,8", value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -53,6 +60,19 @@ pub struct CompileArgs {
     /// active venv's, else python3.
     #[arg(long, env = "SDBATCH_PYTHON", hide_env_values = true)]
     pub python: Option<PathBuf>,
+}
+
+/// Whether `meta` (an existing output) already is what this run would make: it fits `target`
+/// and was compiled for the same shapes.
+fn is_current(meta: &CompiledMeta, target: &Target, wanted: &CompiledMeta) -> bool {
+    meta.mismatches(target).is_empty()
+        && meta.latent_height == wanted.latent_height
+        && meta.latent_width == wanted.latent_width
+        && meta.unet.min_batch == wanted.unet.min_batch
+        && meta.unet.max_batch == wanted.unet.max_batch
+        && meta.unet.context_tokens == wanted.unet.context_tokens
+        && meta.vae_decoder.as_ref().map(|v| v.max_batch)
+            == wanted.vae_decoder.as_ref().map(|v| v.max_batch)
 }
 
 /// The batch ranges a package is compiled for: (UNet min, UNet max, VAE max).
@@ -89,6 +109,45 @@ pub fn run(args: CompileArgs) -> Result<()> {
     }
     let files = sdbatch::pipeline::compile_inputs(&args.model, dtype, args.variant.as_deref())?;
     let hash = sdbatch::pipeline::hash_files(&files)?;
+    let target = Target::of(device, dtype, hash.clone());
+    let out = expand_gpu(&args.out, target.gpu_name.as_deref());
+    let (lh, lw) = (height / scale, width / scale);
+    // The shapes this run compiles, in the metadata's terms (the rest is the target's).
+    let wanted = CompiledMeta {
+        format: sdbatch::pipeline::compiled::FORMAT,
+        torch_version: target.torch_version.clone(),
+        device: target.device.clone(),
+        gpu_name: target.gpu_name.clone(),
+        dtype: target.dtype.clone(),
+        model_sha256: hash.clone(),
+        latent_height: lh,
+        latent_width: lw,
+        unet: UNetEntry {
+            file: String::new(),
+            min_batch,
+            max_batch,
+            in_channels: 0,
+            context_tokens: args.context_tokens,
+            context_dim: 0,
+        },
+        vae_decoder: (!args.no_vae).then(|| VaeEntry {
+            file: String::new(),
+            min_batch: 1,
+            max_batch: vae_max_batch,
+            latent_channels: 0,
+        }),
+        compile_seconds: Default::default(),
+    };
+    if !args.force
+        && let Ok(meta) = CompiledMeta::read(&out)
+        && is_current(&meta, &target, &wanted)
+    {
+        println!("{} is up to date: nothing to compile", out.display());
+        return Ok(());
+    }
+    // Compiled beside the output and renamed into place when complete: a failed run leaves no
+    // half folder, and pods compiling at once on one volume each finish with a whole one.
+    let partial = PathBuf::from(format!("{}.partial-{}", out.display(), std::process::id()));
     let device_arg = match device {
         tch::Device::Cuda(i) => format!("cuda:{i}"),
         _ => "cpu".into(),
@@ -100,11 +159,11 @@ pub fn run(args: CompileArgs) -> Result<()> {
         .args(["--unet-weights", &files[1].to_string_lossy()])
         .args(["--vae-config", &files[2].to_string_lossy()])
         .args(["--vae-weights", &files[3].to_string_lossy()])
-        .args(["--out", &args.out.to_string_lossy()])
+        .args(["--out", &partial.to_string_lossy()])
         .args(["--device", &device_arg])
         .args(["--dtype", dtype_name(dtype)])
-        .args(["--latent-height", &(height / scale).to_string()])
-        .args(["--latent-width", &(width / scale).to_string()])
+        .args(["--latent-height", &lh.to_string()])
+        .args(["--latent-width", &lw.to_string()])
         .args(["--context-tokens", &args.context_tokens.to_string()])
         .args(["--min-batch", &min_batch.to_string()])
         .args(["--max-batch", &max_batch.to_string()])
@@ -113,17 +172,10 @@ pub fn run(args: CompileArgs) -> Result<()> {
     if args.no_vae {
         cmd.arg("--no-vae");
     }
-    if let tch::Device::Cuda(i) = device
-        && let Some(name) = cuda_device_name(i)
-    {
-        cmd.args(["--gpu-name", &name]);
+    if let Some(name) = &target.gpu_name {
+        cmd.args(["--gpu-name", name]);
     }
-    // A stale metadata file must not describe new packages if this run fails half-way.
-    let meta = args.out.join(sdbatch::pipeline::compiled::META_FILE);
-    if meta.exists() {
-        std::fs::remove_file(&meta).with_context(|| format!("removing {}", meta.display()))?;
-    }
-    tracing::info!(model = %args.model.display(), out = %args.out.display(), device = %device_arg,
+    tracing::info!(model = %args.model.display(), out = %out.display(), device = %device_arg,
         dtype = dtype_name(dtype), width, height, max_batch = vae_max_batch, "compiling (minutes)");
     let started = Instant::now();
     let mut child = cmd
@@ -140,16 +192,29 @@ pub fn run(args: CompileArgs) -> Result<()> {
     }
     let status = child.wait()?;
     if !status.success() {
+        let _ = std::fs::remove_dir_all(&partial);
         bail!("the compile script failed ({status})");
     }
+    replace_dir(&partial, &out)?;
     println!(
         "compiled {} for {device_arg} {} {width}x{height}, batches 1..={vae_max_batch}, into {} in {:.1} s",
         args.model.display(),
         dtype_name(dtype),
-        args.out.display(),
+        out.display(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Moves the finished `partial` folder to `out`, replacing what was there.
+fn replace_dir(partial: &Path, out: &Path) -> Result<()> {
+    if out.exists() {
+        let old = PathBuf::from(format!("{}.old-{}", out.display(), std::process::id()));
+        std::fs::rename(out, &old).with_context(|| format!("moving {} aside", out.display()))?;
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    std::fs::rename(partial, out)
+        .with_context(|| format!("moving {} to {}", partial.display(), out.display()))
 }
 
 #[cfg(test)]

@@ -71,6 +71,23 @@ pub struct Target {
     pub model_sha256: String,
 }
 
+impl Target {
+    /// This process on `device` running `dtype`, for a model whose compile inputs hash to
+    /// `model_sha256`.
+    pub fn of(device: Device, dtype: tch::Kind, model_sha256: String) -> Self {
+        Self {
+            torch_version: crate::bridge::torch_version().unwrap_or_default(),
+            device: if device.is_cuda() { "cuda" } else { "cpu" }.into(),
+            gpu_name: match device {
+                Device::Cuda(i) => crate::device::cuda_device_name(i),
+                _ => None,
+            },
+            dtype: crate::device::dtype_name(dtype).into(),
+            model_sha256,
+        }
+    }
+}
+
 impl CompiledMeta {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(META_FILE);
@@ -138,6 +155,41 @@ impl CompiledMeta {
                     && h == self.latent_height
                     && w == self.latent_width)
         })
+    }
+}
+
+/// Written in a `--compiled` or `--out` path, replaced by the GPU's model ([`gpu_slug`]): one
+/// volume serves pods on several GPU types, each reading the packages made for its own.
+pub const GPU_PLACEHOLDER: &str = "{gpu}";
+
+/// A GPU name as a path component: `NVIDIA H200` → `nvidia-h200`; `cpu` without a GPU.
+pub fn gpu_slug(gpu_name: Option<&str>) -> String {
+    let Some(name) = gpu_name else {
+        return "cpu".into();
+    };
+    let mut slug = String::new();
+    for c in name.trim().chars() {
+        if c.is_ascii_alphanumeric() {
+            slug.push(c.to_ascii_lowercase());
+        } else if !slug.ends_with('-') && !slug.is_empty() {
+            slug.push('-');
+        }
+    }
+    let slug = slug.trim_end_matches('-');
+    if slug.is_empty() {
+        "gpu".into()
+    } else {
+        slug.into()
+    }
+}
+
+/// `path` with [`GPU_PLACEHOLDER`] replaced by the GPU's slug.
+pub fn expand_gpu(path: &Path, gpu_name: Option<&str>) -> PathBuf {
+    let text = path.to_string_lossy();
+    if text.contains(GPU_PLACEHOLDER) {
+        PathBuf::from(text.replace(GPU_PLACEHOLDER, &gpu_slug(gpu_name)))
+    } else {
+        path.to_path_buf()
     }
 }
 
@@ -351,6 +403,25 @@ mod tests {
             ..m
         };
         assert!(!unet_only.vae_covers(&[1, 4, 64, 64]));
+    }
+
+    #[test]
+    fn the_gpu_placeholder_names_one_folder_per_gpu_model() {
+        assert_eq!(gpu_slug(Some("NVIDIA H200")), "nvidia-h200");
+        assert_eq!(
+            gpu_slug(Some("NVIDIA A100-SXM4-80GB ")),
+            "nvidia-a100-sxm4-80gb"
+        );
+        assert_eq!(gpu_slug(Some("../..")), "gpu", "never a path escape");
+        assert_eq!(gpu_slug(None), "cpu");
+        assert_eq!(
+            expand_gpu(Path::new("/cache/{gpu}-fp16"), Some("NVIDIA L4")),
+            Path::new("/cache/nvidia-l4-fp16")
+        );
+        assert_eq!(
+            expand_gpu(Path::new("/cache/x"), None),
+            Path::new("/cache/x")
+        );
     }
 
     #[test]

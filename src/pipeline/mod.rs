@@ -713,18 +713,12 @@ impl StableDiffusion {
 
     /// Loads the compiled UNet (and VAE decoder) of `dir` and uses it from now on. Refused with
     /// every difference named when it was compiled for another model, dtype, device, GPU or torch.
+    /// `{gpu}` in `dir` stands for this GPU's model ([`compiled::expand_gpu`]).
     pub fn load_compiled(&mut self, dir: &Path) -> Result<()> {
         let device = self.options.device;
-        let target = compiled::Target {
-            torch_version: crate::bridge::torch_version().unwrap_or_default(),
-            device: if device.is_cuda() { "cuda" } else { "cpu" }.into(),
-            gpu_name: match device {
-                Device::Cuda(i) => crate::device::cuda_device_name(i),
-                _ => None,
-            },
-            dtype: crate::device::dtype_name(self.options.dtype).into(),
-            model_sha256: self.compiled_model_sha256()?,
-        };
+        let target =
+            compiled::Target::of(device, self.options.dtype, self.compiled_model_sha256()?);
+        let dir = &compiled::expand_gpu(dir, target.gpu_name.as_deref());
         let models = compiled::CompiledModels::load(dir, &target, device)?;
         tracing::info!(dir = %dir.display(), unet_batch = ?(models.meta().unet.min_batch, models.meta().unet.max_batch), vae = models.meta().vae_decoder.is_some(), "compiled model loaded");
         self.compiled = Some(models);
