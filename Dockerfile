@@ -29,7 +29,11 @@ RUN python3 -m venv /tmp/torch-venv \
 # torch-sys and build.rs read LIBTORCH (include/, lib/, build-version).
 ENV LIBTORCH=/opt/libtorch
 COPY Cargo.toml Cargo.lock build.rs ./
+# The C++ bridge to libtorch (build.rs compiles it with the image's g++ against the venv's headers).
+COPY csrc csrc
 COPY src src
+# Embedded in the binary: `sdbatch compile` runs it.
+COPY scripts/compile_unet.py scripts/
 # The built-in CLIP tokenizer's BPE file, embedded at compile time.
 COPY data data
 # Cache mounts (BuildKit and buildah): crates are downloaded once, and a code change recompiles the
@@ -39,6 +43,22 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked --bin sdbatch \
  && mkdir -p /out \
  && cp target/release/sdbatch /out/
+
+# `docker build --target compiler`: the image of the init container that runs `sdbatch compile`
+# once per GPU type into a shared volume (deploy/k8s/deployment.yaml). AOTInductor needs Python,
+# torch (the same wheel as the worker's libtorch), diffusers to build the model, and a C++
+# compiler; the worker image needs none of them.
+FROM build AS compiler
+RUN /opt/venv/bin/pip install --no-cache-dir \
+      "$(grep '^diffusers==' scripts/requirements-fixtures.txt)" \
+      "$(grep '^safetensors==' scripts/requirements-fixtures.txt)" \
+ && cp /out/sdbatch /usr/local/bin/sdbatch \
+ && useradd --system --uid 10001 --create-home sdbatch
+ENV LD_LIBRARY_PATH=/out/lib SDBATCH_PYTHON=/opt/venv/bin/python RUST_LOG=info
+USER 10001:10001
+WORKDIR /home/sdbatch
+ENTRYPOINT ["sdbatch"]
+CMD ["compile", "--help"]
 
 FROM ${CUDA_RUNTIME}
 RUN useradd --system --uid 10001 --create-home sdbatch \

@@ -43,6 +43,15 @@ ln -sfn "$venv" .venv
 # shellcheck source=env.sh
 . scripts/env.sh
 
+# A C++ compiler: build.rs compiles the bridge to libtorch (csrc/bridge.cpp), and AOTInductor
+# (`sdbatch compile`, tests/compiled.rs) compiles the code it generates.
+if ! command -v g++ >/dev/null 2>&1; then
+  echo "setup: installing g++"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq g++ >/dev/null
+fi
+
 # The local stack for the worker: RabbitMQ from Debian, the s3s-fs S3 server built once.
 scripts/services.sh install
 

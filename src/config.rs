@@ -68,6 +68,7 @@ pub struct FileConfig {
     pub device: Option<String>,
     pub dtype: Option<String>,
     pub variant: Option<String>,
+    pub compiled: Option<String>,
     pub model_config: Option<String>,
     pub vae: Option<String>,
     pub tokenizer: Option<String>,

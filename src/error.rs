@@ -70,6 +70,10 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// A compiled model folder (`--compiled`) that cannot be used: refused, unreadable, failing.
+    #[error("compiled model {path}: {message}")]
+    Compiled { path: PathBuf, message: String },
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

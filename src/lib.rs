@@ -9,10 +9,12 @@
 //! - [`worker`]: the queue consumer; [`config`]: its TOML file; [`submit_input`]: producer input.
 pub mod batching;
 pub mod bounded;
+pub mod bridge;
 pub mod config;
 pub mod device;
 pub mod error;
 pub mod events;
+pub mod gpu_memory;
 pub mod init_image;
 pub mod keys;
 pub mod message;

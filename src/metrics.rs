@@ -47,6 +47,9 @@ pub struct Metrics {
     pub pending_images: IntGauge,
     pub device_memory_bytes: IntGaugeVec,
     pub model_load_seconds: prometheus::Gauge,
+    /// From the metrics' creation (process start) to ready: load, compiled packages, warm-up.
+    pub time_to_ready_seconds: prometheus::Gauge,
+    created: std::time::Instant,
     /// Time the model thread waited between batches.
     pub gpu_idle_seconds: prometheus::Counter,
     pub gpu_busy_seconds: prometheus::Counter,
@@ -217,6 +220,18 @@ impl Metrics {
                     .expect("unique metric");
                 g
             },
+            time_to_ready_seconds: {
+                let g = prometheus::Gauge::new(
+                    "sdbatch_time_to_ready_seconds",
+                    "Time from start to ready (model loaded and warmed up): a cold start's cost.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            created: std::time::Instant::now(),
             model_load_seconds: {
                 let g = prometheus::Gauge::new(
                     "sdbatch_model_load_seconds",
@@ -261,6 +276,14 @@ impl Metrics {
             registry,
         };
         Arc::new(m)
+    }
+
+    /// The model is loaded and warmed up: /readyz may answer 200 (with the other checks), and the
+    /// time to get here is recorded.
+    pub fn mark_ready(&self) {
+        self.time_to_ready_seconds
+            .set(self.created.elapsed().as_secs_f64());
+        self.model_loaded.store(true, Ordering::Relaxed);
     }
 
     /// Refreshes the device-memory gauges (CUDA only).

@@ -2,7 +2,8 @@
 use super::{ModelArgs, SamplingArgs};
 use anyhow::{Result, bail};
 use clap::Args;
-use sdbatch::device::{cuda_memory, device_name, dtype_name, peak_rss};
+use sdbatch::device::{device_name, dtype_name, peak_rss};
+use sdbatch::gpu_memory::{CudaMemory, PeakProbe};
 use sdbatch::pipeline::{GenerateParams, ImageRequest, StableDiffusion};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -72,7 +73,13 @@ pub struct BenchArgs {
 
 #[derive(Debug, Serialize)]
 struct Report {
+    /// Loading the model (and the compiled packages with --compiled), seconds.
+    load_s: f64,
+    /// Eager (also with --compiled: the compiled rows are `compiled`).
     rows: Vec<Row>,
+    /// The same runs through the compiled UNet and VAE decoder (with --compiled).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    compiled: Vec<Row>,
     /// Restoring the originals and fusing the --lora set again, mean of 5 switches.
     #[serde(skip_serializing_if = "Option::is_none")]
     lora_switch_ms: Option<f64>,
@@ -112,25 +119,27 @@ fn measure(
     for _ in 0..args.warmup {
         model.generate(&reqs, params, &mut |_, _, _| {})?;
     }
-    let cuda = model.device().is_cuda();
-    let mut min_free = u64::MAX;
-    let mut total_mem = 0;
+    let mut peak: Option<u64> = None;
     let (mut sum_total, mut sum_step, mut sum_text, mut sum_vae) = (0.0, 0.0, 0.0, 0.0);
     for _ in 0..args.repeats {
+        // The allocator's peak (through the bridge), else the driver's free memory: what the
+        // worker's batch sizer is calibrated on.
+        let mut probe = match model.device() {
+            tch::Device::Cuda(i) => Some(PeakProbe::start(CudaMemory(i))),
+            _ => None,
+        };
         let out = model.generate(&reqs, params, &mut |_, _, _| {
-            if cuda && let Some((free, total)) = cuda_memory() {
-                min_free = min_free.min(free);
-                total_mem = total;
+            if let Some(p) = probe.as_mut() {
+                p.sample();
             }
         })?;
+        if let Some(reading) = probe.and_then(PeakProbe::finish) {
+            peak = Some(peak.unwrap_or(0).max(reading.used));
+        }
         sum_total += out.timings.total_ms;
         sum_step += out.timings.ms_per_step();
         sum_text += out.timings.text_encode_ms;
         sum_vae += out.timings.vae_decode_ms;
-    }
-    if cuda && let Some((free, total)) = cuda_memory() {
-        min_free = min_free.min(free);
-        total_mem = total;
     }
     let r = args.repeats as f64;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
@@ -141,8 +150,8 @@ fn measure(
         text_encode_ms: sum_text / r,
         vae_decode_ms: sum_vae / r,
         batch_s: sum_total / r / 1e3,
-        peak_memory_gib: if cuda {
-            (min_free != u64::MAX).then(|| gib(total_mem - min_free))
+        peak_memory_gib: if model.device().is_cuda() {
+            peak.map(gib)
         } else {
             peak_rss().map(gib)
         },
@@ -159,7 +168,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.batch_sizes.is_empty() {
         bail!("--batch-sizes is empty");
     }
+    let loading = std::time::Instant::now();
     let model = args.model.load()?;
+    let load_s = loading.elapsed().as_secs_f64();
+    // The first table is eager; a compiled model is measured in its own table below.
+    model.set_compiled_enabled(false);
     let params = args.sampling.params(&model)?;
     model.validate(&requests(1), &params)?;
     let mem_label = if model.device().is_cuda() {
@@ -178,6 +191,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         params.guidance_scale,
         args.warmup,
         args.repeats
+    );
+    println!(
+        "load: {load_s:.2} s (weights{})",
+        if args.model.compiled.is_some() {
+            " and compiled packages"
+        } else {
+            ""
+        }
     );
     let lora_switch_ms = if params.loras.is_empty() {
         None
@@ -226,19 +247,66 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         rows.push(row);
     }
+    let compiled = if model.compiled().is_some() {
+        compare_compiled(&model, &params, &rows, &args)?
+    } else {
+        Vec::new()
+    };
     let fast = match &args.fast_lora {
         Some(lcm) => compare_fast(&model, &params, lcm, &rows, &args)?,
         None => Vec::new(),
     };
     if let Some(path) = &args.json {
         let report = Report {
+            load_s,
             rows,
+            compiled,
             lora_switch_ms,
             fast,
         };
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
+}
+
+/// The compiled UNet and VAE decoder at each batch size, beside `rows` (eager).
+fn compare_compiled(
+    model: &StableDiffusion,
+    params: &GenerateParams,
+    rows: &[Row],
+    args: &BenchArgs,
+) -> Result<Vec<Row>> {
+    println!();
+    println!(
+        "compiled (AOTInductor) vs eager; shapes the package does not cover run eagerly (logged)"
+    );
+    println!(
+        "{:>6} | {:>15} | {:>18} | {:>15} | {:>18} | {:>8}",
+        "batch",
+        "eager images/s",
+        "eager ms/UNet step",
+        "compiled img/s",
+        "compiled ms/step",
+        "speed-up"
+    );
+    println!("{}", "-".repeat(96));
+    model.set_compiled_enabled(true);
+    let mut out = Vec::new();
+    for row in rows {
+        let c = measure(model, params, row.batch_size, args)?;
+        println!(
+            "{:>6} | {:>15.3} | {:>18.2} | {:>15.3} | {:>18.2} | {:>7.2}x",
+            row.batch_size,
+            row.images_per_s,
+            row.ms_per_unet_step,
+            c.images_per_s,
+            c.ms_per_unet_step,
+            c.images_per_s / row.images_per_s
+        );
+        out.push(c);
+    }
+    model.set_compiled_enabled(false);
+    Ok(out)
 }
 
 /// Preset "fast" at each batch size, beside `rows` (the sampling flags' run).

@@ -1,6 +1,7 @@
 //! Command-line interface: argument definitions and dispatch.
 mod bench;
 mod bench_planner;
+mod compile;
 mod dlq;
 mod generate;
 mod status;
@@ -55,6 +56,9 @@ pub enum Command {
     /// Each batch's state (queued, running with progress, completed with its keys, failed with
     /// its reason) from its objects and the dead-letter queue.
     Status(status::StatusArgs),
+    /// Compile the UNet and VAE decoder ahead of time (AOTInductor) for this device: the folder
+    /// `--compiled` takes.
+    Compile(compile::CompileArgs),
 }
 
 pub fn default_amqp_url() -> String {
@@ -149,6 +153,10 @@ pub struct ModelArgs {
     /// diffusers files by the token they name. Any unusable file (pickle, wrong width) is an error.
     #[arg(long, value_name = "DIR")]
     pub embeddings_dir: Option<PathBuf>,
+    /// Folder made by `sdbatch compile` for this model, dtype and device: the UNet and VAE
+    /// decoder run compiled where it covers the shapes, eagerly elsewhere (logged).
+    #[arg(long, value_name = "DIR")]
+    pub compiled: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -183,6 +191,16 @@ impl ModelArgs {
                 .map_err(|e| anyhow::anyhow!("loading embeddings from {}: {e}", dir.display()))?;
         }
         tracing::info!(model = %self.model.display(), seconds = started.elapsed().as_secs_f64(), "model loaded");
+        if let Some(dir) = &self.compiled {
+            let started = Instant::now();
+            model
+                .load_compiled(dir)
+                .map_err(|e| anyhow::anyhow!("--compiled: {e}"))?;
+            tracing::info!(
+                seconds = started.elapsed().as_secs_f64(),
+                "compiled model loaded"
+            );
+        }
         if let Some(dir) = &self.lora_dir {
             model
                 .set_lora_dir(dir, sdbatch::config::defaults::LORA_CACHE_MB << 20)
@@ -339,6 +357,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Compile(args) => compile::run(args),
         Command::Worker(args) => runtime()?.block_on(worker::run(*args)),
         Command::Submit(mut args) => {
             args.broker = args.broker.resolved();

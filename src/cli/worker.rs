@@ -70,6 +70,16 @@ pub struct WorkerArgs {
     /// Weights variant (e.g. fp16).
     #[arg(long)]
     pub variant: Option<String>,
+    /// Folder made by `sdbatch compile` for this model, dtype and GPU type: the UNet and VAE
+    /// decoder run compiled (AOTInductor) where it covers the batch's shapes, eagerly elsewhere.
+    /// A folder made for anything else stops the start.
+    #[arg(
+        long,
+        env = "SDBATCH_COMPILED",
+        hide_env_values = true,
+        value_name = "DIR"
+    )]
+    pub compiled: Option<PathBuf>,
     /// Images per GPU batch at most (default 64 on CUDA, where free memory decides below it; 4 on
     /// the CPU, where it is the batch size).
     #[arg(long, env = "SDBATCH_MAX_BATCH", hide_env_values = true)]
@@ -276,6 +286,7 @@ struct Resolved {
     device: String,
     dtype: String,
     variant: Option<String>,
+    compiled: Option<PathBuf>,
 }
 
 fn resolve(args: WorkerArgs) -> Result<Resolved> {
@@ -528,6 +539,7 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
             .or(file.dtype)
             .unwrap_or_else(|| defaults::DTYPE.into()),
         variant: args.variant.or(file.variant),
+        compiled: args.compiled.or(file.compiled.map(PathBuf::from)),
     })
 }
 
@@ -721,6 +733,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         .clone()
         .map(|dir| (dir, r.worker.lora_cache_bytes));
     let embeddings_dir = r.embeddings_dir.clone();
+    let compiled = r.compiled.clone();
     let gpu = GpuExecutor::start(move || {
         let safety = SafetyChecker::load(&extras_dir, &options)?;
         if require_safety && safety.is_none() {
@@ -740,6 +753,9 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         }
         if let Some((dir, cache_bytes)) = loras {
             sd.set_lora_dir(&dir, cache_bytes)?;
+        }
+        if let Some(dir) = &compiled {
+            sd.load_compiled(dir)?;
         }
         Ok(Models { sd, safety, clip })
     })

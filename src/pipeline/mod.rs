@@ -8,11 +8,13 @@ pub mod attention;
 pub mod clip;
 pub mod clip_score;
 pub mod clip_vision;
+pub mod compiled;
 pub mod config;
 pub mod embeddings;
 pub mod hires;
 pub mod inpaint;
 pub mod lora;
+pub mod mapped;
 pub mod nn;
 pub mod noise;
 pub mod prompt_weights;
@@ -240,6 +242,62 @@ pub struct StableDiffusion {
     /// Every file the load read (weights, configs, tokenizer, embeddings), for
     /// [`Self::content_sha256`].
     source_files: Vec<PathBuf>,
+    /// The UNet's and VAE's config and weight files: what a compiled package is built from
+    /// ([`Self::compiled_model_sha256`]).
+    compile_inputs: Vec<PathBuf>,
+    /// The AOTInductor-compiled UNet and VAE decoder (`--compiled`), used while `use_compiled`.
+    compiled: Option<compiled::CompiledModels>,
+    use_compiled: std::cell::Cell<bool>,
+}
+
+/// The files a compiled package of the model folder `dir` is built from, in the order
+/// [`StableDiffusion::compiled_model_sha256`] hashes them: UNet config and weights, VAE config and
+/// weights (the weight files picked as [`StableDiffusion::load`] picks them for `dtype`).
+pub fn compile_inputs(dir: &Path, dtype: Kind, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    let base = "diffusion_pytorch_model";
+    Ok(vec![
+        dir.join("unet/config.json"),
+        weights_file(&dir.join("unet"), base, dtype, variant)?,
+        dir.join("vae/config.json"),
+        weights_file(&dir.join("vae"), base, dtype, variant)?,
+    ])
+}
+
+/// SHA-256 over `paths`: each file's name and content hash, in order.
+pub fn hash_files(paths: &[PathBuf]) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut all = Sha256::new();
+    hash_files_into(&mut all, paths)?;
+    Ok(hex::encode(all.finalize()))
+}
+
+fn hash_files_into(all: &mut sha2::Sha256, paths: &[PathBuf]) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut buf = vec![0u8; 1 << 20];
+    for path in paths {
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let mut one = Sha256::new();
+        loop {
+            let n = file.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            one.update(&buf[..n]);
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
+        all.update(name.as_bytes());
+        all.update(b"\0");
+        all.update(one.finalize());
+    }
+    Ok(())
 }
 
 /// Picks `dir/{base}.{variant}.safetensors` or `dir/{base}.safetensors`.
@@ -566,6 +624,12 @@ impl StableDiffusion {
 
     /// Builds the pipeline from configs and weights, checking that the parts fit together.
     fn assemble(parts: Parts, options: LoadOptions, source: &Path) -> Result<Self> {
+        let compile_inputs = vec![
+            parts.unet.1.clone(),
+            parts.unet.2.path().to_path_buf(),
+            parts.vae.1.clone(),
+            parts.vae.2.path().to_path_buf(),
+        ];
         let mut source_files = vec![
             parts.text_encoder.1.clone(),
             parts.text_encoder.2.path().to_path_buf(),
@@ -652,6 +716,9 @@ impl StableDiffusion {
             adapters: std::cell::RefCell::new(adapters::Adapters::new(unet_layers, te_layers)),
             model_dir: source.to_path_buf(),
             source_files,
+            compile_inputs,
+            compiled: None,
+            use_compiled: std::cell::Cell::new(false),
         })
     }
 
@@ -662,36 +729,60 @@ impl StableDiffusion {
     /// sidecar rather than a file). Reads every weight file once (a few seconds for SD 1.x).
     pub fn content_sha256(&self) -> Result<String> {
         use sha2::{Digest, Sha256};
-        use std::io::Read;
         let mut all = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        for path in &self.source_files {
-            let io = |source| Error::Io {
-                path: path.clone(),
-                source,
-            };
-            let mut file = std::fs::File::open(path).map_err(io)?;
-            let mut one = Sha256::new();
-            loop {
-                let n = file.read(&mut buf).map_err(io)?;
-                if n == 0 {
-                    break;
-                }
-                one.update(&buf[..n]);
-            }
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default();
-            all.update(name.as_bytes());
-            all.update(b"\0");
-            all.update(one.finalize());
-        }
+        hash_files_into(&mut all, &self.source_files)?;
         if let Some(label) = self.tokenizer.builtin_label() {
             all.update(label.as_bytes());
         }
         all.update(format!("{:?}", self.scheduler_config).as_bytes());
         Ok(hex::encode(all.finalize()))
+    }
+
+    /// [`hash_files`] of the UNet's and VAE's config and weight files: what a compiled package
+    /// records and must match.
+    pub fn compiled_model_sha256(&self) -> Result<String> {
+        hash_files(&self.compile_inputs)
+    }
+
+    /// Loads the compiled UNet (and VAE decoder) of `dir` and uses it from now on. Refused with
+    /// every difference named when it was compiled for another model, dtype, device, GPU or torch.
+    /// `{gpu}` in `dir` stands for this GPU's model ([`compiled::expand_gpu`]).
+    pub fn load_compiled(&mut self, dir: &Path) -> Result<()> {
+        let device = self.options.device;
+        let target =
+            compiled::Target::of(device, self.options.dtype, self.compiled_model_sha256()?);
+        let dir = &compiled::expand_gpu(dir, target.gpu_name.as_deref());
+        let models = compiled::CompiledModels::load(dir, &target, device)?;
+        tracing::info!(dir = %dir.display(), unet_batch = ?(models.meta().unet.min_batch, models.meta().unet.max_batch), vae = models.meta().vae_decoder.is_some(), "compiled model loaded");
+        self.compiled = Some(models);
+        self.use_compiled.set(true);
+        Ok(())
+    }
+
+    /// The compiled folder's metadata, when one is loaded.
+    pub fn compiled(&self) -> Option<&compiled::CompiledMeta> {
+        self.compiled.as_ref().map(|c| c.meta())
+    }
+
+    /// Uses the compiled models (when loaded) or the eager ones: `bench` compares the two.
+    pub fn set_compiled_enabled(&self, on: bool) {
+        self.use_compiled.set(on && self.compiled.is_some());
+    }
+
+    /// The compiled models to use now: loaded, enabled, and holding the weights the eager model
+    /// holds (a fused LoRA changes the eager weights only, so it runs eagerly).
+    fn compiled_now(&self) -> Option<&compiled::CompiledModels> {
+        let c = self.compiled.as_ref().filter(|_| self.use_compiled.get())?;
+        let loras = self.active_loras();
+        if loras.is_empty() {
+            Some(c)
+        } else {
+            c.report_eager(
+                format!("LoRA set {loras:?}"),
+                "LoRA weights are fused into the eager model only",
+            );
+            None
+        }
     }
 
     /// Serves LoRAs by name from `dir` (`--lora-dir`), keeping up to `cache_bytes` of files read.
@@ -1196,7 +1287,14 @@ impl StableDiffusion {
         let ts = Tensor::from_slice(&[t as f32])
             .f_to_device(self.options.device)?
             .f_expand([batch], false)?;
-        let eps = self.unet.forward(model_in, &ts, context)?;
+        let compiled = match self.compiled_now() {
+            Some(c) => c.unet(model_in, &ts, context)?,
+            None => None,
+        };
+        let eps = match compiled {
+            Some(eps) => eps,
+            None => self.unet.forward(model_in, &ts, context)?,
+        };
         if !guided {
             return Ok(eps);
         }
@@ -1223,7 +1321,14 @@ impl StableDiffusion {
                 .collect::<Result<Vec<_>>>()?;
             Tensor::f_cat(&parts, 0)?
         } else {
-            self.vae.decode(&z)?
+            let compiled = match self.compiled_now() {
+                Some(c) => c.decode(&z)?,
+                None => None,
+            };
+            match compiled {
+                Some(image) => image,
+                None => self.vae.decode(&z)?,
+            }
         };
         let pixels = decoded
             .f_div_scalar(2.0)?

@@ -2,23 +2,35 @@
 //!
 //! The model code asks for every tensor it needs with the shape its config implies, so a missing
 //! tensor or a config/weights mismatch is an error naming the file and the tensor — never a silently
-//! random weight (nothing in this crate initialises a weight any other way). Tensors are converted to
-//! the requested dtype and device as they are taken, and dropped from the host copy at once, so
-//! loading a large model does not hold it twice in host memory.
+//! random weight (nothing in this crate initialises a weight any other way). A file is read
+//! through a memory map ([`super::mapped`]): each tensor is made as it is taken, with one copy from
+//! the mapped bytes into the requested dtype and device, so loading a large model neither copies
+//! it several times nor holds it twice in host memory.
+use super::mapped::MappedSafetensors;
 use crate::error::{Error, Result};
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 pub struct Weights {
     path: PathBuf,
-    tensors: RefCell<HashMap<String, Tensor>>,
+    source: Source,
+    /// Names already taken (each tensor is taken once), for [`Weights::finish`].
+    taken: RefCell<HashSet<String>>,
     kind: Kind,
     device: Device,
     /// Handles to the weight matrices and kernels handed out (sharing their storage), by module
     /// path: what a LoRA can be fused into ([`super::adapters`]).
     layers: RefCell<HashMap<String, Tensor>>,
+}
+
+/// Where the tensors come from.
+enum Source {
+    /// A safetensors file, mapped: tensors are made as they are taken.
+    Mapped(MappedSafetensors),
+    /// Tensors already in memory (renamed from a single-file checkpoint).
+    Tensors(RefCell<HashMap<String, Tensor>>),
 }
 
 /// Weight matrices and convolution kernels of one model by module path (`down_blocks.0.….to_q`),
@@ -33,13 +45,10 @@ impl Weights {
                 path: path.to_path_buf(),
             });
         }
-        let tensors = Tensor::read_safetensors(path).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: format!("not a readable safetensors file: {e}"),
-        })?;
         Ok(Self {
             path: path.to_path_buf(),
-            tensors: RefCell::new(tensors.into_iter().collect()),
+            source: Source::Mapped(MappedSafetensors::open(path)?),
+            taken: RefCell::default(),
             kind,
             device,
             layers: RefCell::default(),
@@ -56,7 +65,8 @@ impl Weights {
     ) -> Self {
         Self {
             path: path.to_path_buf(),
-            tensors: RefCell::new(tensors),
+            source: Source::Tensors(RefCell::new(tensors)),
+            taken: RefCell::default(),
             kind,
             device,
             layers: RefCell::default(),
@@ -81,32 +91,43 @@ impl Weights {
     }
 
     fn take(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        let tensor =
-            self.tensors
-                .borrow_mut()
-                .remove(name)
-                .ok_or_else(|| Error::MissingTensor {
-                    path: self.path.clone(),
-                    name: name.to_string(),
-                })?;
-        let actual = tensor.size();
-        if actual != shape {
-            return Err(Error::ShapeMismatch {
-                path: self.path.clone(),
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                actual,
-            });
-        }
-        let kind = if matches!(
-            tensor.kind(),
-            Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
-        ) {
-            self.kind
-        } else {
-            tensor.kind()
+        let missing = || Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.to_string(),
         };
-        let tensor = tensor.f_to_device(self.device)?.f_to_kind(kind)?;
+        let mismatch = |actual: Vec<i64>| Error::ShapeMismatch {
+            path: self.path.clone(),
+            name: name.to_string(),
+            expected: shape.to_vec(),
+            actual,
+        };
+        if !self.taken.borrow_mut().insert(name.to_string()) {
+            return Err(missing());
+        }
+        let tensor = match &self.source {
+            Source::Mapped(file) => {
+                // The shape is checked on the header, before any byte is copied.
+                let entry = file.entry(name).ok_or_else(missing)?;
+                if entry.shape != shape {
+                    return Err(mismatch(entry.shape.clone()));
+                }
+                file.tensor(name, self.kind, self.device)?
+                    .ok_or_else(missing)?
+            }
+            Source::Tensors(tensors) => {
+                let tensor = tensors.borrow_mut().remove(name).ok_or_else(missing)?;
+                let actual = tensor.size();
+                if actual != shape {
+                    return Err(mismatch(actual));
+                }
+                let kind = if tensor.is_floating_point() {
+                    self.kind
+                } else {
+                    tensor.kind()
+                };
+                tensor.f_to_device(self.device)?.f_to_kind(kind)?
+            }
+        };
         // Linear and convolution weights (not embedding tables) are what LoRAs adapt.
         if let Some(module) = name.strip_suffix(".weight")
             && matches!(tensor.dim(), 2 | 4)
@@ -121,19 +142,25 @@ impl Weights {
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.tensors.borrow().contains_key(name)
+        let present = match &self.source {
+            Source::Mapped(file) => file.entry(name).is_some(),
+            Source::Tensors(tensors) => tensors.borrow().contains_key(name),
+        };
+        present && !self.taken.borrow().contains(name)
     }
 
     /// Ends loading: tensors the model never asked for are reported (they usually mean the config
     /// describes a smaller model than the weights). Known buffers that carry no weights are ignored.
     /// Returns the model's [`Layers`].
     pub fn finish(self) -> Layers {
-        let left: Vec<String> = self
-            .tensors
-            .borrow()
-            .keys()
-            .filter(|k| !k.ends_with("position_ids"))
-            .cloned()
+        let names: Vec<String> = match &self.source {
+            Source::Mapped(file) => file.names().cloned().collect(),
+            Source::Tensors(tensors) => tensors.borrow().keys().cloned().collect(),
+        };
+        let taken = self.taken.borrow();
+        let left: Vec<String> = names
+            .into_iter()
+            .filter(|k| !k.ends_with("position_ids") && !taken.contains(k))
             .collect();
         if let Some(example) = left.iter().min() {
             tracing::warn!(

@@ -3,6 +3,7 @@
 //! the result without blocking the runtime.
 use crate::batching::{ImageInputs, Mode};
 use crate::error::{Error, Result};
+use crate::gpu_memory::{CudaMemory, PeakProbe};
 use crate::pipeline::clip_score::ClipScorer;
 use crate::pipeline::hires::Hires;
 use crate::pipeline::safety::{SafetyChecker, SafetyResult};
@@ -208,20 +209,17 @@ fn generate_splitting(
     work: Work<'_>,
     report: &mut GpuReport,
 ) -> Result<BatchOutput, GpuError> {
-    let cuda = model.device().is_cuda();
-    let mut min_free = u64::MAX;
-    let mut total = 0;
-    let sample = |min_free: &mut u64, total: &mut u64| {
-        if let Some((free, t)) = crate::device::cuda_memory() {
-            *min_free = (*min_free).min(free);
-            *total = t;
-        }
+    // Allocator peaks where the bridge has them, else the driver's free memory sampled during the
+    // steps and after the decode (crate::gpu_memory).
+    let mut probe = match model.device() {
+        tch::Device::Cuda(i) => Some(PeakProbe::start(CudaMemory(i))),
+        _ => None,
     };
     let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         work.run(model, requests, params, &mut |_, _, _| {
             // The UNet's activations are live during the steps: sample memory there.
-            if cuda {
-                sample(&mut min_free, &mut total);
+            if let Some(p) = probe.as_mut() {
+                p.sample();
             }
         })
         .map_err(|e| {
@@ -240,16 +238,13 @@ fn generate_splitting(
             .unwrap_or_else(|| "unknown panic".into());
         Err(GpuError::Panicked(msg))
     });
-    // Once more after the VAE decode: libtorch's caching allocator keeps the decoder's blocks
-    // reserved, so free memory now reflects the decode's peak too (at large sizes it exceeds the
-    // UNet's).
-    if cuda && attempt.is_ok() {
-        sample(&mut min_free, &mut total);
-    }
-    if cuda && min_free != u64::MAX {
-        report.total_bytes = Some(total);
+    // Read after the VAE decode too: at large sizes its peak exceeds the UNet's (the driver
+    // fallback sees it because the caching allocator keeps the decoder's blocks reserved).
+    if let Some(reading) = probe.and_then(PeakProbe::finish) {
+        report.total_bytes = Some(reading.total);
         if attempt.is_ok() {
-            report.memory.push((requests.len(), total - min_free));
+            tracing::debug!(batch = requests.len(), used = reading.used, source = ?reading.source, "batch memory peak");
+            report.memory.push((requests.len(), reading.used));
         }
     }
     match attempt {

@@ -373,7 +373,7 @@ impl Worker {
         };
         self.warm_up(&mut learned.sizer).await?;
         // Ready means loaded and calibrated: the first batches are sized from measured memory.
-        self.metrics.model_loaded.store(true, Ordering::Relaxed);
+        self.metrics.mark_ready();
         loop {
             if *shutdown.borrow() {
                 return Ok(());
