@@ -3,7 +3,7 @@
 //! its own operation timeouts instead of hanging.
 //!
 //! The first connection through the proxy is frozen right after it has carried its first complete
-//! delivery (`basic.deliver` + content header + body frames) to the client: from then on nothing
+//! delivery (`basic.deliver` or `basic.get-ok`, + content header + body frames) to the client: from then on nothing
 //! is forwarded in either direction and the sockets stay open, until [`AmqpProxy::kill_frozen`]
 //! closes them (and RabbitMQ requeues what that connection held). Later connections are plain
 //! pass-through. The freeze is triggered by the protocol itself, not by timing.
@@ -177,8 +177,12 @@ async fn frozen_after_delivery(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, 
                 return;
             }
             let complete = match (&mut delivery, kind) {
-                // basic.deliver: class 60, method 60.
-                (None, 1) if payload.len() >= 4 && payload[..4] == [0, 60, 0, 60] => {
+                // basic.deliver (class 60, method 60), or basic.get-ok (method 71): a worker
+                // that pulls its next message (priority lanes) gets it that way.
+                (None, 1)
+                    if payload.len() >= 4
+                        && (payload[..4] == [0, 60, 0, 60] || payload[..4] == [0, 60, 0, 71]) =>
+                {
                     delivery = Some((channel, None));
                     false
                 }
