@@ -27,6 +27,11 @@ impl Throttle {
         }
     }
 
+    /// Whether a report was made (so a progress object may exist).
+    pub fn reported(&self) -> bool {
+        self.last_emit.is_some()
+    }
+
     /// An image of GPU batch `gpu_batch` was stored at `now`, making `done` of `total`: whether
     /// to report (and if so, the report is counted as made).
     pub fn should_emit(&mut self, now: Instant, gpu_batch: u64, done: usize, total: usize) -> bool {

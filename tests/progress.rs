@@ -71,6 +71,15 @@ async fn progress_events_and_status_follow_a_batch_through_every_state() {
         assert!(eta >= 0.0 && p.images_per_second.unwrap() > 0.0, "{p:?}");
     }
     assert_eq!(done.images.len(), 3);
+    // A completed batch keeps its manifest, not its progress object (gone before the event).
+    assert!(
+        stack
+            .storage
+            .get(&stack.bucket, "prog-1/progress.json")
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     // Status of the completed batch, a dead-lettered one and an unknown one.
     stack.broker.publish(&message("prog-bad", 1, 0)).await;

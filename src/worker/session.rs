@@ -257,28 +257,40 @@ struct Session<'w> {
     /// GPU batches returned so far (numbers them for progress reports).
     gpu_batches: u64,
     /// Progress objects to store, in order, off the session's loop.
-    progress_objects: mpsc::Sender<ProgressObject>,
+    progress_objects: mpsc::Sender<ProgressOp>,
 }
 
-/// A progress object to store: `body` at `bucket`/`key`.
-struct ProgressObject {
-    bucket: String,
-    key: String,
-    body: Vec<u8>,
+/// Work for the progress writer.
+pub(super) enum ProgressOp {
+    /// Store `body` at `bucket`/`key`.
+    Put {
+        bucket: String,
+        key: String,
+        body: Vec<u8>,
+    },
+    /// Answer once every earlier op is done (before a completed batch's object is deleted).
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Stores progress objects one at a time, in the order reported, so a slow store delays them and
 /// never the session. When they pile up (the store is down), new ones are dropped: the next
 /// report of the batch, or its manifest, brings the state up to date.
-fn spawn_progress_writer(storage: Arc<crate::storage::Storage>) -> mpsc::Sender<ProgressObject> {
-    let (tx, mut rx) = mpsc::channel::<ProgressObject>(64);
+fn spawn_progress_writer(storage: Arc<crate::storage::Storage>) -> mpsc::Sender<ProgressOp> {
+    let (tx, mut rx) = mpsc::channel::<ProgressOp>(64);
     tokio::spawn(async move {
-        while let Some(o) = rx.recv().await {
-            if let Err(e) = storage
-                .put(&o.bucket, &o.key, o.body, "application/json", &[])
-                .await
-            {
-                tracing::warn!(key = %o.key, error = %e, "could not store a progress object");
+        while let Some(op) = rx.recv().await {
+            match op {
+                ProgressOp::Put { bucket, key, body } => {
+                    if let Err(e) = storage
+                        .put(&bucket, &key, body, "application/json", &[])
+                        .await
+                    {
+                        tracing::warn!(%key, error = %e, "could not store a progress object");
+                    }
+                }
+                ProgressOp::Flush(done) => {
+                    let _ = done.send(());
+                }
             }
         }
     });
@@ -1132,7 +1144,7 @@ impl Session<'_> {
             crate::progress::rate_and_eta(done, m.resumed, total, m.handle.started.elapsed());
         let event = events::BatchProgress::new(&m.batch, &records, rate, &cfg.worker_id);
         let (span, batch) = (m.handle.span.clone(), m.batch.clone());
-        let object = ProgressObject {
+        let object = ProgressOp::Put {
             bucket: batch.bucket.clone(),
             key: batch.progress_key(),
             body: event.to_json_vec(),
@@ -1188,7 +1200,15 @@ impl Session<'_> {
             self.publisher.clone(),
             event,
             m.batch.clone(),
-            self.worker.webhook(&m.batch),
+            super::store::Announce {
+                webhook: self.worker.webhook(&m.batch),
+                // Its progress object goes once the manifest is there (only if it had one).
+                progress: m
+                    .progress
+                    .as_ref()
+                    .is_some_and(|p| p.reported())
+                    .then(|| self.progress_objects.clone()),
+            },
         )
         .instrument(m.handle.span.clone());
         let tx = self.done_tx.clone();

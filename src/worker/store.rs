@@ -194,6 +194,13 @@ fn embedded_record(
 }
 
 /// Writes the manifest (last: its presence means every image is stored) and publishes the event.
+/// Where a completed batch's results go besides the manifest.
+pub(super) struct Announce {
+    pub webhook: Target,
+    /// The progress writer, when the batch reported progress (its object is then deleted).
+    pub progress: Option<tokio::sync::mpsc::Sender<super::session::ProgressOp>>,
+}
+
 pub(super) async fn finish_batch(
     cfg: Arc<WorkerConfig>,
     metrics: Arc<Metrics>,
@@ -201,8 +208,9 @@ pub(super) async fn finish_batch(
     publisher: Publisher,
     event: BatchCompleted,
     batch: Arc<Batch>,
-    webhook: Target,
+    announce: Announce,
 ) -> Result<(), WorkerError> {
+    let Announce { webhook, progress } = announce;
     let manifest =
         serde_json::to_vec_pretty(&event).map_err(|e| WorkerError::Other(e.to_string()))?;
     storage
@@ -214,6 +222,22 @@ pub(super) async fn finish_batch(
             &[],
         )
         .await?;
+    // The progress object of a completed batch goes (status reads the manifest), after every
+    // report queued before it was written: removed before the event, so a producer that saw
+    // the event finds the batch's final objects only.
+    if let Some(writer) = progress {
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        if writer
+            .send(super::session::ProgressOp::Flush(done))
+            .await
+            .is_ok()
+        {
+            let _ = flushed.await;
+        }
+        if let Err(e) = storage.delete(&batch.bucket, &batch.progress_key()).await {
+            tracing::warn!(error = %e, "could not delete the progress object");
+        }
+    }
     publish_event(
         &cfg,
         &metrics,
