@@ -123,9 +123,11 @@ impl StableDiffusion {
         Ok(())
     }
 
-    /// The text conditioning of a batch: `[negatives…, positives…]` with guidance, positives
-    /// alone without (as `generate_with` builds it).
-    fn encode_requests(
+    /// The text conditioning of a batch (txt2img, img2img and inpainting alike):
+    /// `[negatives…, positives…]` with guidance, positives alone without. Clip skip applies to
+    /// the negative prompts too (diffusers applies it to the prompt only; AUTOMATIC1111 and
+    /// ComfyUI to both, which is what users who set it expect).
+    pub(super) fn encode_requests(
         &self,
         requests: &[ImageRequest],
         p: &GenerateParams,

@@ -1159,25 +1159,7 @@ impl StableDiffusion {
 
         // One text-encoder call: [negatives..., positives...] with guidance, positives alone without.
         let t0 = Instant::now();
-        let mut texts: Vec<&str> = Vec::with_capacity(requests.len() * 2);
-        if guided {
-            texts.extend(
-                requests
-                    .iter()
-                    .map(|r| r.negative_prompt.as_deref().unwrap_or("")),
-            );
-        }
-        texts.extend(requests.iter().map(|r| r.prompt.as_str()));
-        // Clip skip applies to the negative prompts too (diffusers applies it to the prompt
-        // only; AUTOMATIC1111 and ComfyUI to both, which is what users who set it expect).
-        let context = match p.prompt_syntax {
-            prompt_weights::PromptSyntax::Plain => {
-                self.encode_prompts_skipping(&texts, p.clip_skip)?
-            }
-            prompt_weights::PromptSyntax::A1111 => {
-                self.encode_prompts_a1111(&texts, p.clip_skip)?
-            }
-        };
+        let context = self.encode_requests(requests, p, guided)?;
         let text_encode = self.sync_elapsed(t0);
 
         let t1 = Instant::now();
