@@ -99,6 +99,10 @@ pub enum Error {
     )]
     UnknownScheduler(String),
 
+    /// The step callback asked to stop (the worker's cancel): no images were made.
+    #[error("stopped after step {step} of {steps} at the caller's request")]
+    Stopped { step: usize, steps: usize },
+
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
 }

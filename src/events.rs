@@ -18,6 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub const BATCH_COMPLETED: &str = "batch.completed";
 pub const BATCH_FAILED: &str = "batch.failed";
 pub const BATCH_PROGRESS: &str = "batch.progress";
+pub const BATCH_CANCELLED: &str = "batch.cancelled";
 /// `schema_version` of both events.
 pub const EVENT_SCHEMA_VERSION: u32 = 1;
 
@@ -378,6 +379,60 @@ impl BatchProgress {
     }
 }
 
+/// `batch.cancelled`: a worker stopped a batch after `sdbatch cancel` (or acked a delivery that
+/// arrived after it). Images stored before the cancel stay; the rest are never made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchCancelled {
+    pub schema_version: u32,
+    /// Always [`BATCH_CANCELLED`].
+    pub event: String,
+    pub batch_id: String,
+    /// Always `"cancelled"`.
+    pub status: String,
+    pub bucket: String,
+    pub images_total: usize,
+    /// Keys of the batch's images that are stored (by this delivery or an earlier one), in
+    /// message order.
+    pub stored_keys: Vec<String>,
+    /// Keys of the images that were not made and never will be, in message order.
+    pub not_stored_keys: Vec<String>,
+    pub worker_id: String,
+    /// RFC 3339 UTC.
+    pub cancelled_at: String,
+}
+
+impl BatchCancelled {
+    /// The cancellation of `batch`, whose images are `planned` (every key, message order) of
+    /// which `stored` exist, stamped now.
+    pub fn new(
+        batch: &Batch,
+        planned: &[String],
+        stored: &std::collections::HashSet<String>,
+        worker_id: impl Into<String>,
+    ) -> Self {
+        let (stored_keys, not_stored_keys) = planned
+            .iter()
+            .cloned()
+            .partition(|key| stored.contains(key));
+        Self {
+            schema_version: EVENT_SCHEMA_VERSION,
+            event: BATCH_CANCELLED.to_string(),
+            batch_id: batch.batch_id.clone(),
+            status: "cancelled".to_string(),
+            bucket: batch.bucket.clone(),
+            images_total: planned.len(),
+            stored_keys,
+            not_stored_keys,
+            worker_id: worker_id.into(),
+            cancelled_at: now_rfc3339(),
+        }
+    }
+
+    pub fn to_json_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a BatchCancelled always serializes")
+    }
+}
+
 /// Any event, told apart by its `event` field (for consumers of the events exchange).
 // One value per event read off the wire, never stored in bulk: boxing the larger variant would
 // only cost every consumer a deref.
@@ -387,6 +442,7 @@ pub enum Event {
     Completed(BatchCompleted),
     Failed(BatchFailed),
     Progress(BatchProgress),
+    Cancelled(BatchCancelled),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -410,6 +466,7 @@ impl Event {
             BATCH_COMPLETED => Ok(Event::Completed(serde_json::from_slice(body)?)),
             BATCH_FAILED => Ok(Event::Failed(serde_json::from_slice(body)?)),
             BATCH_PROGRESS => Ok(Event::Progress(serde_json::from_slice(body)?)),
+            BATCH_CANCELLED => Ok(Event::Cancelled(serde_json::from_slice(body)?)),
             _ => Err(EventError::UnknownEvent(head.event)),
         }
     }
@@ -420,6 +477,7 @@ impl Event {
             Event::Completed(c) => Some(&c.batch_id),
             Event::Failed(f) => f.batch_id.as_deref(),
             Event::Progress(p) => Some(&p.batch_id),
+            Event::Cancelled(c) => Some(&c.batch_id),
         }
     }
 
@@ -429,6 +487,7 @@ impl Event {
             Event::Completed(_) => BATCH_COMPLETED,
             Event::Failed(_) => BATCH_FAILED,
             Event::Progress(_) => BATCH_PROGRESS,
+            Event::Cancelled(_) => BATCH_CANCELLED,
         }
     }
 }
@@ -783,12 +842,29 @@ mod tests {
         })
         .unwrap();
         let f = serde_json::to_value(failed(None, "r")).unwrap();
+        let batch = parse(
+            &serde_json::to_vec(&json!({"schema_version": 1, "batch_id": "b",
+            "items": [{"id": "a", "prompt": "p", "num_images": 2}]}))
+            .unwrap(),
+            &Limits {
+                default_bucket: Some("images".into()),
+                ..Limits::default()
+            },
+            64,
+        )
+        .unwrap();
+        let planned = ["b/a/0.png".to_string(), "b/a/1.png".to_string()];
+        let stored = std::collections::HashSet::from([planned[0].clone()]);
+        let x = serde_json::to_value(BatchCancelled::new(&batch, &planned, &stored, "w")).unwrap();
+        assert_eq!(x["stored_keys"], json!(["b/a/0.png"]));
+        assert_eq!(x["not_stored_keys"], json!(["b/a/1.png"]));
         for (def, value) in [
             ("batch_completed", &c),
             ("image", &c["images"][0]),
             ("params", &c["params"]),
             ("timings", &c["timings"]),
             ("batch_failed", &f),
+            ("batch_cancelled", &x),
         ] {
             let d = &defs[def];
             assert_eq!(keys(&d["properties"]), keys(value), "{def}");
@@ -862,6 +938,7 @@ mod tests {
                     Event::Completed(c) => serde_json::to_value(c).unwrap(),
                     Event::Failed(f) => serde_json::to_value(f).unwrap(),
                     Event::Progress(p) => serde_json::to_value(p).unwrap(),
+                    Event::Cancelled(c) => serde_json::to_value(c).unwrap(),
                 };
                 assert_eq!(again, v, "documented event differs from its struct form");
                 kinds.insert(e.routing_key());
@@ -869,7 +946,12 @@ mod tests {
         }
         assert_eq!(
             kinds,
-            BTreeSet::from([BATCH_COMPLETED, BATCH_FAILED, BATCH_PROGRESS])
+            BTreeSet::from([
+                BATCH_COMPLETED,
+                BATCH_FAILED,
+                BATCH_PROGRESS,
+                BATCH_CANCELLED
+            ])
         );
     }
 }

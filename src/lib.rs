@@ -10,6 +10,7 @@
 pub mod batching;
 pub mod bounded;
 pub mod bridge;
+pub mod cancel;
 pub mod config;
 pub mod device;
 pub mod error;

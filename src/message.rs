@@ -880,6 +880,11 @@ impl Batch {
         self.key("progress.json")
     }
 
+    /// `{prefix}/{batch_id}/cancelled.json`: written by `sdbatch cancel` ([`crate::cancel`]).
+    pub fn tombstone_key(&self) -> String {
+        self.key(crate::cancel::TOMBSTONE_NAME)
+    }
+
     pub fn total_images(&self) -> usize {
         self.items.iter().map(|i| i.num_images as usize).sum()
     }

@@ -12,10 +12,17 @@ use std::time::Duration;
 pub struct Metrics {
     pub registry: Registry,
     /// Messages by outcome: completed, republished (manifest existed), failed (requeued),
-    /// dead_lettered.
+    /// dead_lettered, cancelled.
     pub batches: IntCounterVec,
-    /// Images by outcome: completed, failed.
+    /// Images by outcome: completed, failed, resumed, cancelled (planned, never stored).
     pub images: IntCounterVec,
+    /// `sdbatch cancel` broadcasts heard, by outcome: `cancelled` (a message in hand is being
+    /// stopped), `too_late` (its images were all stored, or it already failed), `not_here` (no
+    /// message of that batch in hand), `invalid` (not a cancel request).
+    pub cancel_requests: IntCounterVec,
+    /// GPU batches stopped between UNet steps (or before starting) because no image of theirs
+    /// was wanted any more.
+    pub gpu_batches_stopped: IntCounter,
     pub dead_letters: IntCounterVec,
     /// Batch messages taken in, by priority lane.
     pub lane_received: IntCounterVec,
@@ -142,6 +149,15 @@ impl Metrics {
                 "sdbatch_retries_total",
                 "In-process retries, by cause.",
                 "cause",
+            ),
+            cancel_requests: counter_vec(
+                "sdbatch_cancel_requests_total",
+                "Cancel broadcasts heard, by outcome.",
+                "outcome",
+            ),
+            gpu_batches_stopped: counter(
+                "sdbatch_gpu_batches_stopped_total",
+                "GPU batches stopped because none of their images was wanted any more.",
             ),
             oom_splits: counter(
                 "sdbatch_oom_splits_total",

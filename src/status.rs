@@ -1,9 +1,10 @@
 //! A producer's view of one batch (`sdbatch status`): what its objects and the dead-letter queue
 //! say, decided here without I/O. The manifest wins (the work is done, whatever else exists),
-//! then a dead letter (the batch failed; a progress object may remain from the attempt), then a
+//! then a cancel's tombstone (`sdbatch cancel`; images stored before it stay), then a dead letter (the batch failed; a progress object may remain from the attempt), then a
 //! progress object (running, or its worker stopped mid-way and the broker will redeliver it),
 //! else the batch is queued, or was never submitted: nothing distinguishes the two without
 //! reading the jobs queue.
+use crate::cancel::Tombstone;
 use crate::events::{BatchCompleted, BatchProgress};
 use serde::Serialize;
 
@@ -32,7 +33,12 @@ pub enum BatchStatus {
         worker_id: String,
         updated_at: String,
     },
-    /// No manifest, progress object or dead letter.
+    /// `sdbatch cancel` wrote its tombstone (the worker holding it may still be winding down).
+    Cancelled {
+        batch_id: String,
+        requested_at: String,
+    },
+    /// No manifest, tombstone, progress object or dead letter.
     Queued { batch_id: String },
 }
 
@@ -47,6 +53,7 @@ pub struct DeadLetter {
 pub fn classify(
     batch_id: &str,
     manifest: Option<&BatchCompleted>,
+    cancelled: Option<&Tombstone>,
     dead: Option<&DeadLetter>,
     progress: Option<&BatchProgress>,
 ) -> BatchStatus {
@@ -62,6 +69,12 @@ pub fn classify(
                 .map(|i| format!("s3://{}/{}", i.bucket, i.key))
                 .collect(),
             completed_at: m.completed_at.clone(),
+        };
+    }
+    if let Some(t) = cancelled {
+        return BatchStatus::Cancelled {
+            batch_id,
+            requested_at: t.requested_at.clone(),
         };
     }
     if let Some(d) = dead {
@@ -113,6 +126,10 @@ impl BatchStatus {
                      (worker {worker_id}, as of {updated_at})"
                 )
             }
+            BatchStatus::Cancelled {
+                batch_id,
+                requested_at,
+            } => format!("{batch_id}: cancelled (requested at {requested_at})"),
             BatchStatus::Queued { batch_id } => {
                 format!("{batch_id}: queued (or unknown: no manifest, progress or dead letter)")
             }
@@ -200,13 +217,19 @@ mod tests {
     }
 
     #[test]
-    fn the_manifest_wins_then_a_dead_letter_then_progress() {
+    fn the_manifest_wins_then_a_tombstone_then_a_dead_letter_then_progress() {
         let dead = DeadLetter {
             reason: "delivery_limit".into(),
             detail: "failed on every delivery".into(),
         };
         let (m, p) = (manifest(), progress());
-        let completed = classify("b", Some(&m), Some(&dead), Some(&p));
+        let tombstone = Tombstone {
+            schema_version: 1,
+            batch_id: "b".into(),
+            status: "cancelled".into(),
+            requested_at: "2026-11-30T10:00:01.000Z".into(),
+        };
+        let completed = classify("b", Some(&m), Some(&tombstone), Some(&dead), Some(&p));
         assert_eq!(
             completed,
             BatchStatus::Completed {
@@ -216,11 +239,24 @@ mod tests {
                 completed_at: "2026-11-30T10:00:00.000Z".into(),
             }
         );
+        let cancelled = classify("b", None, Some(&tombstone), Some(&dead), Some(&p));
+        assert_eq!(
+            cancelled,
+            BatchStatus::Cancelled {
+                batch_id: "b".into(),
+                requested_at: "2026-11-30T10:00:01.000Z".into()
+            }
+        );
+        assert!(
+            cancelled.line().contains("cancelled"),
+            "{}",
+            cancelled.line()
+        );
         assert!(matches!(
-            classify("b", None, Some(&dead), Some(&p)),
+            classify("b", None, None, Some(&dead), Some(&p)),
             BatchStatus::Failed { reason, .. } if reason == "delivery_limit"
         ));
-        let running = classify("b", None, None, Some(&p));
+        let running = classify("b", None, None, None, Some(&p));
         assert!(
             matches!(
                 running,
@@ -234,7 +270,7 @@ mod tests {
         );
         assert!(running.line().contains("1/3"), "{}", running.line());
         assert_eq!(
-            classify("b", None, None, None),
+            classify("b", None, None, None, None),
             BatchStatus::Queued {
                 batch_id: "b".into()
             }

@@ -136,9 +136,13 @@ fn requests(n: u64) -> Vec<ImageRequest> {
 fn within_one_level(a: &StableDiffusion, b: &StableDiffusion, n: u64, size: i64) -> (f64, u8) {
     let p = params(8, 7.5, size, SchedulerKind::Pndm);
     let reqs = requests(n);
-    let x = a.generate(&reqs, &p, &mut |_, _, _| {}).unwrap();
+    let x = a
+        .generate(&reqs, &p, &mut sdbatch::pipeline::ignore_steps)
+        .unwrap();
     b.set_compiled_enabled(true);
-    let y = b.generate(&reqs, &p, &mut |_, _, _| {}).unwrap();
+    let y = b
+        .generate(&reqs, &p, &mut sdbatch::pipeline::ignore_steps)
+        .unwrap();
     let (mut close, mut total, mut worst) = (0usize, 0usize, 0u8);
     for (i, j) in x.images.iter().zip(&y.images) {
         for (&u, &v) in i.pixels.iter().zip(&j.pixels) {
@@ -179,13 +183,19 @@ fn uncovered_shapes_run_eagerly() {
     let size = eager.native_size();
     let p = params(2, 7.5, size, SchedulerKind::Pndm);
     let reqs = requests(u64::from(MAX_IMAGES) + 1);
-    let x = eager.generate(&reqs, &p, &mut |_, _, _| {}).unwrap();
-    let y = compiled.generate(&reqs, &p, &mut |_, _, _| {}).unwrap();
+    let x = eager
+        .generate(&reqs, &p, &mut sdbatch::pipeline::ignore_steps)
+        .unwrap();
+    let y = compiled
+        .generate(&reqs, &p, &mut sdbatch::pipeline::ignore_steps)
+        .unwrap();
     assert_eq!(x.images, y.images, "a batch beyond the package");
     let p = params(2, 7.5, size * 2, SchedulerKind::Pndm);
-    let x = eager.generate(&reqs[..1], &p, &mut |_, _, _| {}).unwrap();
+    let x = eager
+        .generate(&reqs[..1], &p, &mut sdbatch::pipeline::ignore_steps)
+        .unwrap();
     let y = compiled
-        .generate(&reqs[..1], &p, &mut |_, _, _| {})
+        .generate(&reqs[..1], &p, &mut sdbatch::pipeline::ignore_steps)
         .unwrap();
     assert_eq!(x.images, y.images, "another image size");
 }

@@ -79,7 +79,10 @@ fn img2img_matches_diffusers_for_each_scheduler() {
                     images: std::slice::from_ref(&init),
                     strength,
                 }),
-                &mut |_, _, l| latents.push(l.copy()),
+                &mut |_, _, l| {
+                    latents.push(l.copy());
+                    std::ops::ControlFlow::Continue(())
+                },
             )
             .unwrap();
         assert_eq!(
@@ -268,7 +271,12 @@ fn hires_fix_matches_the_two_call_reference() {
     };
     let one = |p: &GenerateParams, init: Option<Img2Img<'_>>| {
         model
-            .generate_with(std::slice::from_ref(&request), p, init, &mut |_, _, _| {})
+            .generate_with(
+                std::slice::from_ref(&request),
+                p,
+                init,
+                &mut sdbatch::pipeline::ignore_steps,
+            )
             .unwrap()
             .images
             .remove(0)
@@ -314,7 +322,7 @@ fn hires_fix_matches_the_two_call_reference() {
             std::slice::from_ref(&request),
             &first,
             hires,
-            &mut |_, _, _| {},
+            &mut sdbatch::pipeline::ignore_steps,
         )
         .unwrap();
     let expected = one(
@@ -427,6 +435,7 @@ fn latent_hires_fix_matches_the_two_call_reference() {
                 first_latents = Some(latents.copy());
             }
             calls += 1;
+            std::ops::ControlFlow::Continue(())
         })
         .unwrap();
     let begin = img2img_begin(hires.steps, hires.strength).unwrap();

@@ -79,7 +79,10 @@ fn check_runs(model: &StableDiffusion, which: &str, pick: fn(&serde_json::Value)
                     masks: std::slice::from_ref(&mask),
                     strength: info["strength"].as_f64().unwrap(),
                 },
-                &mut |_, _, l| latents.push(l.copy()),
+                &mut |_, _, l| {
+                    latents.push(l.copy());
+                    std::ops::ControlFlow::Continue(())
+                },
             )
             .unwrap();
         assert_eq!(
@@ -146,7 +149,7 @@ fn inpainting_inputs_are_checked() {
                     masks,
                     strength,
                 },
-                &mut |_, _, _| {},
+                &mut sdbatch::pipeline::ignore_steps,
             )
             .map(|_| ())
             .unwrap_err()
@@ -165,7 +168,11 @@ fn inpainting_inputs_are_checked() {
     assert!(err.contains("does not support inpainting"), "{err}");
     // Plain text-to-image cannot drive an inpainting UNet.
     let err = model
-        .generate(std::slice::from_ref(&request), &p, &mut |_, _, _| {})
+        .generate(
+            std::slice::from_ref(&request),
+            &p,
+            &mut sdbatch::pipeline::ignore_steps,
+        )
         .map(|_| ())
         .unwrap_err()
         .to_string();

@@ -47,7 +47,11 @@ fn request(m: &serde_json::Value) -> ImageRequest {
 
 fn image(model: &StableDiffusion, p: &GenerateParams, r: &ImageRequest) -> Vec<u8> {
     let out = model
-        .generate(std::slice::from_ref(r), p, &mut |_, _, _| {})
+        .generate(
+            std::slice::from_ref(r),
+            p,
+            &mut sdbatch::pipeline::ignore_steps,
+        )
         .unwrap();
     out.images[0].pixels.clone()
 }

@@ -77,7 +77,7 @@ async fn submit_template_and_wait_lists_the_keys() {
     println!("{out}");
     assert!(out.contains("submitted 2 batch(es), 4 image(s)"), "{out}");
     assert!(
-        out.contains("2 batch(es) completed, 0 failed, 0 missing"),
+        out.contains("2 batch(es) completed, 0 failed, 0 cancelled, 0 missing"),
         "{out}"
     );
     assert!(

@@ -316,6 +316,7 @@ fn scheduler_run_with(name: &str, kind: SchedulerKind, edit: impl FnOnce(&mut Sc
             assert!(d <= TOL, "{name}: latents after step {i} differ by {d:e}");
             worst = worst.max(d);
             count += 1;
+            std::ops::ControlFlow::Continue(())
         })
         .unwrap();
     let expected_steps = r.keys().filter(|k| k.starts_with("latents_")).count();
@@ -457,7 +458,7 @@ fn three_prompt_batch_matches_diffusers() {
         loras: Vec::new(),
     };
     let out = model
-        .generate(&requests, &params, &mut |_, _, _| {})
+        .generate(&requests, &params, &mut sdbatch::pipeline::ignore_steps)
         .unwrap();
     let r = reference("batch.safetensors");
     let ours: Vec<u8> = out.images.iter().flat_map(|i| i.pixels.clone()).collect();
@@ -501,13 +502,15 @@ fn image_is_independent_of_its_batch() {
         let mut alone_latents = Tensor::new();
         let alone = model
             .generate(std::slice::from_ref(&target), &params, &mut |_, _, l| {
-                alone_latents = l.copy()
+                alone_latents = l.copy();
+                std::ops::ControlFlow::Continue(())
             })
             .unwrap();
         let mut batch_latents = Tensor::new();
         let together = model
             .generate(&batch, &params, &mut |_, _, l| {
-                batch_latents = l.narrow(0, 2, 1).copy()
+                batch_latents = l.narrow(0, 2, 1).copy();
+                std::ops::ControlFlow::Continue(())
             })
             .unwrap();
         assert_eq!(together.images.len(), 5);
@@ -555,7 +558,7 @@ fn slicing_options_do_not_change_images() {
         loras: Vec::new(),
     };
     let plain = load_cpu()
-        .generate(&requests, &params, &mut |_, _, _| {})
+        .generate(&requests, &params, &mut sdbatch::pipeline::ignore_steps)
         .unwrap();
     let sliced_model = StableDiffusion::load(
         &model_dir(),
@@ -567,7 +570,7 @@ fn slicing_options_do_not_change_images() {
     )
     .unwrap();
     let sliced = sliced_model
-        .generate(&requests, &params, &mut |_, _, _| {})
+        .generate(&requests, &params, &mut sdbatch::pipeline::ignore_steps)
         .unwrap();
     for (a, b) in plain.images.iter().zip(&sliced.images) {
         assert_images_match("sliced vs unsliced", &a.pixels, &b.pixels);
@@ -623,7 +626,11 @@ fn clip_skip_matches_the_hidden_states_and_the_pipeline() {
         seed: m["seed"].as_u64().unwrap(),
     };
     let out = model
-        .generate(std::slice::from_ref(&request), &params, &mut |_, _, _| {})
+        .generate(
+            std::slice::from_ref(&request),
+            &params,
+            &mut sdbatch::pipeline::ignore_steps,
+        )
         .unwrap();
     assert_images_match(
         "clip skip 2 image",
@@ -676,6 +683,7 @@ fn guidance_rescale_matches_diffusers() {
                     "guidance rescale: latents after step {i} differ by {d:e}"
                 );
                 worst = worst.max(d);
+                std::ops::ControlFlow::Continue(())
             },
         )
         .unwrap();

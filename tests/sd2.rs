@@ -72,6 +72,7 @@ fn run(name: &str, scheduler: SchedulerKind) {
             );
             worst = worst.max(d);
             steps += 1;
+            std::ops::ControlFlow::Continue(())
         })
         .unwrap();
     assert_eq!(steps as u64, run["steps"].as_u64().unwrap());

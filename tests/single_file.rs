@@ -84,10 +84,14 @@ fn same_model(folder: &StableDiffusion, single: &StableDiffusion, what: &str) {
         seed: 42,
     };
     let ia = folder
-        .generate(std::slice::from_ref(&request), &params, &mut |_, _, _| {})
+        .generate(
+            std::slice::from_ref(&request),
+            &params,
+            &mut sdbatch::pipeline::ignore_steps,
+        )
         .unwrap();
     let ib = single
-        .generate(&[request], &params, &mut |_, _, _| {})
+        .generate(&[request], &params, &mut sdbatch::pipeline::ignore_steps)
         .unwrap();
     let (frac, max) = pixel_agreement(&ia.images[0].pixels, &ib.images[0].pixels);
     println!(

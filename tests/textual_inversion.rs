@@ -137,6 +137,7 @@ fn pipeline_with_embeddings_in_prompt_and_negative_matches_diffusers() {
                 let d = max_abs_diff(latents, &r[&format!("latents_{i:03}")]);
                 assert!(d <= TOL, "latents after step {i} differ by {d:e}");
                 worst = worst.max(d);
+                std::ops::ControlFlow::Continue(())
             },
         )
         .unwrap();
@@ -152,7 +153,7 @@ fn pipeline_with_embeddings_in_prompt_and_negative_matches_diffusers() {
         ..params
     };
     let again = model
-        .generate(&[request], &a1111, &mut |_, _, _| {})
+        .generate(&[request], &a1111, &mut sdbatch::pipeline::ignore_steps)
         .unwrap();
     assert_eq!(again.images[0], out.images[0]);
 }

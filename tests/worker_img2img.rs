@@ -160,7 +160,7 @@ async fn mixed_txt2img_and_img2img_batches_complete_and_bad_inputs_are_dead_lett
                 images: &inits,
                 strength: STRENGTH,
             }),
-            &mut |_, _, _| {},
+            &mut sdbatch::pipeline::ignore_steps,
         )
         .unwrap();
     for (record, expected) in done.images[1..].iter().zip(&ours.images) {
@@ -175,7 +175,11 @@ async fn mixed_txt2img_and_img2img_batches_complete_and_bad_inputs_are_dead_lett
     }
     // And not a txt2img image of the same seed: the init image mattered.
     let txt2img = model
-        .generate(&requests[..1], &params, &mut |_, _, _| {})
+        .generate(
+            &requests[..1],
+            &params,
+            &mut sdbatch::pipeline::ignore_steps,
+        )
         .unwrap();
     assert_ne!(txt2img.images[0].pixels, ours.images[0].pixels);
 

@@ -197,7 +197,11 @@ async fn txt2img_img2img_and_inpainting_items_run_apart_and_bad_masks_are_dead_l
     let model = common::load_cpu();
     let p = params(SchedulerKind::Euler);
     let t = model
-        .generate(&[request("a kettle", 5)], &p, &mut |_, _, _| {})
+        .generate(
+            &[request("a kettle", 5)],
+            &p,
+            &mut sdbatch::pipeline::ignore_steps,
+        )
         .unwrap();
     let init_rgb = rgb(inputs.init.clone());
     let i = model
@@ -208,7 +212,7 @@ async fn txt2img_img2img_and_inpainting_items_run_apart_and_bad_masks_are_dead_l
                 images: std::slice::from_ref(&init_rgb),
                 strength: 0.8,
             }),
-            &mut |_, _, _| {},
+            &mut sdbatch::pipeline::ignore_steps,
         )
         .unwrap();
     let inits = [init_rgb.clone(), init_rgb.clone()];
@@ -228,7 +232,7 @@ async fn txt2img_img2img_and_inpainting_items_run_apart_and_bad_masks_are_dead_l
                 masks: &masks,
                 strength: 1.0,
             },
-            &mut |_, _, _| {},
+            &mut sdbatch::pipeline::ignore_steps,
         )
         .unwrap();
     let expected = [
@@ -349,7 +353,7 @@ async fn a_hires_message_stores_the_larger_images_of_generate_hires() {
             &[request("a kettle", 5), request("a teapot", 6)],
             &params(SchedulerKind::EulerAncestral),
             hires,
-            &mut |_, _, _| {},
+            &mut sdbatch::pipeline::ignore_steps,
         )
         .unwrap();
     for (record, want) in done.images.iter().zip(&out.images) {
@@ -441,7 +445,7 @@ async fn an_inpainting_model_worker_refuses_items_without_a_mask_and_inpaints_th
                 masks: &[GrayImage::from_rgb(&rgb(inputs.mask.clone()))],
                 strength: 0.75,
             },
-            &mut |_, _, _| {},
+            &mut sdbatch::pipeline::ignore_steps,
         )
         .unwrap();
     let got = stored(&stack, &done.images[0].key).await;

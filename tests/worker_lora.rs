@@ -123,6 +123,7 @@ async fn lora_sets_are_batched_apart_and_match_generate() {
             }
             Event::Failed(f) => failed.push(f),
             Event::Progress(_) => unreachable!("Events::next skips progress reports"),
+            Event::Cancelled(c) => panic!("nothing is cancelled here: {c:?}"),
         }
     }
     assert_eq!(failed.len(), 1, "{failed:?}");

@@ -117,7 +117,7 @@ fn measure(
 ) -> Result<Row> {
     let reqs = requests(bs);
     for _ in 0..args.warmup {
-        model.generate(&reqs, params, &mut |_, _, _| {})?;
+        model.generate(&reqs, params, &mut sdbatch::pipeline::ignore_steps)?;
     }
     let mut peak: Option<u64> = None;
     let (mut sum_total, mut sum_step, mut sum_text, mut sum_vae) = (0.0, 0.0, 0.0, 0.0);
@@ -132,6 +132,7 @@ fn measure(
             if let Some(p) = probe.as_mut() {
                 p.sample();
             }
+            std::ops::ControlFlow::Continue(())
         })?;
         if let Some(reading) = probe.and_then(PeakProbe::finish) {
             peak = Some(peak.unwrap_or(0).max(reading.used));

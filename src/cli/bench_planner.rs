@@ -127,6 +127,7 @@ async fn run_mode(
                 completed.insert(c.batch_id);
             }
             Event::Failed(f) => bail!("{name}: batch failed: {} {}", f.reason, f.error),
+            Event::Cancelled(c) => bail!("{name}: batch {} was cancelled", c.batch_id),
             Event::Progress(_) => {}
         }
     }

@@ -364,6 +364,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let mut on_step = |i: usize, total: usize, _: &tch::Tensor| {
             steps_bar.set_length(total as u64);
             steps_bar.set_position(i as u64 + 1);
+            std::ops::ControlFlow::Continue(())
         };
         let out = match (hires, &mask) {
             (Some(h), _) => model.generate_hires(&requests, &params, h, &mut on_step)?,

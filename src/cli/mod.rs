@@ -1,6 +1,7 @@
 //! Command-line interface: argument definitions and dispatch.
 mod bench;
 mod bench_planner;
+mod cancel;
 mod compile;
 mod dlq;
 mod generate;
@@ -56,6 +57,10 @@ pub enum Command {
     /// Each batch's state (queued, running with progress, completed with its keys, failed with
     /// its reason) from its objects and the dead-letter queue.
     Status(status::StatusArgs),
+    /// Cancel queued or running batches: their unstarted images are never made, a GPU batch
+    /// holding only their images stops, and workers publish `batch.cancelled`. A finished batch
+    /// is left alone, and the command says so.
+    Cancel(cancel::CancelArgs),
     /// Compile the UNet and VAE decoder ahead of time (AOTInductor) for this device: the folder
     /// `--compiled` takes.
     Compile(compile::CompileArgs),
@@ -374,6 +379,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Status(mut args) => {
             args.broker = args.broker.resolved();
             runtime()?.block_on(status::run(args))
+        }
+        Command::Cancel(mut args) => {
+            args.broker = args.broker.resolved();
+            runtime()?.block_on(cancel::run(args))
         }
     }
 }

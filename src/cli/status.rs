@@ -1,9 +1,10 @@
-//! `sdbatch status BATCH_ID…`: each batch's state from its objects (manifest, progress object)
-//! and the dead-letter queue, without listening to events. The decision is
+//! `sdbatch status BATCH_ID…`: each batch's state from its objects (manifest, cancel tombstone,
+//! progress object) and the dead-letter queue, without listening to events. The decision is
 //! [`sdbatch::status::classify`]; this reads what it needs.
 use super::{BrokerArgs, MAX_FIELD_CHARS, printable};
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use sdbatch::cancel::{TOMBSTONE_NAME, Tombstone};
 use sdbatch::events::{BatchCompleted, BatchProgress};
 use sdbatch::message::batch_key;
 use sdbatch::queue;
@@ -28,6 +29,13 @@ pub struct StatusArgs {
     /// One JSON object per batch, one per line.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub store: BatchStoreArgs,
+}
+
+/// Where the batches' objects are: shared by `status` and `cancel`.
+#[derive(Args, Debug, Clone)]
+pub struct BatchStoreArgs {
     /// The bucket the batches were stored in.
     #[arg(long, env = "S3_BUCKET", hide_env_values = true)]
     pub bucket: String,
@@ -49,6 +57,20 @@ pub struct StatusArgs {
     pub s3_region: Option<String>,
 }
 
+impl BatchStoreArgs {
+    pub async fn connect(&self) -> Result<Storage> {
+        let mut cfg = StorageConfig::new(self.storage_url.clone());
+        cfg.endpoint = self.s3_endpoint.clone();
+        cfg.region = self.s3_region.clone();
+        Ok(Storage::connect(&cfg).await?)
+    }
+
+    /// The key of `name` in batch `id`'s folder.
+    pub fn key(&self, id: &str, name: &str) -> String {
+        batch_key(&self.prefix, id, name)
+    }
+}
+
 /// An object's JSON, `None` when it does not exist.
 async fn read_json<T: serde::de::DeserializeOwned>(
     storage: &Storage,
@@ -68,23 +90,23 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     }
 }
 
-pub async fn run(args: StatusArgs) -> Result<()> {
-    if args.batch_ids.len() > MAX_BATCH_IDS {
+/// The state of each of `batch_ids`, from the objects in `store` and the dead-letter queue.
+pub async fn lookup(
+    broker: &BrokerArgs,
+    store: &BatchStoreArgs,
+    storage: &Storage,
+    batch_ids: &[String],
+) -> Result<Vec<BatchStatus>> {
+    if batch_ids.len() > MAX_BATCH_IDS {
         bail!("at most {MAX_BATCH_IDS} batch ids per call");
     }
-    let mut cfg = StorageConfig::new(args.storage_url.clone());
-    cfg.endpoint = args.s3_endpoint.clone();
-    cfg.region = args.s3_region.clone();
-    let storage = Storage::connect(&cfg).await?;
-
     // The dead letters, read once for every batch asked about (and returned to the queue when
     // the channel closes: nothing is acked).
-    let topology = args.broker.topology();
-    let conn = queue::connect(&args.broker.amqp_url, "sdbatch status").await?;
+    let topology = broker.topology();
+    let conn = queue::connect(&broker.amqp_url, "sdbatch status").await?;
     let channel = conn.create_channel().await?;
     queue::declare(&channel, &topology).await?;
-    let wanted: std::collections::HashSet<&str> =
-        args.batch_ids.iter().map(String::as_str).collect();
+    let wanted: std::collections::HashSet<&str> = batch_ids.iter().map(String::as_str).collect();
     let mut dead: HashMap<String, DeadLetter> = HashMap::new();
     for l in super::dlq::read_all(&channel, &topology.dead_queue, MAX_DEAD_LETTERS).await? {
         if wanted.contains(l.batch_id.as_str()) {
@@ -100,24 +122,36 @@ pub async fn run(args: StatusArgs) -> Result<()> {
     let _ = channel.close(200, "done".into()).await;
     let _ = conn.close(200, "done".into()).await;
 
-    for id in &args.batch_ids {
-        let manifest: Option<BatchCompleted> = read_json(
-            &storage,
-            &args.bucket,
-            &batch_key(&args.prefix, id, "manifest.json"),
-        )
-        .await?;
-        let progress: Option<BatchProgress> = if manifest.is_none() {
-            read_json(
-                &storage,
-                &args.bucket,
-                &batch_key(&args.prefix, id, "progress.json"),
-            )
-            .await?
+    let bucket = &store.bucket;
+    let mut found = Vec::with_capacity(batch_ids.len());
+    for id in batch_ids {
+        // Read in the order of precedence, each only when the earlier ones are absent.
+        let manifest: Option<BatchCompleted> =
+            read_json(storage, bucket, &store.key(id, "manifest.json")).await?;
+        let tombstone: Option<Tombstone> = if manifest.is_none() {
+            read_json(storage, bucket, &store.key(id, TOMBSTONE_NAME)).await?
         } else {
             None
         };
-        let status = classify(id, manifest.as_ref(), dead.get(id), progress.as_ref());
+        let progress: Option<BatchProgress> = if manifest.is_none() && tombstone.is_none() {
+            read_json(storage, bucket, &store.key(id, "progress.json")).await?
+        } else {
+            None
+        };
+        found.push(classify(
+            id,
+            manifest.as_ref(),
+            tombstone.as_ref(),
+            dead.get(id),
+            progress.as_ref(),
+        ));
+    }
+    Ok(found)
+}
+
+pub async fn run(args: StatusArgs) -> Result<()> {
+    let storage = args.store.connect().await?;
+    for status in lookup(&args.broker, &args.store, &storage, &args.batch_ids).await? {
         if args.json {
             println!("{}", serde_json::to_string(&status)?);
         } else {

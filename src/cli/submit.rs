@@ -243,6 +243,7 @@ pub async fn run(args: SubmitArgs) -> Result<()> {
                     events::BATCH_COMPLETED,
                     events::BATCH_FAILED,
                     events::BATCH_PROGRESS,
+                    events::BATCH_CANCELLED,
                 ],
             )
             .await?,
@@ -288,11 +289,17 @@ pub async fn run(args: SubmitArgs) -> Result<()> {
     bar.set_message("0 failed");
     let mut completed: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    // `sdbatch cancel`led while waiting: (images stored, of total).
+    let mut cancelled: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut failed_images = 0;
     // Images done per batch (progress reports, then the completion): the bar shows their sum.
     let mut done: HashMap<String, u64> = HashMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
-    while completed.len() + failed.len() < expected.len() {
+    let settled =
+        |c: &BTreeMap<String, Vec<String>>,
+         f: &BTreeMap<String, String>,
+         x: &BTreeMap<String, (usize, usize)>| c.len() + f.len() + x.len();
+    while settled(&completed, &failed, &cancelled) < expected.len() {
         let delivery = tokio::select! {
             d = consumer.next() => d,
             _ = tokio::time::sleep_until(deadline) => break,
@@ -307,7 +314,11 @@ pub async fn run(args: SubmitArgs) -> Result<()> {
         let Some(id) = event.batch_id().map(str::to_string) else {
             continue;
         };
-        if !expected.contains_key(&id) || completed.contains_key(&id) || failed.contains_key(&id) {
+        if !expected.contains_key(&id)
+            || completed.contains_key(&id)
+            || failed.contains_key(&id)
+            || cancelled.contains_key(&id)
+        {
             continue;
         }
         match event {
@@ -332,6 +343,11 @@ pub async fn run(args: SubmitArgs) -> Result<()> {
                         .collect(),
                 );
             }
+            Event::Cancelled(c) => {
+                failed_images += c.not_stored_keys.len() as u64;
+                bar.set_message(format!("{failed_images} failed or cancelled"));
+                cancelled.insert(id, (c.stored_keys.len(), c.images_total));
+            }
             Event::Failed(f) => {
                 failed_images += expected[&id];
                 bar.set_message(format!("{failed_images} failed"));
@@ -345,11 +361,13 @@ pub async fn run(args: SubmitArgs) -> Result<()> {
     bar.finish();
     let _ = conn.close(200, "done".into()).await;
 
+    let missing = expected.len() - settled(&completed, &failed, &cancelled);
     println!(
-        "\n{} batch(es) completed, {} failed, {} missing",
+        "\n{} batch(es) completed, {} failed, {} cancelled, {} missing",
         completed.len(),
         failed.len(),
-        expected.len() - completed.len() - failed.len()
+        cancelled.len(),
+        missing
     );
     for (id, keys) in &completed {
         for k in keys {
@@ -359,7 +377,9 @@ pub async fn run(args: SubmitArgs) -> Result<()> {
     for (id, why) in &failed {
         println!("{id}\tFAILED\t{why}");
     }
-    let missing = expected.len() - completed.len() - failed.len();
+    for (id, (stored, total)) in &cancelled {
+        println!("{id}\tCANCELLED\t{stored} of {total} image(s) stored");
+    }
     if missing > 0 {
         bail!(
             "{missing} batch(es) not accounted for after {} s",
@@ -368,6 +388,9 @@ pub async fn run(args: SubmitArgs) -> Result<()> {
     }
     if !failed.is_empty() {
         bail!("{} batch(es) failed (see `sdbatch dlq list`)", failed.len());
+    }
+    if !cancelled.is_empty() {
+        bail!("{} batch(es) were cancelled", cancelled.len());
     }
     Ok(())
 }

@@ -33,8 +33,12 @@ pub async fn run(args: TopologyArgs) -> Result<()> {
         t.dead_exchange, t.dead_queue
     );
     println!(
-        "events exchange: {} (topic: batch.completed, batch.failed)",
+        "events exchange: {} (topic: batch.completed, batch.failed, batch.progress, batch.cancelled)",
         t.events_exchange
+    );
+    println!(
+        "control:         {} (fanout: sdbatch cancel -> every connected worker)",
+        t.control_exchange
     );
     Ok(())
 }

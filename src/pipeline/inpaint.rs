@@ -261,7 +261,7 @@ impl StableDiffusion {
                 };
                 latents = keep.f_mul(&proper)?.f_add(&mask.f_mul(&latents)?)?;
             }
-            on_step(i, timesteps.len(), &latents);
+            super::after_step(on_step, i, timesteps.len(), &latents)?;
         }
         let denoise = self.sync_elapsed(t1);
 

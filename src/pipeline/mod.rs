@@ -32,6 +32,7 @@ pub mod weights;
 use crate::error::{Error, Result};
 use config::{ClipTextConfig, UNetConfig, VaeConfig, read_json};
 use schedulers::{SchedulerConfig, SchedulerKind};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
@@ -220,8 +221,27 @@ pub(crate) struct Denoised {
     pub unet_steps: usize,
 }
 
-/// Progress of the denoising loop: step index, number of steps, latents after the step.
-pub type StepCallback<'a> = dyn FnMut(usize, usize, &Tensor) + 'a;
+/// Called after each denoising step with the step index, the number of steps and the latents
+/// after the step. `Break` stops the loop there: the call returns [`Error::Stopped`].
+pub type StepCallback<'a> = dyn FnMut(usize, usize, &Tensor) -> ControlFlow<()> + 'a;
+
+/// A [`StepCallback`] that watches nothing and never stops.
+pub fn ignore_steps(_step: usize, _steps: usize, _latents: &Tensor) -> ControlFlow<()> {
+    ControlFlow::Continue(())
+}
+
+/// Runs `on_step` for step `i` of `steps`; its `Break` becomes [`Error::Stopped`].
+pub(crate) fn after_step(
+    on_step: &mut StepCallback<'_>,
+    i: usize,
+    steps: usize,
+    latents: &Tensor,
+) -> Result<()> {
+    match on_step(i, steps, latents) {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(()) => Err(Error::Stopped { step: i + 1, steps }),
+    }
+}
 
 pub struct StableDiffusion {
     pub tokenizer: tokenizer::ClipTokenizer,
@@ -1216,7 +1236,7 @@ impl StableDiffusion {
                 None
             };
             latents = scheduler.step(&eps, i, &latents, step_noise.as_ref())?;
-            on_step(i, timesteps.len(), &latents);
+            after_step(on_step, i, timesteps.len(), &latents)?;
         }
         let denoise = self.sync_elapsed(t1);
         Ok(Denoised {

@@ -49,6 +49,9 @@ pub struct Topology {
     pub dead_exchange: String,
     pub dead_queue: String,
     pub events_exchange: String,
+    /// Fanout exchange of control messages to every connected worker (`sdbatch cancel`'s
+    /// [`crate::cancel::CancelRequest`]). Each worker binds its own private queue.
+    pub control_exchange: String,
     /// Deliveries after which the broker dead-letters a message (`x-delivery-limit`). RabbitMQ
     /// 3.10+ defaults quorum queues to unlimited redeliveries, so this is always set.
     pub delivery_limit: u32,
@@ -62,7 +65,7 @@ impl Default for Topology {
 
 impl Topology {
     /// Names `{prefix}.jobs`, `{prefix}.jobs.high`, `{prefix}.dlx`, `{prefix}.jobs.dead`,
-    /// `{prefix}.events`.
+    /// `{prefix}.events`, `{prefix}.control`.
     pub fn with_prefix(prefix: &str) -> Self {
         Self {
             jobs_exchange: format!("{prefix}.jobs"),
@@ -71,6 +74,7 @@ impl Topology {
             dead_exchange: format!("{prefix}.dlx"),
             dead_queue: format!("{prefix}.jobs.dead"),
             events_exchange: format!("{prefix}.events"),
+            control_exchange: format!("{prefix}.control"),
             delivery_limit: 3,
         }
     }
@@ -242,7 +246,8 @@ pub async fn declare(channel: &Channel, t: &Topology) -> QueueResult<()> {
     // Declared after the normal lane: a deployment that predates the lanes gains the queue and
     // keeps its existing one unchanged.
     declare_bound_queue(channel, &t.jobs_exchange, &t.jobs_high_queue, jobs_args).await?;
-    declare_exchange(channel, &t.events_exchange, ExchangeKind::Topic).await
+    declare_exchange(channel, &t.events_exchange, ExchangeKind::Topic).await?;
+    declare_exchange(channel, &t.control_exchange, ExchangeKind::Fanout).await
 }
 
 async fn declare_exchange(channel: &Channel, name: &str, kind: ExchangeKind) -> QueueResult<()> {
@@ -313,6 +318,40 @@ pub async fn subscribe_events(
             queue.name().clone(),
             "".into(),
             lapin::options::BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?)
+}
+
+/// Subscribes to the control exchange with a private, auto-deleted queue (gone with the
+/// connection: a worker hears the control messages sent while it is connected; what it misses
+/// is covered by the tombstone it checks per delivery). Deliveries need no ack.
+pub async fn subscribe_control(channel: &Channel, t: &Topology) -> QueueResult<lapin::Consumer> {
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    let queue = channel
+        .queue_declare("".into(), options, FieldTable::default())
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            t.control_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await?)

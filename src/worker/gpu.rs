@@ -11,7 +11,9 @@ use crate::pipeline::{
     BatchOutput, GenerateParams, GrayImage, ImageRequest, Img2Img, Inpaint, RgbImage,
     StableDiffusion,
 };
-use std::sync::mpsc;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use tokio::sync::oneshot;
 
 /// The models the thread owns: the pipeline and the optional per-image checks.
@@ -37,6 +39,10 @@ impl Models {
 pub struct GpuWork {
     pub mode: Mode,
     pub inputs: Vec<ImageInputs>,
+    /// Set by the session when none of the job's images is wanted any more (their batches were
+    /// cancelled): the job stops before it starts or after the UNet step under way, with
+    /// [`GpuError::Stopped`].
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl GpuWork {
@@ -44,7 +50,14 @@ impl GpuWork {
         Self {
             mode: Mode::Txt2Img,
             inputs: Vec::new(),
+            stop: None,
         }
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
     }
 }
 
@@ -146,6 +159,9 @@ pub enum GpuError {
     /// The model thread has stopped: nothing can be generated any more.
     #[error("the model thread has stopped")]
     ThreadGone,
+    /// The session asked the job to stop ([`GpuWork::stop`]): nobody wants its images.
+    #[error("stopped: {0}")]
+    Stopped(String),
     #[error(transparent)]
     Pipeline(#[from] Error),
 }
@@ -155,7 +171,7 @@ impl GpuError {
     pub fn is_permanent(&self) -> bool {
         match self {
             GpuError::OutOfMemory(_) => true,
-            GpuError::Panicked(_) | GpuError::ThreadGone => false,
+            GpuError::Panicked(_) | GpuError::ThreadGone | GpuError::Stopped(_) => false,
             // Torch errors can be transient device faults; the rest are about the request.
             GpuError::Pipeline(e) => !matches!(e, Error::Torch(_)),
         }
@@ -207,6 +223,7 @@ fn generate_splitting(
     requests: &[ImageRequest],
     params: &GenerateParams,
     work: Work<'_>,
+    stop: Option<&AtomicBool>,
     report: &mut GpuReport,
 ) -> Result<BatchOutput, GpuError> {
     // Allocator peaks where the bridge has them, else the driver's free memory sampled during the
@@ -221,9 +238,15 @@ fn generate_splitting(
             if let Some(p) = probe.as_mut() {
                 p.sample();
             }
+            match stop {
+                Some(s) if s.load(Ordering::Relaxed) => ControlFlow::Break(()),
+                _ => ControlFlow::Continue(()),
+            }
         })
         .map_err(|e| {
-            if is_oom(&e) {
+            if let Error::Stopped { .. } = e {
+                GpuError::Stopped(e.to_string())
+            } else if is_oom(&e) {
                 GpuError::OutOfMemory(e.to_string())
             } else {
                 GpuError::Pipeline(e)
@@ -257,8 +280,8 @@ fn generate_splitting(
                 "CUDA out of memory: splitting the batch"
             );
             let (a, b) = work.split_at(half);
-            let mut first = generate_splitting(model, &requests[..half], params, a, report)?;
-            let second = generate_splitting(model, &requests[half..], params, b, report)?;
+            let mut first = generate_splitting(model, &requests[..half], params, a, stop, report)?;
+            let second = generate_splitting(model, &requests[half..], params, b, stop, report)?;
             first.images.extend(second.images);
             first.timings.total_ms += second.timings.total_ms;
             first.timings.denoise_ms += second.timings.denoise_ms;
@@ -319,6 +342,13 @@ impl GpuExecutor {
                 while let Ok(job) = rx.recv() {
                     let idle_before = finished.elapsed();
                     let _enter = job.span.enter();
+                    // Stopped while it waited behind another job: nothing to do.
+                    if job.work.stop_requested() {
+                        let _ = job
+                            .reply
+                            .send(Err(GpuError::Stopped("stopped before it started".into())));
+                        continue;
+                    }
                     let mut report = GpuReport::default();
                     // The pipeline takes slices of images: copied once per job from the shared
                     // decoded inputs (a few MB at most, next to seconds of denoising).
@@ -346,41 +376,45 @@ impl GpuExecutor {
                             strength: f64::from_bits(strength_bits),
                         }),
                     };
-                    let result =
-                        generate_splitting(model, &job.requests, &job.params, work, &mut report)
-                            .and_then(|output| {
-                                // The checks run here, batched, on the device that holds their weights.
-                                let safety = match (&models.safety, job.safety) {
-                                    (Some(checker), true) => Some(
-                                        checker.check(&output.images).map_err(GpuError::from)?,
-                                    ),
-                                    _ => None,
-                                };
-                                let clip_scores = match &models.clip {
-                                    Some(scorer) => {
-                                        let prompts: Vec<&str> = job
-                                            .requests
-                                            .iter()
-                                            .map(|r| r.prompt.as_str())
-                                            .collect();
-                                        Some(
-                                            scorer
-                                                .scores(&prompts, &output.images)
-                                                .map_err(GpuError::from)?,
-                                        )
-                                    }
-                                    None => None,
-                                };
-                                Ok(GpuOutput {
-                                    output,
-                                    oom_sizes: report.oom_sizes,
-                                    memory: report.memory,
-                                    total_bytes: report.total_bytes,
-                                    idle_before,
-                                    safety,
-                                    clip_scores,
-                                })
-                            });
+                    let stop = job.work.stop.as_deref();
+                    let result = generate_splitting(
+                        model,
+                        &job.requests,
+                        &job.params,
+                        work,
+                        stop,
+                        &mut report,
+                    )
+                    .and_then(|output| {
+                        // The checks run here, batched, on the device that holds their weights.
+                        let safety = match (&models.safety, job.safety) {
+                            (Some(checker), true) => {
+                                Some(checker.check(&output.images).map_err(GpuError::from)?)
+                            }
+                            _ => None,
+                        };
+                        let clip_scores = match &models.clip {
+                            Some(scorer) => {
+                                let prompts: Vec<&str> =
+                                    job.requests.iter().map(|r| r.prompt.as_str()).collect();
+                                Some(
+                                    scorer
+                                        .scores(&prompts, &output.images)
+                                        .map_err(GpuError::from)?,
+                                )
+                            }
+                            None => None,
+                        };
+                        Ok(GpuOutput {
+                            output,
+                            oom_sizes: report.oom_sizes,
+                            memory: report.memory,
+                            total_bytes: report.total_bytes,
+                            idle_before,
+                            safety,
+                            clip_scores,
+                        })
+                    });
                     finished = std::time::Instant::now();
                     let _ = job.reply.send(result);
                 }

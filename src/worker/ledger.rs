@@ -9,7 +9,10 @@
 //! stored → [`Next::Complete`] (the shell writes the manifest and publishes the event) →
 //! [`Ledger::finished`] → settled. A failure on the way marks the message failed: its waiting
 //! images are dropped, generated ones are no longer stored, and it is settled once the uploads
-//! already started have reported, so nothing of it lands after the verdict.
+//! already started have reported, so nothing of it lands after the verdict. A cancel
+//! ([`Ledger::cancel`]) winds a message down the same way and settles it as
+//! [`Verdict::Cancelled`]; GPU batches none of whose images are wanted any more are named by
+//! [`Ledger::unwanted_gpu_jobs`] so the shell can stop them between UNet steps.
 use super::WorkerError;
 use crate::batching::{ImageInputs, Mode, PlannedBatch, Planner, ShapeKey};
 use crate::events::ImageRecord;
@@ -107,6 +110,8 @@ pub enum Verdict {
     },
     /// The broker connection is gone: nothing can be settled; the broker redelivers.
     Abandon,
+    /// Cancelled (`sdbatch cancel`): publish `batch.cancelled`, ack. What it stored stays.
+    Cancelled,
 }
 
 /// The verdict for a message that ended with `result` after `previous_failures` failed
@@ -119,6 +124,7 @@ pub fn verdict(
     match result {
         Ok(()) => Verdict::Ack,
         Err(WorkerError::Queue(_)) => Verdict::Abandon,
+        Err(WorkerError::Cancelled) => Verdict::Cancelled,
         Err(e) => match e.permanent_reason() {
             Some(reason) => Verdict::DeadLetter { reason },
             None => Verdict::Requeue {
@@ -161,6 +167,9 @@ fn mode_of(batch: &Batch, item: usize) -> Mode {
 
 /// A GPU batch for the model thread.
 pub struct GpuJob {
+    /// Names it to [`Ledger::gpu_succeeded`], [`Ledger::gpu_failed`] and
+    /// [`Ledger::unwanted_gpu_jobs`].
+    pub id: u64,
     pub key: ShapeKey,
     pub params: GenerateParams,
     pub tags: Vec<Tag>,
@@ -177,8 +186,9 @@ pub struct Ledger<H> {
     messages: HashMap<u64, Message<H>>,
     planner: Planner<Tag>,
     next_seq: u64,
-    /// GPU batches queued or running, and their images.
-    gpu_jobs: usize,
+    /// GPU batches queued or running, by id, with their images.
+    gpu_jobs: HashMap<u64, Vec<Tag>>,
+    next_job: u64,
     gpu_images: usize,
     /// Images generated and not yet stored (all messages).
     pending_images: usize,
@@ -194,7 +204,8 @@ impl<H> Ledger<H> {
             messages: HashMap::new(),
             planner: Planner::default(),
             next_seq: 0,
-            gpu_jobs: 0,
+            gpu_jobs: HashMap::new(),
+            next_job: 0,
             gpu_images: 0,
             pending_images: 0,
             consumer_gen: 0,
@@ -222,7 +233,7 @@ impl<H> Ledger<H> {
 
     /// No message in hand and nothing on the model thread.
     pub fn is_idle(&self) -> bool {
-        self.messages.is_empty() && self.gpu_jobs == 0
+        self.messages.is_empty() && self.gpu_jobs.is_empty()
     }
 
     /// Images on the GPU or generated and not yet stored: what `max_pending_images` bounds.
@@ -309,7 +320,7 @@ impl<H> Ledger<H> {
     /// bounded by `max_pending_images`, so a slow store holds the GPU back rather than filling
     /// RAM (one batch may always run when none wait).
     pub fn next_gpu_batch(&mut self, size_for: impl Fn(&ShapeKey) -> usize) -> Option<GpuJob> {
-        if self.gpu_jobs >= GPU_QUEUE_DEPTH {
+        if self.gpu_jobs.len() >= GPU_QUEUE_DEPTH {
             return None;
         }
         let size = size_for(self.planner.next_key()?);
@@ -328,9 +339,12 @@ impl<H> Ledger<H> {
         let safety = tags
             .iter()
             .any(|(seq, _)| self.messages.get(seq).is_some_and(|m| m.safety));
-        self.gpu_jobs += 1;
+        let id = self.next_job;
+        self.next_job += 1;
+        self.gpu_jobs.insert(id, tags.clone());
         self.gpu_images += requests.len();
         Some(GpuJob {
+            id,
             key,
             params,
             tags,
@@ -341,8 +355,8 @@ impl<H> Ledger<H> {
     }
 
     /// A GPU batch is back (either way): its images are no longer work to do.
-    fn gpu_returned(&mut self, tags: &[Tag]) {
-        self.gpu_jobs -= 1;
+    fn gpu_returned(&mut self, job: u64, tags: &[Tag]) {
+        self.gpu_jobs.remove(&job);
         self.gpu_images -= tags.len();
         for (seq, _) in tags {
             if let Some(m) = self.messages.get_mut(seq) {
@@ -353,8 +367,8 @@ impl<H> Ledger<H> {
 
     /// A GPU batch generated its images (in `tags` order) in `total_ms`. Returns the images to
     /// store as (position in the batch, tag); those of failed messages are left out.
-    pub fn gpu_succeeded(&mut self, tags: &[Tag], total_ms: f64) -> Vec<(usize, Tag)> {
-        self.gpu_returned(tags);
+    pub fn gpu_succeeded(&mut self, job: u64, tags: &[Tag], total_ms: f64) -> Vec<(usize, Tag)> {
+        self.gpu_returned(job, tags);
         let per_image_ms = total_ms / tags.len().max(1) as f64;
         let mut store = Vec::with_capacity(tags.len());
         for (position, &tag) in tags.iter().enumerate() {
@@ -375,8 +389,8 @@ impl<H> Ledger<H> {
     /// A GPU batch failed. Only a batch of one message's images proves the failure is that
     /// message's; otherwise every message in it gets a transient failure
     /// ([`WorkerError::SharedGpu`]).
-    pub fn gpu_failed(&mut self, tags: &[Tag], error: WorkerError) -> Vec<Settled<H>> {
-        self.gpu_returned(tags);
+    pub fn gpu_failed(&mut self, job: u64, tags: &[Tag], error: WorkerError) -> Vec<Settled<H>> {
+        self.gpu_returned(job, tags);
         let mut seqs: Vec<u64> = tags.iter().map(|t| t.0).collect();
         seqs.sort_unstable();
         seqs.dedup();
@@ -387,6 +401,62 @@ impl<H> Ledger<H> {
         seqs.into_iter()
             .filter_map(|seq| self.fail(seq, WorkerError::SharedGpu(text.clone())))
             .collect()
+    }
+
+    /// A GPU batch the shell stopped (see [`Self::unwanted_gpu_jobs`]) is back without images:
+    /// its messages are all failing or cancelled, and those that waited only for it settle now.
+    pub fn gpu_stopped(&mut self, job: u64, tags: &[Tag]) -> Vec<Settled<H>> {
+        self.gpu_returned(job, tags);
+        let mut seqs: Vec<u64> = tags.iter().map(|t| t.0).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        seqs.into_iter()
+            .filter_map(|seq| self.settle_if_failed(seq))
+            .collect()
+    }
+
+    /// Cancels message `seq` (`sdbatch cancel`): like a failure, its planned images are dropped
+    /// and those the GPU returns are not stored, and it is settled as [`Verdict::Cancelled`] once
+    /// the uploads already started have reported. Returns `None` and changes nothing when it is
+    /// too late (every image is stored: it completes) or it already fails (that verdict stands);
+    /// else `Some` with the settlement when nothing is pending.
+    pub fn cancel(&mut self, seq: u64) -> Option<Option<Settled<H>>> {
+        let m = self.messages.get(&seq)?;
+        if m.remaining == 0 || m.failure.is_some() {
+            return None;
+        }
+        Some(self.fail(seq, WorkerError::Cancelled))
+    }
+
+    /// The messages in hand for batch `batch_id` stored in `bucket` under `prefix`.
+    pub fn find_batch(&self, batch_id: &str, bucket: &str, prefix: &str) -> Vec<u64> {
+        let mut seqs: Vec<u64> = self
+            .messages
+            .iter()
+            .filter(|(_, m)| {
+                m.batch.batch_id == batch_id && m.batch.bucket == bucket && m.batch.prefix == prefix
+            })
+            .map(|(seq, _)| *seq)
+            .collect();
+        seqs.sort_unstable();
+        seqs
+    }
+
+    /// GPU batches queued or running of which no image will be stored (every message in them
+    /// failed or was cancelled): stopping them loses nothing. A batch shared with a message that
+    /// still wants its images is not among them; it finishes.
+    pub fn unwanted_gpu_jobs(&self) -> Vec<u64> {
+        let mut jobs: Vec<u64> = self
+            .gpu_jobs
+            .iter()
+            .filter(|(_, tags)| {
+                tags.iter()
+                    .all(|(seq, _)| self.messages.get(seq).is_none_or(|m| m.failure.is_some()))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        jobs.sort_unstable();
+        jobs
     }
 
     /// An upload reported back: the record with encode and upload ms, or its error.
@@ -572,7 +642,7 @@ mod tests {
         let job = l.next_gpu_batch(|_| 2).unwrap();
         assert_eq!(job.tags, vec![(seq, 0), (seq, 1)]);
         assert!(!job.safety);
-        let store = l.gpu_succeeded(&job.tags, 100.0);
+        let store = l.gpu_succeeded(job.id, &job.tags, 100.0);
         assert_eq!(store, vec![(0, (seq, 0)), (1, (seq, 1))]);
         assert_eq!(l.ungenerated_units(), 1.0);
         assert_eq!(l.get(seq).unwrap().generate_ms, 100.0);
@@ -581,7 +651,10 @@ mod tests {
         let job = l.next_gpu_batch(|_| 2).unwrap();
         assert_eq!(job.tags, vec![(seq, 2)]);
         assert!(l.next_gpu_batch(|_| 2).is_none(), "nothing left to plan");
-        assert_eq!(l.gpu_succeeded(&job.tags, 50.0), vec![(0, (seq, 2))]);
+        assert_eq!(
+            l.gpu_succeeded(job.id, &job.tags, 50.0),
+            vec![(0, (seq, 2))]
+        );
         let r = stored(&l, (seq, 2));
         assert!(l.upload_done((seq, 2), Ok(r)).is_none());
         let r = stored(&l, (seq, 1));
@@ -596,6 +669,78 @@ mod tests {
         assert!(s.stored.contains(&s.message.batch.manifest_key()));
         assert!(l.is_idle());
         assert!(l.finished(seq, Ok(())).is_none(), "settled once");
+    }
+
+    #[test]
+    fn a_cancel_drops_planned_images_stops_unwanted_gpu_batches_and_keeps_what_was_stored() {
+        let mut l = Ledger::new(LIMIT, 256);
+        let (a, _) = l.admit("a", admission("a", 5, 5));
+        let (b, _) = l.admit("b", admission("b", 2, 5));
+        // [a0 a1] alone, [a2 a3 a4 b0] shared; b1 waits.
+        let only_a = l.next_gpu_batch(|_| 2).unwrap();
+        let shared = l.next_gpu_batch(|_| 4).unwrap();
+        assert_eq!(shared.tags, vec![(a, 2), (a, 3), (a, 4), (b, 0)]);
+        assert!(l.unwanted_gpu_jobs().is_empty());
+        // a0 and a1 came back before the cancel: a0 is stored, a1's upload is under way.
+        assert_eq!(l.gpu_succeeded(only_a.id, &only_a.tags, 10.0).len(), 2);
+        let r = stored(&l, (a, 0));
+        assert!(l.upload_done((a, 0), Ok(r)).is_none());
+
+        assert_eq!(l.find_batch("a", "images", ""), vec![a]);
+        assert!(l.find_batch("a", "other", "").is_empty());
+        assert!(l.find_batch("a", "images", "p").is_empty());
+        let pending = l.cancel(a).expect("cancellable");
+        assert!(pending.is_none(), "a1's upload has not reported");
+        assert!(l.cancel(a).is_none(), "cancelled once");
+        // The shared batch still has b0 to store: it runs on.
+        assert!(l.unwanted_gpu_jobs().is_empty());
+        let s = settled(l.upload_done((a, 1), Ok(stored(&l, (a, 1)))));
+        assert_eq!(s.verdict, Verdict::Cancelled);
+        assert!(matches!(s.result, Err(WorkerError::Cancelled)));
+        assert_eq!(s.stored.len(), 2, "what was stored stays and is reported");
+        // Only b's images are stored from the shared batch.
+        assert_eq!(
+            l.gpu_succeeded(shared.id, &shared.tags, 40.0),
+            vec![(3, (b, 0))]
+        );
+        let last = l.next_gpu_batch(|_| 4).unwrap();
+        assert_eq!(last.tags, vec![(b, 1)], "a's planned images were dropped");
+
+        // A batch of a cancelled message alone is unwanted, and stopping it settles nothing
+        // more (the message settled already).
+        let (c, _) = l.admit("c", admission("c", 2, 5));
+        let job_c = l.next_gpu_batch(|_| 2).unwrap();
+        assert!(l.unwanted_gpu_jobs().is_empty());
+        let now = l.cancel(c).expect("cancellable");
+        assert_eq!(now.unwrap().verdict, Verdict::Cancelled, "nothing pending");
+        assert_eq!(l.unwanted_gpu_jobs(), vec![job_c.id]);
+        assert!(l.gpu_stopped(job_c.id, &job_c.tags).is_empty());
+        assert!(l.unwanted_gpu_jobs().is_empty());
+    }
+
+    #[test]
+    fn a_cancel_comes_too_late_for_a_complete_or_failing_message() {
+        let mut l = Ledger::new(LIMIT, 256);
+        let (seq, _) = l.admit("m", admission("done", 1, 5));
+        let job = l.next_gpu_batch(|_| 1).unwrap();
+        l.gpu_succeeded(job.id, &job.tags, 1.0);
+        let r = stored(&l, (seq, 0));
+        assert!(matches!(
+            l.upload_done((seq, 0), Ok(r)),
+            Some(Next::Complete(_))
+        ));
+        assert!(l.cancel(seq).is_none(), "its manifest is being written");
+        assert_eq!(l.finished(seq, Ok(())).unwrap().verdict, Verdict::Ack);
+
+        let (seq, _) = l.admit("m", admission("failing", 2, 5));
+        let job = l.next_gpu_batch(|_| 2).unwrap();
+        l.gpu_succeeded(job.id, &job.tags, 1.0);
+        let failed = l.upload_done((seq, 0), Err(refused()));
+        assert!(failed.is_none(), "waits for the other upload");
+        assert!(l.cancel(seq).is_none(), "the failure stands");
+        let s = settled(l.upload_done((seq, 1), Ok(stored(&l, (seq, 1)))));
+        assert!(matches!(s.verdict, Verdict::DeadLetter { .. }));
+        assert!(l.cancel(99).is_none(), "unknown message");
     }
 
     #[test]
@@ -617,8 +762,8 @@ mod tests {
         // Two batches queued: the model thread is full whatever the size.
         assert!(l.next_gpu_batch(|_| 1).is_none());
         assert_eq!(l.images_in_flight(), 5);
-        l.gpu_succeeded(&first.tags, 30.0);
-        l.gpu_succeeded(&second.tags, 20.0);
+        l.gpu_succeeded(first.id, &first.tags, 30.0);
+        l.gpu_succeeded(second.id, &second.tags, 20.0);
         // 5 images wait for storage: no new batch until some are stored.
         assert!(l.next_gpu_batch(|_| 1).is_none());
         let r = stored(&l, (a, 0));
@@ -660,7 +805,7 @@ mod tests {
         let mut l = Ledger::new(LIMIT, 256);
         let (seq, _) = l.admit("m", admission("b1", 4, 5));
         let job = l.next_gpu_batch(|_| 3).unwrap();
-        l.gpu_succeeded(&job.tags, 30.0);
+        l.gpu_succeeded(job.id, &job.tags, 30.0);
         let r = stored(&l, (seq, 0));
         assert!(l.upload_done((seq, 0), Ok(r)).is_none());
         // The store refuses image 1 while image 2 is still uploading: no verdict yet, and the
@@ -706,7 +851,7 @@ mod tests {
         assert_eq!(s.message.handle, "a");
         assert!(s.stored.is_empty());
         assert!(l.fail(a, refused()).is_none(), "settled once");
-        let store = l.gpu_succeeded(&job.tags, 40.0);
+        let store = l.gpu_succeeded(job.id, &job.tags, 40.0);
         assert_eq!(store, vec![(2, (b, 0)), (3, (b, 1))]);
     }
 
@@ -717,7 +862,7 @@ mod tests {
         let (b, _) = l.admit("b", admission("b", 1, 5));
         let shared = l.next_gpu_batch(|_| 8).unwrap();
         let oom = || WorkerError::Gpu(GpuError::OutOfMemory("CUDA out of memory".into()));
-        let mut settled = l.gpu_failed(&shared.tags, oom());
+        let mut settled = l.gpu_failed(shared.id, &shared.tags, oom());
         settled.sort_by_key(|s| s.message.handle);
         assert_eq!(settled.len(), 2);
         for s in &settled {
@@ -740,7 +885,7 @@ mod tests {
         let (c, _) = l.admit("c", own);
         let job = l.next_gpu_batch(|_| 8).unwrap();
         assert_eq!(job.tags, vec![(c, 0)]);
-        let s = l.gpu_failed(&job.tags, oom()).pop().unwrap();
+        let s = l.gpu_failed(job.id, &job.tags, oom()).pop().unwrap();
         assert_eq!(
             s.verdict,
             Verdict::DeadLetter {
@@ -754,7 +899,7 @@ mod tests {
         };
         let job = l.next_gpu_batch(|_| 8).unwrap();
         let panicked = WorkerError::Gpu(GpuError::Panicked("boom".into()));
-        let s = l.gpu_failed(&job.tags, panicked).pop().unwrap();
+        let s = l.gpu_failed(job.id, &job.tags, panicked).pop().unwrap();
         assert_eq!(s.message.handle, "d");
         assert_eq!(s.verdict, Verdict::Requeue { last_attempt: true });
         let _ = d;
@@ -766,7 +911,7 @@ mod tests {
         let mut l = Ledger::new(LIMIT, 256);
         let (seq, _) = l.admit("m", admission("b1", 1, 5));
         let job = l.next_gpu_batch(|_| 8).unwrap();
-        l.gpu_succeeded(&job.tags, 1.0);
+        l.gpu_succeeded(job.id, &job.tags, 1.0);
         let r = stored(&l, (seq, 0));
         assert!(matches!(
             l.upload_done((seq, 0), Ok(r)),
@@ -785,7 +930,7 @@ mod tests {
         // A broker failure while publishing: nothing to settle on that channel.
         let (seq, _) = l.admit("n", admission("b2", 1, 5));
         let job = l.next_gpu_batch(|_| 8).unwrap();
-        l.gpu_succeeded(&job.tags, 1.0);
+        l.gpu_succeeded(job.id, &job.tags, 1.0);
         let r = stored(&l, (seq, 0));
         l.upload_done((seq, 0), Ok(r));
         let lost = WorkerError::Queue(QueueError::ChannelClosed {

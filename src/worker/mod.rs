@@ -165,6 +165,10 @@ pub enum WorkerError {
     SharedGpu(String),
     #[error("the messages in hand did not finish within the {0:?} grace period")]
     GraceExpired(Duration),
+    /// `sdbatch cancel` stopped the batch: settled by an ack and `batch.cancelled`, not as a
+    /// failure.
+    #[error("cancelled")]
+    Cancelled,
     #[error("{0}")]
     Other(String),
 }

@@ -11,19 +11,21 @@ use super::ledger::{Admission, GpuJob, Ledger, Next, Settled, Tag, Verdict, verd
 use super::store::{ImageJob, finish_batch, image_checks, ms, store_image};
 use super::{Learned, Worker, WorkerError, reasons, resume};
 use crate::batching::{MemorySample, ShapeKey};
-use crate::events::{self, BatchCompleted, ImageRecord};
+use crate::cancel::CancelRequest;
+use crate::events::{self, BatchCancelled, BatchCompleted, ImageRecord};
 use crate::message::{self, Batch, Invalid};
 use crate::output::ImageFormat;
 use crate::pipeline::ImageRequest;
 use crate::queue::{self, Lane, Publisher, QueueError, Topology, header_int, header_value};
 use crate::storage::StorageError;
 use crate::webhook::Target;
+use futures_lite::StreamExt;
 use lapin::Acker;
 use lapin::message::Delivery;
 use lapin::types::FieldTable;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -73,6 +75,8 @@ struct Settling {
     /// Its webhook, told of a failure too.
     webhook: Target,
     lane: Lane,
+    /// For [`Verdict::Cancelled`]: the event to publish and the batch (its progress object goes).
+    cancelled: Option<(BatchCancelled, Arc<Batch>)>,
 }
 
 impl Settling {
@@ -96,6 +100,7 @@ impl Settling {
             stored: Vec::new(),
             verdict: verdict(result, previous_failures, delivery_limit),
             webhook,
+            cancelled: None,
         }
     }
 
@@ -104,6 +109,22 @@ impl Settling {
         worker: &Worker,
     ) -> (Self, Result<(), WorkerError>, tracing::Span) {
         let m = s.message;
+        let cancelled = (s.verdict == Verdict::Cancelled).then(|| {
+            let stored: HashSet<String> = m
+                .records
+                .iter()
+                .flatten()
+                .filter(|r| r.bytes > 0)
+                .map(|r| r.key.clone())
+                .collect();
+            let event = BatchCancelled::new(
+                &m.batch,
+                &planned_keys(&m.batch, &m.requests),
+                &stored,
+                &worker.cfg.worker_id,
+            );
+            (event, m.batch.clone())
+        });
         let settling = Settling {
             acker: m.handle.acker,
             body: m.handle.body,
@@ -114,14 +135,24 @@ impl Settling {
             verdict: s.verdict,
             webhook: worker.webhook(&m.batch),
             lane: m.handle.lane,
+            cancelled,
         };
         (settling, s.result, m.handle.span)
     }
 }
 
+/// The keys every image of a message would have, in message order.
+fn planned_keys(batch: &Batch, requests: &[(usize, u32, ImageRequest)]) -> Vec<String> {
+    requests
+        .iter()
+        .map(|(item, n, _)| ImageRecord::planned(batch, *item, *n).key)
+        .collect()
+}
+
 /// What the tasks of a session report back to its loop.
 enum Done {
     Gpu {
+        job: u64,
         key: ShapeKey,
         tags: Vec<Tag>,
         result: Result<GpuOutput, GpuError>,
@@ -156,6 +187,12 @@ impl Worker {
         })
         .await?;
         let publisher = Publisher::with_timeout(&conn, limit).await?;
+        // Cancel broadcasts (`sdbatch cancel`) while connected; a delivery whose cancel was
+        // missed meanwhile finds its tombstone in `accept`.
+        let mut control = queue::within(limit, "control subscribe", async {
+            queue::subscribe_control(&channel, &cfg.topology).await
+        })
+        .await?;
         tracing::info!(
             broker = %queue::redact_url(&cfg.amqp_url),
             queue = %cfg.topology.jobs_queue,
@@ -178,6 +215,7 @@ impl Worker {
             done_tx,
             gpu_batches: 0,
             progress_objects: spawn_progress_writer(self.storage.clone()),
+            stops: HashMap::new(),
         };
         // Subscribed by `take_in` only while both lanes are empty.
         let mut waiting = Waiting::default();
@@ -230,6 +268,12 @@ impl Worker {
                     None => return Ok(SessionEnd::ConnectionLost("consumer stream ended".into())),
                 },
                 Some(done) = done_rx.recv() => session.on_done(done, learned).await,
+                // Heard while draining too: a cancelled batch need not hold up the exit.
+                control_message = control.next() => match control_message {
+                    Some(Ok(delivery)) => session.on_control(&delivery.data).await,
+                    Some(Err(e)) => return Ok(SessionEnd::ConnectionLost(e.to_string())),
+                    None => return Ok(SessionEnd::ConnectionLost("control consumer ended".into())),
+                },
                 // A message was just taken in: look for the next one before waiting, while the
                 // other branches (a signal, finished work) still get their turn.
                 () = std::future::ready(()), if took => Ok(()),
@@ -258,6 +302,10 @@ struct Session<'w> {
     gpu_batches: u64,
     /// Progress objects to store, in order, off the session's loop.
     progress_objects: mpsc::Sender<ProgressOp>,
+    /// The stop switch of each GPU job queued or running, by job id ([`GpuWork::stop`]).
+    ///
+    /// [`GpuWork::stop`]: super::gpu::GpuWork::stop
+    stops: HashMap<u64, Arc<AtomicBool>>,
 }
 
 /// Work for the progress writer.
@@ -351,6 +399,31 @@ impl Session<'_> {
             header_int(&delivery.properties, "x-delivery-count"),
             cfg.topology.delivery_limit,
         );
+
+        // Cancelled before this delivery (queued, redelivered, or its broadcast missed): acked
+        // without work. Checked first so nothing of a cancelled batch is fetched or planned.
+        match self.cancelled_before(&batch).instrument(span.clone()).await {
+            Ok(None) => {}
+            Ok(Some(event)) => {
+                let result = Err(WorkerError::Cancelled);
+                let mut settling = Settling::unstarted(
+                    delivery,
+                    previous_failures,
+                    &batch,
+                    &result,
+                    &cfg.topology,
+                    self.worker.webhook(&batch),
+                );
+                settling.cancelled = Some((event, Arc::new(batch)));
+                return self.settle(settling, result).instrument(span).await;
+            }
+            Err(e) => {
+                return self
+                    .fail_unstarted(delivery, previous_failures, &batch, e.into())
+                    .instrument(span)
+                    .await;
+            }
+        }
 
         // img2img and inpainting inputs first: their bytes are part of the work (hash), and a
         // bad one makes the message invalid before anything is looked up or planned.
@@ -580,6 +653,133 @@ impl Session<'_> {
         self.settle(settling, republished).await
     }
 
+    /// `batch.cancelled` for a delivery whose batch has a tombstone and no manifest (a manifest
+    /// wins: the work is done and is announced again), with what an earlier delivery stored.
+    async fn cancelled_before(
+        &self,
+        batch: &Batch,
+    ) -> Result<Option<BatchCancelled>, StorageError> {
+        let storage = &self.worker.storage;
+        if !storage
+            .exists(&batch.bucket, &batch.tombstone_key())
+            .await?
+            || storage.exists(&batch.bucket, &batch.manifest_key()).await?
+        {
+            return Ok(None);
+        }
+        let listed: HashSet<String> = storage
+            .list(&batch.bucket, &batch.folder_key())
+            .await?
+            .into_iter()
+            .collect();
+        let planned = planned_keys(batch, &batch.image_requests());
+        tracing::info!("the batch was cancelled before this delivery: acking it without work");
+        Ok(Some(BatchCancelled::new(
+            batch,
+            &planned,
+            &listed,
+            &self.worker.cfg.worker_id,
+        )))
+    }
+
+    /// A control message: a cancel stops the messages in hand of its batch (see
+    /// [`crate::cancel`]). Errors are broker errors.
+    async fn on_control(&mut self, body: &[u8]) -> Result<(), WorkerError> {
+        let metrics = self.worker.metrics.clone();
+        let request = match CancelRequest::from_json(body) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring a control message");
+                metrics
+                    .cancel_requests
+                    .with_label_values(&["invalid"])
+                    .inc();
+                return Ok(());
+            }
+        };
+        let seqs = self
+            .ledger
+            .find_batch(&request.batch_id, &request.bucket, &request.prefix);
+        if seqs.is_empty() {
+            tracing::debug!(batch_id = %request.batch_id, "cancel: no message of the batch in hand");
+            metrics
+                .cancel_requests
+                .with_label_values(&["not_here"])
+                .inc();
+            return Ok(());
+        }
+        for seq in seqs {
+            let span = self.ledger.get(seq).map(|m| m.handle.span.clone());
+            let span = span.unwrap_or_else(tracing::Span::none);
+            match self.ledger.cancel(seq) {
+                None => {
+                    tracing::info!(parent: &span, "cancel: too late (every image stored, or the batch already failed)");
+                    metrics
+                        .cancel_requests
+                        .with_label_values(&["too_late"])
+                        .inc();
+                }
+                Some(settled) => {
+                    tracing::info!(parent: &span, "cancel: dropping the batch's planned images");
+                    metrics
+                        .cancel_requests
+                        .with_label_values(&["cancelled"])
+                        .inc();
+                    if let Some(settled) = settled {
+                        self.settle_from_ledger(settled).await?;
+                    }
+                }
+            }
+        }
+        self.stop_unwanted_gpu_jobs();
+        Ok(())
+    }
+
+    /// Flips the stop switch of every GPU job none of whose images will be stored.
+    fn stop_unwanted_gpu_jobs(&self) {
+        for job in self.ledger.unwanted_gpu_jobs() {
+            if let Some(stop) = self.stops.get(&job)
+                && !stop.swap(true, Ordering::Relaxed)
+            {
+                tracing::info!(job, "stopping a GPU batch nobody wants any more");
+            }
+        }
+    }
+
+    /// Settles a cancelled message: `batch.cancelled`, its progress object removed, ack. What it
+    /// stored stays.
+    async fn settle_cancelled(
+        &self,
+        settling: Settling,
+        (event, batch): (BatchCancelled, Arc<Batch>),
+    ) -> Result<(), WorkerError> {
+        let cfg = &self.worker.cfg;
+        let m = &self.worker.metrics;
+        super::store::remove_progress_object(&self.progress_objects, &self.worker.storage, &batch)
+            .await;
+        publish_event(
+            cfg,
+            m,
+            &self.publisher,
+            events::BATCH_CANCELLED,
+            &event,
+            &settling.webhook,
+        )
+        .await?;
+        m.batches.with_label_values(&["cancelled"]).inc();
+        m.images
+            .with_label_values(&["cancelled"])
+            .inc_by(event.not_stored_keys.len() as u64);
+        tracing::info!(
+            stored = event.stored_keys.len(),
+            not_stored = event.not_stored_keys.len(),
+            "batch cancelled"
+        );
+        ack(cfg, &settling.acker).await?;
+        self.acked(settling.lane);
+        Ok(())
+    }
+
     /// Why the batch's LoRAs cannot be served here: no LoRA folder, or a name without a file in
     /// it. Checked per delivery (one `stat` per LoRA), so a file added to the folder is found.
     fn missing_lora(&self, batch: &Batch) -> Option<String> {
@@ -654,7 +854,7 @@ impl Session<'_> {
     }
 
     async fn settle_from_ledger(&self, settled: Settled<Handle>) -> Result<(), WorkerError> {
-        if settled.result.is_err() {
+        if settled.result.is_err() && settled.verdict != Verdict::Cancelled {
             self.worker
                 .metrics
                 .images
@@ -696,6 +896,15 @@ impl Session<'_> {
     ) -> Result<(), WorkerError> {
         let cfg = &self.worker.cfg;
         let m = &self.worker.metrics;
+        if let Verdict::Cancelled = failed.verdict {
+            let mut failed = failed;
+            return match failed.cancelled.take() {
+                Some(cancelled) => self.settle_cancelled(failed, cancelled).await,
+                None => Err(WorkerError::Other(
+                    "a cancelled message without its event".into(),
+                )),
+            };
+        }
         let error = match result {
             Ok(()) => {
                 ack(cfg, &failed.acker).await?;
@@ -752,7 +961,7 @@ impl Session<'_> {
                 }
                 Ok(requeue(cfg, &failed.acker).await?)
             }
-            Verdict::Ack | Verdict::Abandon => unreachable!("handled above"),
+            Verdict::Ack | Verdict::Abandon | Verdict::Cancelled => unreachable!("handled above"),
         }
     }
 
@@ -947,6 +1156,7 @@ impl Session<'_> {
     fn dispatch(&mut self, learned: &Learned) {
         let total = self.worker.gpu.info().total_memory;
         while let Some(GpuJob {
+            id,
             key,
             params,
             tags,
@@ -969,13 +1179,21 @@ impl Session<'_> {
             );
             let gpu = self.worker.gpu.clone();
             let tx = self.done_tx.clone();
+            let stop = Arc::new(AtomicBool::new(false));
+            self.stops.insert(id, stop.clone());
             self.tasks.spawn(async move {
                 let work = super::gpu::GpuWork {
                     mode: key.mode,
                     inputs,
+                    stop: Some(stop),
                 };
                 let result = gpu.generate_with(requests, params, work, safety).await;
-                let _ = tx.send(Done::Gpu { key, tags, result });
+                let _ = tx.send(Done::Gpu {
+                    job: id,
+                    key,
+                    tags,
+                    result,
+                });
             });
         }
     }
@@ -983,19 +1201,37 @@ impl Session<'_> {
     /// Handles a task's report. Errors are broker errors or a fatal model-thread failure.
     async fn on_done(&mut self, done: Done, learned: &mut Learned) -> Result<(), WorkerError> {
         match done {
-            Done::Gpu { key, tags, result } => match result {
-                Ok(out) => {
-                    self.on_gpu_batch(&key, &tags, out, learned);
-                    Ok(())
-                }
-                Err(GpuError::ThreadGone) => Err(GpuError::ThreadGone.into()),
-                Err(e) => {
-                    for settled in self.ledger.gpu_failed(&tags, WorkerError::Gpu(e)) {
-                        self.settle_from_ledger(settled).await?;
+            Done::Gpu {
+                job,
+                key,
+                tags,
+                result,
+            } => {
+                self.stops.remove(&job);
+                match result {
+                    Ok(out) => {
+                        self.on_gpu_batch(job, &key, &tags, out, learned);
+                        Ok(())
                     }
-                    Ok(())
+                    Err(GpuError::ThreadGone) => Err(GpuError::ThreadGone.into()),
+                    Err(GpuError::Stopped(why)) => {
+                        tracing::info!(job, images = tags.len(), why, "GPU batch stopped");
+                        self.worker.metrics.gpu_batches_stopped.inc();
+                        for settled in self.ledger.gpu_stopped(job, &tags) {
+                            self.settle_from_ledger(settled).await?;
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        for settled in self.ledger.gpu_failed(job, &tags, WorkerError::Gpu(e)) {
+                            self.settle_from_ledger(settled).await?;
+                        }
+                        // The other jobs of a message that failed need not run either.
+                        self.stop_unwanted_gpu_jobs();
+                        Ok(())
+                    }
                 }
-            },
+            }
             Done::Upload {
                 tag,
                 gpu_batch,
@@ -1046,6 +1282,7 @@ impl Session<'_> {
     /// Hands the images of a finished GPU batch to upload tasks; feeds the sizer and holding.
     fn on_gpu_batch(
         &mut self,
+        job: u64,
         key: &ShapeKey,
         tags: &[Tag],
         mut out: GpuOutput,
@@ -1081,7 +1318,7 @@ impl Session<'_> {
         metrics.unet_step_seconds.observe(t.ms_per_step() / 1e3);
         metrics.text_encode_seconds.observe(t.text_encode_ms / 1e3);
         metrics.vae_decode_seconds.observe(t.vae_decode_ms / 1e3);
-        let to_store = self.ledger.gpu_succeeded(tags, t.total_ms);
+        let to_store = self.ledger.gpu_succeeded(job, tags, t.total_ms);
         let mut images: Vec<Option<crate::pipeline::RgbImage>> =
             std::mem::take(&mut out.output.images)
                 .into_iter()

@@ -193,7 +193,6 @@ fn embedded_record(
     serde_json::to_string(&value).map_err(json_error)
 }
 
-/// Writes the manifest (last: its presence means every image is stored) and publishes the event.
 /// Where a completed batch's results go besides the manifest.
 pub(super) struct Announce {
     pub webhook: Target,
@@ -201,6 +200,27 @@ pub(super) struct Announce {
     pub progress: Option<tokio::sync::mpsc::Sender<super::session::ProgressOp>>,
 }
 
+/// Deletes `batch`'s progress object once every report queued before now is written (so none
+/// lands after the delete). Best effort: a leftover only makes `status` say running.
+pub(super) async fn remove_progress_object(
+    writer: &tokio::sync::mpsc::Sender<super::session::ProgressOp>,
+    storage: &Storage,
+    batch: &Batch,
+) {
+    let (done, flushed) = tokio::sync::oneshot::channel();
+    if writer
+        .send(super::session::ProgressOp::Flush(done))
+        .await
+        .is_ok()
+    {
+        let _ = flushed.await;
+    }
+    if let Err(e) = storage.delete(&batch.bucket, &batch.progress_key()).await {
+        tracing::warn!(error = %e, "could not delete the progress object");
+    }
+}
+
+/// Writes the manifest (last: its presence means every image is stored) and publishes the event.
 pub(super) async fn finish_batch(
     cfg: Arc<WorkerConfig>,
     metrics: Arc<Metrics>,
@@ -226,17 +246,7 @@ pub(super) async fn finish_batch(
     // report queued before it was written: removed before the event, so a producer that saw
     // the event finds the batch's final objects only.
     if let Some(writer) = progress {
-        let (done, flushed) = tokio::sync::oneshot::channel();
-        if writer
-            .send(super::session::ProgressOp::Flush(done))
-            .await
-            .is_ok()
-        {
-            let _ = flushed.await;
-        }
-        if let Err(e) = storage.delete(&batch.bucket, &batch.progress_key()).await {
-            tracing::warn!(error = %e, "could not delete the progress object");
-        }
+        remove_progress_object(&writer, &storage, &batch).await;
     }
     publish_event(
         &cfg,
