@@ -48,13 +48,16 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # once per GPU type into a shared volume (deploy/k8s/deployment.yaml). AOTInductor needs Python,
 # torch (the same wheel as the worker's libtorch), diffusers to build the model, and a C++
 # compiler; the worker image needs none of them.
+# Its own venv: the build stage deletes the one it unpacked libtorch from.
 FROM build AS compiler
-RUN /opt/venv/bin/pip install --no-cache-dir \
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir \
+      "$(grep '^torch==' scripts/requirements-fixtures.txt)" \
       "$(grep '^diffusers==' scripts/requirements-fixtures.txt)" \
       "$(grep '^safetensors==' scripts/requirements-fixtures.txt)" \
  && cp /out/sdbatch /usr/local/bin/sdbatch \
  && useradd --system --uid 10001 --create-home sdbatch
-ENV LD_LIBRARY_PATH=/out/lib SDBATCH_PYTHON=/opt/venv/bin/python RUST_LOG=info
+ENV LD_LIBRARY_PATH=/opt/libtorch/lib SDBATCH_PYTHON=/opt/venv/bin/python RUST_LOG=info
 USER 10001:10001
 WORKDIR /home/sdbatch
 ENTRYPOINT ["sdbatch"]
