@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# One-call proof on a GPU machine (issue 15): random full-size SD v1-4 weights written there,
+# sdbatch's images against diffusers' on those weights, `sdbatch bench` eager and compiled next to
+# the diffusers anchor benchmark, one table printed and every part's JSON under the output folder.
+#
+#   scripts/gpu-proof.sh [--cpu --tiny] [--bin PATH] [--python PY] [--out DIR] [--no-compile]
+#                        [--no-anchor]
+#
+# On the device machine (see the README):
+#   LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib \
+#     scripts/gpu-proof.sh --bin .carry/sdbatch --python python3 --out "$OUT"
+# (python3 there is torch 2.11.0+cu130; diffusers travels as wheels). `--cpu --tiny` is the same
+# run on a tiny model of the same architecture families, on the CPU: scripts/test.sh runs it
+# (with --no-compile --no-anchor: tests/compiled.rs covers compiling, and the anchor's CPU
+# timings say nothing) so the script itself is tested.
+#
+# Parts, each timed: model (random weights, fp32 and fp16 files), reference (diffusers
+# StableDiffusionPipeline, PNDM, per-image CPU generators as sdbatch draws its noise), ours
+# (`sdbatch generate` on the same prompts and seeds), compare (max difference and share within one
+# level), compile (`sdbatch compile`, AOTInductor), bench (`sdbatch bench --compiled`: eager and
+# compiled rows), anchor (../shared/bench/diffusers_anchor.py when present).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+cpu=0 tiny=0 compile=1 anchor=1 bin="" py="" out=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu) cpu=1; shift ;;
+    --tiny) tiny=1; shift ;;
+    --no-compile) compile=0; shift ;;
+    --no-anchor) anchor=0; shift ;;
+    --bin) bin=$2; shift 2 ;;
+    --python) py=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    *) echo "usage: $0 [--cpu --tiny] [--bin PATH] [--python PY] [--out DIR] [--no-compile] [--no-anchor]" >&2; exit 2 ;;
+  esac
+done
+[ -n "$py" ] || py=$(command -v python3)
+[ -n "$bin" ] || bin="${CARGO_TARGET_DIR:-$root/target}/release/sdbatch"
+[ -x "$bin" ] || { echo "gpu-proof: no sdbatch binary at $bin (--bin)" >&2; exit 2; }
+out=${out:-$(mktemp -d)}
+mkdir -p "$out"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+if [ "$cpu" = 1 ]; then device=cpu; else device=cuda; fi
+if [ "$tiny" = 1 ]; then
+  size=64 steps=4 batches=1,2 tiny_flag=--tiny
+else
+  size=512 steps=50 batches=1,4,8,16,32 tiny_flag=
+fi
+
+declare -A took
+step() { # step NAME command...: runs it, records its seconds
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "gpu-proof: $name" >&2
+  "$@"
+  took[$name]=$((SECONDS - t0))
+}
+
+step model "$py" "$root/scripts/gpu_proof.py" model "$work/model" $tiny_flag
+
+# Four images of two prompts, seeds as a producer would send them.
+cat > "$work/prompts.jsonl" <<'EOF'
+{"prompt": "a red sneaker on a white background, studio light", "seed": 42}
+{"prompt": "a red sneaker on a white background, studio light", "seed": 43}
+{"prompt": "concept art of a ruined castle at dusk", "seed": 7}
+{"prompt": "concept art of a ruined castle at dusk", "seed": 8}
+EOF
+step reference "$py" "$root/scripts/gpu_proof.py" reference "$work/model" "$work/prompts.jsonl" \
+  "$work/reference" --steps "$steps" --size "$size" --device "$device"
+step ours "$bin" generate --model "$work/model" --device "$device" --prompts "$work/prompts.jsonl" \
+  --steps "$steps" --width "$size" --height "$size" --scheduler pndm --guidance 7.5 \
+  --batch-size 4 --out "$work/ours"
+step compare "$py" "$root/scripts/gpu_proof.py" compare "$work/reference" "$work/ours" "$work/compare.json"
+
+bench_compiled=()
+if [ "$compile" = 1 ]; then
+  step compile "$bin" compile --model "$work/model" --device "$device" --out "$work/compiled" \
+    --batch-sizes "$batches" --width "$size" --height "$size" --python "$py"
+  bench_compiled=(--compiled "$work/compiled")
+fi
+step bench "$bin" bench --model "$work/model" --device "$device" "${bench_compiled[@]}" \
+  --batch-sizes "$batches" --steps "$steps" --width "$size" --height "$size" --json "$work/bench.json"
+
+anchor_script="$root/../shared/bench/diffusers_anchor.py"
+if [ "$anchor" = 0 ]; then
+  :
+elif [ -f "$anchor_script" ]; then
+  step anchor "$py" "$anchor_script" "$work/anchor.json" $tiny_flag
+else
+  echo "gpu-proof: no $anchor_script: the diffusers anchor is left out" >&2
+fi
+
+{
+  echo "{"
+  first=1
+  for k in "${!took[@]}"; do
+    [ "$first" = 1 ] || echo ","
+    first=0
+    printf '  "%s_s": %s' "$k" "${took[$k]}"
+  done
+  echo
+  echo "}"
+} > "$work/timings.json"
+"$py" "$root/scripts/gpu_proof.py" summary "$work" "$out/gpu-proof.json"
+cp "$work/compare.json" "$work/bench.json" "$out/"
+[ -f "$work/anchor.json" ] && cp "$work/anchor.json" "$out/"
+
+# The proof fails when the images are not diffusers' (fp32 on the CPU: within one level almost
+# everywhere; fp16 on CUDA: kernels differ, so only a coarse bound).
+"$py" - "$work/compare.json" "$device" <<'EOF'
+import json, sys
+c = json.load(open(sys.argv[1]))
+need = 0.999 if sys.argv[2] == "cpu" else 0.95
+if c["worst_within_1"] < need:
+    sys.exit(f"gpu-proof: FAIL: images differ from diffusers' (worst share within 1 level "
+             f"{c['worst_within_1']:.4%} < {need:.1%})")
+print(f"gpu-proof: images match diffusers' (worst share within 1 level {c['worst_within_1']:.4%})")
+EOF
