@@ -308,6 +308,17 @@ struct Session<'w> {
     stops: HashMap<u64, Arc<AtomicBool>>,
 }
 
+/// A session that ends (its connection lost) stops its GPU jobs: their messages go back to the
+/// broker, their upload tasks are dropped with the session, so whatever they would make is lost
+/// anyway, and the next session's jobs should not wait behind them.
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        for stop in self.stops.values() {
+            stop.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Work for the progress writer.
 pub(super) enum ProgressOp {
     /// Store `body` at `bucket`/`key`.
