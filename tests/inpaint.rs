@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use sdbatch::pipeline::schedulers::SchedulerKind;
+use sdbatch::pipeline::single_file::SingleFileOptions;
 use sdbatch::pipeline::{GrayImage, ImageRequest, Inpaint, LoadOptions, RgbImage, StableDiffusion};
 use tch::{Device, Kind};
 
@@ -110,6 +111,24 @@ fn check_runs(model: &StableDiffusion, which: &str, pick: fn(&serde_json::Value)
 #[test]
 fn inpainting_unet_matches_diffusers() {
     let model = load_inpainting_model();
+    assert!(model.is_inpainting_model());
+    check_runs(&model, "unet9", |i| !is_open_question(i));
+}
+
+/// The same inpainting model as a single-file checkpoint (LDM names, 9-channel conv_in; written
+/// by make_fixtures.py and checked there with `StableDiffusionInpaintPipeline.from_single_file`)
+/// matches diffusers' references as the folder does.
+#[test]
+fn single_file_inpainting_unet_matches_diffusers() {
+    let model = StableDiffusion::load_single_file(
+        &fixtures().join("single-file/tiny-sd-inpaint.safetensors"),
+        LoadOptions::new(Device::Cpu, Kind::Float),
+        SingleFileOptions {
+            model_config: Some(fixtures().join("tiny-sd-inpaint")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(model.is_inpainting_model());
     check_runs(&model, "unet9", |i| !is_open_question(i));
 }
