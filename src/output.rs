@@ -148,6 +148,9 @@ pub struct Sidecar<'a> {
     pub init_image: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// Inpainting: the mask's Gaussian blur radius, when not 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask_blur: Option<f64>,
     /// Clip skip when other than 1.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clip_skip: Option<usize>,
@@ -231,6 +234,8 @@ pub struct Infotext<'a> {
     pub denoising_strength: Option<f64>,
     /// A hires fix's second pass (`params` is the first pass).
     pub hires: Option<crate::pipeline::hires::Hires>,
+    /// Inpainting: the mask's Gaussian blur radius (A1111's `Mask blur`); written when not 0.
+    pub mask_blur: Option<f64>,
 }
 
 /// A1111's display name of a scheduler (`modules/sd_samplers_*.py`) and, for the Karras
@@ -335,6 +340,11 @@ pub fn a1111_parameters(info: &Infotext) -> String {
     }
     if p.clip_skip > 1 {
         let _ = write!(out, ", Clip skip: {}", p.clip_skip);
+    }
+    // A1111 puts it in its extra generation parameters, which follow Clip skip; the
+    // extension's CFG Rescale is added later, during processing.
+    if let Some(blur) = info.mask_blur.filter(|&b| b != 0.0) {
+        let _ = write!(out, ", Mask blur: {blur}");
     }
     if p.guidance_rescale != 0.0 {
         // The name the sd-webui-cfg-rescale extension writes.
@@ -598,6 +608,7 @@ mod tests {
             model_sha256: Some("6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"),
             denoising_strength: None,
             hires: None,
+            mask_blur: None,
         }
     }
 
@@ -649,6 +660,22 @@ mod tests {
                 version()
             )
         );
+
+        // Inpainting: the strength, then the mask blur after Clip skip (A1111's extra
+        // generation parameters); a zero blur is not written.
+        let mut i = info(&p, "a cat", None);
+        i.model_sha256 = None;
+        i.denoising_strength = Some(1.0);
+        i.mask_blur = Some(4.5);
+        let text = a1111_parameters(&i);
+        assert!(
+            text.contains(
+                ", Denoising strength: 1, Clip skip: 2, Mask blur: 4.5, CFG Rescale φ: 0.7"
+            ),
+            "{text}"
+        );
+        i.mask_blur = Some(0.0);
+        assert!(!a1111_parameters(&i).contains("Mask blur"));
     }
 
     #[test]

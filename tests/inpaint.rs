@@ -46,13 +46,25 @@ fn is_open_question(info: &serde_json::Value) -> bool {
 /// The reference runs of `model` ("unet9" or "unet4") that `pick` selects, through
 /// `generate_inpaint`.
 fn check_runs(model: &StableDiffusion, which: &str, pick: fn(&serde_json::Value) -> bool) {
+    check_runs_of("inpaint", model, which, pick);
+}
+
+/// [`check_runs`] of the meta.json section `section`, whose tensors are in
+/// `reference/<section>.safetensors`; a run's `mask_blur` (default 0) goes to the request.
+fn check_runs_of(
+    section: &str,
+    model: &StableDiffusion,
+    which: &str,
+    pick: fn(&serde_json::Value) -> bool,
+) {
     let meta = meta();
-    let m = &meta["inpaint"];
-    let r = reference("inpaint.safetensors");
+    let m = &meta[section];
+    let r = reference(&format!("{section}.safetensors"));
+    let inpaint_mask = reference("inpaint.safetensors").remove("mask").unwrap();
     let init = rgb("img2img/init.png");
     let mask_rgb = rgb("inpaint/mask.png");
     assert_eq!(
-        u8_vec(&r["mask"]),
+        u8_vec(&inpaint_mask),
         mask_rgb.pixels,
         "the PNG is the reference's mask"
     );
@@ -79,6 +91,7 @@ fn check_runs(model: &StableDiffusion, which: &str, pick: fn(&serde_json::Value)
                     images: std::slice::from_ref(&init),
                     masks: std::slice::from_ref(&mask),
                     strength: info["strength"].as_f64().unwrap(),
+                    mask_blur: info["mask_blur"].as_f64().unwrap_or(0.0),
                 },
                 &mut |_, _, l| latents.push(l.copy()),
             )
@@ -147,6 +160,54 @@ fn euler_ancestral_from_pure_noise_matches_diffusers() {
     check_runs(&load_cpu(), "unet4", is_open_question);
 }
 
+/// PIL's `GaussianBlur` (diffusers' `mask_processor.blur`) on an 8-bit grey image: a 72x40
+/// test image (edges, a one-pixel line, a ramp, noise) and the inpainting mask, at radii from
+/// 0.5 to 64 (wider than the image: BoxBlur.c's other edge branch), against Pillow's bytes.
+#[test]
+fn mask_blur_is_pils_gaussian_blur() {
+    let meta = meta();
+    let m = &meta["mask_blur"];
+    let r = reference("mask_blur.safetensors");
+    let test = &r["test_image"];
+    let (h, w) = (test.size()[0], test.size()[1]);
+    assert_ne!(h, w, "a non-square image");
+    let test = GrayImage {
+        width: w as u32,
+        height: h as u32,
+        pixels: u8_vec(test),
+    };
+    let mask = GrayImage::from_rgb(&rgb("inpaint/mask.png"));
+    let mut checked = 0;
+    for (tag, radius) in m["radius_tags"].as_object().unwrap() {
+        let radius = radius.as_f64().unwrap();
+        for (name, img) in [("test", &test), ("mask", &mask)] {
+            let want = u8_vec(&r[&format!("blur_{name}_{tag}")]);
+            let got = img.blurred(radius).unwrap();
+            let exact = got.pixels.iter().zip(&want).filter(|(a, b)| a == b).count();
+            let (frac, max) = pixel_agreement(&got.pixels, &want);
+            println!(
+                "blur {name} r={radius}: {exact}/{} bytes equal, {:.4} % within 1 level, max diff {max}",
+                want.len(),
+                frac * 100.0
+            );
+            assert!(frac >= 0.999, "blur {name} r={radius}: {frac}");
+            // A port of PIL's fixed-point code: the same bytes, not merely close ones.
+            assert_eq!(got.pixels, want, "blur {name} r={radius}: not PIL's bytes");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 14, "{checked}");
+}
+
+/// diffusers' `StableDiffusionInpaintPipeline` with `mask_image =
+/// pipe.mask_processor.blur(mask, blur_factor)`: the same latents and image from `mask_blur`,
+/// on the 9-channel UNet (blur 4) and the 4-channel blend (blur 7.3).
+#[test]
+fn mask_blur_matches_diffusers() {
+    check_runs_of("mask_blur", &load_inpainting_model(), "unet9", |_| true);
+    check_runs_of("mask_blur", &load_cpu(), "unet4", |_| true);
+}
+
 #[test]
 fn inpainting_inputs_are_checked() {
     let model = load_inpainting_model();
@@ -164,6 +225,7 @@ fn inpainting_inputs_are_checked() {
                     images: std::slice::from_ref(&init),
                     masks,
                     strength,
+                    mask_blur: 0.0,
                 },
                 &mut |_, _, _| {},
             )
@@ -179,6 +241,24 @@ fn inpainting_inputs_are_checked() {
     assert!(run(&p, &[small], 1.0).contains("mask 0 is 32x32"));
     assert!(run(&p, &[], 1.0).contains("0 masks for 1 requests"));
     assert!(run(&p, std::slice::from_ref(&mask), 0.0).contains("strength"));
+    for blur in [-1.0, 64.5, f64::NAN] {
+        let err = model
+            .generate_inpaint(
+                std::slice::from_ref(&request),
+                &p,
+                Inpaint {
+                    images: std::slice::from_ref(&init),
+                    masks: std::slice::from_ref(&mask),
+                    strength: 1.0,
+                    mask_blur: blur,
+                },
+                &mut |_, _, _| {},
+            )
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mask blur") && err.contains("0..=64"), "{err}");
+    }
     let heun = params(4, 7.5, 64, SchedulerKind::Heun);
     let err = run(&heun, std::slice::from_ref(&mask), 1.0);
     assert!(err.contains("does not support inpainting"), "{err}");
@@ -288,4 +368,74 @@ fn generate_cli_inpaints() {
         !o.status.success() && err.contains("inpainting model"),
         "{err}"
     );
+}
+
+/// `sdbatch generate --mask-blur R` gives diffusers' image with a blurred mask, records the
+/// blur in the sidecar and the A1111 parameters, and refuses a radius out of range before
+/// anything is written.
+#[test]
+fn generate_cli_blurs_the_mask() {
+    let meta = meta();
+    let m = &meta["mask_blur"];
+    let r = reference("mask_blur.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    let entry = serde_json::json!({
+        "id": "x",
+        "prompt": m["prompt"],
+        "negative_prompt": m["negative_prompt"],
+        "seed": m["seed"],
+    });
+    std::fs::write(&prompts, entry.to_string()).unwrap();
+    let model = fixtures().join("tiny-sd-inpaint");
+    let init = fixtures().join("img2img/init.png");
+    let mask = fixtures().join("inpaint/mask.png");
+    let run = |out: &std::path::Path, blur: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdbatch"))
+            .args(["generate", "--model"])
+            .arg(&model)
+            .arg("--prompts")
+            .arg(&prompts)
+            .arg("--out")
+            .arg(out)
+            .arg("--init-image")
+            .arg(&init)
+            .arg("--mask")
+            .arg(&mask)
+            // `=`: clap would read a separate "-1" as a flag.
+            .arg(format!("--mask-blur={blur}"))
+            .args(["--guidance", "7.5", "--steps", "10", "--scheduler", "pndm"])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = dir.path().join("out");
+    let o = run(&out, "4");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let png = image::open(out.join("x.png")).unwrap().to_rgb8();
+    assert_images_match(
+        "generate --mask-blur 4",
+        png.as_raw(),
+        &u8_vec(&r["unet9_pndm_100_blur4_image"]),
+    );
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("x.json")).unwrap()).unwrap();
+    assert_eq!(sidecar["mask_blur"], 4.0);
+    let bytes = std::fs::read(out.join("x.png")).unwrap();
+    assert!(
+        bytes.windows(14).any(|w| w == b", Mask blur: 4"),
+        "the PNG's parameters record the blur"
+    );
+
+    for bad in ["65", "-1", "nan"] {
+        let refused = dir.path().join(format!("refused{bad}"));
+        let o = run(&refused, bad);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("--mask-blur"),
+            "{bad}: {err}"
+        );
+        let written = std::fs::read_dir(&refused).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(written, 0, "{bad}: nothing written");
+    }
 }

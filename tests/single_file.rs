@@ -109,6 +109,7 @@ fn same_model(folder: &StableDiffusion, single: &StableDiffusion, what: &str) {
                 images: std::slice::from_ref(&init),
                 masks: std::slice::from_ref(&mask),
                 strength: 1.0,
+                mask_blur: 0.0,
             };
             model.generate_inpaint(requests, &params, inpaint, &mut |_, _, _| {})
         } else {

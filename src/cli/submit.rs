@@ -148,8 +148,9 @@ fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
                 })
                 .collect()
         }),
-        // img2img is not offered by `submit` (prompt files carry no images).
+        // img2img and inpainting are not offered by `submit` (prompt files carry no images).
         strength: None,
+        mask_blur: None,
         hires: args
             .hires_scale
             .map(|scale| sdbatch::message::MessageHires {

@@ -45,6 +45,25 @@ impl GrayImage {
             pixels,
         }
     }
+
+    /// The mask under PIL's `GaussianBlur(radius)` (diffusers' `mask_processor.blur`,
+    /// AUTOMATIC1111's "Mask blur"): PIL's bytes exactly, see [`super::mask`]. Radius 0 is the
+    /// mask itself.
+    pub fn blurred(&self, radius: f64) -> Result<Self> {
+        super::mask::check_mask_blur(radius).map_err(Error::InvalidArgument)?;
+        // PIL takes the radius as a C float.
+        let pixels = super::mask::gaussian_blur(
+            &self.pixels,
+            self.width as usize,
+            self.height as usize,
+            radius as f32,
+        )?;
+        Ok(Self {
+            width: self.width,
+            height: self.height,
+            pixels,
+        })
+    }
 }
 
 /// Inpainting inputs for a batch: per request an init image and a mask of the output's size.
@@ -56,6 +75,11 @@ pub struct Inpaint<'a> {
     /// In (0, 1]: as img2img. diffusers' default for inpainting is 1: the masked area starts
     /// from pure noise (the init image still shows through the mask input or the blend).
     pub strength: f64,
+    /// Gaussian blur radius applied to every mask first (diffusers' `mask_processor.blur`,
+    /// A1111's "Mask blur"), in `0..=`[`super::mask::MAX_MASK_BLUR`]; 0: none. The mask is
+    /// still binarised afterwards, as diffusers does, so the blur moves the mask's edge
+    /// (rounding corners, closing thin gaps) rather than feathering it.
+    pub mask_blur: f64,
 }
 
 /// Masks to `[n, 1, H, W]` float32 of 0 and 1, as diffusers' mask processor (`/255`, then
@@ -103,6 +127,7 @@ impl StableDiffusion {
                 other => other,
             })?;
         let bad = |msg: String| Err(Error::InvalidArgument(msg));
+        super::mask::check_mask_blur(inpaint.mask_blur).map_err(Error::InvalidArgument)?;
         if inpaint.masks.len() != requests.len() {
             return bad(format!(
                 "{} masks for {} requests",
@@ -209,7 +234,17 @@ impl StableDiffusion {
         // Pixels and mask stay float32 until encoded, as diffusers keeps `init_image` and
         // `mask_condition` in float32.
         let pixels = images_to_tensor(inpaint.images)?;
-        let mask_full = masks_to_tensor(inpaint.masks)?;
+        let mask_full = if inpaint.mask_blur == 0.0 {
+            masks_to_tensor(inpaint.masks)?
+        } else {
+            // diffusers blurs the PIL mask before its mask processor binarises it.
+            let blurred = inpaint
+                .masks
+                .iter()
+                .map(|m| m.blurred(inpaint.mask_blur))
+                .collect::<Result<Vec<_>>>()?;
+            masks_to_tensor(&blurred)?
+        };
         let masked_pixels = pixels.f_mul(&mask_full.f_lt(0.5)?)?;
         let image_latents = if needs_image_latents {
             Some(encode(&pixels, 0)?)

@@ -15,6 +15,7 @@ pub mod hires;
 pub mod inpaint;
 pub mod lora;
 pub mod mapped;
+pub mod mask;
 pub mod nn;
 pub mod noise;
 pub mod prompt_weights;

@@ -340,10 +340,14 @@ impl GpuExecutor {
                             images: &init_images,
                             strength: f64::from_bits(strength_bits),
                         }),
-                        Mode::Inpaint { strength_bits } => Work::Inpaint(Inpaint {
+                        Mode::Inpaint {
+                            strength_bits,
+                            mask_blur_bits,
+                        } => Work::Inpaint(Inpaint {
                             images: &init_images,
                             masks: &masks,
                             strength: f64::from_bits(strength_bits),
+                            mask_blur: f64::from_bits(mask_blur_bits),
                         }),
                     };
                     let result =

@@ -84,6 +84,7 @@ pub(super) async fn store_image(
             ItemMode::Img2Img(strength) | ItemMode::Inpaint(strength) => Some(strength),
         },
         hires: batch.hires,
+        mask_blur: matches!(batch.mode(item), ItemMode::Inpaint(_)).then_some(batch.mask_blur),
     });
     let embedded = embedded_record(
         &batch,
