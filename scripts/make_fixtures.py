@@ -2544,6 +2544,7 @@ def make_tiny(out_dir: Path) -> None:
     # After img2img: reuses its init image.
     inpaint_info = fixtures_inpaint.ref_inpaint(out_dir, ref_dir, model_dir, sys.modules[__name__])
     mask_blur_info = fixtures_inpaint.ref_mask_blur(out_dir, ref_dir, model_dir, sys.modules[__name__])
+    mask_crop_info = fixtures_inpaint.ref_mask_crop(out_dir, ref_dir, model_dir, sys.modules[__name__])
     ti_info = ref_textual_inversion(out_dir, ref_dir, model_dir)
     sd2_dir = out_dir / "tiny-sd2"
     build_tiny_sd2(sd2_dir, vocab, merges)
@@ -2566,6 +2567,7 @@ def make_tiny(out_dir: Path) -> None:
             "hires_latent": hires_latent_info,
             "inpaint": inpaint_info,
             "mask_blur": mask_blur_info,
+            "mask_crop": mask_crop_info,
         },
     )
     stds.update(make_checker_fixtures(out_dir, model_dir, ref_dir, tokenizer, vocab, merges))

@@ -151,6 +151,11 @@ pub struct MessageParams {
     /// `mask_image` items.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask_blur: Option<f64>,
+    /// Inpainting: repaint only each mask's bounding box grown by this many pixels, at the
+    /// output size, then paste it back (diffusers' `padding_mask_crop`); only with
+    /// `mask_image` items.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub padding_mask_crop: Option<u32>,
     /// Hires fix: generate, upscale, img2img at the larger size (txt2img items only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hires: Option<MessageHires>,
@@ -260,6 +265,7 @@ impl MessageParams {
         "loras",
         "strength",
         "mask_blur",
+        "padding_mask_crop",
         "hires",
     ];
 
@@ -515,6 +521,9 @@ pub enum InvalidReason {
     /// `params.mask_blur` not a number in `0..=`[`MAX_MASK_BLUR`](crate::pipeline::mask::MAX_MASK_BLUR), or given without any
     /// `mask_image`.
     MaskBlur,
+    /// `params.padding_mask_crop` not an integer in `0..=`[`MAX_PADDING_MASK_CROP`](crate::pipeline::mask::MAX_PADDING_MASK_CROP),
+    /// or given without any `mask_image`.
+    PaddingMaskCrop,
     /// `params.hires` malformed, out of range, larger than the worker's `max_side`, or with
     /// `init_image` items.
     Hires,
@@ -524,7 +533,7 @@ pub enum InvalidReason {
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 39] = [
+    pub const ALL: [InvalidReason; 40] = [
         InvalidReason::TooLarge,
         InvalidReason::NotJson,
         InvalidReason::SchemaVersion,
@@ -562,6 +571,7 @@ impl InvalidReason {
         InvalidReason::MaskImageTooLarge,
         InvalidReason::MaskImageSize,
         InvalidReason::MaskBlur,
+        InvalidReason::PaddingMaskCrop,
         InvalidReason::Hires,
         InvalidReason::Webhook,
     ];
@@ -605,6 +615,7 @@ impl InvalidReason {
             InvalidReason::MaskImageTooLarge => "mask_image_too_large",
             InvalidReason::MaskImageSize => "mask_image_size",
             InvalidReason::MaskBlur => "mask_blur",
+            InvalidReason::PaddingMaskCrop => "padding_mask_crop",
             InvalidReason::Hires => "hires",
             InvalidReason::Webhook => "webhook",
         }
@@ -667,6 +678,8 @@ pub struct Batch {
     pub inpaint_strength: f64,
     /// Gaussian blur radius of the inpainting items' masks (0: none).
     pub mask_blur: f64,
+    /// The inpainting items' `padding_mask_crop` (`None`: the whole image).
+    pub padding_mask_crop: Option<u32>,
     /// Hires fix of every (txt2img) image.
     pub hires: Option<Hires>,
     /// Where the batch's events are also sent (shape checked; the worker checks its policy).
@@ -852,6 +865,9 @@ impl Batch {
                 // Only when set: work without it hashes as before.
                 if self.mask_blur != 0.0 {
                     canonical["mask_blur"] = serde_json::json!(self.mask_blur);
+                }
+                if let Some(pad) = self.padding_mask_crop {
+                    canonical["padding_mask_crop"] = serde_json::json!(pad);
                 }
             }
         }
@@ -1434,6 +1450,8 @@ fn validate_unbounded(
         }
     }
     let mask_blur = parse_mask_blur(p.mask_blur, any_mask).map_err(|m| fail(R::MaskBlur, m))?;
+    let padding_mask_crop = parse_padding_mask_crop(p.padding_mask_crop, any_mask)
+        .map_err(|m| fail(R::PaddingMaskCrop, m))?;
     let hires = match &p.hires {
         None => None,
         Some(h) => {
@@ -1520,9 +1538,31 @@ fn validate_unbounded(
         strength,
         inpaint_strength,
         mask_blur,
+        padding_mask_crop,
         hires,
         webhook,
     })
+}
+
+/// Reads `params.padding_mask_crop`: at most
+/// [`MAX_PADDING_MASK_CROP`](crate::pipeline::mask::MAX_PADDING_MASK_CROP), only for a message
+/// with inpainting items (as [`parse_mask_blur`]).
+fn parse_padding_mask_crop(pad: Option<u32>, any_mask: bool) -> Result<Option<u32>, String> {
+    let Some(pad) = pad else {
+        return Ok(None);
+    };
+    if !any_mask {
+        return Err(
+            "params.padding_mask_crop is only for inpainting: no item has a mask_image".into(),
+        );
+    }
+    let max = crate::pipeline::mask::MAX_PADDING_MASK_CROP;
+    if pad > max {
+        return Err(format!(
+            "params.padding_mask_crop {pad} must be in 0..={max}"
+        ));
+    }
+    Ok(Some(pad))
 }
 
 /// Reads `params.mask_blur`: a radius in `0..=`[`MAX_MASK_BLUR`](crate::pipeline::mask::MAX_MASK_BLUR) (default 0), only for a
@@ -1949,6 +1989,12 @@ const PARAMS: &[Spec] = &[
         false,
         InvalidReason::MaskBlur,
         is::<Option<f64>>,
+    ),
+    (
+        "padding_mask_crop",
+        false,
+        InvalidReason::PaddingMaskCrop,
+        is::<Option<u32>>,
     ),
     (
         "hires",
@@ -2851,6 +2897,7 @@ mod tests {
                 "mask_image_too_large",
                 "mask_image_size",
                 "mask_blur",
+                "padding_mask_crop",
                 "hires",
                 "webhook"
             ]
@@ -3040,6 +3087,59 @@ mod tests {
                 R::MaskBlur
             );
         }
+    }
+
+    #[test]
+    fn padding_mask_crop_is_checked_and_hashed() {
+        use InvalidReason as R;
+        let inpaint = json!({"schema_version": 1, "batch_id": "b1", "items": [
+            {"id": "inp", "prompt": "b", "init_image": "s3://images/in/a.png",
+             "mask_image": "s3://images/in/a-mask.png"}]});
+        let crop = |v: Value| {
+            with(
+                inpaint.clone(),
+                "/params",
+                Some(json!({"padding_mask_crop": v})),
+            )
+        };
+        let plain = parse_value(&inpaint).unwrap();
+        assert_eq!(plain.padding_mask_crop, None);
+        for pad in [0, 32, 4096] {
+            let b = parse_value(&crop(json!(pad))).unwrap();
+            assert_eq!(b.padding_mask_crop, Some(pad));
+            assert_ne!(b.work_sha256(), plain.work_sha256(), "{pad}");
+        }
+        for bad in [json!(4097), json!(-1), json!(2.5), json!("8")] {
+            let e = parse(
+                &serde_json::to_vec(&crop(bad.clone())).unwrap(),
+                &limits(),
+                NATIVE,
+            )
+            .unwrap_err();
+            assert_eq!(e.reason, R::PaddingMaskCrop, "{bad}");
+            assert!(
+                e.message.contains("padding_mask_crop"),
+                "{bad}: {}",
+                e.message
+            );
+        }
+        let e = parse(
+            &serde_json::to_vec(&with(
+                minimal(),
+                "/params",
+                Some(json!({"padding_mask_crop": 8})),
+            ))
+            .unwrap(),
+            &limits(),
+            NATIVE,
+        )
+        .unwrap_err();
+        assert_eq!(e.reason, R::PaddingMaskCrop);
+        assert!(
+            e.message.contains("no item has a mask_image"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
@@ -3609,6 +3709,7 @@ mod tests {
         full["items"][0]["mask_image"] = json!("s3://images/inputs/sku-123-mask.png");
         full["params"]["strength"] = json!(0.6);
         full["params"]["mask_blur"] = json!(4.0);
+        full["params"]["padding_mask_crop"] = json!(32);
         full["params"]["hires"] =
             json!({"scale": 2.0, "steps": 20, "strength": 0.5, "upscaler": "latent"});
         full["output"]["webhook"] = json!({"url": "https://hooks.example.com/sdbatch"});

@@ -151,6 +151,9 @@ pub struct Sidecar<'a> {
     /// Inpainting: the mask's Gaussian blur radius, when not 0.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mask_blur: Option<f64>,
+    /// Inpainting: diffusers' `padding_mask_crop`, when used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub padding_mask_crop: Option<u32>,
     /// Clip skip when other than 1.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clip_skip: Option<usize>,
@@ -236,6 +239,9 @@ pub struct Infotext<'a> {
     pub hires: Option<crate::pipeline::hires::Hires>,
     /// Inpainting: the mask's Gaussian blur radius (A1111's `Mask blur`); written when not 0.
     pub mask_blur: Option<f64>,
+    /// Inpainting: the crop's padding (`padding_mask_crop`; A1111's "Only masked" inpaint area
+    /// and its `Masked area padding`).
+    pub padding_mask_crop: Option<u32>,
 }
 
 /// A1111's display name of a scheduler (`modules/sd_samplers_*.py`) and, for the Karras
@@ -345,6 +351,12 @@ pub fn a1111_parameters(info: &Infotext) -> String {
     // extension's CFG Rescale is added later, during processing.
     if let Some(blur) = info.mask_blur.filter(|&b| b != 0.0) {
         let _ = write!(out, ", Mask blur: {blur}");
+    }
+    if let Some(pad) = info.padding_mask_crop {
+        let _ = write!(
+            out,
+            ", Inpaint area: Only masked, Masked area padding: {pad}"
+        );
     }
     if p.guidance_rescale != 0.0 {
         // The name the sd-webui-cfg-rescale extension writes.
@@ -609,6 +621,7 @@ mod tests {
             denoising_strength: None,
             hires: None,
             mask_blur: None,
+            padding_mask_crop: None,
         }
     }
 
@@ -676,6 +689,12 @@ mod tests {
         );
         i.mask_blur = Some(0.0);
         assert!(!a1111_parameters(&i).contains("Mask blur"));
+        i.padding_mask_crop = Some(32);
+        let text = a1111_parameters(&i);
+        assert!(
+            text.contains("Clip skip: 2, Inpaint area: Only masked, Masked area padding: 32, CFG"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -3,6 +3,8 @@
 mod common;
 
 use common::*;
+use sdbatch::pipeline::mask::crop_region;
+use sdbatch::pipeline::pil::Image8;
 use sdbatch::pipeline::schedulers::SchedulerKind;
 use sdbatch::pipeline::single_file::SingleFileOptions;
 use sdbatch::pipeline::{GrayImage, ImageRequest, Inpaint, LoadOptions, RgbImage, StableDiffusion};
@@ -62,12 +64,13 @@ fn check_runs_of(
     let r = reference(&format!("{section}.safetensors"));
     let inpaint_mask = reference("inpaint.safetensors").remove("mask").unwrap();
     let init = rgb("img2img/init.png");
-    let mask_rgb = rgb("inpaint/mask.png");
     assert_eq!(
         u8_vec(&inpaint_mask),
-        mask_rgb.pixels,
+        rgb("inpaint/mask.png").pixels,
         "the PNG is the reference's mask"
     );
+    // A section's own mask, else the inpainting one.
+    let mask_rgb = rgb(m["mask"].as_str().unwrap_or("inpaint/mask.png"));
     let mask = GrayImage::from_rgb(&mask_rgb);
     let request = request(m);
     let mut checked = 0;
@@ -92,6 +95,7 @@ fn check_runs_of(
                     masks: std::slice::from_ref(&mask),
                     strength: info["strength"].as_f64().unwrap(),
                     mask_blur: info["mask_blur"].as_f64().unwrap_or(0.0),
+                    padding_mask_crop: info["padding_mask_crop"].as_u64().map(|p| p as u32),
                 },
                 &mut |_, _, l| latents.push(l.copy()),
             )
@@ -208,6 +212,95 @@ fn mask_blur_matches_diffusers() {
     check_runs_of("mask_blur", &load_cpu(), "unet4", |_| true);
 }
 
+/// PIL's Lanczos `Image.resize` (what diffusers' crop resizes with), RGB and L, up and down,
+/// with source boxes (the fill strips resize a zero-height box): Pillow's bytes.
+#[test]
+fn pil_lanczos_resize_is_pils() {
+    let meta = meta();
+    let r = reference("mask_crop.safetensors");
+    let src = |name: &str, channels: usize| {
+        let t = &r[name];
+        Image8::new(
+            t.size()[1] as usize,
+            t.size()[0] as usize,
+            channels,
+            u8_vec(t),
+        )
+        .unwrap()
+    };
+    let (rgb_src, l_src) = (src("resize_src_rgb", 3), src("resize_src_l", 1));
+    let resizes = meta["mask_crop"]["resizes"].as_array().unwrap();
+    for (i, case) in resizes.iter().enumerate() {
+        let img = if case["mode"] == "RGB" {
+            &rgb_src
+        } else {
+            &l_src
+        };
+        let size = &case["size"];
+        let source = case["box"].as_array().map(|b| {
+            let v: Vec<f32> = b.iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            [v[0], v[1], v[2], v[3]]
+        });
+        let out = img
+            .resize(
+                size[0].as_u64().unwrap() as usize,
+                size[1].as_u64().unwrap() as usize,
+                source,
+            )
+            .unwrap();
+        let want = u8_vec(&r[&format!("resize_{i}")]);
+        let (frac, max) = pixel_agreement(&out.pixels, &want);
+        println!(
+            "resize {case}: {:.4} % within 1 level, max diff {max}",
+            frac * 100.0
+        );
+        assert_eq!(out.pixels, want, "resize {case}: not PIL's bytes");
+    }
+}
+
+/// diffusers' `get_crop_region` on masks of several shapes, pads and processing aspects.
+#[test]
+fn crop_region_is_diffusers() {
+    let meta = meta();
+    let r = reference("mask_crop.safetensors");
+    let regions = meta["mask_crop"]["regions"].as_array().unwrap();
+    for (i, case) in regions.iter().enumerate() {
+        let mask = &r[&format!("region_mask_{i}")];
+        let (h, w) = (mask.size()[0] as usize, mask.size()[1] as usize);
+        let got = crop_region(
+            &u8_vec(mask),
+            w,
+            h,
+            case["width"].as_u64().unwrap() as usize,
+            case["height"].as_u64().unwrap() as usize,
+            case["pad"].as_u64().unwrap() as u32,
+        )
+        .unwrap();
+        let want: Vec<usize> = case["region"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(got.to_vec(), want, "case {i}: {case}");
+    }
+    assert!(regions.len() >= 10);
+    // An all-black mask has no region (diffusers divides by zero).
+    let err = crop_region(&[0; 16], 4, 4, 64, 64, 2)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("all black"), "{err}");
+}
+
+/// diffusers' `StableDiffusionInpaintPipeline(padding_mask_crop=N)` on a small off-centre mask
+/// with a grey edge: the latents of the cropped generation and the pasted-back image, on the
+/// 9-channel UNet (pad 4) and the 4-channel blend (pad 8).
+#[test]
+fn padding_mask_crop_matches_diffusers() {
+    check_runs_of("mask_crop", &load_inpainting_model(), "unet9", |_| true);
+    check_runs_of("mask_crop", &load_cpu(), "unet4", |_| true);
+}
+
 #[test]
 fn inpainting_inputs_are_checked() {
     let model = load_inpainting_model();
@@ -226,6 +319,7 @@ fn inpainting_inputs_are_checked() {
                     masks,
                     strength,
                     mask_blur: 0.0,
+                    padding_mask_crop: None,
                 },
                 &mut |_, _, _| {},
             )
@@ -251,6 +345,7 @@ fn inpainting_inputs_are_checked() {
                     masks: std::slice::from_ref(&mask),
                     strength: 1.0,
                     mask_blur: blur,
+                    padding_mask_crop: None,
                 },
                 &mut |_, _, _| {},
             )
@@ -258,6 +353,34 @@ fn inpainting_inputs_are_checked() {
             .unwrap_err()
             .to_string();
         assert!(err.contains("mask blur") && err.contains("0..=64"), "{err}");
+    }
+    // padding_mask_crop: bounded, and a mask with nothing to repaint has no region.
+    let black = GrayImage {
+        width: 64,
+        height: 64,
+        pixels: vec![0; 64 * 64],
+    };
+    for (masks, pad, says) in [
+        (std::slice::from_ref(&mask), 5000, "padding_mask_crop 5000"),
+        (std::slice::from_ref(&black), 8, "all black"),
+    ] {
+        let err = model
+            .generate_inpaint(
+                std::slice::from_ref(&request),
+                &p,
+                Inpaint {
+                    images: std::slice::from_ref(&init),
+                    masks,
+                    strength: 1.0,
+                    mask_blur: 0.0,
+                    padding_mask_crop: Some(pad),
+                },
+                &mut |_, _, _| {},
+            )
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(says), "{err}");
     }
     let heun = params(4, 7.5, 64, SchedulerKind::Heun);
     let err = run(&heun, std::slice::from_ref(&mask), 1.0);
@@ -438,4 +561,52 @@ fn generate_cli_blurs_the_mask() {
         let written = std::fs::read_dir(&refused).map(|d| d.count()).unwrap_or(0);
         assert_eq!(written, 0, "{bad}: nothing written");
     }
+}
+
+/// `sdbatch generate --padding-mask-crop N` gives diffusers' image (the crop inpainted at the
+/// output size and pasted back) and records it in the sidecar and the A1111 parameters.
+#[test]
+fn generate_cli_crops_to_the_mask() {
+    let meta = meta();
+    let m = &meta["mask_crop"];
+    let r = reference("mask_crop.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    let entry = serde_json::json!({
+        "id": "x",
+        "prompt": m["prompt"],
+        "negative_prompt": m["negative_prompt"],
+        "seed": m["seed"],
+    });
+    std::fs::write(&prompts, entry.to_string()).unwrap();
+    let out = dir.path().join("out");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdbatch"))
+        .args(["generate", "--model"])
+        .arg(fixtures().join("tiny-sd-inpaint"))
+        .arg("--prompts")
+        .arg(&prompts)
+        .arg("--out")
+        .arg(&out)
+        .arg("--init-image")
+        .arg(fixtures().join("img2img/init.png"))
+        .arg("--mask")
+        .arg(fixtures().join(m["mask"].as_str().unwrap()))
+        .args(["--padding-mask-crop", "4"])
+        .args(["--guidance", "7.5", "--steps", "10", "--scheduler", "pndm"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let png = image::open(out.join("x.png")).unwrap().to_rgb8();
+    assert_images_match(
+        "generate --padding-mask-crop 4",
+        png.as_raw(),
+        &u8_vec(&r["unet9_pndm_100_crop4_image"]),
+    );
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("x.json")).unwrap()).unwrap();
+    assert_eq!(sidecar["padding_mask_crop"], 4);
+    let bytes = std::fs::read(out.join("x.png")).unwrap();
+    let needle = b"Masked area padding: 4";
+    assert!(bytes.windows(needle.len()).any(|w| w == needle));
 }

@@ -161,6 +161,7 @@ fn every_format_reads_back_with_parameters_and_marking() {
             denoising_strength: None,
             hires: None,
             mask_blur: None,
+            padding_mask_crop: None,
         };
         let parameters = a1111_parameters(&info);
         let record = serde_json::json!({"prompt": prompt, "seed": 4242}).to_string();

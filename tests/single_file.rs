@@ -110,6 +110,7 @@ fn same_model(folder: &StableDiffusion, single: &StableDiffusion, what: &str) {
                 masks: std::slice::from_ref(&mask),
                 strength: 1.0,
                 mask_blur: 0.0,
+                padding_mask_crop: None,
             };
             model.generate_inpaint(requests, &params, inpaint, &mut |_, _, _| {})
         } else {

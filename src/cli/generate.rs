@@ -81,6 +81,13 @@ pub struct GenerateArgs {
     /// Rounds the mask's corners and closes thin gaps.
     #[arg(long, value_name = "R", default_value_t = 0.0, requires = "mask")]
     pub mask_blur: f64,
+    /// Inpainting: repaint only the mask's bounding box grown by N pixels (and widened to the
+    /// output's aspect), enlarged to the output size, then pasted back through the mask:
+    /// diffusers' `padding_mask_crop`, A1111's "Only masked" inpaint area. Small masked areas
+    /// get the model's full resolution.
+    #[arg(long, value_name = "N", requires = "mask",
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(sdbatch::pipeline::mask::MAX_PADDING_MASK_CROP)))]
+    pub padding_mask_crop: Option<u32>,
     /// Hires fix: generate, upscale by this factor (in (1, 4], sizes rounded down to multiples
     /// of 8), then img2img at the larger size.
     #[arg(long, conflicts_with = "init_image")]
@@ -386,6 +393,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                     masks: &masks,
                     strength,
                     mask_blur: args.mask_blur,
+                    padding_mask_crop: args.padding_mask_crop,
                 };
                 model.generate_inpaint(&requests, &params, inpaint, &mut on_step)?
             }
@@ -431,6 +439,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 init_image: args.init_image.as_deref().and_then(|p| p.to_str()),
                 strength: init_image.as_ref().map(|_| strength),
                 mask_blur: mask_blur(&args),
+                padding_mask_crop: args.padding_mask_crop,
                 clip_skip: (params.clip_skip != 1).then_some(params.clip_skip),
                 guidance_rescale: (params.guidance_rescale != 0.0)
                     .then_some(params.guidance_rescale),
@@ -458,6 +467,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 denoising_strength: init_image.as_ref().map(|_| strength),
                 hires,
                 mask_blur: mask_blur(&args),
+                padding_mask_crop: args.padding_mask_crop,
             };
             write_image(
                 &args.out,

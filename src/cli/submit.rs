@@ -151,6 +151,7 @@ fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
         // img2img and inpainting are not offered by `submit` (prompt files carry no images).
         strength: None,
         mask_blur: None,
+        padding_mask_crop: None,
         hires: args
             .hires_scale
             .map(|scale| sdbatch::message::MessageHires {

@@ -164,6 +164,93 @@ pub fn gaussian_blur(pixels: &[u8], width: usize, height: usize, radius: f32) ->
     Ok(out)
 }
 
+/// Largest `padding_mask_crop` accepted, in pixels: more than any side sdbatch generates
+/// (4096), so larger values mean the same as this one.
+pub const MAX_PADDING_MASK_CROP: u32 = 4096;
+
+/// diffusers' `VaeImageProcessor.get_crop_region(mask, width, height, pad)`: the bounding box
+/// of the mask's non-zero pixels, grown by `pad` on every side (within the mask), then widened
+/// or heightened around its centre to the processing aspect `width / height`, shifted back
+/// inside the mask where it overflows (and cut where it still does). Returns
+/// `[x0, y0, x1, y1]`, end-exclusive. An all-black mask has no region (diffusers divides by
+/// zero): an error.
+pub fn crop_region(
+    mask: &[u8],
+    mask_width: usize,
+    mask_height: usize,
+    width: usize,
+    height: usize,
+    pad: u32,
+) -> Result<[usize; 4]> {
+    if mask.len() != mask_width * mask_height || width == 0 || height == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "crop region of a {mask_width}x{mask_height} mask ({} bytes) for {width}x{height}",
+            mask.len()
+        )));
+    }
+    let (w, h) = (mask_width as i64, mask_height as i64);
+    let column_set = |x: usize| (0..mask_height).any(|y| mask[y * mask_width + x] != 0);
+    let row_set = |y: usize| {
+        mask[y * mask_width..(y + 1) * mask_width]
+            .iter()
+            .any(|&v| v != 0)
+    };
+    let (Some(left), Some(top)) = (
+        (0..mask_width).position(column_set),
+        (0..mask_height).position(row_set),
+    ) else {
+        return Err(Error::InvalidArgument(
+            "the mask is all black: nothing to inpaint, so no region to crop".into(),
+        ));
+    };
+    // Both exist once one does.
+    let right = (0..mask_width).rev().position(column_set).unwrap_or(0) as i64;
+    let bottom = (0..mask_height).rev().position(row_set).unwrap_or(0) as i64;
+    let pad = i64::from(pad);
+    let (mut x1, mut y1) = ((left as i64 - pad).max(0), (top as i64 - pad).max(0));
+    let (mut x2, mut y2) = ((w - right + pad).min(w), (h - bottom + pad).min(h));
+
+    let ratio_crop = (x2 - x1) as f64 / (y2 - y1) as f64;
+    let ratio_processing = width as f64 / height as f64;
+    // Python's `int()` truncates toward zero, `//` floors.
+    if ratio_crop > ratio_processing {
+        let desired_height = (x2 - x1) as f64 / ratio_processing;
+        let diff = (desired_height - (y2 - y1) as f64) as i64;
+        y1 -= diff.div_euclid(2);
+        y2 += diff - diff.div_euclid(2);
+        if y2 >= h {
+            let over = y2 - h;
+            y2 -= over;
+            y1 -= over;
+        }
+        if y1 < 0 {
+            y2 -= y1;
+            y1 = 0;
+        }
+        if y2 >= h {
+            y2 = h;
+        }
+    } else {
+        let desired_width = (y2 - y1) as f64 * ratio_processing;
+        let diff = (desired_width - (x2 - x1) as f64) as i64;
+        x1 -= diff.div_euclid(2);
+        x2 += diff - diff.div_euclid(2);
+        if x2 >= w {
+            let over = x2 - w;
+            x2 -= over;
+            x1 -= over;
+        }
+        if x1 < 0 {
+            x2 -= x1;
+            x1 = 0;
+        }
+        if x2 >= w {
+            x2 = w;
+        }
+    }
+    Ok([x1 as usize, y1 as usize, x2 as usize, y2 as usize])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,7 @@ pub mod mapped;
 pub mod mask;
 pub mod nn;
 pub mod noise;
+pub mod pil;
 pub mod prompt_weights;
 pub mod resnet;
 pub mod safety;

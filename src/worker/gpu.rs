@@ -343,11 +343,13 @@ impl GpuExecutor {
                         Mode::Inpaint {
                             strength_bits,
                             mask_blur_bits,
+                            padding_mask_crop,
                         } => Work::Inpaint(Inpaint {
                             images: &init_images,
                             masks: &masks,
                             strength: f64::from_bits(strength_bits),
                             mask_blur: f64::from_bits(mask_blur_bits),
+                            padding_mask_crop,
                         }),
                     };
                     let result =
