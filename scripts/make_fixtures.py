@@ -46,8 +46,11 @@ DIR/single-file/  -- the tiny models as single-file checkpoints in the original 
                            (fused attn.in_proj_*, ln_1/ln_2, mlp.c_fc/c_proj, positional_embedding,
                            ln_final, text_projection, logit_scale) and one extra, random, final
                            resblock (index 3) that readers must drop (penultimate-layer encoder)
+    tiny-sd-inpaint.safetensors  tiny-sd-inpaint/ (9-channel UNet, stable-diffusion-inpainting
+                           layout) as tiny-sd.safetensors; checked with
+                           StableDiffusionInpaintPipeline.from_single_file
     Head counts and norm groups of the tiny models cannot be inferred from shapes: load them with
-    the folder as the config (--model-config tiny-sd / tiny-sd2).
+    the folder as the config (--model-config tiny-sd / tiny-sd2 / tiny-sd-inpaint).
 
 DIR/reference/  -- safetensors files (float32 unless stated) and json:
     tokens.json        {"prompts": [str, ...], "ids": [[77 ints], ...]}  (>= 220 prompts)
@@ -2435,13 +2438,14 @@ def _prefixed(prefix: str, state: dict) -> dict:
     return {prefix + k: v.contiguous() for k, v in state.items()}
 
 
-def check_single_file(path: Path, model_dir: Path) -> None:
-    """from_single_file(path, config=model_dir) must give the folder's tensors exactly."""
+def check_single_file(path: Path, model_dir: Path, pipeline: str = "StableDiffusionPipeline") -> None:
+    """pipeline.from_single_file(path, config=model_dir) must give the folder's tensors exactly."""
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline
 
-    folder = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
-    single = StableDiffusionPipeline.from_single_file(
+    cls = getattr(diffusers, pipeline)
+    folder = cls.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    single = cls.from_single_file(
         str(path), config=str(model_dir), local_files_only=True,
         safety_checker=None, requires_safety_checker=False,
     )
@@ -2454,7 +2458,7 @@ def check_single_file(path: Path, model_dir: Path) -> None:
     assert single.scheduler.config.prediction_type == folder.scheduler.config.prediction_type
 
 
-def make_single_file(out_dir: Path, sd1_dir: Path, sd2_dir: Path) -> dict:
+def make_single_file(out_dir: Path, sd1_dir: Path, sd2_dir: Path, inpaint_dir: Path) -> dict:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
@@ -2465,7 +2469,14 @@ def make_single_file(out_dir: Path, sd1_dir: Path, sd2_dir: Path) -> dict:
         shutil.rmtree(target)
     target.mkdir(parents=True)
     info = {}
-    for name, model_dir, sd2 in (("tiny-sd", sd1_dir, False), ("tiny-sd2", sd2_dir, True)):
+    # The inpainting one (9-channel conv_in, the stable-diffusion-inpainting layout) goes through
+    # diffusers' inpainting pipeline, whose from_single_file is what such checkpoints are for.
+    models = (
+        ("tiny-sd", sd1_dir, False, "StableDiffusionPipeline"),
+        ("tiny-sd2", sd2_dir, True, "StableDiffusionPipeline"),
+        ("tiny-sd-inpaint", inpaint_dir, False, "StableDiffusionInpaintPipeline"),
+    )
+    for name, model_dir, sd2, pipeline in models:
         unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
         vae = AutoencoderKL.from_pretrained(model_dir / "vae")
         text = CLIPTextModel.from_pretrained(model_dir / "text_encoder")
@@ -2483,7 +2494,7 @@ def make_single_file(out_dir: Path, sd1_dir: Path, sd2_dir: Path) -> dict:
             ckpt["model_ema.decay"] = torch.tensor(0.9999)
         path = target / f"{name}.safetensors"
         save_file(ckpt, str(path))
-        check_single_file(path, model_dir)
+        check_single_file(path, model_dir, pipeline)
         info[name] = {"file": f"single-file/{name}.safetensors", "tensors": len(ckpt), "config": name}
         print(f"single-file: {path.name} ({len(ckpt)} tensors) loads back identically with from_single_file")
     return info
@@ -2532,11 +2543,13 @@ def make_tiny(out_dir: Path) -> None:
     hires_latent_info = fixtures_img2img.ref_hires_latent(ref_dir, model_dir, sys.modules[__name__])
     # After img2img: reuses its init image.
     inpaint_info = fixtures_inpaint.ref_inpaint(out_dir, ref_dir, model_dir, sys.modules[__name__])
+    mask_blur_info = fixtures_inpaint.ref_mask_blur(out_dir, ref_dir, model_dir, sys.modules[__name__])
+    mask_crop_info = fixtures_inpaint.ref_mask_crop(out_dir, ref_dir, model_dir, sys.modules[__name__])
     ti_info = ref_textual_inversion(out_dir, ref_dir, model_dir)
     sd2_dir = out_dir / "tiny-sd2"
     build_tiny_sd2(sd2_dir, vocab, merges)
     sd2_info = ref_sd2(ref_dir, sd2_dir)
-    make_single_file(out_dir, model_dir, sd2_dir)
+    make_single_file(out_dir, model_dir, sd2_dir, out_dir / "tiny-sd-inpaint")
     write_meta(
         ref_dir,
         {
@@ -2553,6 +2566,8 @@ def make_tiny(out_dir: Path) -> None:
             "hires": hires_info,
             "hires_latent": hires_latent_info,
             "inpaint": inpaint_info,
+            "mask_blur": mask_blur_info,
+            "mask_crop": mask_crop_info,
         },
     )
     stds.update(make_checker_fixtures(out_dir, model_dir, ref_dir, tokenizer, vocab, merges))

@@ -49,9 +49,12 @@ pub enum Mode {
     Img2Img {
         strength_bits: u64,
     },
-    /// From init images and masks, at one strength.
+    /// From init images and masks, at one strength, one mask blur and one padding_mask_crop
+    /// (the masks are blurred and cropped with the batch's pipeline call).
     Inpaint {
         strength_bits: u64,
+        mask_blur_bits: u64,
+        padding_mask_crop: Option<u32>,
     },
     /// txt2img, then one hires fix's second pass at the larger size.
     Hires {
@@ -69,9 +72,11 @@ impl Mode {
         }
     }
 
-    pub fn inpaint(strength: f64) -> Self {
+    pub fn inpaint(strength: f64, mask_blur: f64, padding_mask_crop: Option<u32>) -> Self {
         Mode::Inpaint {
             strength_bits: strength.to_bits(),
+            mask_blur_bits: mask_blur.to_bits(),
+            padding_mask_crop,
         }
     }
 
@@ -105,7 +110,7 @@ impl Mode {
     /// The img2img or inpainting strength, `None` for txt2img and hires batches.
     pub fn strength(&self) -> Option<f64> {
         match *self {
-            Mode::Img2Img { strength_bits } | Mode::Inpaint { strength_bits } => {
+            Mode::Img2Img { strength_bits } | Mode::Inpaint { strength_bits, .. } => {
                 Some(f64::from_bits(strength_bits))
             }
             Mode::Txt2Img | Mode::Hires { .. } => None,
@@ -490,7 +495,7 @@ mod tests {
                 ((0, 1), req(1), Mode::img2img(0.8), i2i.clone()),
                 ((0, 2), req(2), Mode::Txt2Img, none()),
                 ((0, 3), req(3), Mode::img2img(0.8), i2i.clone()),
-                ((0, 4), req(4), Mode::inpaint(1.0), inp.clone()),
+                ((0, 4), req(4), Mode::inpaint(1.0, 0.0, None), inp.clone()),
             ],
         );
         p.push_with(
@@ -522,7 +527,7 @@ mod tests {
         assert!(b.images.iter().all(|i| i.inputs == i2i));
         let b = p.next_batch(8).unwrap();
         assert_eq!(tags(&b), [(0, 4)]);
-        assert_eq!(b.key.mode, Mode::inpaint(1.0));
+        assert_eq!(b.key.mode, Mode::inpaint(1.0, 0.0, None));
         assert!(b.images.iter().all(|i| i.inputs == inp));
         let b = p.next_batch(8).unwrap();
         assert_eq!(tags(&b), [(1, 0)]);
@@ -539,7 +544,7 @@ mod tests {
             MemoryKey::of(&base)
         );
         assert_eq!(
-            MemoryKey::of(&base.clone().with_mode(Mode::inpaint(0.8))),
+            MemoryKey::of(&base.clone().with_mode(Mode::inpaint(0.8, 0.0, None))),
             MemoryKey::of(&base)
         );
         let big = MemoryKey::of(&base.with_mode(Mode::hires(&hires)));

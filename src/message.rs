@@ -146,6 +146,16 @@ pub struct MessageParams {
     /// [`DEFAULT_INPAINT_STRENGTH`] for inpainting); only with `init_image` items.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// Inpainting: the masks' Gaussian blur radius in pixels, `0..=`[`MAX_MASK_BLUR`](crate::pipeline::mask::MAX_MASK_BLUR) (default
+    /// 0: none), as diffusers' `mask_processor.blur` / A1111's "Mask blur"; only with
+    /// `mask_image` items.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_blur: Option<f64>,
+    /// Inpainting: repaint only each mask's bounding box grown by this many pixels, at the
+    /// output size, then paste it back (diffusers' `padding_mask_crop`); only with
+    /// `mask_image` items.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub padding_mask_crop: Option<u32>,
     /// Hires fix: generate, upscale, img2img at the larger size (txt2img items only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hires: Option<MessageHires>,
@@ -254,6 +264,8 @@ impl MessageParams {
         "prompt_syntax",
         "loras",
         "strength",
+        "mask_blur",
+        "padding_mask_crop",
         "hires",
     ];
 
@@ -506,6 +518,12 @@ pub enum InvalidReason {
     MaskImageTooLarge,
     /// The mask's size differs from its init image's (set by the worker).
     MaskImageSize,
+    /// `params.mask_blur` not a number in `0..=`[`MAX_MASK_BLUR`](crate::pipeline::mask::MAX_MASK_BLUR), or given without any
+    /// `mask_image`.
+    MaskBlur,
+    /// `params.padding_mask_crop` not an integer in `0..=`[`MAX_PADDING_MASK_CROP`](crate::pipeline::mask::MAX_PADDING_MASK_CROP),
+    /// or given without any `mask_image`.
+    PaddingMaskCrop,
     /// `params.hires` malformed, out of range, larger than the worker's `max_side`, or with
     /// `init_image` items.
     Hires,
@@ -515,7 +533,7 @@ pub enum InvalidReason {
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 38] = [
+    pub const ALL: [InvalidReason; 40] = [
         InvalidReason::TooLarge,
         InvalidReason::NotJson,
         InvalidReason::SchemaVersion,
@@ -552,6 +570,8 @@ impl InvalidReason {
         InvalidReason::MaskImageUnreadable,
         InvalidReason::MaskImageTooLarge,
         InvalidReason::MaskImageSize,
+        InvalidReason::MaskBlur,
+        InvalidReason::PaddingMaskCrop,
         InvalidReason::Hires,
         InvalidReason::Webhook,
     ];
@@ -594,6 +614,8 @@ impl InvalidReason {
             InvalidReason::MaskImageUnreadable => "mask_image_unreadable",
             InvalidReason::MaskImageTooLarge => "mask_image_too_large",
             InvalidReason::MaskImageSize => "mask_image_size",
+            InvalidReason::MaskBlur => "mask_blur",
+            InvalidReason::PaddingMaskCrop => "padding_mask_crop",
             InvalidReason::Hires => "hires",
             InvalidReason::Webhook => "webhook",
         }
@@ -654,6 +676,10 @@ pub struct Batch {
     /// Inpainting strength of the items with a mask ([`DEFAULT_INPAINT_STRENGTH`] when not
     /// given; `params.strength` sets both).
     pub inpaint_strength: f64,
+    /// Gaussian blur radius of the inpainting items' masks (0: none).
+    pub mask_blur: f64,
+    /// The inpainting items' `padding_mask_crop` (`None`: the whole image).
+    pub padding_mask_crop: Option<u32>,
     /// Hires fix of every (txt2img) image.
     pub hires: Option<Hires>,
     /// Where the batch's events are also sent (shape checked; the worker checks its policy).
@@ -836,6 +862,13 @@ impl Batch {
             }
             if self.items.iter().any(|i| i.mask_image.is_some()) {
                 canonical["inpaint_strength"] = serde_json::json!(self.inpaint_strength);
+                // Only when set: work without it hashes as before.
+                if self.mask_blur != 0.0 {
+                    canonical["mask_blur"] = serde_json::json!(self.mask_blur);
+                }
+                if let Some(pad) = self.padding_mask_crop {
+                    canonical["padding_mask_crop"] = serde_json::json!(pad);
+                }
             }
         }
         if let Some(h) = &self.hires {
@@ -1421,6 +1454,9 @@ fn validate_unbounded(
                 .map_err(|e| fail(R::Strength, format!("params.strength: {e}")))?;
         }
     }
+    let mask_blur = parse_mask_blur(p.mask_blur, any_mask).map_err(|m| fail(R::MaskBlur, m))?;
+    let padding_mask_crop = parse_padding_mask_crop(p.padding_mask_crop, any_mask)
+        .map_err(|m| fail(R::PaddingMaskCrop, m))?;
     let hires = match &p.hires {
         None => None,
         Some(h) => {
@@ -1506,9 +1542,46 @@ fn validate_unbounded(
         encoding,
         strength,
         inpaint_strength,
+        mask_blur,
+        padding_mask_crop,
         hires,
         webhook,
     })
+}
+
+/// Reads `params.padding_mask_crop`: at most
+/// [`MAX_PADDING_MASK_CROP`](crate::pipeline::mask::MAX_PADDING_MASK_CROP), only for a message
+/// with inpainting items (as [`parse_mask_blur`]).
+fn parse_padding_mask_crop(pad: Option<u32>, any_mask: bool) -> Result<Option<u32>, String> {
+    let Some(pad) = pad else {
+        return Ok(None);
+    };
+    if !any_mask {
+        return Err(
+            "params.padding_mask_crop is only for inpainting: no item has a mask_image".into(),
+        );
+    }
+    let max = crate::pipeline::mask::MAX_PADDING_MASK_CROP;
+    if pad > max {
+        return Err(format!(
+            "params.padding_mask_crop {pad} must be in 0..={max}"
+        ));
+    }
+    Ok(Some(pad))
+}
+
+/// Reads `params.mask_blur`: a radius in `0..=`[`MAX_MASK_BLUR`](crate::pipeline::mask::MAX_MASK_BLUR) (default 0), only for a
+/// message with inpainting items (as `params.strength` is refused without init images: a
+/// setting that would do nothing is more likely a mistake than a wish).
+fn parse_mask_blur(mask_blur: Option<f64>, any_mask: bool) -> Result<f64, String> {
+    let Some(radius) = mask_blur else {
+        return Ok(0.0);
+    };
+    if !any_mask {
+        return Err("params.mask_blur is only for inpainting: no item has a mask_image".into());
+    }
+    crate::pipeline::mask::check_mask_blur(radius).map_err(|e| format!("params.mask_blur: {e}"))?;
+    Ok(radius)
 }
 
 /// Reads `params.hires`: a scale whose output fits the worker's `max_side`, steps within the
@@ -1915,6 +1988,18 @@ const PARAMS: &[Spec] = &[
         false,
         InvalidReason::Strength,
         is::<Option<f64>>,
+    ),
+    (
+        "mask_blur",
+        false,
+        InvalidReason::MaskBlur,
+        is::<Option<f64>>,
+    ),
+    (
+        "padding_mask_crop",
+        false,
+        InvalidReason::PaddingMaskCrop,
+        is::<Option<u32>>,
     ),
     (
         "hires",
@@ -2816,6 +2901,8 @@ mod tests {
                 "mask_image_unreadable",
                 "mask_image_too_large",
                 "mask_image_size",
+                "mask_blur",
+                "padding_mask_crop",
                 "hires",
                 "webhook"
             ]
@@ -2930,6 +3017,133 @@ mod tests {
         assert_eq!(
             reason_of(&with(minimal(), "/items/0/mask_image", Some(json!(7)))),
             R::MaskImage
+        );
+    }
+
+    #[test]
+    fn mask_blur_is_checked_defaulted_and_hashed() {
+        use crate::pipeline::mask::MAX_MASK_BLUR;
+        use InvalidReason as R;
+        let inpaint = json!({"schema_version": 1, "batch_id": "b1", "items": [
+            {"id": "inp", "prompt": "b", "init_image": "s3://images/in/a.png",
+             "mask_image": "s3://images/in/a-mask.png"}]});
+        let blur = |v: Value| with(inpaint.clone(), "/params", Some(json!({"mask_blur": v})));
+        // Default: none; hashed only when set, so earlier work keeps its hash.
+        let plain = parse_value(&inpaint).unwrap();
+        assert_eq!(plain.mask_blur, 0.0);
+        let zero = parse_value(&blur(json!(0))).unwrap();
+        assert_eq!(zero.mask_blur, 0.0);
+        assert_eq!(zero.work_sha256(), plain.work_sha256());
+        for r in [0.5, 4.0, 7.3, MAX_MASK_BLUR] {
+            let b = parse_value(&blur(json!(r))).unwrap();
+            assert_eq!(b.mask_blur, r);
+            assert_ne!(b.work_sha256(), plain.work_sha256(), "{r}");
+        }
+        assert_ne!(
+            parse_value(&blur(json!(4))).unwrap().work_sha256(),
+            parse_value(&blur(json!(5))).unwrap().work_sha256()
+        );
+        // Out of range, not a number, or without any mask: refused with its own reason.
+        for bad in [
+            json!(-0.5),
+            json!(64.5),
+            json!(1e300),
+            json!("4"),
+            json!(true),
+        ] {
+            let e = parse(
+                &serde_json::to_vec(&blur(bad.clone())).unwrap(),
+                &limits(),
+                NATIVE,
+            )
+            .unwrap_err();
+            assert_eq!(e.reason, R::MaskBlur, "{bad}");
+            assert!(e.message.contains("mask_blur"), "{bad}: {}", e.message);
+        }
+        let img2img = with(
+            with(
+                minimal(),
+                "/items/0/init_image",
+                Some(json!("s3://images/a.png")),
+            ),
+            "/params",
+            Some(json!({"mask_blur": 4})),
+        );
+        let e = parse(&serde_json::to_vec(&img2img).unwrap(), &limits(), NATIVE).unwrap_err();
+        assert_eq!(e.reason, R::MaskBlur);
+        assert!(
+            e.message.contains("no item has a mask_image"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            reason_of(&with(minimal(), "/params", Some(json!({"mask_blur": 4})))),
+            R::MaskBlur
+        );
+        // JSON has no NaN or infinity; structs built in code can.
+        let mut msg: BatchMessage = serde_json::from_value(inpaint.clone()).unwrap();
+        for r in [f64::NAN, f64::INFINITY] {
+            msg.params = Some(MessageParams {
+                mask_blur: Some(r),
+                ..Default::default()
+            });
+            assert_eq!(
+                validate(&msg, &limits(), NATIVE).unwrap_err().reason,
+                R::MaskBlur
+            );
+        }
+    }
+
+    #[test]
+    fn padding_mask_crop_is_checked_and_hashed() {
+        use InvalidReason as R;
+        let inpaint = json!({"schema_version": 1, "batch_id": "b1", "items": [
+            {"id": "inp", "prompt": "b", "init_image": "s3://images/in/a.png",
+             "mask_image": "s3://images/in/a-mask.png"}]});
+        let crop = |v: Value| {
+            with(
+                inpaint.clone(),
+                "/params",
+                Some(json!({"padding_mask_crop": v})),
+            )
+        };
+        let plain = parse_value(&inpaint).unwrap();
+        assert_eq!(plain.padding_mask_crop, None);
+        for pad in [0, 32, 4096] {
+            let b = parse_value(&crop(json!(pad))).unwrap();
+            assert_eq!(b.padding_mask_crop, Some(pad));
+            assert_ne!(b.work_sha256(), plain.work_sha256(), "{pad}");
+        }
+        for bad in [json!(4097), json!(-1), json!(2.5), json!("8")] {
+            let e = parse(
+                &serde_json::to_vec(&crop(bad.clone())).unwrap(),
+                &limits(),
+                NATIVE,
+            )
+            .unwrap_err();
+            assert_eq!(e.reason, R::PaddingMaskCrop, "{bad}");
+            assert!(
+                e.message.contains("padding_mask_crop"),
+                "{bad}: {}",
+                e.message
+            );
+        }
+        let e = parse(
+            &serde_json::to_vec(&with(
+                minimal(),
+                "/params",
+                Some(json!({"padding_mask_crop": 8})),
+            ))
+            .unwrap(),
+            &limits(),
+            NATIVE,
+        )
+        .unwrap_err();
+        assert_eq!(e.reason, R::PaddingMaskCrop);
+        assert!(
+            e.message.contains("no item has a mask_image"),
+            "{}",
+            e.message
         );
     }
 
@@ -3499,6 +3713,8 @@ mod tests {
         full["items"][0]["init_image"] = json!("s3://images/inputs/sku-123.png");
         full["items"][0]["mask_image"] = json!("s3://images/inputs/sku-123-mask.png");
         full["params"]["strength"] = json!(0.6);
+        full["params"]["mask_blur"] = json!(4.0);
+        full["params"]["padding_mask_crop"] = json!(32);
         full["params"]["hires"] =
             json!({"scale": 2.0, "steps": 20, "strength": 0.5, "upscaler": "latent"});
         full["output"]["webhook"] = json!({"url": "https://hooks.example.com/sdbatch"});

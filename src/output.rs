@@ -148,6 +148,12 @@ pub struct Sidecar<'a> {
     pub init_image: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// Inpainting: the mask's Gaussian blur radius, when not 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask_blur: Option<f64>,
+    /// Inpainting: diffusers' `padding_mask_crop`, when used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub padding_mask_crop: Option<u32>,
     /// Clip skip when other than 1.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clip_skip: Option<usize>,
@@ -231,6 +237,11 @@ pub struct Infotext<'a> {
     pub denoising_strength: Option<f64>,
     /// A hires fix's second pass (`params` is the first pass).
     pub hires: Option<crate::pipeline::hires::Hires>,
+    /// Inpainting: the mask's Gaussian blur radius (A1111's `Mask blur`); written when not 0.
+    pub mask_blur: Option<f64>,
+    /// Inpainting: the crop's padding (`padding_mask_crop`; A1111's "Only masked" inpaint area
+    /// and its `Masked area padding`).
+    pub padding_mask_crop: Option<u32>,
 }
 
 /// A1111's display name of a scheduler (`modules/sd_samplers_*.py`) and, for the Karras
@@ -335,6 +346,17 @@ pub fn a1111_parameters(info: &Infotext) -> String {
     }
     if p.clip_skip > 1 {
         let _ = write!(out, ", Clip skip: {}", p.clip_skip);
+    }
+    // A1111 puts it in its extra generation parameters, which follow Clip skip; the
+    // extension's CFG Rescale is added later, during processing.
+    if let Some(blur) = info.mask_blur.filter(|&b| b != 0.0) {
+        let _ = write!(out, ", Mask blur: {blur}");
+    }
+    if let Some(pad) = info.padding_mask_crop {
+        let _ = write!(
+            out,
+            ", Inpaint area: Only masked, Masked area padding: {pad}"
+        );
     }
     if p.guidance_rescale != 0.0 {
         // The name the sd-webui-cfg-rescale extension writes.
@@ -598,6 +620,8 @@ mod tests {
             model_sha256: Some("6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"),
             denoising_strength: None,
             hires: None,
+            mask_blur: None,
+            padding_mask_crop: None,
         }
     }
 
@@ -648,6 +672,28 @@ mod tests {
                  Model: \"my, model:v2\", Clip skip: 2, CFG Rescale φ: 0.7, {}",
                 version()
             )
+        );
+
+        // Inpainting: the strength, then the mask blur after Clip skip (A1111's extra
+        // generation parameters); a zero blur is not written.
+        let mut i = info(&p, "a cat", None);
+        i.model_sha256 = None;
+        i.denoising_strength = Some(1.0);
+        i.mask_blur = Some(4.5);
+        let text = a1111_parameters(&i);
+        assert!(
+            text.contains(
+                ", Denoising strength: 1, Clip skip: 2, Mask blur: 4.5, CFG Rescale φ: 0.7"
+            ),
+            "{text}"
+        );
+        i.mask_blur = Some(0.0);
+        assert!(!a1111_parameters(&i).contains("Mask blur"));
+        i.padding_mask_crop = Some(32);
+        let text = a1111_parameters(&i);
+        assert!(
+            text.contains("Clip skip: 2, Inpaint area: Only masked, Masked area padding: 32, CFG"),
+            "{text}"
         );
     }
 

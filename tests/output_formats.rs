@@ -160,6 +160,8 @@ fn every_format_reads_back_with_parameters_and_marking() {
             model_sha256: Some(&"ab12".repeat(16)),
             denoising_strength: None,
             hires: None,
+            mask_blur: None,
+            padding_mask_crop: None,
         };
         let parameters = a1111_parameters(&info);
         let record = serde_json::json!({"prompt": prompt, "seed": 4242}).to_string();

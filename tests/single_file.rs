@@ -8,7 +8,9 @@ use common::*;
 use sdbatch::Error;
 use sdbatch::pipeline::schedulers::SchedulerKind;
 use sdbatch::pipeline::single_file::{PredictionType, SingleFileOptions};
-use sdbatch::pipeline::{GenerateParams, ImageRequest, LoadOptions, StableDiffusion};
+use sdbatch::pipeline::{
+    GenerateParams, GrayImage, ImageRequest, Inpaint, LoadOptions, RgbImage, StableDiffusion,
+};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -47,10 +49,21 @@ fn assert_identical(what: &str, a: &Tensor, b: &Tensor) {
     assert!(a.equal(b), "{what}: not identical (max abs diff {d:e})");
 }
 
-/// Text embeddings, a UNet forward, a VAE decode and a short generate: identical.
+fn rgb(path: &str) -> RgbImage {
+    let img = image::open(fixtures().join(path)).unwrap().to_rgb8();
+    RgbImage {
+        width: img.width(),
+        height: img.height(),
+        pixels: img.into_raw(),
+    }
+}
+
+/// Text embeddings, a UNet forward, a VAE decode and a short generate (inpainting for an
+/// inpainting model, which cannot do text-to-image): identical.
 fn same_model(folder: &StableDiffusion, single: &StableDiffusion, what: &str) {
     let _g = tch::no_grad_guard();
     assert_eq!(folder.native_size(), single.native_size());
+    assert_eq!(folder.is_inpainting_model(), single.is_inpainting_model());
     let prompts = ["a photo of a cat", ""];
     let a = folder.encode_prompts(&prompts).unwrap();
     let b = single.encode_prompts(&prompts).unwrap();
@@ -58,13 +71,17 @@ fn same_model(folder: &StableDiffusion, single: &StableDiffusion, what: &str) {
 
     tch::manual_seed(7);
     let size = folder.native_size() / 8;
-    let sample = Tensor::randn([2, 4, size, size], (Kind::Float, Device::Cpu));
+    // An inpainting UNet takes latents + mask + masked-image latents (9 channels).
+    let channels = folder.unet.in_channels();
+    assert_eq!(channels, single.unet.in_channels());
+    let sample = Tensor::randn([2, channels, size, size], (Kind::Float, Device::Cpu));
     let t = Tensor::from_slice(&[999f32, 1.0]);
     let ua = folder.unet.forward(&sample, &t, &a).unwrap();
     let ub = single.unet.forward(&sample, &t, &b).unwrap();
     assert_identical(&format!("{what} UNet forward"), &ua, &ub);
-    let da = folder.vae.decode(&sample).unwrap();
-    let db = single.vae.decode(&sample).unwrap();
+    let latents = sample.narrow(1, 0, folder.vae.latent_channels());
+    let da = folder.vae.decode(&latents).unwrap();
+    let db = single.vae.decode(&latents).unwrap();
     assert_identical(&format!("{what} VAE decode"), &da, &db);
 
     let params = GenerateParams {
@@ -83,16 +100,30 @@ fn same_model(folder: &StableDiffusion, single: &StableDiffusion, what: &str) {
         negative_prompt: Some("blurry".into()),
         seed: 42,
     };
-    let ia = folder
-        .generate(
-            std::slice::from_ref(&request),
-            &params,
-            &mut sdbatch::pipeline::ignore_steps,
-        )
-        .unwrap();
-    let ib = single
-        .generate(&[request], &params, &mut sdbatch::pipeline::ignore_steps)
-        .unwrap();
+    let init = rgb("img2img/init.png");
+    let mask = GrayImage::from_rgb(&rgb("inpaint/mask.png"));
+    let run = |model: &StableDiffusion| {
+        let requests = std::slice::from_ref(&request);
+        if model.is_inpainting_model() {
+            let inpaint = Inpaint {
+                images: std::slice::from_ref(&init),
+                masks: std::slice::from_ref(&mask),
+                strength: 1.0,
+                mask_blur: 0.0,
+                padding_mask_crop: None,
+            };
+            model.generate_inpaint(
+                requests,
+                &params,
+                inpaint,
+                &mut sdbatch::pipeline::ignore_steps,
+            )
+        } else {
+            model.generate(requests, &params, &mut sdbatch::pipeline::ignore_steps)
+        }
+        .unwrap()
+    };
+    let (ia, ib) = (run(folder), run(single));
     let (frac, max) = pixel_agreement(&ia.images[0].pixels, &ib.images[0].pixels);
     println!(
         "{what} generate: {:.2} % equal-ish, max pixel diff {max}",
@@ -124,6 +155,20 @@ fn sd2_single_file_equals_the_folder() {
         Some("v_prediction")
     );
     same_model(&folder, &single, "sd2");
+}
+
+#[test]
+fn inpainting_single_file_equals_the_folder() {
+    // The stable-diffusion-inpainting layout: a 9-channel conv_in, otherwise SD 1.x names.
+    let folder = StableDiffusion::load(&fixtures().join("tiny-sd-inpaint"), opts()).unwrap();
+    let single = load_single("tiny-sd-inpaint", with_config("tiny-sd-inpaint")).unwrap();
+    assert!(single.is_inpainting_model());
+    assert_eq!(single.unet.in_channels(), 9);
+    assert_eq!(
+        single.scheduler_config.prediction_type,
+        folder.scheduler_config.prediction_type
+    );
+    same_model(&folder, &single, "inpainting");
 }
 
 #[test]
@@ -466,4 +511,62 @@ fn cli_generate_from_a_single_file() {
         !o.status.success() && err.contains("model.ckpt") && err.contains("never unpickles"),
         "{err}"
     );
+}
+
+/// `sdbatch generate --model FILE.safetensors --init-image --mask` with the inpainting checkpoint
+/// runs the 9-channel UNet: diffusers' inpainting image (the reference made with the folder,
+/// which `from_single_file` loads identically), and the folder's pixels exactly.
+#[test]
+fn cli_inpaints_from_a_single_file() {
+    let meta = meta();
+    let m = &meta["inpaint"];
+    let r = reference("inpaint.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    let entry = serde_json::json!({
+        "id": "x",
+        "prompt": m["prompt"],
+        "negative_prompt": m["negative_prompt"],
+        "seed": m["seed"],
+    });
+    std::fs::write(&prompts, entry.to_string()).unwrap();
+    let init = fixtures().join("img2img/init.png");
+    let mask = fixtures().join("inpaint/mask.png");
+    let run = |model: &Path, out: &Path, extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdbatch"))
+            .args(["generate", "--model"])
+            .arg(model)
+            .arg("--prompts")
+            .arg(&prompts)
+            .arg("--out")
+            .arg(out)
+            .arg("--init-image")
+            .arg(&init)
+            .arg("--mask")
+            .arg(&mask)
+            .args(["--guidance", "7.5", "--steps", "10", "--scheduler", "pndm"])
+            .args(["--device", "cpu"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let folder = fixtures().join("tiny-sd-inpaint");
+    let single_out = dir.path().join("single");
+    let o = run(
+        &checkpoint("tiny-sd-inpaint"),
+        &single_out,
+        &["--model-config", folder.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let folder_out = dir.path().join("folder");
+    let o = run(&folder, &folder_out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let png = |d: &Path| image::open(d.join("x.png")).unwrap().to_rgb8().into_raw();
+    assert_images_match(
+        "single-file generate --mask",
+        &png(&single_out),
+        &u8_vec(&r["unet9_pndm_100_image"]),
+    );
+    assert!(png(&folder_out) == png(&single_out), "same pixels");
 }

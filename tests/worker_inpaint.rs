@@ -231,6 +231,8 @@ async fn txt2img_img2img_and_inpainting_items_run_apart_and_bad_masks_are_dead_l
                 images: &inits,
                 masks: &masks,
                 strength: 1.0,
+                mask_blur: 0.0,
+                padding_mask_crop: None,
             },
             &mut sdbatch::pipeline::ignore_steps,
         )
@@ -444,6 +446,8 @@ async fn an_inpainting_model_worker_refuses_items_without_a_mask_and_inpaints_th
                 images: &[rgb(inputs.init.clone())],
                 masks: &[GrayImage::from_rgb(&rgb(inputs.mask.clone()))],
                 strength: 0.75,
+                mask_blur: 0.0,
+                padding_mask_crop: None,
             },
             &mut sdbatch::pipeline::ignore_steps,
         )

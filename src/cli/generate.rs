@@ -76,6 +76,18 @@ pub struct GenerateArgs {
     /// output size like it. Works with inpainting models (9-channel UNet) and ordinary ones.
     #[arg(long, value_name = "FILE", requires = "init_image")]
     pub mask: Option<PathBuf>,
+    /// Inpainting: blur the mask (at the output size) with this Gaussian radius in pixels,
+    /// 0..=64, before it is thresholded: diffusers' `mask_processor.blur`, A1111's "Mask blur".
+    /// Rounds the mask's corners and closes thin gaps.
+    #[arg(long, value_name = "R", default_value_t = 0.0, requires = "mask")]
+    pub mask_blur: f64,
+    /// Inpainting: repaint only the mask's bounding box grown by N pixels (and widened to the
+    /// output's aspect), enlarged to the output size, then pasted back through the mask:
+    /// diffusers' `padding_mask_crop`, A1111's "Only masked" inpaint area. Small masked areas
+    /// get the model's full resolution.
+    #[arg(long, value_name = "N", requires = "mask",
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(sdbatch::pipeline::mask::MAX_PADDING_MASK_CROP)))]
+    pub padding_mask_crop: Option<u32>,
     /// Hires fix: generate, upscale by this factor (in (1, 4], sizes rounded down to multiples
     /// of 8), then img2img at the larger size.
     #[arg(long, conflicts_with = "init_image")]
@@ -100,6 +112,11 @@ impl GenerateArgs {
         self.strength
             .unwrap_or(if self.mask.is_some() { 1.0 } else { 0.8 })
     }
+}
+
+/// The mask blur to record (sidecar, infotext): inpainting with a blur only.
+fn mask_blur(args: &GenerateArgs) -> Option<f64> {
+    (args.mask.is_some() && args.mask_blur != 0.0).then_some(args.mask_blur)
 }
 
 /// Largest init image accepted, in pixels per side (decoding allocates width x height x 4).
@@ -289,6 +306,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         sdbatch::pipeline::img2img_begin(h.steps, h.strength)
             .map_err(|e| anyhow::anyhow!("--hires-strength: {e}"))?;
     }
+    sdbatch::pipeline::mask::check_mask_blur(args.mask_blur)
+        .map_err(|e| anyhow::anyhow!("--mask-blur: {e}"))?;
     let mask = match (&args.mask, &init_image) {
         (Some(path), Some(init)) => Some(fit_mask(read_image("--mask", path)?, init)?),
         _ => None,
@@ -374,6 +393,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                     images: &inits,
                     masks: &masks,
                     strength,
+                    mask_blur: args.mask_blur,
+                    padding_mask_crop: args.padding_mask_crop,
                 };
                 model.generate_inpaint(&requests, &params, inpaint, &mut on_step)?
             }
@@ -418,6 +439,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 scheduler: params.scheduler.name(),
                 init_image: args.init_image.as_deref().and_then(|p| p.to_str()),
                 strength: init_image.as_ref().map(|_| strength),
+                mask_blur: mask_blur(&args),
+                padding_mask_crop: args.padding_mask_crop,
                 clip_skip: (params.clip_skip != 1).then_some(params.clip_skip),
                 guidance_rescale: (params.guidance_rescale != 0.0)
                     .then_some(params.guidance_rescale),
@@ -444,6 +467,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 model_sha256: model_sha256.as_deref(),
                 denoising_strength: init_image.as_ref().map(|_| strength),
                 hires,
+                mask_blur: mask_blur(&args),
+                padding_mask_crop: args.padding_mask_crop,
             };
             write_image(
                 &args.out,

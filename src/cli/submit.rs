@@ -148,8 +148,10 @@ fn build_messages(args: &SubmitArgs) -> Result<Vec<BatchMessage>> {
                 })
                 .collect()
         }),
-        // img2img is not offered by `submit` (prompt files carry no images).
+        // img2img and inpainting are not offered by `submit` (prompt files carry no images).
         strength: None,
+        mask_blur: None,
+        padding_mask_crop: None,
         hires: args
             .hires_scale
             .map(|scale| sdbatch::message::MessageHires {

@@ -10,6 +10,7 @@
 //! Each image's generator gives, in diffusers' order: the init image's VAE sample (when the
 //! image latents are needed: an ordinary UNet, or a strength below 1), the initial noise, the
 //! masked image's VAE sample, then one draw per step for ancestral samplers.
+use super::pil::Image8;
 use super::{
     BatchOutput, GenerateParams, ImageRequest, Img2Img, RgbImage, StableDiffusion, StepCallback,
     Timings, images_to_tensor, img2img_begin, ms, noise, prompt_weights,
@@ -45,6 +46,25 @@ impl GrayImage {
             pixels,
         }
     }
+
+    /// The mask under PIL's `GaussianBlur(radius)` (diffusers' `mask_processor.blur`,
+    /// AUTOMATIC1111's "Mask blur"): PIL's bytes exactly, see [`super::mask`]. Radius 0 is the
+    /// mask itself.
+    pub fn blurred(&self, radius: f64) -> Result<Self> {
+        super::mask::check_mask_blur(radius).map_err(Error::InvalidArgument)?;
+        // PIL takes the radius as a C float.
+        let pixels = super::mask::gaussian_blur(
+            &self.pixels,
+            self.width as usize,
+            self.height as usize,
+            radius as f32,
+        )?;
+        Ok(Self {
+            width: self.width,
+            height: self.height,
+            pixels,
+        })
+    }
 }
 
 /// Inpainting inputs for a batch: per request an init image and a mask of the output's size.
@@ -56,6 +76,17 @@ pub struct Inpaint<'a> {
     /// In (0, 1]: as img2img. diffusers' default for inpainting is 1: the masked area starts
     /// from pure noise (the init image still shows through the mask input or the blend).
     pub strength: f64,
+    /// Gaussian blur radius applied to every mask first (diffusers' `mask_processor.blur`,
+    /// A1111's "Mask blur"), in `0..=`[`super::mask::MAX_MASK_BLUR`]; 0: none. The mask is
+    /// still binarised afterwards, as diffusers does, so the blur moves the mask's edge
+    /// (rounding corners, closing thin gaps) rather than feathering it.
+    pub mask_blur: f64,
+    /// diffusers' `padding_mask_crop`: inpaint only the mask's bounding box grown by this many
+    /// pixels (and widened to the output's aspect), resized to the output size, so a small
+    /// area gets the model's full resolution; the result is resized back into the box and laid
+    /// under the init image through the mask. `None`: the whole image, as usual. At most
+    /// [`super::mask::MAX_PADDING_MASK_CROP`]; a mask with no white pixel is refused.
+    pub padding_mask_crop: Option<u32>,
 }
 
 /// Masks to `[n, 1, H, W]` float32 of 0 and 1, as diffusers' mask processor (`/255`, then
@@ -75,7 +106,121 @@ fn masks_to_tensor(masks: &[GrayImage]) -> Result<Tensor> {
     Ok(Tensor::f_cat(&parts, 0)?)
 }
 
+/// diffusers' `VaeImageProcessor._resize_and_fill`: `img` resized (PIL Lanczos) to fit
+/// `width` x `height` keeping its aspect, centred, and the bands it leaves filled by stretching
+/// its first and last rows (or columns).
+fn resize_and_fill(img: &Image8, width: usize, height: usize) -> Result<Image8> {
+    let ratio = width as f64 / height as f64;
+    let src_ratio = img.width as f64 / img.height as f64;
+    let src_w = if ratio < src_ratio {
+        width
+    } else {
+        img.width * height / img.height
+    };
+    let src_h = if ratio >= src_ratio {
+        height
+    } else {
+        img.height * width / img.width
+    };
+    let resized = img.resize(src_w, src_h, None)?;
+    let mut res = Image8::zeros(width, height, img.channels);
+    let centre = |a: usize, b: usize| (a / 2) as i64 - (b / 2) as i64;
+    res.paste(&resized, centre(width, src_w), centre(height, src_h));
+    let (rw, rh) = (resized.width as f32, resized.height as f32);
+    if ratio < src_ratio {
+        let fill = centre(height, src_h);
+        if fill > 0 {
+            let f = fill as usize;
+            // A zero-height source box: PIL samples the rows next to it.
+            res.paste(&resized.resize(width, f, Some([0.0, 0.0, rw, 0.0]))?, 0, 0);
+            let bottom = resized.resize(width, f, Some([0.0, rh, rw, rh]))?;
+            res.paste(&bottom, 0, fill + src_h as i64);
+        }
+    } else if ratio > src_ratio {
+        let fill = centre(width, src_w);
+        if fill > 0 {
+            let f = fill as usize;
+            res.paste(&resized.resize(f, height, Some([0.0, 0.0, 0.0, rh]))?, 0, 0);
+            let right = resized.resize(f, height, Some([rw, 0.0, rw, rh]))?;
+            res.paste(&right, fill + src_w as i64, 0);
+        }
+    }
+    Ok(res)
+}
+
 impl StableDiffusion {
+    /// `padding_mask_crop` (diffusers' pipeline with it): per request, the mask's crop region
+    /// (after the blur, which diffusers' caller applies to the mask it passes), the init image
+    /// and mask cropped to it and resized to the output size ([`resize_and_fill`]), inpainted
+    /// there, and the result laid back into the init image ([`super::pil::overlay`]).
+    fn generate_inpaint_cropped(
+        &self,
+        requests: &[ImageRequest],
+        p: &GenerateParams,
+        inpaint: Inpaint<'_>,
+        pad: u32,
+        on_step: &mut StepCallback<'_>,
+    ) -> Result<BatchOutput> {
+        let (w, h) = (p.width as usize, p.height as usize);
+        let masks = inpaint
+            .masks
+            .iter()
+            .map(|m| m.blurred(inpaint.mask_blur))
+            .collect::<Result<Vec<_>>>()?;
+        let mut originals = Vec::with_capacity(masks.len());
+        let mut images = Vec::with_capacity(masks.len());
+        let mut crop_masks = Vec::with_capacity(masks.len());
+        for (i, (img, mask)) in inpaint.images.iter().zip(&masks).enumerate() {
+            let (mw, mh) = (mask.width as usize, mask.height as usize);
+            let region = super::mask::crop_region(&mask.pixels, mw, mh, w, h, pad)
+                .map_err(|e| Error::InvalidArgument(format!("mask {i}: {e}")))?;
+            let [x0, y0, x1, y1] = region;
+            let init = Image8::new(
+                img.width as usize,
+                img.height as usize,
+                3,
+                img.pixels.clone(),
+            )?;
+            let mask8 = Image8::new(mw, mh, 1, mask.pixels.clone())?;
+            let crop_init = resize_and_fill(&init.crop(x0, y0, x1, y1)?, w, h)?;
+            let crop_mask = resize_and_fill(&mask8.crop(x0, y0, x1, y1)?, w, h)?;
+            images.push(RgbImage {
+                width: w as u32,
+                height: h as u32,
+                pixels: crop_init.pixels,
+            });
+            crop_masks.push(GrayImage {
+                width: w as u32,
+                height: h as u32,
+                pixels: crop_mask.pixels,
+            });
+            originals.push((init, mask8, region));
+        }
+        let cropped = Inpaint {
+            images: &images,
+            masks: &crop_masks,
+            strength: inpaint.strength,
+            mask_blur: 0.0,
+            padding_mask_crop: None,
+        };
+        let mut out = self.generate_inpaint(requests, p, cropped, on_step)?;
+        for (image, (init, mask, region)) in out.images.iter_mut().zip(&originals) {
+            let made = Image8::new(
+                image.width as usize,
+                image.height as usize,
+                3,
+                std::mem::take(&mut image.pixels),
+            )?;
+            let laid = super::pil::overlay(mask, init, &made, *region)?;
+            *image = RgbImage {
+                width: laid.width as u32,
+                height: laid.height as u32,
+                pixels: laid.pixels,
+            };
+        }
+        Ok(out)
+    }
+
     /// Whether the UNet is an inpainting one (`in_channels` = latents + mask + masked-image
     /// latents): it needs a mask and an image, so plain text-to-image cannot drive it.
     pub fn is_inpainting_model(&self) -> bool {
@@ -103,6 +248,15 @@ impl StableDiffusion {
                 other => other,
             })?;
         let bad = |msg: String| Err(Error::InvalidArgument(msg));
+        super::mask::check_mask_blur(inpaint.mask_blur).map_err(Error::InvalidArgument)?;
+        if let Some(pad) = inpaint.padding_mask_crop
+            && pad > super::mask::MAX_PADDING_MASK_CROP
+        {
+            return bad(format!(
+                "padding_mask_crop {pad} is over {}",
+                super::mask::MAX_PADDING_MASK_CROP
+            ));
+        }
         if inpaint.masks.len() != requests.len() {
             return bad(format!(
                 "{} masks for {} requests",
@@ -163,6 +317,9 @@ impl StableDiffusion {
     ) -> Result<BatchOutput> {
         self.validate(requests, p)?;
         self.validate_inpaint(requests, p, &inpaint)?;
+        if let Some(pad) = inpaint.padding_mask_crop {
+            return self.generate_inpaint_cropped(requests, p, inpaint, pad, on_step);
+        }
         let _no_grad = tch::no_grad_guard();
         let started = Instant::now();
         let device = self.options.device;
@@ -209,7 +366,17 @@ impl StableDiffusion {
         // Pixels and mask stay float32 until encoded, as diffusers keeps `init_image` and
         // `mask_condition` in float32.
         let pixels = images_to_tensor(inpaint.images)?;
-        let mask_full = masks_to_tensor(inpaint.masks)?;
+        let mask_full = if inpaint.mask_blur == 0.0 {
+            masks_to_tensor(inpaint.masks)?
+        } else {
+            // diffusers blurs the PIL mask before its mask processor binarises it.
+            let blurred = inpaint
+                .masks
+                .iter()
+                .map(|m| m.blurred(inpaint.mask_blur))
+                .collect::<Result<Vec<_>>>()?;
+            masks_to_tensor(&blurred)?
+        };
         let masked_pixels = pixels.f_mul(&mask_full.f_lt(0.5)?)?;
         let image_latents = if needs_image_latents {
             Some(encode(&pixels, 0)?)

@@ -15,8 +15,10 @@ pub mod hires;
 pub mod inpaint;
 pub mod lora;
 pub mod mapped;
+pub mod mask;
 pub mod nn;
 pub mod noise;
+pub mod pil;
 pub mod prompt_weights;
 pub mod resnet;
 pub mod safety;
@@ -539,7 +541,9 @@ impl StableDiffusion {
         // The prediction type: the flag, else the LDM .yaml sidecar, else the architecture's
         // default — epsilon for SD 1.x; for SD 2.x v-prediction (SD 2.0/2.1 at 768 px, the
         // checkpoints people use; diffusers' from_single_file makes the same guess). SD 2.x
-        // *base* (512 px, epsilon) needs --prediction-type epsilon or its .yaml.
+        // *base* (512 px, epsilon) needs --prediction-type epsilon or its .yaml. The one SD 2.x
+        // inpainting model (stabilityai/stable-diffusion-2-inpainting, 512 px) is epsilon, and
+        // diffusers takes a 9-channel OpenCLIP checkpoint for it.
         let from_yaml = match single_file::sidecar_yaml(file) {
             Some(yaml) => {
                 let text = std::fs::read_to_string(&yaml).map_err(|source| Error::Io {
@@ -551,11 +555,12 @@ impl StableDiffusion {
             None => None,
         };
         let explicit = single.prediction_type.or(from_yaml);
-        let prediction = explicit.unwrap_or(if sd2 {
-            PredictionType::VPrediction
-        } else {
-            PredictionType::Epsilon
-        });
+        let prediction =
+            explicit.unwrap_or(if sd2 && !single_file::is_inpainting_unet(&parts.unet) {
+                PredictionType::VPrediction
+            } else {
+                PredictionType::Epsilon
+            });
 
         let wrap = |tensors| Weights::from_tensors(file, tensors, options.dtype, options.device);
         let config =

@@ -743,6 +743,17 @@ pub fn infer_text_config(
     }))
 }
 
+/// A UNet's input channels in the stable-diffusion-inpainting layout: latents (4), the mask (1)
+/// and the masked image's latents (4).
+pub const INPAINTING_IN_CHANNELS: i64 = 9;
+
+/// Whether a (diffusers-named) UNet is an inpainting one: its `conv_in` takes
+/// [`INPAINTING_IN_CHANNELS`] channels (what diffusers' `infer_diffusers_model_type` checks).
+pub fn is_inpainting_unet(unet: &HashMap<String, Tensor>) -> bool {
+    unet.get("conv_in.weight")
+        .is_some_and(|t| t.size().get(1) == Some(&INPAINTING_IN_CHANNELS))
+}
+
 /// The UNet's `config.json`, inferred from its (diffusers-named) tensors. Heads: SD 1.x has 8 per
 /// block, SD 2.x heads of 64 dimensions. `sd2` also turns on upcast attention for the 768 px
 /// v-prediction models (as stabilityai/stable-diffusion-2-1's config).
@@ -754,20 +765,21 @@ pub fn infer_unet_config(
 ) -> Result<Value> {
     let conv_in = shape(path, unet, "conv_in.weight", "UNet")?;
     let conv_out = shape(path, unet, "conv_out.weight", "UNet")?;
-    let in_channels = conv_in[1];
-    if in_channels == 9 {
-        return Err(Error::Unsupported {
-            path: path.to_path_buf(),
-            key: "UNet in_channels".into(),
-            value: "9".into(),
-            reason: "an inpainting checkpoint; sdbatch only does text-to-image (4 channels)".into(),
-        });
-    }
-    if in_channels != 4 {
+    let [_, in_channels, _, _] = conv_in[..] else {
+        return Err(bad(
+            path,
+            format!("`conv_in.weight` has shape {conv_in:?}: not a 2-D convolution's"),
+        ));
+    };
+    // 4: text-to-image; 9: the stable-diffusion-inpainting layout (latents 4 + mask 1 +
+    // masked-image latents 4), which the model code runs as an inpainting UNet. Anything else
+    // (e.g. 8 for instruct-pix2pix, 7 for the x4 upscaler) needs pipelines sdbatch lacks.
+    if in_channels != 4 && in_channels != INPAINTING_IN_CHANNELS {
         return Err(bad(
             path,
             format!(
-                "the UNet takes {in_channels} input channels: no known architecture (4 for text-to-image, 9 for inpainting)"
+                "the UNet takes {in_channels} input channels: no known architecture (4 for \
+                 text-to-image, {INPAINTING_IN_CHANNELS} for inpainting)"
             ),
         ));
     }
@@ -1218,18 +1230,42 @@ mod tests {
         assert_eq!(c["attention_head_dim"], json!([8, 8]));
         assert_eq!(c["sample_size"], 64);
 
+        // The stable-diffusion-inpainting layout (latents + mask + masked-image latents) loads
+        // as a 9-channel UNet, everything else as for text-to-image.
+        assert!(!is_inpainting_unet(&m));
         m.insert("conv_in.weight".to_string(), t(&[320, 9, 3, 3]));
-        let err = infer_unet_config(
-            Path::new("inpaint.safetensors"),
-            &m,
-            false,
-            PredictionType::Epsilon,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("inpaint.safetensors") && err.contains("inpainting"),
-            "{err}"
-        );
+        assert!(is_inpainting_unet(&m));
+        let c = infer_unet_config(Path::new("m"), &m, false, PredictionType::Epsilon).unwrap();
+        assert_eq!(c["in_channels"], 9);
+        assert_eq!(c["out_channels"], 4);
+        assert_eq!(c["attention_head_dim"], json!([8, 8]));
+        // SD 2's inpainting model is 512 px epsilon: no 768-v size or upcast attention.
+        let c = infer_unet_config(Path::new("m"), &m, true, PredictionType::Epsilon).unwrap();
+        assert_eq!(c["in_channels"], 9);
+        assert_eq!(c["sample_size"], 64);
+        assert_eq!(c["upcast_attention"], false);
+
+        // Other layouts (instruct-pix2pix's 8 channels, ...) are still refused, by name.
+        for (channels, shape) in [(8, vec![320, 8, 3, 3]), (1, vec![320, 1])] {
+            m.insert("conv_in.weight".to_string(), t(&shape));
+            let err = infer_unet_config(
+                Path::new("other.safetensors"),
+                &m,
+                false,
+                PredictionType::Epsilon,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("other.safetensors"), "{channels}: {err}");
+            assert!(!is_inpainting_unet(&m), "{channels}");
+            if shape.len() == 4 {
+                assert!(
+                    err.contains("takes 8 input channels") && err.contains("9 for inpainting"),
+                    "{err}"
+                );
+            } else {
+                assert!(err.contains("conv_in.weight"), "{err}");
+            }
+        }
     }
 }

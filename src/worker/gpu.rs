@@ -370,10 +370,16 @@ impl GpuExecutor {
                             images: &init_images,
                             strength: f64::from_bits(strength_bits),
                         }),
-                        Mode::Inpaint { strength_bits } => Work::Inpaint(Inpaint {
+                        Mode::Inpaint {
+                            strength_bits,
+                            mask_blur_bits,
+                            padding_mask_crop,
+                        } => Work::Inpaint(Inpaint {
                             images: &init_images,
                             masks: &masks,
                             strength: f64::from_bits(strength_bits),
+                            mask_blur: f64::from_bits(mask_blur_bits),
+                            padding_mask_crop,
                         }),
                     };
                     let stop = job.work.stop.as_deref();

@@ -161,7 +161,9 @@ fn mode_of(batch: &Batch, item: usize) -> Mode {
     match batch.mode(&batch.items[item]) {
         ItemMode::Txt2Img => batch.hires.as_ref().map_or(Mode::Txt2Img, Mode::hires),
         ItemMode::Img2Img(strength) => Mode::img2img(strength),
-        ItemMode::Inpaint(strength) => Mode::inpaint(strength),
+        ItemMode::Inpaint(strength) => {
+            Mode::inpaint(strength, batch.mask_blur, batch.padding_mask_crop)
+        }
     }
 }
 

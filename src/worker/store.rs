@@ -84,6 +84,10 @@ pub(super) async fn store_image(
             ItemMode::Img2Img(strength) | ItemMode::Inpaint(strength) => Some(strength),
         },
         hires: batch.hires,
+        mask_blur: matches!(batch.mode(item), ItemMode::Inpaint(_)).then_some(batch.mask_blur),
+        padding_mask_crop: matches!(batch.mode(item), ItemMode::Inpaint(_))
+            .then_some(batch.padding_mask_crop)
+            .flatten(),
     });
     let embedded = embedded_record(
         &batch,
