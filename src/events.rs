@@ -151,6 +151,12 @@ pub struct EventParams {
     /// The inpainting strength, when any item had a mask.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inpaint_strength: Option<f64>,
+    /// The masks' blur radius, when any item had a mask and it was not 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_blur: Option<f64>,
+    /// The inpainting crop padding (`padding_mask_crop`), when any item had a mask and it was set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub padding_mask_crop: Option<u32>,
     /// The hires fix (`width` and `height` are its first pass; the images' own sizes are the
     /// second's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -160,6 +166,7 @@ pub struct EventParams {
 impl EventParams {
     pub fn from_batch(batch: &Batch) -> Self {
         let p = &batch.params;
+        let any_mask = batch.items.iter().any(|i| i.mask_image.is_some());
         Self {
             steps: p.steps,
             guidance_scale: p.guidance_scale,
@@ -177,11 +184,11 @@ impl EventParams {
                 .iter()
                 .any(|i| i.init_image.is_some() && i.mask_image.is_none())
                 .then_some(batch.strength),
-            inpaint_strength: batch
-                .items
-                .iter()
-                .any(|i| i.mask_image.is_some())
-                .then_some(batch.inpaint_strength),
+            inpaint_strength: any_mask.then_some(batch.inpaint_strength),
+            mask_blur: any_mask
+                .then_some(batch.mask_blur)
+                .filter(|r| *r != 0.0),
+            padding_mask_crop: batch.padding_mask_crop.filter(|_| any_mask),
             hires: batch.hires,
         }
     }
@@ -657,6 +664,8 @@ mod tests {
                 loras: None,
                 strength: None,
                 inpaint_strength: None,
+                mask_blur: None,
+                padding_mask_crop: None,
                 hires: None,
             }
         );
@@ -830,6 +839,8 @@ mod tests {
                 }]),
                 strength: Some(0.6),
                 inpaint_strength: Some(1.0),
+                mask_blur: Some(4.0),
+                padding_mask_crop: Some(32),
                 hires: Some(crate::pipeline::hires::Hires {
                     scale: 2.0,
                     steps: 20,
@@ -891,6 +902,8 @@ mod tests {
                 want.remove("loras");
                 want.remove("strength");
                 want.remove("inpaint_strength");
+                want.remove("mask_blur");
+                want.remove("padding_mask_crop");
                 want.remove("hires");
             }
             if def == "image" {

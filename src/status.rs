@@ -186,6 +186,8 @@ mod tests {
                 loras: None,
                 strength: None,
                 inpaint_strength: None,
+                mask_blur: None,
+                padding_mask_crop: None,
                 hires: None,
             },
             model: "m".into(),
