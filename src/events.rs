@@ -185,9 +185,7 @@ impl EventParams {
                 .any(|i| i.init_image.is_some() && i.mask_image.is_none())
                 .then_some(batch.strength),
             inpaint_strength: any_mask.then_some(batch.inpaint_strength),
-            mask_blur: any_mask
-                .then_some(batch.mask_blur)
-                .filter(|r| *r != 0.0),
+            mask_blur: any_mask.then_some(batch.mask_blur).filter(|r| *r != 0.0),
             padding_mask_crop: batch.padding_mask_crop.filter(|_| any_mask),
             hires: batch.hires,
         }

@@ -31,28 +31,7 @@ fn message(batch_id: &str, images: u32, side: u32, steps: u32) -> Vec<u8> {
 
 /// Runs `sdbatch <command> … --json` against the stack; one JSON object per line of output.
 fn cli(stack: &Stack, command: &str, ids: &[&str]) -> Vec<Value> {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdbatch"))
-        .arg(command)
-        .args(ids)
-        .args(["--json", "--bucket", &stack.bucket])
-        .args(["--queue-prefix", &stack.prefix])
-        .args(["--s3-endpoint", &stack.s3.endpoint])
-        .env("AMQP_URL", common::broker::amqp_url())
-        .env("AWS_ACCESS_KEY_ID", &stack.s3.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", &stack.s3.secret_key)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "sdbatch {command}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    stack.cli_json(command, ids)
 }
 
 /// Collects events until every batch of `want` has its final one (completed or cancelled).

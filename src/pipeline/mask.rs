@@ -212,43 +212,33 @@ pub fn crop_region(
 
     let ratio_crop = (x2 - x1) as f64 / (y2 - y1) as f64;
     let ratio_processing = width as f64 / height as f64;
-    // Python's `int()` truncates toward zero, `//` floors.
+    // The side that is too short for the processing size's aspect ratio grows.
     if ratio_crop > ratio_processing {
-        let desired_height = (x2 - x1) as f64 / ratio_processing;
-        let diff = (desired_height - (y2 - y1) as f64) as i64;
-        y1 -= diff.div_euclid(2);
-        y2 += diff - diff.div_euclid(2);
-        if y2 >= h {
-            let over = y2 - h;
-            y2 -= over;
-            y1 -= over;
-        }
-        if y1 < 0 {
-            y2 -= y1;
-            y1 = 0;
-        }
-        if y2 >= h {
-            y2 = h;
-        }
+        widen(&mut y1, &mut y2, (x2 - x1) as f64 / ratio_processing, h);
     } else {
-        let desired_width = (y2 - y1) as f64 * ratio_processing;
-        let diff = (desired_width - (x2 - x1) as f64) as i64;
-        x1 -= diff.div_euclid(2);
-        x2 += diff - diff.div_euclid(2);
-        if x2 >= w {
-            let over = x2 - w;
-            x2 -= over;
-            x1 -= over;
-        }
-        if x1 < 0 {
-            x2 -= x1;
-            x1 = 0;
-        }
-        if x2 >= w {
-            x2 = w;
-        }
+        widen(&mut x1, &mut x2, (y2 - y1) as f64 * ratio_processing, w);
     }
     Ok([x1 as usize, y1 as usize, x2 as usize, y2 as usize])
+}
+
+/// diffusers' widening of one side of the crop region: `[lo, hi)` grows to `desired` (Python's
+/// `int()` truncates the difference, `//` floors its half), then shifts back inside `0..limit`.
+fn widen(lo: &mut i64, hi: &mut i64, desired: f64, limit: i64) {
+    let diff = (desired - (*hi - *lo) as f64) as i64;
+    *lo -= diff.div_euclid(2);
+    *hi += diff - diff.div_euclid(2);
+    if *hi >= limit {
+        let over = *hi - limit;
+        *hi -= over;
+        *lo -= over;
+    }
+    if *lo < 0 {
+        *hi -= *lo;
+        *lo = 0;
+    }
+    if *hi >= limit {
+        *hi = limit;
+    }
 }
 
 #[cfg(test)]

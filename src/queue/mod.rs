@@ -287,6 +287,18 @@ async fn declare_bound_queue(
     Ok(())
 }
 
+/// A server-named queue of this connection alone, deleted with it.
+async fn private_queue(channel: &Channel) -> QueueResult<lapin::Queue> {
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    Ok(channel
+        .queue_declare("".into(), options, FieldTable::default())
+        .await?)
+}
+
 /// Subscribes to the events exchange with a private, auto-deleted queue bound to `keys`
 /// (`#` for every event). Subscribe before publishing work so no event can be missed.
 pub async fn subscribe_events(
@@ -294,14 +306,7 @@ pub async fn subscribe_events(
     t: &Topology,
     keys: &[&str],
 ) -> QueueResult<lapin::Consumer> {
-    let options = QueueDeclareOptions {
-        exclusive: true,
-        auto_delete: true,
-        ..Default::default()
-    };
-    let queue = channel
-        .queue_declare("".into(), options, FieldTable::default())
-        .await?;
+    let queue = private_queue(channel).await?;
     for key in keys {
         channel
             .queue_bind(
@@ -327,14 +332,7 @@ pub async fn subscribe_events(
 /// connection: a worker hears the control messages sent while it is connected; what it misses
 /// is covered by the tombstone it checks per delivery). Deliveries need no ack.
 pub async fn subscribe_control(channel: &Channel, t: &Topology) -> QueueResult<lapin::Consumer> {
-    let options = QueueDeclareOptions {
-        exclusive: true,
-        auto_delete: true,
-        ..Default::default()
-    };
-    let queue = channel
-        .queue_declare("".into(), options, FieldTable::default())
-        .await?;
+    let queue = private_queue(channel).await?;
     channel
         .queue_bind(
             queue.name().clone(),

@@ -84,4 +84,31 @@ impl Stack {
     pub async fn keys(&self) -> Vec<String> {
         self.storage.list(&self.bucket, "").await.unwrap()
     }
+
+    /// `sdbatch <command> IDS… --json` (`status`, `cancel`) against this stack: one JSON
+    /// object per line of its output. The command must succeed.
+    pub fn cli_json(&self, command: &str, ids: &[&str]) -> Vec<serde_json::Value> {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdbatch"))
+            .arg(command)
+            .args(ids)
+            .args(["--json", "--bucket", &self.bucket])
+            .args(["--queue-prefix", &self.prefix])
+            .args(["--s3-endpoint", &self.s3.endpoint])
+            .env("AMQP_URL", super::broker::amqp_url())
+            .env("AWS_ACCESS_KEY_ID", &self.s3.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &self.s3.secret_key)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "sdbatch {command}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
 }
