@@ -401,15 +401,19 @@ fi
 sed 's/^/  /' "$work/submit.log" | tail -n 8
 pass "worker in the image: 2 batches completed (batch.completed events seen by submit --wait), 2 manifests + 2 PNGs in S3"
 
-# 5. SIGTERM with a batch in hand.
-printf '%s\n' '{"id": "drain", "prompt": "a lighthouse at dusk", "seed": 7, "num_images": 2}' >"$work/in/drain.jsonl"
+# 5. SIGTERM with a batch in hand: 8 images of 150 steps, 4 GPU batches of 2, seconds of work.
+printf '%s\n' '{"id": "drain", "prompt": "a lighthouse at dusk", "seed": 7, "num_images": 8}' >"$work/in/drain.jsonl"
 drain_prefix="image-test-drain-$(date +%s)"
+received() { curl -fsS "http://127.0.0.1:$metrics_port/metrics" | awk '/^sdbatch_lane_messages_received_total/ {n += $2} END {print n + 0}'; }
+received_before=$(received)
 bh run -v "$work/in:/in:ro" --env "AMQP_URL=$amqp" --env SDBATCH_QUEUE_PREFIX=$prefix "$tool" -- \
-  sdbatch submit --prompts /in/drain.jsonl --batch-prefix "$drain_prefix" --steps 8 \
+  sdbatch submit --prompts /in/drain.jsonl --batch-prefix "$drain_prefix" --steps 150 \
   --wait --timeout-secs 400 >"$work/drain-submit.log" 2>&1 &
 submit_pid=$!
-in_hand() { curl -fsS "http://127.0.0.1:$metrics_port/metrics" | grep -qE '^sdbatch_inflight_batches [1-9]'; }
-wait_for 120 in_hand || die "the drain batch never reached the worker"
+# A counter, polled often: a gauge of the messages in hand can rise and fall between two polls.
+taken() { [ "$(received)" -gt "$received_before" ]; }
+for _ in $(seq 1 1200); do taken && break; sleep 0.1; done
+taken || die "the drain batch never reached the worker"
 # buildah run does not forward signals (it would kill the container), so TERM goes where a
 # container runtime sends it: to the entrypoint process, sdbatch, a descendant of our buildah run.
 descendant() { # PID NAME
@@ -440,10 +444,12 @@ queue_empty() {
   [ "$queued" = 0 ]
 }
 wait_for 30 queue_empty || true
-if [ "$drained" != 2 ] || [ "$queued" != 0 ]; then
-  die "after the drain: $drained of 2 PNGs stored, '$queued' messages left in $prefix.jobs"
+if [ "$drained" != 8 ] || [ "$queued" != 0 ]; then
+  die "after the drain: $drained of 8 PNGs stored, '$queued' messages left in $prefix.jobs"
 fi
-pass "SIGTERM with a batch in hand: it completed (event + 2 PNGs), the worker exited 0, $prefix.jobs is empty"
+grep -q "finishing the messages in hand in_hand=1" "$work/worker.log" ||
+  die "the worker did not hold the batch when SIGTERM came (its log does not say it finished one)"
+pass "SIGTERM with a batch in hand: it completed (event + 8 PNGs), the worker exited 0, $prefix.jobs is empty"
 
 echo "$stamp" >"$state/stamp"
 log "built in ${build_secs} s; storage under $state: $(du -sh "$state" 2>/dev/null | cut -f1)"
