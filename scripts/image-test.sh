@@ -245,8 +245,21 @@ EOF
 work=$(mktemp -d "$state/tmp/run.XXXXXX")
 containers=()
 worker_pid="" submit_pid="" s3_port=""
+# The processes under `buildah run` PID called NAME (buildah does not forward signals to them).
+descendant() { # PID NAME
+  local p
+  for p in $(ps -o pid= --ppid "$1"); do
+    [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$2" ] && { echo "$p"; return 0; }
+    descendant "$p" "$2" && return 0
+  done
+  return 1
+}
 cleanup() {
-  [ -n "$worker_pid" ] && kill "$worker_pid" 2>/dev/null
+  # The worker inside first: killing buildah run alone leaves it running (and holding the lock).
+  if [ -n "$worker_pid" ]; then
+    inner=$(descendant "$worker_pid" sdbatch) && kill -KILL "$inner" 2>/dev/null
+    kill "$worker_pid" 2>/dev/null
+  fi
   [ -n "$submit_pid" ] && kill "$submit_pid" 2>/dev/null
   [ -n "$s3_port" ] && S3_PORT=$s3_port scripts/s3.sh stop >/dev/null 2>&1
   for c in "${containers[@]}"; do bh rm "$c" >/dev/null 2>&1; done
@@ -360,7 +373,7 @@ bh run -v "$model:/models/sd:ro" \
   --env "AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID" --env "AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY" --env SDBATCH_MODEL=/models/sd \
   --env SDBATCH_QUEUE_PREFIX=$prefix --env "SDBATCH_METRICS_ADDR=127.0.0.1:$metrics_port" \
   --env SDBATCH_GRACE_PERIOD_SECS=300 --env NO_COLOR=1 \
-  "$worker_ctr" -- sdbatch worker --worker-id image-test --max-batch 2 >"$work/worker.log" 2>&1 &
+  "$worker_ctr" -- sdbatch worker --worker-id image-test --max-batch 2 >"$work/worker.log" 2>&1 9>&- &
 worker_pid=$!
 ready() {
   kill -0 "$worker_pid" 2>/dev/null || { cat "$work/worker.log" >&2; die "the worker in the image exited"; }
@@ -408,7 +421,7 @@ received() { curl -fsS "http://127.0.0.1:$metrics_port/metrics" | awk '/^sdbatch
 received_before=$(received)
 bh run -v "$work/in:/in:ro" --env "AMQP_URL=$amqp" --env SDBATCH_QUEUE_PREFIX=$prefix "$tool" -- \
   sdbatch submit --prompts /in/drain.jsonl --batch-prefix "$drain_prefix" --steps 150 \
-  --wait --timeout-secs 400 >"$work/drain-submit.log" 2>&1 &
+  --wait --timeout-secs 400 >"$work/drain-submit.log" 2>&1 9>&- &
 submit_pid=$!
 # A counter, polled often: a gauge of the messages in hand can rise and fall between two polls.
 taken() { [ "$(received)" -gt "$received_before" ]; }
@@ -416,14 +429,6 @@ for _ in $(seq 1 1200); do taken && break; sleep 0.1; done
 taken || die "the drain batch never reached the worker"
 # buildah run does not forward signals (it would kill the container), so TERM goes where a
 # container runtime sends it: to the entrypoint process, sdbatch, a descendant of our buildah run.
-descendant() { # PID NAME
-  local p
-  for p in $(ps -o pid= --ppid "$1"); do
-    [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$2" ] && { echo "$p"; return 0; }
-    descendant "$p" "$2" && return 0
-  done
-  return 1
-}
 sdbatch_pid=$(descendant "$worker_pid" sdbatch) || die "no sdbatch process under buildah run $worker_pid"
 kill -TERM "$sdbatch_pid"
 exited() { ! kill -0 "$worker_pid" 2>/dev/null; }
