@@ -28,6 +28,13 @@ RUN python3 -m venv /tmp/torch-venv \
  && rm -rf /tmp/torch-venv
 # torch-sys and build.rs read LIBTORCH (include/, lib/, build-version).
 ENV LIBTORCH=/opt/libtorch
+# buildah's layer cache can reuse a COPY of sources that have changed since (containers/buildah
+# issue 6106; seen here: an image built from stale sources). A value that changes with the
+# sources makes this step and every later one miss the cache: pass
+# --build-arg SDBATCH_SOURCE=$(git rev-parse HEAD) (scripts/image-test.sh passes a hash of the
+# build inputs). Docker compares the copied files itself and needs nothing.
+ARG SDBATCH_SOURCE=unset
+RUN echo "building sdbatch from sources ${SDBATCH_SOURCE}"
 COPY Cargo.toml Cargo.lock build.rs ./
 # The C++ bridge to libtorch (build.rs compiles it with the image's g++ against the venv's headers).
 COPY csrc csrc

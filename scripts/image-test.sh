@@ -8,7 +8,8 @@
 # built from Debian's packages: a Debian bookworm from debootstrap (the runtime base, like
 # debian:bookworm-slim, without CUDA) and, on top of it, the compilers of buildpack-deps that a
 # Rust build uses plus this machine's Rust toolchain copied in (the build base). The Dockerfile
-# itself is built unchanged, with only --build-arg RUST_IMAGE=… --build-arg CUDA_RUNTIME=….
+# itself is built unchanged, with only --build-arg RUST_IMAGE=… --build-arg CUDA_RUNTIME=… and
+# SDBATCH_SOURCE (the inputs' hash: buildah's cache once reused a COPY of changed sources).
 # Then, in the built image, as its own user (uid 10001):
 #   1. sdbatch --version, and the user the image runs as;
 #   2. the libraries: every DT_NEEDED of sdbatch and of /opt/sdbatch/lib resolves in the image, and
@@ -195,6 +196,7 @@ for run in "--target build -t localhost/sdbatch-build:$version" "-t $image"; do
   # shellcheck disable=SC2086 # $run is two options, split on purpose
   bh bud --isolation chroot --layers --force-rm --format docker --pull=false \
     --build-arg "RUST_IMAGE=$rust_base" --build-arg "CUDA_RUNTIME=$runtime_base" \
+    --build-arg "SDBATCH_SOURCE=$stamp" \
     $run -f Dockerfile . >>"$state/build.log" 2>&1 ||
     { tail -n 40 "$state/build.log" >&2; die "buildah bud failed (log: $state/build.log)"; }
 done
@@ -330,6 +332,15 @@ if [ -z "$host_bin" ]; then
   # shellcheck source=scripts/env.sh
   host_bin=$(. scripts/env.sh && cargo build --locked --quiet --bin sdbatch && echo "$CARGO_TARGET_DIR/debug/sdbatch")
 fi
+# The image's binary is this tree's: every subcommand's --help equals the host build's (an image
+# built from stale sources once passed every other check).
+for cmd in "" generate worker submit status cancel; do
+  # shellcheck disable=SC2086 # an empty $cmd is no argument
+  in_image=$(bh run "$tool" -- sdbatch $cmd --help)
+  # shellcheck disable=SC2086,SC1091
+  on_host=$(. scripts/env.sh && "$host_bin" $cmd --help)
+  [ "$in_image" = "$on_host" ] || die "sdbatch $cmd --help differs between the image and this tree: a stale image"
+done
 (
   # shellcheck source=scripts/env.sh
   . scripts/env.sh
@@ -352,7 +363,7 @@ for n in names:
 print(f"{len(names)} PNGs ({x.size[0]}x{x.size[1]}), pixels identical, {same_bytes} byte-identical")
 EOF
 ) || die "generate: the image's output differs from the host's: $compare"
-pass "generate on the CPU (tiny model mounted read-only): $compare to the host build's"
+pass "the image's CLI is this tree's (--help of every subcommand); generate on the CPU (tiny model mounted read-only): $compare to the host build's"
 
 # 4. The worker in the image, on the local RabbitMQ and a local S3 server.
 scripts/services.sh start >/dev/null
@@ -361,7 +372,7 @@ prefix=sdbatch-image-test
 for q in "$prefix.jobs" "$prefix.jobs.dead"; do rabbitmqctl -q purge_queue "$q" >/dev/null 2>&1 || true; done
 s3_port=$(free_port)
 export AWS_ACCESS_KEY_ID=sdbatch AWS_SECRET_ACCESS_KEY=sdbatch-secret
-S3_PORT=$s3_port S3_DATA="$work/s3" scripts/s3.sh start >/dev/null
+S3_PORT=$s3_port S3_DATA="$work/s3" scripts/s3.sh start >/dev/null 9>&-
 mkdir -p "$work/s3/images" # s3s-fs buckets are folders
 metrics_port=$(free_port)
 amqp=amqp://guest:guest@127.0.0.1:5672/%2f
