@@ -76,7 +76,14 @@ RUN useradd --system --uid 10001 --create-home sdbatch \
  && rm -rf /var/lib/apt/lists/*
 # The libraries first: they change only with the torch pin, so after a code change the new image
 # differs from the old one in its last, small layer (a pull fetches ~0.2 GB, not ~3.5 GB).
+# As in the build stage: buildah's cache takes a COPY --from without looking at what it copies,
+# so a value that changes with what the build stage made keeps each layer fresh (the libraries'
+# with the torch pin, the binary's with the sources).
+ARG SDBATCH_TORCH=unset
+RUN echo "libtorch from ${SDBATCH_TORCH}"
 COPY --from=build /opt/libtorch/lib /opt/sdbatch/lib
+ARG SDBATCH_SOURCE=unset
+RUN echo "sdbatch from sources ${SDBATCH_SOURCE}"
 COPY --from=build /out/sdbatch /usr/local/bin/sdbatch
 # /usr/local/nvidia/lib*: where the CUDA base images look for driver libraries that older NVIDIA
 # container runtimes mount (the base's own LD_LIBRARY_PATH, which this line replaces).

@@ -9,7 +9,8 @@
 # debian:bookworm-slim, without CUDA) and, on top of it, the compilers of buildpack-deps that a
 # Rust build uses plus this machine's Rust toolchain copied in (the build base). The Dockerfile
 # itself is built unchanged, with only --build-arg RUST_IMAGE=… --build-arg CUDA_RUNTIME=… and
-# SDBATCH_SOURCE (the inputs' hash: buildah's cache once reused a COPY of changed sources).
+# SDBATCH_SOURCE / SDBATCH_TORCH (hashes of the inputs: buildah's cache once reused a COPY of
+# changed sources).
 # Then, in the built image, as its own user (uid 10001):
 #   1. sdbatch --version, and the user the image runs as;
 #   2. the libraries: every DT_NEEDED of sdbatch and of /opt/sdbatch/lib resolves in the image, and
@@ -66,6 +67,8 @@ stamp=$( {
   cat tests/fixtures/generated/.stamp # the tiny model's own stamp (scripts/setup.sh)
   echo "$rust_version $standin"
 } | sha256sum | cut -c1-16)
+# What the libtorch layer is made from (the final stage's build arg SDBATCH_TORCH).
+torch_stamp=$(cat scripts/requirements-fixtures.txt scripts/image-libtorch.sh | sha256sum | cut -c1-16)
 if [ "$force" = 0 ] && [ "$(cat "$state/stamp" 2>/dev/null)" = "$stamp" ]; then
   log "inputs unchanged since the last pass (stamp $stamp): skipped (--force runs it)"
   exit 0
@@ -196,7 +199,7 @@ for run in "--target build -t localhost/sdbatch-build:$version" "-t $image"; do
   # shellcheck disable=SC2086 # $run is two options, split on purpose
   bh bud --isolation chroot --layers --force-rm --format docker --pull=false \
     --build-arg "RUST_IMAGE=$rust_base" --build-arg "CUDA_RUNTIME=$runtime_base" \
-    --build-arg "SDBATCH_SOURCE=$stamp" \
+    --build-arg "SDBATCH_SOURCE=$stamp" --build-arg "SDBATCH_TORCH=$torch_stamp" \
     $run -f Dockerfile . >>"$state/build.log" 2>&1 ||
     { tail -n 40 "$state/build.log" >&2; die "buildah bud failed (log: $state/build.log)"; }
 done
