@@ -45,9 +45,13 @@ COPY scripts/compile_unet.py scripts/
 COPY data data
 # Cache mounts (BuildKit and buildah): crates are downloaded once, and a code change recompiles the
 # sdbatch crate alone. Neither lands in a layer, so the binary is copied out in the same step.
+# `cargo clean -p sdbatch` first: the cached target folder outlives builds, and cargo trusts the
+# copied files' mtimes against it; a file changed while an earlier build ran looked fresh to it
+# (an image once shipped a binary of the previous sources). The dependencies stay cached.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin sdbatch \
+    cargo clean --release --locked -p sdbatch \
+ && cargo build --release --locked --bin sdbatch \
  && mkdir -p /out \
  && cp target/release/sdbatch /out/
 
