@@ -102,6 +102,7 @@ async fn put_inputs(stack: &Stack) -> Inputs {
         ("inputs/mask.png", mask_png.clone()),
         ("inputs/mask-32.png", png(&small_mask)),
         ("inputs/notes.png", b"not pixels".to_vec()),
+        ("inputs/black.png", png(&image::RgbImage::new(64, 64))),
     ] {
         stack
             .storage
@@ -278,10 +279,20 @@ async fn txt2img_img2img_and_inpainting_items_run_apart_and_bad_masks_are_dead_l
     let alone = json!([{"id": "m", "prompt": "a teapot", "seed": 2,
                         "mask_image": "s3://images/inputs/mask.png"}]);
     stack.broker.publish(&message("mask-alone", alone)).await;
+    // An all-black mask with padding_mask_crop: no area to crop to, refused when read.
+    let black = serde_json::to_vec(&json!({
+        "schema_version": 1,
+        "batch_id": "mask-black",
+        "items": [{"id": "m", "prompt": "a teapot", "seed": 2, "init_image": init,
+                   "mask_image": "s3://images/inputs/black.png"}],
+        "params": {"steps": STEPS, "scheduler": "euler", "padding_mask_crop": 8}
+    }))
+    .unwrap();
+    stack.broker.publish(&black).await;
     let want: Vec<(&str, &str)> = cases
         .iter()
         .map(|c| (c.0, c.2))
-        .chain([("mask-alone", "mask_image")])
+        .chain([("mask-alone", "mask_image"), ("mask-black", "mask_image")])
         .collect();
     for (id, reason) in &want {
         let Some(Event::Failed(failed)) = events.next(LONG).await else {

@@ -63,6 +63,7 @@ pub(super) async fn load(
         return Ok(Vec::new());
     }
     let (width, height) = (batch.params.width as u32, batch.params.height as u32);
+    let crop = batch.padding_mask_crop.is_some();
     let batch_id = batch.batch_id.clone();
     let invalid = |at: usize, role: InputRole, reason: InvalidReason, message: String| {
         InputError::Invalid(Invalid {
@@ -125,6 +126,17 @@ pub(super) async fn load(
                             "the mask is {}x{}, its init image {}x{}: they must be the same size",
                             mask_size.0, mask_size.1, init_size.0, init_size.1
                         ),
+                    ));
+                }
+                // padding_mask_crop crops to the mask's non-black area: without one there is
+                // nothing to crop to, and the generation could only fail.
+                if crop && mask.pixels.iter().all(|&v| v == 0) {
+                    return Err(invalid(
+                        at,
+                        role,
+                        InvalidReason::MaskImage,
+                        "the mask is all black, so params.padding_mask_crop has no area to crop                          to (and there is nothing to inpaint)"
+                            .into(),
                     ));
                 }
                 Some(mask)
