@@ -207,6 +207,10 @@ def summary(work: Path, out: Path) -> None:
                      f"{(f'{peak:.2f}' if peak else 'n/a'):>8}")
     if bench:
         lines.append(f"load: {bench.get('load_s', float('nan')):.2f} s")
+        # CUDA only: the worker's memory model (calibrated on the two smallest sizes) vs the peaks.
+        for m in bench.get("memory_model", []):
+            lines.append(f"memory model, batch {m['batch_size']}: predicted {m['predicted_gib']:.2f} GiB, "
+                         f"measured {m['measured_gib']:.2f} GiB ({m['error']:+.1%})")
     if equal:
         lines.append(f"images vs diffusers: {equal['images']} image(s), worst max diff "
                      f"{equal['worst_max_diff']}, worst share within 1 level {equal['worst_within_1']:.4%}")

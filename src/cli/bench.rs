@@ -86,6 +86,55 @@ struct Report {
     /// Preset "fast" per batch size (with --fast-lora).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     fast: Vec<Row>,
+    /// CUDA: the worker's memory model, calibrated on the two smallest batch sizes, against the
+    /// peak measured at every size.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    memory_model: Vec<MemoryCheck>,
+}
+
+/// One batch size's peak device memory as the batch sizer predicts it and as measured.
+#[derive(Debug, Serialize, PartialEq)]
+struct MemoryCheck {
+    batch_size: u32,
+    predicted_gib: f64,
+    measured_gib: f64,
+    /// (predicted − measured) / measured: positive when the model errs on the safe side.
+    error: f64,
+}
+
+/// The batch sizer's linear model (`sdbatch::batching::BatchSizer::model`) fed the peaks of the
+/// two smallest batch sizes, as the worker calibrates on its first two batches, then asked for
+/// every size measured. Empty when fewer than two sizes were measured or memory did not grow.
+fn memory_checks(measured: &[(u32, u64)], params: &GenerateParams) -> Vec<MemoryCheck> {
+    let mut sorted = measured.to_vec();
+    sorted.sort_unstable();
+    let key = sdbatch::batching::ShapeKey::of(params);
+    let mut sizer = sdbatch::batching::BatchSizer::new(usize::MAX, 0.0);
+    for &(batch, peak_used_bytes) in sorted.iter().take(2) {
+        sizer.record(
+            &key,
+            sdbatch::batching::MemorySample {
+                batch: batch as usize,
+                peak_used_bytes,
+            },
+        );
+    }
+    let Some((base, per_image)) = sizer.model(&key) else {
+        return Vec::new();
+    };
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    sorted
+        .iter()
+        .map(|&(batch, peak)| {
+            let predicted = base + per_image * f64::from(batch);
+            MemoryCheck {
+                batch_size: batch,
+                predicted_gib: gib(predicted),
+                measured_gib: gib(peak as f64),
+                error: (predicted - peak as f64) / peak as f64,
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Serialize)]
@@ -97,6 +146,9 @@ struct Row {
     vae_decode_ms: f64,
     batch_s: f64,
     peak_memory_gib: Option<f64>,
+    /// The device memory peak in bytes (CUDA), what the batch sizer calibrates on.
+    #[serde(skip)]
+    device_peak_bytes: Option<u64>,
 }
 
 fn requests(n: u32) -> Vec<ImageRequest> {
@@ -156,6 +208,7 @@ fn measure(
         } else {
             peak_rss().map(gib)
         },
+        device_peak_bytes: peak.filter(|_| model.device().is_cuda()),
     })
 }
 
@@ -248,6 +301,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         rows.push(row);
     }
+    let measured: Vec<(u32, u64)> = rows
+        .iter()
+        .filter_map(|r| Some((r.batch_size, r.device_peak_bytes?)))
+        .collect();
+    let memory_model = memory_checks(&measured, &params);
+    if !memory_model.is_empty() {
+        println!();
+        println!("the worker's memory model, calibrated on the two smallest batch sizes:");
+        println!(
+            "{:>6} | {:>14} | {:>13} | {:>7}",
+            "batch", "predicted GiB", "measured GiB", "error"
+        );
+        for m in &memory_model {
+            println!(
+                "{:>6} | {:>14.2} | {:>13.2} | {:>+6.1}%",
+                m.batch_size,
+                m.predicted_gib,
+                m.measured_gib,
+                m.error * 100.0
+            );
+        }
+    }
     let compiled = if model.compiled().is_some() {
         compare_compiled(&model, &params, &rows, &args)?
     } else {
@@ -264,6 +339,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             compiled,
             lora_switch_ms,
             fast,
+            memory_model,
         };
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
@@ -364,4 +440,40 @@ fn compare_fast(
         out.push(f);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> GenerateParams {
+        GenerateParams {
+            steps: 50,
+            guidance_scale: 7.5,
+            width: 512,
+            height: 512,
+            scheduler: sdbatch::pipeline::schedulers::SchedulerKind::Pndm,
+            clip_skip: 1,
+            guidance_rescale: 0.0,
+            prompt_syntax: sdbatch::pipeline::prompt_weights::PromptSyntax::Plain,
+            loras: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_memory_model_is_calibrated_on_the_two_smallest_sizes_and_checked_on_all() {
+        let gib = 1u64 << 30;
+        // 2 GiB + 1 GiB per image, except batch 8 measured 5 % above the line.
+        let measured = [(8, gib * 21 / 2), (1, 3 * gib), (4, 6 * gib)];
+        let checks = memory_checks(&measured, &params());
+        let sizes: Vec<u32> = checks.iter().map(|c| c.batch_size).collect();
+        assert_eq!(sizes, [1, 4, 8]);
+        assert_eq!(checks[0].error, 0.0);
+        assert_eq!(checks[1].error, 0.0);
+        assert!((checks[2].predicted_gib - 10.0).abs() < 1e-9);
+        assert!((checks[2].error - (10.0 - 10.5) / 10.5).abs() < 1e-12);
+        // One size, or memory that did not grow: no model to check.
+        assert!(memory_checks(&[(1, gib)], &params()).is_empty());
+        assert!(memory_checks(&[(1, gib), (2, gib)], &params()).is_empty());
+    }
 }
