@@ -504,11 +504,18 @@ impl StableDiffusion {
                 }
             }
         }
-        let tensors = Tensor::read_safetensors(file).map_err(|e| Error::Config {
-            path: file.to_path_buf(),
-            message: format!("not a readable safetensors file: {e}"),
-        })?;
-        let parts = single_file::split_checkpoint(file, tensors.into_iter().collect())?;
+        // Mapped, as model folders are: each tensor the model uses is made once, straight in the
+        // model's dtype on its device, and the entries it does not use (EMA weights, schedules:
+        // half of many checkpoints) are never read.
+        let mapped = mapped::MappedSafetensors::open(file)?;
+        let mut tensors = std::collections::HashMap::new();
+        for name in mapped.names().filter(|n| single_file::is_model_key(n)) {
+            if let Some(t) = mapped.tensor(name, options.dtype, options.device)? {
+                tensors.insert(name.clone(), t);
+            }
+        }
+        drop(mapped);
+        let parts = single_file::split_checkpoint(file, tensors)?;
         let sd2 = parts.text_kind == TextEncoderKind::OpenClip;
 
         // The checkpoint has no tokenizer: --tokenizer, else --model-config's tokenizer/ when it

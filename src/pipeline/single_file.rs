@@ -166,6 +166,14 @@ pub struct Components {
 
 /// Moves every tensor of `tensors` to its component under its diffusers name. `model_ema.*` and
 /// other keys outside the three components are dropped.
+/// Whether a checkpoint entry belongs to a part [`split_checkpoint`] keeps (UNet, VAE, text
+/// encoder): the rest (EMA copies, noise schedules) need not be read at all.
+pub fn is_model_key(key: &str) -> bool {
+    [UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, OPEN_CLIP_PREFIX]
+        .iter()
+        .any(|prefix| key.starts_with(prefix))
+}
+
 pub fn split_checkpoint(path: &Path, tensors: HashMap<String, Tensor>) -> Result<Components> {
     let mut unet = HashMap::new();
     let mut vae = HashMap::new();
