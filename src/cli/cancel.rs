@@ -46,13 +46,23 @@ pub async fn run(args: CancelArgs) -> Result<()> {
     }
     check_prefix(&args.store.prefix).map_err(|e| anyhow::anyhow!("--prefix: {e}"))?;
     let storage = args.store.connect().await?;
-    let before = lookup(&args.broker, &args.store, &storage, &args.batch_ids).await?;
-
     let topology = args.broker.topology();
+    // One connection: the lookup reads the dead letters on it (and declares the topology), the
+    // broadcasts go out on it.
     let conn = queue::connect(&args.broker.amqp_url, "sdbatch cancel").await?;
-    let channel = conn.create_channel().await?;
-    queue::declare(&channel, &topology).await?;
-    let publisher = Publisher::new(&conn).await?;
+    let result = cancel_all(&args, &conn, &topology, &storage).await;
+    let _ = conn.close(200, "done".into()).await;
+    result
+}
+
+async fn cancel_all(
+    args: &CancelArgs,
+    conn: &lapin::Connection,
+    topology: &queue::Topology,
+    storage: &sdbatch::storage::Storage,
+) -> Result<()> {
+    let before = lookup(conn, topology, &args.store, storage, &args.batch_ids).await?;
+    let publisher = Publisher::new(conn).await?;
     let bucket = &args.store.bucket;
     for (id, status) in args.batch_ids.iter().zip(&before) {
         let decision = decide(status);
@@ -115,8 +125,6 @@ pub async fn run(args: CancelArgs) -> Result<()> {
             println!("{said}");
         }
     }
-    let _ = channel.close(200, "done".into()).await;
-    let _ = conn.close(200, "done".into()).await;
     Ok(())
 }
 

@@ -91,8 +91,10 @@ async fn read_json<T: serde::de::DeserializeOwned>(
 }
 
 /// The state of each of `batch_ids`, from the objects in `store` and the dead-letter queue.
+/// `conn` is the caller's: `cancel` goes on to publish on it.
 pub async fn lookup(
-    broker: &BrokerArgs,
+    conn: &lapin::Connection,
+    topology: &queue::Topology,
     store: &BatchStoreArgs,
     storage: &Storage,
     batch_ids: &[String],
@@ -101,11 +103,9 @@ pub async fn lookup(
         bail!("at most {MAX_BATCH_IDS} batch ids per call");
     }
     // The dead letters, read once for every batch asked about (and returned to the queue when
-    // the channel closes: nothing is acked).
-    let topology = broker.topology();
-    let conn = queue::connect(&broker.amqp_url, "sdbatch status").await?;
+    // this channel closes: nothing is acked).
     let channel = conn.create_channel().await?;
-    queue::declare(&channel, &topology).await?;
+    queue::declare(&channel, topology).await?;
     let wanted: std::collections::HashSet<&str> = batch_ids.iter().map(String::as_str).collect();
     let mut dead: HashMap<String, DeadLetter> = HashMap::new();
     for l in super::dlq::read_all(&channel, &topology.dead_queue, MAX_DEAD_LETTERS).await? {
@@ -120,7 +120,6 @@ pub async fn lookup(
         }
     }
     let _ = channel.close(200, "done".into()).await;
-    let _ = conn.close(200, "done".into()).await;
 
     let bucket = &store.bucket;
     let mut found = Vec::with_capacity(batch_ids.len());
@@ -151,7 +150,17 @@ pub async fn lookup(
 
 pub async fn run(args: StatusArgs) -> Result<()> {
     let storage = args.store.connect().await?;
-    for status in lookup(&args.broker, &args.store, &storage, &args.batch_ids).await? {
+    let conn = queue::connect(&args.broker.amqp_url, "sdbatch status").await?;
+    let found = lookup(
+        &conn,
+        &args.broker.topology(),
+        &args.store,
+        &storage,
+        &args.batch_ids,
+    )
+    .await;
+    let _ = conn.close(200, "done".into()).await;
+    for status in found? {
         if args.json {
             println!("{}", serde_json::to_string(&status)?);
         } else {
