@@ -3,14 +3,16 @@
 //! - [`Planner`] holds the images of every message in hand, in arrival order. The next batch takes
 //!   the oldest waiting image and every later image that can share its UNet batch (same size,
 //!   steps, scheduler, guidance, LoRA set, and one [`Mode`]: txt2img, img2img or inpainting at
-//!   one strength, or one hires fix: a [`ShapeKey`]),
-//!   across message boundaries, up to the size the
-//!   [`BatchSizer`] allows. Images keep their order within a message; none is lost or duplicated.
+//!   one strength, or one hires fix's second pass: a [`ShapeKey`]), across message boundaries, up
+//!   to the size the [`BatchSizer`] allows. Images keep their order within a message; none is
+//!   lost or duplicated. A hires fix is two shapes: its first pass is planned with txt2img at the
+//!   first size, and its second pass, queued when the first comes back, ahead of new work at the
+//!   larger size ([`Planner::push_second_pass`]).
 //! - [`BatchSizer`] picks that size per shape: the configured ceiling (`--max-batch`) on the CPU; on
 //!   CUDA the largest batch whose calibrated memory fits the device under a safety margin, and a
 //!   per-shape ceiling halved each time the device runs out of memory.
 use crate::pipeline::GenerateParams;
-use crate::pipeline::hires::{Hires, Upscaler};
+use crate::pipeline::hires::{FirstPass, Hires, Upscaler};
 use crate::pipeline::schedulers::SchedulerKind;
 use crate::pipeline::{GrayImage, ImageRequest, RgbImage};
 use std::collections::{HashMap, VecDeque};
@@ -56,10 +58,12 @@ pub enum Mode {
         mask_blur_bits: u64,
         padding_mask_crop: Option<u32>,
     },
-    /// txt2img, then one hires fix's second pass at the larger size.
-    Hires {
-        scale_bits: u64,
-        steps: usize,
+    /// txt2img that stops before the VAE decode: a `latent` hires fix's first pass (a
+    /// `lanczos` one is plain [`Mode::Txt2Img`] and shares its batches).
+    Txt2Latents,
+    /// A hires fix's second pass (the key's size and steps are the second pass's): img2img at
+    /// one strength from each image's first pass, upscaled by one upscaler.
+    HiresSecond {
         strength_bits: u64,
         upscaler: Upscaler,
     },
@@ -80,50 +84,63 @@ impl Mode {
         }
     }
 
-    pub fn hires(h: &Hires) -> Self {
-        Mode::Hires {
-            scale_bits: h.scale.to_bits(),
-            steps: h.steps,
+    /// The mode of a hires fix's first pass: what the second needs (decoded images or latents).
+    pub fn hires_first(h: &Hires) -> Self {
+        match h.upscaler {
+            Upscaler::Lanczos => Mode::Txt2Img,
+            Upscaler::Latent => Mode::Txt2Latents,
+        }
+    }
+
+    /// The mode of a hires fix's second pass.
+    pub fn hires_second(h: &Hires) -> Self {
+        Mode::HiresSecond {
             strength_bits: h.strength.to_bits(),
             upscaler: h.upscaler,
         }
     }
 
-    /// The hires fix of a [`Mode::Hires`] batch.
-    pub fn as_hires(&self) -> Option<Hires> {
-        match *self {
-            Mode::Hires {
-                scale_bits,
-                steps,
-                strength_bits,
-                upscaler,
-            } => Some(Hires {
-                scale: f64::from_bits(scale_bits),
-                steps,
-                strength: f64::from_bits(strength_bits),
-                upscaler,
-            }),
-            _ => None,
-        }
+    /// A hires fix's second pass: its images come from first passes already run, so planning
+    /// them adds no image to those in flight.
+    pub fn is_second_pass(&self) -> bool {
+        matches!(self, Mode::HiresSecond { .. })
     }
 
-    /// The img2img or inpainting strength, `None` for txt2img and hires batches.
+    /// The img2img, inpainting or hires second-pass strength, `None` for txt2img.
     pub fn strength(&self) -> Option<f64> {
         match *self {
-            Mode::Img2Img { strength_bits } | Mode::Inpaint { strength_bits, .. } => {
-                Some(f64::from_bits(strength_bits))
-            }
-            Mode::Txt2Img | Mode::Hires { .. } => None,
+            Mode::Img2Img { strength_bits }
+            | Mode::Inpaint { strength_bits, .. }
+            | Mode::HiresSecond { strength_bits, .. } => Some(f64::from_bits(strength_bits)),
+            Mode::Txt2Img | Mode::Txt2Latents => None,
         }
     }
 }
 
+/// The parameters of a hires fix's second pass after a first pass with `p`: the larger size
+/// (rounded down to multiples of [`SIZE_MULTIPLE`](crate::message::SIZE_MULTIPLE), as the
+/// message's output size) and the hires steps. `None` for a scale out of range (refused when the
+/// message was read).
+pub fn hires_second_params(p: &GenerateParams, h: &Hires) -> Option<GenerateParams> {
+    let (width, height) = h
+        .size(p.width, p.height, crate::message::SIZE_MULTIPLE)
+        .ok()?;
+    Some(GenerateParams {
+        width,
+        height,
+        steps: h.steps,
+        ..p.clone()
+    })
+}
+
 /// What one image brings besides its prompt: an init image (img2img, inpainting) and a mask
-/// (inpainting), decoded at the output size and shared by the images of one item.
+/// (inpainting), decoded at the output size and shared by the images of one item; or, for a
+/// hires fix's second pass, the image's own first pass.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ImageInputs {
     pub init: Option<Arc<RgbImage>>,
     pub mask: Option<Arc<GrayImage>>,
+    pub first_pass: Option<Arc<FirstPass>>,
 }
 
 impl ShapeKey {
@@ -150,17 +167,6 @@ impl ShapeKey {
     pub fn with_mode(self, mode: Mode) -> Self {
         Self { mode, ..self }
     }
-
-    /// The size of the batch's largest pass: the hires fix's second pass, or the only one.
-    pub fn peak_size(&self) -> (i64, i64) {
-        match self.mode.as_hires() {
-            // Validated when the message was read; the first pass's size otherwise.
-            Some(h) => h
-                .size(self.width, self.height, 8)
-                .unwrap_or((self.width, self.height)),
-            None => (self.width, self.height),
-        }
-    }
 }
 
 /// One image waiting for the GPU. `tag` says where its result goes (message, image index).
@@ -168,7 +174,7 @@ impl ShapeKey {
 pub struct PlannedImage<T> {
     pub tag: T,
     pub request: ImageRequest,
-    /// What it starts from besides noise (empty for txt2img and hires images).
+    /// What it starts from besides noise (empty for txt2img and a hires fix's first pass).
     pub inputs: ImageInputs,
 }
 
@@ -235,6 +241,49 @@ impl<T: Clone + PartialEq> Planner<T> {
         }
     }
 
+    /// Queues the second passes of hires fixes (`second` is their parameters, see
+    /// [`hires_second_params`]) ahead of every first pass and every new image, behind the second
+    /// passes already waiting: the GPU finishes the images it started before it starts new ones,
+    /// so first passes waiting for their second stay few (at most the GPU batches in flight).
+    pub fn push_second_pass(
+        &mut self,
+        second: &GenerateParams,
+        hires: &Hires,
+        images: impl IntoIterator<Item = (T, ImageRequest, Arc<FirstPass>)>,
+    ) {
+        let key = ShapeKey::of(second).with_mode(Mode::hires_second(hires));
+        let behind = self
+            .waiting
+            .iter()
+            .take_while(|w| w.key.mode.is_second_pass())
+            .count();
+        for (at, (tag, request, first)) in (behind..).zip(images) {
+            self.waiting.insert(
+                at,
+                Waiting {
+                    key: key.clone(),
+                    params: second.clone(),
+                    image: PlannedImage {
+                        tag,
+                        request,
+                        inputs: ImageInputs {
+                            first_pass: Some(first),
+                            ..ImageInputs::default()
+                        },
+                    },
+                },
+            );
+        }
+    }
+
+    /// Second passes waiting: first passes done, held until their second pass runs.
+    pub fn second_passes_waiting(&self) -> usize {
+        self.waiting
+            .iter()
+            .filter(|w| w.key.mode.is_second_pass())
+            .count()
+    }
+
     pub fn len(&self) -> usize {
         self.waiting.len()
     }
@@ -291,12 +340,11 @@ pub struct MemoryKey {
 }
 
 impl MemoryKey {
-    /// A hires batch's memory is its second pass's (the larger size's).
+    /// A hires fix's two passes are two shapes, each sized at its own size.
     pub fn of(key: &ShapeKey) -> Self {
-        let (width, height) = key.peak_size();
         Self {
-            width,
-            height,
+            width: key.width,
+            height: key.height,
             // As the pipeline: guidance only above 1.
             guided: f64::from_bits(key.guidance_bits) > 1.0,
         }
@@ -477,11 +525,12 @@ mod tests {
         });
         let i2i = ImageInputs {
             init: Some(init.clone()),
-            mask: None,
+            ..ImageInputs::default()
         };
         let inp = ImageInputs {
             init: Some(init.clone()),
             mask: Some(mask.clone()),
+            ..ImageInputs::default()
         };
         let none = ImageInputs::default;
         let mut p: Planner<Tag> = Planner::default();
@@ -515,7 +564,7 @@ mod tests {
         };
         p.push_with(
             &params(512, 50),
-            [((4, 0), req(8), Mode::hires(&hires), none())],
+            [((4, 0), req(8), Mode::hires_first(&hires), none())],
         );
         let b = p.next_batch(8).unwrap();
         assert_eq!(tags(&b), [(0, 0), (0, 2), (3, 0)]);
@@ -534,10 +583,10 @@ mod tests {
         assert_eq!(b.key.mode.strength(), Some(0.5));
         let b = p.next_batch(8).unwrap();
         assert_eq!(tags(&b), [(4, 0)]);
-        assert_eq!(b.key.mode.as_hires(), Some(hires));
+        assert_eq!(b.key.mode, Mode::Txt2Latents);
         assert!(p.is_empty());
         // Memory does not depend on img2img or inpainting: one calibration serves them all; a
-        // hires batch is sized by its second pass (768x768).
+        // hires fix's second pass is sized at its own size (768x768).
         let base = ShapeKey::of(&params(512, 50));
         assert_eq!(
             MemoryKey::of(&base.clone().with_mode(Mode::img2img(0.8))),
@@ -547,8 +596,72 @@ mod tests {
             MemoryKey::of(&base.clone().with_mode(Mode::inpaint(0.8, 0.0, None))),
             MemoryKey::of(&base)
         );
-        let big = MemoryKey::of(&base.with_mode(Mode::hires(&hires)));
+        let second = hires_second_params(&params(512, 50), &hires).unwrap();
+        assert_eq!((second.width, second.height, second.steps), (768, 768, 20));
+        let big = MemoryKey::of(&ShapeKey::of(&second).with_mode(Mode::hires_second(&hires)));
         assert_eq!((big.width, big.height), (768, 768));
+    }
+
+    #[test]
+    fn hires_second_passes_go_ahead_of_new_images_and_keep_their_order() {
+        let hires = Hires {
+            scale: 2.0,
+            steps: 10,
+            strength: 0.5,
+            upscaler: Upscaler::Lanczos,
+        };
+        let first = |seed: u64| {
+            Arc::new(FirstPass::Image(RgbImage {
+                width: 8,
+                height: 8,
+                pixels: vec![seed as u8; 8 * 8 * 3],
+            }))
+        };
+        let base = params(512, 50);
+        let second = hires_second_params(&base, &hires).unwrap();
+        let mut p: Planner<Tag> = Planner::default();
+        // A lanczos hires fix's first pass is txt2img: it shares a batch with plain images.
+        p.push_with(
+            &base,
+            [
+                (
+                    (0, 0),
+                    req(0),
+                    Mode::hires_first(&hires),
+                    ImageInputs::default(),
+                ),
+                (
+                    (0, 1),
+                    req(1),
+                    Mode::hires_first(&hires),
+                    ImageInputs::default(),
+                ),
+            ],
+        );
+        p.push(&base, [((1, 0), req(2)), ((1, 1), req(3))]);
+        let b = p.next_batch(3).unwrap();
+        assert_eq!(tags(&b), [(0, 0), (0, 1), (1, 0)]);
+        assert_eq!(b.key.mode, Mode::Txt2Img);
+        // Their second passes jump the queue, in the order they came back.
+        p.push_second_pass(&second, &hires, [((0, 0), req(0), first(0))]);
+        p.push_second_pass(&second, &hires, [((0, 1), req(1), first(1))]);
+        assert_eq!(p.second_passes_waiting(), 2);
+        let b = p.next_batch(8).unwrap();
+        assert_eq!(tags(&b), [(0, 0), (0, 1)]);
+        assert_eq!((b.key.width, b.key.height, b.key.steps), (1024, 1024, 10));
+        assert_eq!(b.key.mode, Mode::hires_second(&hires));
+        assert_eq!(b.key.mode.strength(), Some(0.5));
+        assert_eq!(b.params, second);
+        assert_eq!(b.images[1].inputs.first_pass, Some(first(1)));
+        assert_eq!(p.second_passes_waiting(), 0);
+        assert_eq!(tags(&p.next_batch(8).unwrap()), [(1, 1)]);
+        // Latent upscaling needs the first pass's latents: a shape of its own.
+        let latent = Hires {
+            upscaler: Upscaler::Latent,
+            ..hires
+        };
+        assert_eq!(Mode::hires_first(&latent), Mode::Txt2Latents);
+        assert_ne!(Mode::hires_second(&latent), Mode::hires_second(&hires));
     }
 
     #[test]

@@ -471,6 +471,40 @@ fn latent_hires_fix_matches_the_two_call_reference() {
         );
     }
 
+    // The passes as the worker plans them, two shapes in separate GPU batches: each image's
+    // first pass alone, then both second passes together. Not the same bytes (CPU kernels
+    // block a batch of 1 and of 2 differently), but the same images.
+    let mut firsts = Vec::new();
+    for request in &requests {
+        let one = model
+            .hires_first_pass(
+                std::slice::from_ref(request),
+                &first,
+                Upscaler::Latent,
+                &mut sdbatch::pipeline::ignore_steps,
+            )
+            .unwrap();
+        assert_eq!(one.timings.vae_decode_ms, 0.0, "latents are not decoded");
+        firsts.extend(one.first);
+    }
+    let second = model.hires_params(&first, &hires).unwrap();
+    let split = model
+        .hires_second_pass(
+            &requests,
+            &second,
+            hires.strength,
+            &firsts,
+            &mut sdbatch::pipeline::ignore_steps,
+        )
+        .unwrap();
+    for (i, (got, want)) in split.images.iter().zip(&out.images).enumerate() {
+        assert_images_match(
+            &format!("latent hires image {i}, passes batched apart"),
+            &got.pixels,
+            &want.pixels,
+        );
+    }
+
     // And from the command line, the same two images in one batch.
     let dir = tempfile::tempdir().unwrap();
     let prompts = dir.path().join("p.jsonl");

@@ -334,59 +334,80 @@ async fn a_hires_message_stores_the_larger_images_of_generate_hires() {
     let stack = Stack::new("hires", 3).await;
     let mut events = stack.broker.watch_events().await;
     let worker = stack.worker("w1", &["--max-batch", "4"]);
-    let hires = Hires {
-        scale: 2.0,
-        steps: 4,
-        strength: 0.5,
-        upscaler: Upscaler::Latent,
-    };
-    let body = serde_json::to_vec(&json!({
-        "schema_version": 1,
-        "batch_id": "hires-1",
-        "items": [{"id": "a", "prompt": "a kettle", "seed": 5},
-                  {"id": "b", "prompt": "a teapot", "seed": 6}],
-        "params": {"steps": STEPS, "guidance_scale": 7.5, "scheduler": "euler_ancestral",
-                   "hires": {"scale": 2, "steps": 4, "strength": 0.5, "upscaler": "latent"}}
-    }))
-    .unwrap();
-    stack.broker.publish(&body).await;
-    let done = completed(&mut events, &worker).await;
-    assert_eq!(done.params.hires, Some(hires));
-    assert_eq!((done.params.width, done.params.height), (64, 64));
-    assert!(
-        done.images
-            .iter()
-            .all(|r| (r.width, r.height) == (128, 128))
-    );
-    // Both passes of both images in one GPU batch.
-    assert_eq!(metric(&worker.metrics(), "sdbatch_gpu_batches_total"), 1.0);
     let model = common::load_cpu();
-    let out = model
-        .generate_hires(
-            &[request("a kettle", 5), request("a teapot", 6)],
-            &params(SchedulerKind::EulerAncestral),
-            hires,
-            &mut sdbatch::pipeline::ignore_steps,
-        )
+    let requests = [request("a kettle", 5), request("a teapot", 6)];
+    // One message per upscaler, the second sent once the first completed: each runs as two GPU
+    // batches, its first passes at 64x64 and then its second passes at 128x128.
+    for (n, upscaler) in [Upscaler::Latent, Upscaler::Lanczos]
+        .into_iter()
+        .enumerate()
+    {
+        let hires = Hires {
+            scale: 2.0,
+            steps: 4,
+            strength: 0.5,
+            upscaler,
+        };
+        let body = serde_json::to_vec(&json!({
+            "schema_version": 1,
+            "batch_id": format!("hires-{n}"),
+            "items": [{"id": "a", "prompt": "a kettle", "seed": 5},
+                      {"id": "b", "prompt": "a teapot", "seed": 6}],
+            "params": {"steps": STEPS, "guidance_scale": 7.5, "scheduler": "euler_ancestral",
+                       "hires": {"scale": 2, "steps": 4, "strength": 0.5,
+                                 "upscaler": upscaler.name()}}
+        }))
         .unwrap();
-    for (record, want) in done.images.iter().zip(&out.images) {
-        let got = stored(&stack, &record.key).await;
-        assert_eq!(got.dimensions(), (128, 128));
-        common::assert_images_match(&record.key, got.as_raw(), &want.pixels);
+        stack.broker.publish(&body).await;
+        let done = completed(&mut events, &worker).await;
+        assert_eq!(done.params.hires, Some(hires));
+        assert_eq!((done.params.width, done.params.height), (64, 64));
+        assert!(
+            done.images
+                .iter()
+                .all(|r| (r.width, r.height) == (128, 128))
+        );
+        assert_eq!(
+            metric(&worker.metrics(), "sdbatch_gpu_batches_total"),
+            2.0 * (n + 1) as f64,
+            "{upscaler:?}: one GPU batch per pass"
+        );
+        assert_eq!(
+            metric(&worker.metrics(), "sdbatch_gpu_images_total"),
+            4.0 * (n + 1) as f64,
+            "{upscaler:?}: both images in each"
+        );
+        // The same images as the pipeline's one-call hires fix.
+        let out = model
+            .generate_hires(
+                &requests,
+                &params(SchedulerKind::EulerAncestral),
+                hires,
+                &mut sdbatch::pipeline::ignore_steps,
+            )
+            .unwrap();
+        for (record, want) in done.images.iter().zip(&out.images) {
+            let got = stored(&stack, &record.key).await;
+            assert_eq!(got.dimensions(), (128, 128));
+            common::assert_images_match(&record.key, got.as_raw(), &want.pixels);
+        }
+        // The embedded parameters say how it was made, as AUTOMATIC1111 writes them.
+        let bytes = stack
+            .storage
+            .get(&stack.bucket, &done.images[0].key)
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        let want = format!(
+            "Hires upscale: 2, Hires steps: 4, Hires upscaler: {}",
+            upscaler.a1111_name()
+        );
+        assert!(
+            text.contains("Size: 64x64") && text.contains(&want),
+            "no hires parameters in the PNG"
+        );
     }
-    // The embedded parameters say how it was made, as AUTOMATIC1111 writes them.
-    let bytes = stack
-        .storage
-        .get(&stack.bucket, &done.images[0].key)
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&bytes);
-    assert!(
-        text.contains("Size: 64x64")
-            && text.contains("Hires upscale: 2, Hires steps: 4, Hires upscaler: Latent"),
-        "no hires parameters in the PNG"
-    );
     stack.broker.cleanup().await;
 }
 

@@ -11,6 +11,7 @@ use super::{BatchOutput, GenerateParams, ImageRequest, Img2Img, RgbImage, Stable
 use super::{StepCallback, Timings};
 use crate::error::{Error, Result};
 use std::time::Instant;
+use tch::{Device, Kind, Tensor};
 
 /// How the first pass is enlarged.
 #[derive(
@@ -96,11 +97,84 @@ pub fn upscale_lanczos(image: &RgbImage, width: u32, height: u32) -> Result<RgbI
     })
 }
 
+/// A latent hires fix's first pass, kept off the device between the passes: one image's
+/// latents (`[channels, height/8, width/8]`) as float32 values, with the dtype they had (float32
+/// holds float16 and bfloat16 exactly, so the second pass gets the same tensor back).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatentImage {
+    pub shape: [i64; 3],
+    pub kind: Kind,
+    pub values: Vec<f32>,
+}
+
+impl LatentImage {
+    /// The images of a `[n, c, h, w]` batch of latents.
+    pub fn split(latents: &Tensor) -> Result<Vec<LatentImage>> {
+        let kind = latents.kind();
+        let (n, c, h, w) = latents.size4()?;
+        let all = latents
+            .f_to_device(Device::Cpu)?
+            .f_to_kind(Kind::Float)?
+            .f_contiguous()?;
+        (0..n)
+            .map(|i| {
+                let one = all.f_get(i)?.f_flatten(0, -1)?;
+                Ok(LatentImage {
+                    shape: [c, h, w],
+                    kind,
+                    values: Vec::<f32>::try_from(&one)?,
+                })
+            })
+            .collect()
+    }
+
+    /// `images` as one `[n, c, h, w]` batch on `device`, in their dtype.
+    pub fn stack(images: &[LatentImage], device: Device) -> Result<Tensor> {
+        let parts = images
+            .iter()
+            .map(|l| {
+                Ok(Tensor::from_slice(&l.values)
+                    .f_view(l.shape)?
+                    .f_to_kind(l.kind)?
+                    .f_unsqueeze(0)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let first = images
+            .first()
+            .ok_or_else(|| Error::InvalidArgument("no first-pass latents".into()))?;
+        if images
+            .iter()
+            .any(|l| l.shape != first.shape || l.kind != first.kind)
+        {
+            return Err(Error::InvalidArgument(
+                "first-pass latents of one batch differ in shape or dtype".into(),
+            ));
+        }
+        Ok(Tensor::f_cat(&parts, 0)?.f_to_device(device)?)
+    }
+}
+
+/// What a hires fix's first pass hands the second, per image: the decoded image (`lanczos`) or
+/// the latents (`latent`), both at the first pass's size. The worker plans the two passes as
+/// two GPU batches of different shapes and keeps these in between.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FirstPass {
+    Image(RgbImage),
+    Latents(LatentImage),
+}
+
+/// A first pass's results and what it took.
+pub struct FirstPassOutput {
+    pub first: Vec<FirstPass>,
+    pub timings: Timings,
+}
+
 impl StableDiffusion {
     /// A hires fix: `params` at its size, each image upscaled by `hires.scale` (see
     /// [`Upscaler`]), then img2img at the larger size with `hires.steps` and `hires.strength`
     /// (same prompts, seeds and other parameters). `on_step` sees both passes' steps. Timings
-    /// add up both passes.
+    /// add up both passes. The same as [`Self::hires_first_pass`] then
+    /// [`Self::hires_second_pass`], which the worker runs as two GPU batches.
     pub fn generate_hires(
         &self,
         requests: &[ImageRequest],
@@ -109,59 +183,146 @@ impl StableDiffusion {
         on_step: &mut StepCallback<'_>,
     ) -> Result<BatchOutput> {
         let second = self.hires_params(params, &hires)?;
-        let (width, height) = (second.width, second.height);
-        match hires.upscaler {
+        // Both passes' inputs are checked before either runs.
+        self.validate(requests, &second)?;
+        let first = self.hires_first_pass(requests, params, hires.upscaler, on_step)?;
+        let out =
+            self.hires_second_pass(requests, &second, hires.strength, &first.first, on_step)?;
+        Ok(BatchOutput {
+            images: out.images,
+            latents: Vec::new(),
+            timings: sum(&first.timings, &out.timings),
+        })
+    }
+
+    /// The first pass of a hires fix with `upscaler`: txt2img at `params`' size, decoded for
+    /// `lanczos` (the same images as [`Self::generate`]), left as latents for `latent`.
+    pub fn hires_first_pass(
+        &self,
+        requests: &[ImageRequest],
+        params: &GenerateParams,
+        upscaler: Upscaler,
+        on_step: &mut StepCallback<'_>,
+    ) -> Result<FirstPassOutput> {
+        match upscaler {
             Upscaler::Lanczos => {
-                let first = self.generate(requests, params, on_step)?;
-                let upscaled = first
-                    .images
-                    .iter()
-                    .map(|img| upscale_lanczos(img, width as u32, height as u32))
-                    .collect::<Result<Vec<_>>>()?;
-                let out = self.generate_with(
-                    requests,
-                    &second,
-                    Some(Img2Img {
-                        images: &upscaled,
-                        strength: hires.strength,
-                    }),
-                    on_step,
-                )?;
-                Ok(BatchOutput {
-                    images: out.images,
-                    timings: sum(&first.timings, &out.timings),
+                let out = self.generate(requests, params, on_step)?;
+                Ok(FirstPassOutput {
+                    first: out.images.into_iter().map(FirstPass::Image).collect(),
+                    timings: out.timings,
                 })
             }
             Upscaler::Latent => {
-                self.validate(requests, params)?;
-                self.validate(requests, &second)?;
-                let started = Instant::now();
-                let first = self.denoise(requests, params, Start::Noise, on_step)?;
-                let upscaled = first.latents.f_upsample_bilinear2d(
-                    [
-                        height / self.vae_scale_factor,
-                        width / self.vae_scale_factor,
-                    ],
-                    false,
-                    None,
-                    None,
-                )?;
-                let mut out = self.denoise(
-                    requests,
-                    &second,
-                    Start::Latents {
-                        latents: &upscaled,
-                        strength: hires.strength,
-                    },
-                    on_step,
-                )?;
-                out.lora += first.lora;
-                out.text_encode += first.text_encode;
-                out.denoise += first.denoise;
-                out.unet_steps += first.unet_steps;
-                self.finish(out, started)
+                let out = self.generate_latents(requests, params, on_step)?;
+                Ok(FirstPassOutput {
+                    first: out.latents.into_iter().map(FirstPass::Latents).collect(),
+                    timings: out.timings,
+                })
             }
         }
+    }
+
+    /// txt2img without the VAE decode: each image's final latents ([`BatchOutput::latents`];
+    /// `images` is empty and the decode time 0).
+    pub fn generate_latents(
+        &self,
+        requests: &[ImageRequest],
+        params: &GenerateParams,
+        on_step: &mut StepCallback<'_>,
+    ) -> Result<BatchOutput> {
+        self.validate(requests, params)?;
+        let started = Instant::now();
+        let d = self.denoise(requests, params, Start::Noise, on_step)?;
+        let latents = LatentImage::split(&d.latents)?;
+        Ok(BatchOutput {
+            images: Vec::new(),
+            latents,
+            timings: Timings {
+                lora_ms: super::ms(d.lora),
+                text_encode_ms: super::ms(d.text_encode),
+                denoise_ms: super::ms(d.denoise),
+                unet_steps: d.unet_steps,
+                vae_decode_ms: 0.0,
+                total_ms: super::ms(started.elapsed()),
+            },
+        })
+    }
+
+    /// The second pass of a hires fix: img2img at `second`'s size (see [`Self::hires_params`])
+    /// and `strength` from each request's first pass, upscaled here (a decoded image with
+    /// Lanczos3 and encoded again; latents bilinearly, `align_corners = false`, no
+    /// antialiasing). One kind of first pass per batch.
+    pub fn hires_second_pass(
+        &self,
+        requests: &[ImageRequest],
+        second: &GenerateParams,
+        strength: f64,
+        first: &[FirstPass],
+        on_step: &mut StepCallback<'_>,
+    ) -> Result<BatchOutput> {
+        if first.len() != requests.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} first passes for {} requests",
+                first.len(),
+                requests.len()
+            )));
+        }
+        let (width, height) = (second.width, second.height);
+        let images: Vec<&RgbImage> = first
+            .iter()
+            .filter_map(|f| match f {
+                FirstPass::Image(i) => Some(i),
+                FirstPass::Latents(_) => None,
+            })
+            .collect();
+        if images.len() == first.len() {
+            let upscaled = images
+                .into_iter()
+                .map(|img| upscale_lanczos(img, width as u32, height as u32))
+                .collect::<Result<Vec<_>>>()?;
+            return self.generate_with(
+                requests,
+                second,
+                Some(Img2Img {
+                    images: &upscaled,
+                    strength,
+                }),
+                on_step,
+            );
+        }
+        let latents: Vec<LatentImage> = first
+            .iter()
+            .filter_map(|f| match f {
+                FirstPass::Latents(l) => Some(l.clone()),
+                FirstPass::Image(_) => None,
+            })
+            .collect();
+        if latents.len() != first.len() {
+            return Err(Error::InvalidArgument(
+                "a hires batch mixes decoded and latent first passes".into(),
+            ));
+        }
+        self.validate(requests, second)?;
+        let started = Instant::now();
+        let upscaled = LatentImage::stack(&latents, self.device())?.f_upsample_bilinear2d(
+            [
+                height / self.vae_scale_factor,
+                width / self.vae_scale_factor,
+            ],
+            false,
+            None,
+            None,
+        )?;
+        let out = self.denoise(
+            requests,
+            second,
+            Start::Latents {
+                latents: &upscaled,
+                strength,
+            },
+            on_step,
+        )?;
+        self.finish(out, started)
     }
 
     /// The second pass's parameters: the first pass's at the hires size and steps, checked

@@ -437,6 +437,7 @@ impl StableDiffusion {
         let vae_decode = self.sync_elapsed(t2);
         Ok(BatchOutput {
             images,
+            latents: Vec::new(),
             timings: Timings {
                 lora_ms: ms(lora),
                 text_encode_ms: ms(text_encode),

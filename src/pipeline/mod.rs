@@ -187,6 +187,9 @@ impl Timings {
 
 pub struct BatchOutput {
     pub images: Vec<RgbImage>,
+    /// The final latents instead of images, from [`StableDiffusion::generate_latents`] (a
+    /// latent hires fix's first pass); empty otherwise.
+    pub latents: Vec<hires::LatentImage>,
     pub timings: Timings,
 }
 
@@ -1151,6 +1154,7 @@ impl StableDiffusion {
         let vae_decode = self.sync_elapsed(t2);
         Ok(BatchOutput {
             images,
+            latents: Vec::new(),
             timings: Timings {
                 lora_ms: ms(d.lora),
                 text_encode_ms: ms(d.text_encode),

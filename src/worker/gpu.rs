@@ -5,7 +5,7 @@ use crate::batching::{ImageInputs, Mode};
 use crate::error::{Error, Result};
 use crate::gpu_memory::{CudaMemory, PeakProbe};
 use crate::pipeline::clip_score::ClipScorer;
-use crate::pipeline::hires::Hires;
+use crate::pipeline::hires::FirstPass;
 use crate::pipeline::safety::{SafetyChecker, SafetyResult};
 use crate::pipeline::{
     BatchOutput, GenerateParams, GrayImage, ImageRequest, Img2Img, Inpaint, RgbImage,
@@ -34,7 +34,7 @@ impl Models {
 }
 
 /// What a GPU job does besides txt2img: its mode (one per batch) and, per request, its inputs
-/// (at the output size; empty for txt2img and hires).
+/// (init images and masks at the output size, or a hires fix's first pass; empty for txt2img).
 #[derive(Debug, Clone)]
 pub struct GpuWork {
     pub mode: Mode,
@@ -67,14 +67,27 @@ enum Work<'a> {
     Txt2Img,
     Img2Img(Img2Img<'a>),
     Inpaint(Inpaint<'a>),
-    Hires(Hires),
+    /// A latent hires fix's first pass: the latents, not decoded.
+    Txt2Latents,
+    /// A hires fix's second pass from each request's first pass.
+    HiresSecond {
+        strength: f64,
+        first: &'a [FirstPass],
+    },
 }
 
 impl<'a> Work<'a> {
     /// The inputs of requests `..at` and `at..`.
     fn split_at(self, at: usize) -> (Self, Self) {
         match self {
-            Work::Txt2Img | Work::Hires(_) => (self, self),
+            Work::Txt2Img | Work::Txt2Latents => (self, self),
+            Work::HiresSecond { strength, first } => {
+                let (a, b) = first.split_at(at);
+                (
+                    Work::HiresSecond { strength, first: a },
+                    Work::HiresSecond { strength, first: b },
+                )
+            }
             Work::Img2Img(i) => {
                 let (a, b) = i.images.split_at(at);
                 (
@@ -112,7 +125,10 @@ impl<'a> Work<'a> {
             Work::Txt2Img => model.generate_with(requests, params, None, on_step),
             Work::Img2Img(i) => model.generate_with(requests, params, Some(i), on_step),
             Work::Inpaint(i) => model.generate_inpaint(requests, params, i, on_step),
-            Work::Hires(h) => model.generate_hires(requests, params, h, on_step),
+            Work::Txt2Latents => model.generate_latents(requests, params, on_step),
+            Work::HiresSecond { strength, first } => {
+                model.hires_second_pass(requests, params, strength, first, on_step)
+            }
         }
     }
 }
@@ -283,6 +299,7 @@ fn generate_splitting(
             let mut first = generate_splitting(model, &requests[..half], params, a, stop, report)?;
             let second = generate_splitting(model, &requests[half..], params, b, stop, report)?;
             first.images.extend(second.images);
+            first.latents.extend(second.latents);
             first.timings.total_ms += second.timings.total_ms;
             first.timings.denoise_ms += second.timings.denoise_ms;
             first.timings.text_encode_ms += second.timings.text_encode_ms;
@@ -361,11 +378,17 @@ impl GpuExecutor {
                         .iter()
                         .filter_map(|i| i.mask.as_deref().cloned())
                         .collect();
+                    let first_passes: Vec<FirstPass> = inputs
+                        .iter()
+                        .filter_map(|i| i.first_pass.as_deref().cloned())
+                        .collect();
                     let work = match job.work.mode {
                         Mode::Txt2Img => Work::Txt2Img,
-                        Mode::Hires { .. } => {
-                            job.work.mode.as_hires().map_or(Work::Txt2Img, Work::Hires)
-                        }
+                        Mode::Txt2Latents => Work::Txt2Latents,
+                        Mode::HiresSecond { strength_bits, .. } => Work::HiresSecond {
+                            strength: f64::from_bits(strength_bits),
+                            first: &first_passes,
+                        },
                         Mode::Img2Img { strength_bits } => Work::Img2Img(Img2Img {
                             images: &init_images,
                             strength: f64::from_bits(strength_bits),
@@ -393,14 +416,16 @@ impl GpuExecutor {
                     )
                     .and_then(|output| {
                         // The checks run here, batched, on the device that holds their weights.
-                        let safety = match (&models.safety, job.safety) {
+                        // A first pass without images (latents) has nothing to check.
+                        let images = !output.images.is_empty();
+                        let safety = match (&models.safety, job.safety && images) {
                             (Some(checker), true) => {
                                 Some(checker.check(&output.images).map_err(GpuError::from)?)
                             }
                             _ => None,
                         };
                         let clip_scores = match &models.clip {
-                            Some(scorer) => {
+                            Some(scorer) if images => {
                                 let prompts: Vec<&str> =
                                     job.requests.iter().map(|r| r.prompt.as_str()).collect();
                                 Some(
@@ -409,7 +434,7 @@ impl GpuExecutor {
                                         .map_err(GpuError::from)?,
                                 )
                             }
-                            None => None,
+                            _ => None,
                         };
                         Ok(GpuOutput {
                             output,

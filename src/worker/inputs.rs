@@ -145,6 +145,7 @@ pub(super) async fn load(
         out.push(ImageInputs {
             init: Some(image),
             mask,
+            first_pass: None,
         });
     }
     Ok(out)

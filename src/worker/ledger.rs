@@ -14,9 +14,10 @@
 //! [`Verdict::Cancelled`]; GPU batches none of whose images are wanted any more are named by
 //! [`Ledger::unwanted_gpu_jobs`] so the shell can stop them between UNet steps.
 use super::WorkerError;
-use crate::batching::{ImageInputs, Mode, PlannedBatch, Planner, ShapeKey};
+use crate::batching::{ImageInputs, Mode, PlannedBatch, Planner, ShapeKey, hires_second_params};
 use crate::events::ImageRecord;
 use crate::message::{Batch, ItemMode};
+use crate::pipeline::hires::FirstPass;
 use crate::pipeline::{GenerateParams, ImageRequest};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -159,7 +160,11 @@ pub enum Next<H> {
 /// The planner's mode of the images of `batch.items[item]`.
 fn mode_of(batch: &Batch, item: usize) -> Mode {
     match batch.mode(&batch.items[item]) {
-        ItemMode::Txt2Img => batch.hires.as_ref().map_or(Mode::Txt2Img, Mode::hires),
+        // A hires fix's first pass; its second is queued when the first comes back.
+        ItemMode::Txt2Img => batch
+            .hires
+            .as_ref()
+            .map_or(Mode::Txt2Img, Mode::hires_first),
         ItemMode::Img2Img(strength) => Mode::img2img(strength),
         ItemMode::Inpaint(strength) => {
             Mode::inpaint(strength, batch.mask_blur, batch.padding_mask_crop)
@@ -176,11 +181,29 @@ pub struct GpuJob {
     pub params: GenerateParams,
     pub tags: Vec<Tag>,
     pub requests: Vec<ImageRequest>,
-    /// One per request, in order: what it starts from (empty for txt2img and hires).
+    /// One per request, in order: what it starts from (empty for txt2img and a hires fix's
+    /// first pass).
     pub inputs: Vec<ImageInputs>,
     /// Any of its messages asked for the safety checker (one pass for the whole batch; each
     /// message uses the verdicts only if it asked).
     pub safety: bool,
+}
+
+/// A GPU batch queued or running.
+struct JobState {
+    tags: Vec<Tag>,
+    /// It runs hires fixes' second passes; otherwise the images of hires messages in it are
+    /// first passes, which come back to the planner rather than to storage.
+    second_pass: bool,
+}
+
+/// What became of the images of a GPU batch that succeeded, by position in the batch.
+#[derive(Debug, Default, PartialEq)]
+pub struct GpuReturn {
+    /// Final images: store them.
+    pub store: Vec<(usize, Tag)>,
+    /// Hires fixes' first passes: hand them back with [`Ledger::queue_second_passes`].
+    pub first_passes: Vec<(usize, Tag)>,
 }
 
 /// The messages in hand of one broker session and the work in progress for them.
@@ -189,7 +212,7 @@ pub struct Ledger<H> {
     planner: Planner<Tag>,
     next_seq: u64,
     /// GPU batches queued or running, by id, with their images.
-    gpu_jobs: HashMap<u64, Vec<Tag>>,
+    gpu_jobs: HashMap<u64, JobState>,
     next_job: u64,
     gpu_images: usize,
     /// Images generated and not yet stored (all messages).
@@ -238,9 +261,10 @@ impl<H> Ledger<H> {
         self.messages.is_empty() && self.gpu_jobs.is_empty()
     }
 
-    /// Images on the GPU or generated and not yet stored: what `max_pending_images` bounds.
+    /// Images on the GPU, generated and not yet stored, or halfway (a hires fix's first pass
+    /// waiting for its second): what `max_pending_images` bounds.
     pub fn images_in_flight(&self) -> usize {
-        self.gpu_images + self.pending_images
+        self.gpu_images + self.pending_images + self.planner.second_passes_waiting()
     }
 
     /// Work not yet generated, over all messages in hand (what holding bounds).
@@ -325,9 +349,12 @@ impl<H> Ledger<H> {
         if self.gpu_jobs.len() >= GPU_QUEUE_DEPTH {
             return None;
         }
-        let size = size_for(self.planner.next_key()?);
-        let waiting = self.pending_images + self.gpu_images;
-        if waiting > 0 && waiting + size > self.max_pending_images {
+        let next = self.planner.next_key()?;
+        let size = size_for(next);
+        // A second pass only moves images already in flight on: never held back (holding it
+        // back could leave the first passes waiting for it to fill the bound for good).
+        let waiting = self.images_in_flight();
+        if !next.mode.is_second_pass() && waiting > 0 && waiting + size > self.max_pending_images {
             return None;
         }
         let PlannedBatch {
@@ -343,7 +370,13 @@ impl<H> Ledger<H> {
             .any(|(seq, _)| self.messages.get(seq).is_some_and(|m| m.safety));
         let id = self.next_job;
         self.next_job += 1;
-        self.gpu_jobs.insert(id, tags.clone());
+        self.gpu_jobs.insert(
+            id,
+            JobState {
+                tags: tags.clone(),
+                second_pass: key.mode.is_second_pass(),
+            },
+        );
         self.gpu_images += requests.len();
         Some(GpuJob {
             id,
@@ -356,24 +389,34 @@ impl<H> Ledger<H> {
         })
     }
 
-    /// A GPU batch is back (either way): its images are no longer work to do.
-    fn gpu_returned(&mut self, job: u64, tags: &[Tag]) {
-        self.gpu_jobs.remove(&job);
+    /// A GPU batch is back (either way): its images are no longer on the GPU, and those that
+    /// were final (not a hires fix's first pass) no longer work to do. Returns, per image,
+    /// whether it was a first pass.
+    fn gpu_returned(&mut self, job: u64, tags: &[Tag]) -> Vec<bool> {
+        let second_pass = self.gpu_jobs.remove(&job).is_some_and(|j| j.second_pass);
         self.gpu_images -= tags.len();
-        for (seq, _) in tags {
-            if let Some(m) = self.messages.get_mut(seq) {
-                m.ungenerated = m.ungenerated.saturating_sub(1);
-            }
-        }
+        tags.iter()
+            .map(|(seq, _)| {
+                let Some(m) = self.messages.get_mut(seq) else {
+                    return false;
+                };
+                let first_pass = m.batch.hires.is_some() && !second_pass;
+                if !first_pass {
+                    m.ungenerated = m.ungenerated.saturating_sub(1);
+                }
+                first_pass
+            })
+            .collect()
     }
 
-    /// A GPU batch generated its images (in `tags` order) in `total_ms`. Returns the images to
-    /// store as (position in the batch, tag); those of failed messages are left out.
-    pub fn gpu_succeeded(&mut self, job: u64, tags: &[Tag], total_ms: f64) -> Vec<(usize, Tag)> {
-        self.gpu_returned(job, tags);
+    /// A GPU batch generated its images (in `tags` order) in `total_ms`. Returns which to store
+    /// and which are first passes to queue again, as (position in the batch, tag); those of
+    /// failed messages are left out.
+    pub fn gpu_succeeded(&mut self, job: u64, tags: &[Tag], total_ms: f64) -> GpuReturn {
+        let first_passes = self.gpu_returned(job, tags);
         let per_image_ms = total_ms / tags.len().max(1) as f64;
-        let mut store = Vec::with_capacity(tags.len());
-        for (position, &tag) in tags.iter().enumerate() {
+        let mut out = GpuReturn::default();
+        for ((position, &tag), first_pass) in tags.iter().enumerate().zip(first_passes) {
             let Some(m) = self.messages.get_mut(&tag.0) else {
                 continue;
             };
@@ -381,11 +424,35 @@ impl<H> Ledger<H> {
                 continue; // its message failed: nothing more of it is stored
             }
             m.generate_ms += per_image_ms;
-            m.uploads_pending += 1;
-            self.pending_images += 1;
-            store.push((position, tag));
+            if first_pass {
+                out.first_passes.push((position, tag));
+            } else {
+                m.uploads_pending += 1;
+                self.pending_images += 1;
+                out.store.push((position, tag));
+            }
         }
-        store
+        out
+    }
+
+    /// Queues the second passes of hires fixes whose first passes came back (see
+    /// [`GpuReturn::first_passes`]), ahead of new work. Those of messages that failed meanwhile
+    /// are dropped.
+    pub fn queue_second_passes(&mut self, first_passes: Vec<(Tag, Arc<FirstPass>)>) {
+        for (tag, first) in first_passes {
+            let Some(m) = self.messages.get(&tag.0) else {
+                continue;
+            };
+            let (Some(hires), None) = (m.batch.hires.as_ref(), m.failure.as_ref()) else {
+                continue;
+            };
+            let Some(second) = hires_second_params(&m.batch.params, hires) else {
+                continue; // a scale out of range is refused when the message is read
+            };
+            let request = m.requests[tag.1].2.clone();
+            self.planner
+                .push_second_pass(&second, hires, [(tag, request, first)]);
+        }
     }
 
     /// A GPU batch failed. Only a batch of one message's images proves the failure is that
@@ -451,8 +518,9 @@ impl<H> Ledger<H> {
         let mut jobs: Vec<u64> = self
             .gpu_jobs
             .iter()
-            .filter(|(_, tags)| {
-                tags.iter()
+            .filter(|(_, job)| {
+                job.tags
+                    .iter()
                     .all(|(seq, _)| self.messages.get(seq).is_none_or(|m| m.failure.is_some()))
             })
             .map(|(id, _)| *id)
@@ -550,9 +618,14 @@ mod tests {
 
     /// A batch of `images` images (one item) with its own id and shape (`steps`).
     fn admission(id: &str, images: u32, steps: u32) -> Admission {
+        admission_with(id, images, serde_json::json!({"steps": steps}))
+    }
+
+    /// [`admission`] with these `params`.
+    fn admission_with(id: &str, images: u32, params: serde_json::Value) -> Admission {
         let body = serde_json::json!({"schema_version": 1, "batch_id": id,
             "items": [{"id": "a", "prompt": "p", "num_images": images}],
-            "params": {"steps": steps}});
+            "params": params});
         let limits = Limits {
             default_bucket: Some("images".into()),
             ..Limits::default()
@@ -644,7 +717,7 @@ mod tests {
         let job = l.next_gpu_batch(|_| 2).unwrap();
         assert_eq!(job.tags, vec![(seq, 0), (seq, 1)]);
         assert!(!job.safety);
-        let store = l.gpu_succeeded(job.id, &job.tags, 100.0);
+        let store = l.gpu_succeeded(job.id, &job.tags, 100.0).store;
         assert_eq!(store, vec![(0, (seq, 0)), (1, (seq, 1))]);
         assert_eq!(l.ungenerated_units(), 1.0);
         assert_eq!(l.get(seq).unwrap().generate_ms, 100.0);
@@ -654,7 +727,7 @@ mod tests {
         assert_eq!(job.tags, vec![(seq, 2)]);
         assert!(l.next_gpu_batch(|_| 2).is_none(), "nothing left to plan");
         assert_eq!(
-            l.gpu_succeeded(job.id, &job.tags, 50.0),
+            l.gpu_succeeded(job.id, &job.tags, 50.0).store,
             vec![(0, (seq, 2))]
         );
         let r = stored(&l, (seq, 2));
@@ -674,6 +747,111 @@ mod tests {
     }
 
     #[test]
+    fn a_hires_fix_runs_as_two_gpu_batches_of_two_shapes() {
+        use crate::pipeline::RgbImage;
+        let mut l = Ledger::new(LIMIT, 3);
+        let hires = serde_json::json!({"steps": 5, "width": 256, "height": 256,
+            "hires": {"scale": 2, "steps": 4, "strength": 0.5, "upscaler": "lanczos"}});
+        let (h, _) = l.admit("h", admission_with("h", 2, hires));
+        let (p, _) = l.admit(
+            "p",
+            admission_with(
+                "p",
+                2,
+                serde_json::json!({"steps": 5, "width": 256, "height": 256}),
+            ),
+        );
+        assert_eq!(l.ungenerated_units(), 4.0);
+        // The first passes (txt2img at 256²) share a batch with the plain message's images.
+        let first = l.next_gpu_batch(|_| 3).unwrap();
+        assert_eq!(first.tags, vec![(h, 0), (h, 1), (p, 0)]);
+        assert_eq!((first.key.width, first.key.mode), (256, Mode::Txt2Img));
+        // Three images in flight fill the bound of 3: p1 waits.
+        assert!(l.next_gpu_batch(|_| 3).is_none());
+        let back = l.gpu_succeeded(first.id, &first.tags, 30.0);
+        assert_eq!(back.store, vec![(2, (p, 0))]);
+        assert_eq!(back.first_passes, vec![(0, (h, 0)), (1, (h, 1))]);
+        assert_eq!(
+            l.ungenerated_units(),
+            3.0,
+            "a first pass is not the image yet"
+        );
+        let image = |v: u8| {
+            Arc::new(FirstPass::Image(RgbImage {
+                width: 256,
+                height: 256,
+                pixels: vec![v; 256 * 256 * 3],
+            }))
+        };
+        l.queue_second_passes(vec![((h, 0), image(0)), ((h, 1), image(1))]);
+        assert_eq!(
+            l.images_in_flight(),
+            3,
+            "p0's upload and two halfway images"
+        );
+        // The second passes go first, at 512² with 4 steps, although the bound is full.
+        let second = l.next_gpu_batch(|_| 3).unwrap();
+        assert_eq!(second.tags, vec![(h, 0), (h, 1)]);
+        assert_eq!(
+            (second.key.width, second.params.height, second.params.steps),
+            (512, 512, 4)
+        );
+        assert!(second.key.mode.is_second_pass());
+        assert_eq!(second.inputs[1].first_pass, Some(image(1)));
+        assert!(l.next_gpu_batch(|_| 3).is_none(), "p1 still waits for room");
+        let back = l.gpu_succeeded(second.id, &second.tags, 20.0);
+        assert_eq!(back.store, vec![(0, (h, 0)), (1, (h, 1))]);
+        assert!(back.first_passes.is_empty());
+        assert_eq!(l.ungenerated_units(), 1.0);
+        assert_eq!(
+            l.get(h).unwrap().generate_ms,
+            40.0,
+            "10 ms per first pass, 10 per second"
+        );
+        for i in 0..2 {
+            let r = stored(&l, (h, i));
+            let next = l.upload_done((h, i), Ok(r));
+            assert_eq!(matches!(next, Some(Next::Complete(s)) if s == h), i == 1);
+        }
+    }
+
+    #[test]
+    fn a_message_that_fails_between_the_passes_drops_its_second_passes() {
+        let mut l = Ledger::new(LIMIT, 256);
+        let hires = serde_json::json!({"steps": 5,
+            "hires": {"scale": 1.5, "steps": 4, "strength": 0.5, "upscaler": "latent"}});
+        let (h, _) = l.admit("h", admission_with("h", 3, hires));
+        let first = l.next_gpu_batch(|_| 2).unwrap();
+        assert_eq!(first.key.mode, Mode::Txt2Latents);
+        let rest = l.next_gpu_batch(|_| 2).unwrap();
+        let back = l.gpu_succeeded(first.id, &first.tags, 1.0);
+        let latents = |i: usize| {
+            Arc::new(FirstPass::Latents(crate::pipeline::hires::LatentImage {
+                shape: [4, 1, 1],
+                kind: tch::Kind::Float,
+                values: vec![i as f32; 4],
+            }))
+        };
+        l.queue_second_passes(
+            back.first_passes
+                .iter()
+                .map(|&(i, t)| (t, latents(i)))
+                .collect(),
+        );
+        assert_eq!(l.images_in_flight(), 3);
+        assert!(
+            l.fail(h, down()).is_some(),
+            "nothing of it was being stored"
+        );
+        assert_eq!(l.images_in_flight(), 1, "its second passes are gone");
+        let back = l.gpu_succeeded(rest.id, &rest.tags, 1.0);
+        assert_eq!(back, GpuReturn::default());
+        l.queue_second_passes(vec![((h, 2), latents(2))]);
+        assert!(l.next_gpu_batch(|_| 2).is_none());
+        assert!(l.is_idle());
+    }
+
+    #[test]
     fn a_cancel_drops_planned_images_stops_unwanted_gpu_batches_and_keeps_what_was_stored() {
         let mut l = Ledger::new(LIMIT, 256);
         let (a, _) = l.admit("a", admission("a", 5, 5));
@@ -684,7 +862,10 @@ mod tests {
         assert_eq!(shared.tags, vec![(a, 2), (a, 3), (a, 4), (b, 0)]);
         assert!(l.unwanted_gpu_jobs().is_empty());
         // a0 and a1 came back before the cancel: a0 is stored, a1's upload is under way.
-        assert_eq!(l.gpu_succeeded(only_a.id, &only_a.tags, 10.0).len(), 2);
+        assert_eq!(
+            l.gpu_succeeded(only_a.id, &only_a.tags, 10.0).store.len(),
+            2
+        );
         let r = stored(&l, (a, 0));
         assert!(l.upload_done((a, 0), Ok(r)).is_none());
 
@@ -702,7 +883,7 @@ mod tests {
         assert_eq!(s.stored.len(), 2, "what was stored stays and is reported");
         // Only b's images are stored from the shared batch.
         assert_eq!(
-            l.gpu_succeeded(shared.id, &shared.tags, 40.0),
+            l.gpu_succeeded(shared.id, &shared.tags, 40.0).store,
             vec![(3, (b, 0))]
         );
         let last = l.next_gpu_batch(|_| 4).unwrap();
@@ -853,7 +1034,7 @@ mod tests {
         assert_eq!(s.message.handle, "a");
         assert!(s.stored.is_empty());
         assert!(l.fail(a, refused()).is_none(), "settled once");
-        let store = l.gpu_succeeded(job.id, &job.tags, 40.0);
+        let store = l.gpu_succeeded(job.id, &job.tags, 40.0).store;
         assert_eq!(store, vec![(2, (b, 0)), (3, (b, 1))]);
     }
 

@@ -16,6 +16,7 @@ use crate::events::{self, BatchCancelled, BatchCompleted, ImageRecord};
 use crate::message::{self, Batch, Invalid};
 use crate::output::ImageFormat;
 use crate::pipeline::ImageRequest;
+use crate::pipeline::hires::{FirstPass, LatentImage};
 use crate::queue::{self, Lane, Publisher, QueueError, Topology, header_int, header_value};
 use crate::storage::StorageError;
 use crate::webhook::Target;
@@ -1302,10 +1303,8 @@ impl Session<'_> {
         let metrics = &self.worker.metrics;
         self.gpu_batches += 1;
         let gpu_batch = self.gpu_batches;
-        let hires = key.mode.as_hires();
         learned.holding.record_batch(
-            tags.len() as f64
-                * message::image_work(key.steps, key.width, key.height, hires.as_ref()),
+            tags.len() as f64 * batch_work_per_image(key),
             out.output.timings.total_ms / 1e3,
         );
         for &oom in &out.oom_sizes {
@@ -1329,13 +1328,31 @@ impl Session<'_> {
         metrics.unet_step_seconds.observe(t.ms_per_step() / 1e3);
         metrics.text_encode_seconds.observe(t.text_encode_ms / 1e3);
         metrics.vae_decode_seconds.observe(t.vae_decode_ms / 1e3);
-        let to_store = self.ledger.gpu_succeeded(job, tags, t.total_ms);
+        let back = self.ledger.gpu_succeeded(job, tags, t.total_ms);
         let mut images: Vec<Option<crate::pipeline::RgbImage>> =
             std::mem::take(&mut out.output.images)
                 .into_iter()
                 .map(Some)
                 .collect();
-        for (position, tag) in to_store {
+        // Hires fixes' first passes go back to the planner for their second pass: the decoded
+        // image (lanczos) or the latents (latent), whichever this batch made.
+        let mut latents: Vec<Option<LatentImage>> = std::mem::take(&mut out.output.latents)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let first_passes = back
+            .first_passes
+            .into_iter()
+            .filter_map(|(position, tag)| {
+                let first = match latents.get_mut(position).and_then(Option::take) {
+                    Some(l) => FirstPass::Latents(l),
+                    None => FirstPass::Image(images.get_mut(position).and_then(Option::take)?),
+                };
+                Some((tag, Arc::new(first)))
+            })
+            .collect();
+        self.ledger.queue_second_passes(first_passes);
+        for (position, tag) in back.store {
             let Some(image) = images.get_mut(position).and_then(Option::take) else {
                 continue;
             };
@@ -1465,4 +1482,16 @@ impl Session<'_> {
             let _ = tx.send(Done::Finished { seq, result });
         });
     }
+}
+
+/// The work ([`message::work_units`]) of one image of a GPU batch of `key`: the steps it runs
+/// at its size (a hires fix's second pass runs the steps its strength leaves).
+fn batch_work_per_image(key: &ShapeKey) -> f64 {
+    let steps = match key.mode {
+        crate::batching::Mode::HiresSecond { .. } => key.mode.strength().map_or(key.steps, |s| {
+            key.steps - crate::pipeline::img2img_begin(key.steps, s).unwrap_or(0)
+        }),
+        _ => key.steps,
+    };
+    message::work_units(1, steps, key.width, key.height)
 }
