@@ -13,7 +13,7 @@
 use super::pil::Image8;
 use super::{
     BatchOutput, GenerateParams, ImageRequest, Img2Img, RgbImage, StableDiffusion, StepCallback,
-    Timings, images_to_tensor, img2img_begin, ms, noise, prompt_weights,
+    Timings, channels_last, images_to_tensor, img2img_begin, ms, noise, prompt_weights,
 };
 use crate::error::{Error, Result};
 use std::time::Instant;
@@ -377,7 +377,9 @@ impl StableDiffusion {
                 .collect::<Result<Vec<_>>>()?;
             masks_to_tensor(&blurred)?
         };
-        let masked_pixels = pixels.f_mul(&mask_full.f_lt(0.5)?)?;
+        // Channels last, as diffusers' product of two channels-last tensors (see
+        // `images_to_tensor`).
+        let masked_pixels = channels_last(&pixels.f_mul(&mask_full.f_lt(0.5)?)?)?;
         let image_latents = if needs_image_latents {
             Some(encode(&pixels, 0)?)
         } else {

@@ -108,22 +108,32 @@ pub fn img2img_begin(steps: usize, strength: f64) -> Result<usize> {
     Ok(steps - run)
 }
 
-/// RGB8 images to `[n, 3, H, W]` float32 in [-1, 1], as diffusers' image processor normalises.
+/// RGB8 images to `[n, 3, H, W]` float32 in [-1, 1], as diffusers' image processor normalises,
+/// in its memory layout too: channels last (`numpy_to_pt` transposes an `[n, H, W, 3]` array).
+/// libtorch's CPU convolutions and group norms take another code path for channels-last
+/// tensors, whose float sums differ in the last bits; the VAE encoder must see the layout
+/// diffusers gives it to encode the same latents.
 fn images_to_tensor(images: &[RgbImage]) -> Result<Tensor> {
     let parts = images
         .iter()
         .map(|img| {
             Ok(Tensor::from_slice(&img.pixels)
-                .f_view([i64::from(img.height), i64::from(img.width), 3])?
-                .f_permute([2, 0, 1])?
+                .f_view([1, i64::from(img.height), i64::from(img.width), 3])?
                 .f_to_kind(Kind::Float)?
                 .f_div_scalar(255.0)?
                 .f_mul_scalar(2.0)?
-                .f_sub_scalar(1.0)?
-                .f_unsqueeze(0)?)
+                .f_sub_scalar(1.0)?)
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::f_cat(&parts, 0)?)
+    Ok(Tensor::f_cat(&parts, 0)?.f_permute([0, 3, 1, 2])?)
+}
+
+/// `[n, c, H, W]` in the channels-last layout (strides `[H·W·c, 1, W·c, c]`), which libtorch
+/// recognises as such (a size-1 batch's stride included).
+fn channels_last(t: &Tensor) -> Result<Tensor> {
+    Ok(t.f_permute([0, 2, 3, 1])?
+        .f_contiguous()?
+        .f_permute([0, 3, 1, 2])?)
 }
 
 /// One image to make.

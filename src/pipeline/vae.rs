@@ -36,10 +36,12 @@ impl SpatialAttention {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.size4()?;
+        // As diffusers: the group norm runs on `[b, c, h·w]`. Three dimensions take libtorch's
+        // contiguous kernel even when `xs` is channels last (an encoded init image), whose
+        // 4-D kernel sums in another order.
         let tokens = self
             .norm
-            .forward(xs)?
-            .f_view([b, c, h * w])?
+            .forward(&xs.f_view([b, c, h * w])?)?
             .f_transpose(1, 2)?;
         let out = self.attn.forward(&tokens, None)?;
         let out = out.f_transpose(1, 2)?.f_reshape([b, c, h, w])?;
