@@ -437,8 +437,14 @@ impl<H> Ledger<H> {
 
     /// Queues the second passes of hires fixes whose first passes came back (see
     /// [`GpuReturn::first_passes`]), ahead of new work. Those of messages that failed meanwhile
-    /// are dropped.
-    pub fn queue_second_passes(&mut self, first_passes: Vec<(Tag, Arc<FirstPass>)>) {
+    /// are dropped. A first pass that is missing (`None`: the model returned fewer results than
+    /// requests) fails its message, which is returned when it can be settled, rather than leave
+    /// it waiting for an image that will never come.
+    pub fn queue_second_passes(
+        &mut self,
+        first_passes: Vec<(Tag, Option<Arc<FirstPass>>)>,
+    ) -> Vec<Settled<H>> {
+        let mut settle = Vec::new();
         for (tag, first) in first_passes {
             let Some(m) = self.messages.get(&tag.0) else {
                 continue;
@@ -446,13 +452,20 @@ impl<H> Ledger<H> {
             let (Some(hires), None) = (m.batch.hires.as_ref(), m.failure.as_ref()) else {
                 continue;
             };
-            let Some(second) = hires_second_params(&m.batch.params, hires) else {
-                continue; // a scale out of range is refused when the message is read
+            let second = hires_second_params(&m.batch.params, hires);
+            let (Some(first), Some(second)) = (first, second) else {
+                let error = WorkerError::Other(format!(
+                    "no first pass came back for image {} of the hires fix",
+                    tag.1
+                ));
+                settle.extend(self.fail(tag.0, error));
+                continue;
             };
             let request = m.requests[tag.1].2.clone();
             self.planner
                 .push_second_pass(&second, hires, [(tag, request, first)]);
         }
+        settle
     }
 
     /// A GPU batch failed. Only a batch of one message's images proves the failure is that
@@ -783,7 +796,10 @@ mod tests {
                 pixels: vec![v; 256 * 256 * 3],
             }))
         };
-        l.queue_second_passes(vec![((h, 0), image(0)), ((h, 1), image(1))]);
+        assert!(
+            l.queue_second_passes(vec![((h, 0), Some(image(0))), ((h, 1), Some(image(1)))])
+                .is_empty()
+        );
         assert_eq!(
             l.images_in_flight(),
             3,
@@ -832,12 +848,11 @@ mod tests {
                 values: vec![i as f32; 4],
             }))
         };
-        l.queue_second_passes(
-            back.first_passes
-                .iter()
-                .map(|&(i, t)| (t, latents(i)))
-                .collect(),
-        );
+        let firsts = back
+            .first_passes
+            .iter()
+            .map(|&(i, t)| (t, Some(latents(i))));
+        assert!(l.queue_second_passes(firsts.collect()).is_empty());
         assert_eq!(l.images_in_flight(), 3);
         assert!(
             l.fail(h, down()).is_some(),
@@ -846,8 +861,23 @@ mod tests {
         assert_eq!(l.images_in_flight(), 1, "its second passes are gone");
         let back = l.gpu_succeeded(rest.id, &rest.tags, 1.0);
         assert_eq!(back, GpuReturn::default());
-        l.queue_second_passes(vec![((h, 2), latents(2))]);
+        assert!(
+            l.queue_second_passes(vec![((h, 2), Some(latents(2)))])
+                .is_empty()
+        );
         assert!(l.next_gpu_batch(|_| 2).is_none());
+        assert!(l.is_idle());
+
+        // A first pass the model did not return fails its message at once.
+        let hires = serde_json::json!({"steps": 5,
+            "hires": {"scale": 2, "steps": 4, "strength": 0.5, "upscaler": "latent"}});
+        l.admit("g", admission_with("g", 1, hires));
+        let job = l.next_gpu_batch(|_| 2).unwrap();
+        let back = l.gpu_succeeded(job.id, &job.tags, 1.0);
+        let settled = l.queue_second_passes(vec![(back.first_passes[0].1, None)]);
+        assert_eq!(settled.len(), 1);
+        assert_eq!(settled[0].message.handle, "g");
+        assert!(matches!(settled[0].verdict, Verdict::Requeue { .. }));
         assert!(l.is_idle());
     }
 

@@ -1222,7 +1222,9 @@ impl Session<'_> {
                 self.stops.remove(&job);
                 match result {
                     Ok(out) => {
-                        self.on_gpu_batch(job, &key, &tags, out, learned);
+                        for settled in self.on_gpu_batch(job, &key, &tags, out, learned) {
+                            self.settle_from_ledger(settled).await?;
+                        }
                         Ok(())
                     }
                     Err(GpuError::ThreadGone) => Err(GpuError::ThreadGone.into()),
@@ -1291,7 +1293,9 @@ impl Session<'_> {
         }
     }
 
-    /// Hands the images of a finished GPU batch to upload tasks; feeds the sizer and holding.
+    /// Hands the images of a finished GPU batch to upload tasks and hires fixes' first passes
+    /// back to the ledger; feeds the sizer and holding. Returns the messages to settle (a first
+    /// pass the model did not return fails its message rather than leave it waiting).
     fn on_gpu_batch(
         &mut self,
         job: u64,
@@ -1299,7 +1303,7 @@ impl Session<'_> {
         tags: &[Tag],
         mut out: GpuOutput,
         learned: &mut Learned,
-    ) {
+    ) -> Vec<Settled<Handle>> {
         let metrics = &self.worker.metrics;
         self.gpu_batches += 1;
         let gpu_batch = self.gpu_batches;
@@ -1343,17 +1347,29 @@ impl Session<'_> {
         let first_passes = back
             .first_passes
             .into_iter()
-            .filter_map(|(position, tag)| {
+            .map(|(position, tag)| {
                 let first = match latents.get_mut(position).and_then(Option::take) {
-                    Some(l) => FirstPass::Latents(l),
-                    None => FirstPass::Image(images.get_mut(position).and_then(Option::take)?),
+                    Some(l) => Some(FirstPass::Latents(l)),
+                    None => images
+                        .get_mut(position)
+                        .and_then(Option::take)
+                        .map(FirstPass::Image),
                 };
-                Some((tag, Arc::new(first)))
+                (tag, first.map(Arc::new))
             })
             .collect();
-        self.ledger.queue_second_passes(first_passes);
+        let settle = self.ledger.queue_second_passes(first_passes);
         for (position, tag) in back.store {
             let Some(image) = images.get_mut(position).and_then(Option::take) else {
+                // Counted as an upload under way: report it failed, or its message would wait
+                // for it for ever.
+                let _ = self.done_tx.send(Done::Upload {
+                    tag,
+                    gpu_batch,
+                    result: Err(WorkerError::Other(format!(
+                        "the model returned no image at position {position} of its batch"
+                    ))),
+                });
                 continue;
             };
             let Some(m) = self.ledger.get(tag.0) else {
@@ -1383,6 +1399,7 @@ impl Session<'_> {
                 });
             });
         }
+        settle
     }
 
     /// An image of message `seq`, made in GPU batch `gpu_batch`, was stored: reports
