@@ -381,7 +381,9 @@ impl StableDiffusion {
         // `images_to_tensor`).
         let masked_pixels = channels_last(&pixels.f_mul(&mask_full.f_lt(0.5)?)?)?;
         let image_latents = if needs_image_latents {
-            Some(encode(&pixels, 0)?)
+            // Contiguous, as diffusers' `image_latents.repeat(...)` leaves them (the layout
+            // decides libtorch's kernels in the UNet calls that follow; see `images_to_tensor`).
+            Some(encode(&pixels, 0)?.f_contiguous()?)
         } else {
             None
         };
