@@ -365,9 +365,13 @@ impl<H> Ledger<H> {
         let tags: Vec<Tag> = images.iter().map(|i| i.tag).collect();
         let inputs: Vec<ImageInputs> = images.iter().map(|i| i.inputs.clone()).collect();
         let requests: Vec<ImageRequest> = images.into_iter().map(|i| i.request).collect();
-        let safety = tags
-            .iter()
-            .any(|(seq, _)| self.messages.get(seq).is_some_and(|m| m.safety));
+        // Only final images are checked: a hires fix's first pass is not what gets stored.
+        let second_pass = key.mode.is_second_pass();
+        let safety = tags.iter().any(|(seq, _)| {
+            self.messages
+                .get(seq)
+                .is_some_and(|m| m.safety && (second_pass || m.batch.hires.is_none()))
+        });
         let id = self.next_job;
         self.next_job += 1;
         self.gpu_jobs.insert(
@@ -765,7 +769,9 @@ mod tests {
         let mut l = Ledger::new(LIMIT, 3);
         let hires = serde_json::json!({"steps": 5, "width": 256, "height": 256,
             "hires": {"scale": 2, "steps": 4, "strength": 0.5, "upscaler": "lanczos"}});
-        let (h, _) = l.admit("h", admission_with("h", 2, hires));
+        let mut with_safety = admission_with("h", 2, hires);
+        with_safety.safety = true;
+        let (h, _) = l.admit("h", with_safety);
         let (p, _) = l.admit(
             "p",
             admission_with(
@@ -779,6 +785,7 @@ mod tests {
         let first = l.next_gpu_batch(|_| 3).unwrap();
         assert_eq!(first.tags, vec![(h, 0), (h, 1), (p, 0)]);
         assert_eq!((first.key.width, first.key.mode), (256, Mode::Txt2Img));
+        assert!(!first.safety, "first passes are not checked");
         // Three images in flight fill the bound of 3: p1 waits.
         assert!(l.next_gpu_batch(|_| 3).is_none());
         let back = l.gpu_succeeded(first.id, &first.tags, 30.0);
@@ -813,6 +820,7 @@ mod tests {
             (512, 512, 4)
         );
         assert!(second.key.mode.is_second_pass());
+        assert!(second.safety, "the images h stores are");
         assert_eq!(second.inputs[1].first_pass, Some(image(1)));
         assert!(l.next_gpu_batch(|_| 3).is_none(), "p1 still waits for room");
         let back = l.gpu_succeeded(second.id, &second.tags, 20.0);
