@@ -164,8 +164,6 @@ pub struct Components {
     pub text_kind: TextEncoderKind,
 }
 
-/// Moves every tensor of `tensors` to its component under its diffusers name. `model_ema.*` and
-/// other keys outside the three components are dropped.
 /// Whether a checkpoint entry belongs to a part [`split_checkpoint`] keeps (UNet, VAE, text
 /// encoder): the rest (EMA copies, noise schedules) need not be read at all.
 pub fn is_model_key(key: &str) -> bool {
@@ -174,6 +172,8 @@ pub fn is_model_key(key: &str) -> bool {
         .any(|prefix| key.starts_with(prefix))
 }
 
+/// Moves every tensor of `tensors` to its component under its diffusers name. `model_ema.*` and
+/// other keys outside the three components are dropped.
 pub fn split_checkpoint(path: &Path, tensors: HashMap<String, Tensor>) -> Result<Components> {
     let mut unet = HashMap::new();
     let mut vae = HashMap::new();

@@ -135,7 +135,8 @@ pub(super) async fn load(
                         at,
                         role,
                         InvalidReason::MaskImage,
-                        "the mask is all black, so params.padding_mask_crop has no area to crop                          to (and there is nothing to inpaint)"
+                        "the mask is all black, so params.padding_mask_crop has no area to crop \
+                         to (and there is nothing to inpaint)"
                             .into(),
                     ));
                 }
