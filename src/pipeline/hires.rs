@@ -129,16 +129,7 @@ impl LatentImage {
     }
 
     /// `images` as one `[n, c, h, w]` batch on `device`, in their dtype.
-    pub fn stack(images: &[LatentImage], device: Device) -> Result<Tensor> {
-        let parts = images
-            .iter()
-            .map(|l| {
-                Ok(Tensor::from_slice(&l.values)
-                    .f_view(l.shape)?
-                    .f_to_kind(l.kind)?
-                    .f_unsqueeze(0)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
+    pub fn stack(images: &[&LatentImage], device: Device) -> Result<Tensor> {
         let first = images
             .first()
             .ok_or_else(|| Error::InvalidArgument("no first-pass latents".into()))?;
@@ -150,6 +141,15 @@ impl LatentImage {
                 "first-pass latents of one batch differ in shape or dtype".into(),
             ));
         }
+        let parts = images
+            .iter()
+            .map(|l| {
+                Ok(Tensor::from_slice(&l.values)
+                    .f_view(l.shape)?
+                    .f_to_kind(l.kind)?
+                    .f_unsqueeze(0)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::f_cat(&parts, 0)?.f_to_device(device)?)
     }
 }
@@ -233,18 +233,10 @@ impl StableDiffusion {
         self.validate(requests, params)?;
         let started = Instant::now();
         let d = self.denoise(requests, params, Start::Noise, on_step)?;
-        let latents = LatentImage::split(&d.latents)?;
         Ok(BatchOutput {
             images: Vec::new(),
-            latents,
-            timings: Timings {
-                lora_ms: super::ms(d.lora),
-                text_encode_ms: super::ms(d.text_encode),
-                denoise_ms: super::ms(d.denoise),
-                unet_steps: d.unet_steps,
-                vae_decode_ms: 0.0,
-                total_ms: super::ms(started.elapsed()),
-            },
+            latents: LatentImage::split(&d.latents)?,
+            timings: d.timings(std::time::Duration::ZERO, started),
         })
     }
 
@@ -268,14 +260,20 @@ impl StableDiffusion {
             )));
         }
         let (width, height) = (second.width, second.height);
-        let images: Vec<&RgbImage> = first
-            .iter()
-            .filter_map(|f| match f {
-                FirstPass::Image(i) => Some(i),
-                FirstPass::Latents(_) => None,
-            })
-            .collect();
-        if images.len() == first.len() {
+        let mut images = Vec::new();
+        let mut latents = Vec::new();
+        for f in first {
+            match f {
+                FirstPass::Image(i) => images.push(i),
+                FirstPass::Latents(l) => latents.push(l),
+            }
+        }
+        if !images.is_empty() && !latents.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a hires batch mixes decoded and latent first passes".into(),
+            ));
+        }
+        if latents.is_empty() {
             let upscaled = images
                 .into_iter()
                 .map(|img| upscale_lanczos(img, width as u32, height as u32))
@@ -289,18 +287,6 @@ impl StableDiffusion {
                 }),
                 on_step,
             );
-        }
-        let latents: Vec<LatentImage> = first
-            .iter()
-            .filter_map(|f| match f {
-                FirstPass::Latents(l) => Some(l.clone()),
-                FirstPass::Image(_) => None,
-            })
-            .collect();
-        if latents.len() != first.len() {
-            return Err(Error::InvalidArgument(
-                "a hires batch mixes decoded and latent first passes".into(),
-            ));
         }
         self.validate(requests, second)?;
         let started = Instant::now();

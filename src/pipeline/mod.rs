@@ -236,6 +236,21 @@ pub(crate) struct Denoised {
     pub unet_steps: usize,
 }
 
+impl Denoised {
+    /// The batch's timings: these phases, then a VAE decode of `vae_decode`, all started at
+    /// `started`.
+    pub(crate) fn timings(&self, vae_decode: Duration, started: Instant) -> Timings {
+        Timings {
+            lora_ms: ms(self.lora),
+            text_encode_ms: ms(self.text_encode),
+            denoise_ms: ms(self.denoise),
+            unet_steps: self.unet_steps,
+            vae_decode_ms: ms(vae_decode),
+            total_ms: ms(started.elapsed()),
+        }
+    }
+}
+
 /// Called after each denoising step with the step index, the number of steps and the latents
 /// after the step. `Break` stops the loop there: the call returns [`Error::Stopped`].
 pub type StepCallback<'a> = dyn FnMut(usize, usize, &Tensor) -> ControlFlow<()> + 'a;
@@ -1165,14 +1180,7 @@ impl StableDiffusion {
         Ok(BatchOutput {
             images,
             latents: Vec::new(),
-            timings: Timings {
-                lora_ms: ms(d.lora),
-                text_encode_ms: ms(d.text_encode),
-                denoise_ms: ms(d.denoise),
-                unet_steps: d.unet_steps,
-                vae_decode_ms: ms(vae_decode),
-                total_ms: ms(started.elapsed()),
-            },
+            timings: d.timings(vae_decode, started),
         })
     }
 
