@@ -78,6 +78,12 @@ pub struct Message<H> {
 }
 
 impl<H> Message<H> {
+    /// Whether its images in a GPU batch are hires first passes (not what it stores): they are
+    /// unless the batch runs second passes.
+    fn first_pass_in(&self, second_pass_job: bool) -> bool {
+        self.batch.hires.is_some() && !second_pass_job
+    }
+
     /// An upload or the GPU failed for it: it will be settled as failed, not completed.
     pub fn is_failing(&self) -> bool {
         self.failure.is_some()
@@ -370,7 +376,7 @@ impl<H> Ledger<H> {
         let safety = tags.iter().any(|(seq, _)| {
             self.messages
                 .get(seq)
-                .is_some_and(|m| m.safety && (second_pass || m.batch.hires.is_none()))
+                .is_some_and(|m| m.safety && !m.first_pass_in(second_pass))
         });
         let id = self.next_job;
         self.next_job += 1;
@@ -378,7 +384,7 @@ impl<H> Ledger<H> {
             id,
             JobState {
                 tags: tags.clone(),
-                second_pass: key.mode.is_second_pass(),
+                second_pass,
             },
         );
         self.gpu_images += requests.len();
@@ -404,7 +410,7 @@ impl<H> Ledger<H> {
                 let Some(m) = self.messages.get_mut(seq) else {
                     return false;
                 };
-                let first_pass = m.batch.hires.is_some() && !second_pass;
+                let first_pass = m.first_pass_in(second_pass);
                 if !first_pass {
                     m.ungenerated = m.ungenerated.saturating_sub(1);
                 }
