@@ -950,12 +950,15 @@ pub fn image_work(steps: usize, width: i64, height: i64, hires: Option<&Hires>) 
         return first;
     };
     match h.size(width, height, SIZE_MULTIPLE) {
-        Ok((w, hh)) => {
-            let run = h.steps - crate::pipeline::img2img_begin(h.steps, h.strength).unwrap_or(0);
-            first + work_units(1, run, w, hh)
-        }
+        Ok((w, hh)) => first + work_units(1, steps_run(h.steps, h.strength), w, hh),
         Err(_) => first,
     }
+}
+
+/// The steps an img2img run of `steps` at `strength` runs (all of them for a strength it
+/// refuses).
+pub fn steps_run(steps: usize, strength: f64) -> usize {
+    steps - crate::pipeline::img2img_begin(steps, strength).unwrap_or(0)
 }
 
 /// The seed of an item without one: the first 8 bytes (big-endian) of

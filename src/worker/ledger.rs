@@ -41,7 +41,7 @@ pub struct Admission {
     pub safety: bool,
     /// Failed deliveries before this one (see `previous_failures`).
     pub previous_failures: i64,
-    /// Work of one image ([`crate::message::work_units`]).
+    /// Work of one image, both passes of a hires fix ([`crate::message::image_work`]).
     pub units_per_image: f64,
     /// Per item of the batch, its decoded init image and mask (img2img, inpainting). Empty
     /// when no item has one.

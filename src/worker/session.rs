@@ -552,11 +552,12 @@ impl Session<'_> {
                     .await;
             }
         };
-        let units_per_image = message::work_units(
-            1,
+        // As GPU batches count it (`batch_work_per_image`): a hires fix's two passes.
+        let units_per_image = message::image_work(
             batch.params.steps,
             batch.params.width,
             batch.params.height,
+            batch.hires.as_ref(),
         );
         let resumed = records.iter().flatten().count();
         holding.observe_message(units_per_image * (requests.len() - resumed) as f64);
@@ -1502,12 +1503,13 @@ impl Session<'_> {
 }
 
 /// The work ([`message::work_units`]) of one image of a GPU batch of `key`: the steps it runs
-/// at its size (a hires fix's second pass runs the steps its strength leaves).
+/// at its size. As [`message::image_work`] counts a message's images: a hires fix's second pass
+/// runs the steps its strength leaves; img2img and inpainting count all their steps.
 fn batch_work_per_image(key: &ShapeKey) -> f64 {
     let steps = match key.mode {
-        crate::batching::Mode::HiresSecond { .. } => key.mode.strength().map_or(key.steps, |s| {
-            key.steps - crate::pipeline::img2img_begin(key.steps, s).unwrap_or(0)
-        }),
+        crate::batching::Mode::HiresSecond { strength_bits, .. } => {
+            message::steps_run(key.steps, f64::from_bits(strength_bits))
+        }
         _ => key.steps,
     };
     message::work_units(1, steps, key.width, key.height)
