@@ -1,13 +1,13 @@
 //! The worker's side of the broker for one message: ack, nack, reject and event publishing, each
-//! within the broker timeout, so a silent connection ends the session instead of hanging it.
+//! within the broker timeout, so a silent connection ends the session instead of hanging it
+//! ([`super::transport`] carries them out on RabbitMQ or the in-memory queue).
+use super::transport::{Acker, EventSink};
 use super::{WorkerConfig, WorkerError};
 use crate::events::{self, BatchFailed};
 use crate::metrics::Metrics;
-use crate::queue::{self, Publisher, QueueError, QueueResult};
+use crate::queue::{QueueError, QueueResult};
 use crate::webhook::Target;
 use backon::{ExponentialBuilder, Retryable};
-use lapin::Acker;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use std::time::Duration;
 
 /// Publishes an event with confirms, then hands the same bytes to the batch's webhook (which
@@ -17,7 +17,7 @@ use std::time::Duration;
 pub(super) async fn publish_event<T: serde::Serialize>(
     cfg: &WorkerConfig,
     metrics: &Metrics,
-    publisher: &Publisher,
+    publisher: &EventSink,
     key: &str,
     event: &T,
     webhook: &Target,
@@ -50,7 +50,7 @@ pub(super) async fn publish_event<T: serde::Serialize>(
 pub(super) async fn publish_failed(
     cfg: &WorkerConfig,
     metrics: &Metrics,
-    publisher: &Publisher,
+    publisher: &EventSink,
     batch_id: Option<String>,
     reason: &str,
     error: &str,
@@ -68,43 +68,19 @@ pub(super) async fn publish_failed(
     .await
 }
 
-/// The broker's view of one message: ack, nack or reject, each within the broker timeout.
+/// The broker's view of one message: ack, nack (requeue) or reject, each within the broker
+/// timeout.
 pub(super) async fn ack(cfg: &WorkerConfig, acker: &Acker) -> QueueResult<()> {
-    queue::within(
-        cfg.broker_timeout,
-        "basic.ack",
-        acker.ack(BasicAckOptions::default()),
-    )
-    .await
-    .and_then(|sent| delivered(sent, "basic.ack"))
-}
-
-/// lapin answers `Ok(false)` for an ack/nack/reject it could not send (its channel is closed,
-/// e.g. by the broker's consumer timeout): that is a lost connection, not a success.
-fn delivered(sent: bool, op: &'static str) -> QueueResult<()> {
-    if sent {
-        Ok(())
-    } else {
-        Err(QueueError::ChannelClosed { op })
-    }
+    acker.ack(cfg.broker_timeout).await
 }
 
 pub(super) async fn requeue(cfg: &WorkerConfig, acker: &Acker) -> QueueResult<()> {
-    let options = BasicNackOptions {
-        requeue: true,
-        ..Default::default()
-    };
-    queue::within(cfg.broker_timeout, "basic.nack", acker.nack(options))
-        .await
-        .and_then(|sent| delivered(sent, "basic.nack"))
+    acker.requeue(cfg.broker_timeout).await
 }
 
 /// Rejects without requeueing: the queue's dead-letter exchange takes the message as it is.
 pub(super) async fn reject(cfg: &WorkerConfig, acker: &Acker) -> QueueResult<()> {
-    let options = BasicRejectOptions { requeue: false };
-    queue::within(cfg.broker_timeout, "basic.reject", acker.reject(options))
-        .await
-        .and_then(|sent| delivered(sent, "basic.reject"))
+    acker.reject(cfg.broker_timeout).await
 }
 
 /// The failures a message has had before this delivery. `x-delivery-count` is the quorum queue's

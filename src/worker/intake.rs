@@ -1,6 +1,7 @@
 //! The broker side of taking messages in from the two lanes (which lane is
 //! [`super::lanes::LanePolicy`]'s decision): one message pulled with `basic.get` from a given
-//! lane, and, while both lanes are empty, a consumer on each lane that wakes the worker up.
+//! lane ([`Link::pull`]), and, while both lanes are empty, a consumer on each lane that wakes the
+//! worker up (here; an in-memory run waits on its queue instead).
 //!
 //! Why pull: RabbitMQ pushes to a consumer as many messages as its prefetch allows, in the order
 //! of its own queue, and a prefetch is per consumer (quorum queues have no channel-wide
@@ -9,43 +10,43 @@
 //! exactly one message from exactly the lane chosen, so the messages in hand keep the holding
 //! bound and the order is the policy's. Waiting on empty lanes is push (prefetch 1 per lane) so
 //! an idle worker does not poll; the first delivery cancels both consumers and pulling resumes.
+use super::memory::MemoryBroker;
+use super::transport::{Delivery, Link};
 use crate::queue::{self, Lane, QueueError, QueueResult, Topology};
 use futures_lite::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use std::time::Duration;
 
-/// Takes one message from `queue_name`, if it has one ready.
-pub(super) async fn pull(
-    channel: &Channel,
-    queue_name: &str,
-    limit: Duration,
-) -> QueueResult<Option<Delivery>> {
-    let got = queue::within(
-        limit,
-        "basic.get",
-        channel.basic_get(queue_name.into(), BasicGetOptions::default()),
-    )
-    .await?;
-    Ok(got.map(|m| m.delivery))
-}
-
 struct LaneConsumer {
     tag: String,
+    lane: Lane,
     consumer: Consumer,
+}
+
+impl LaneConsumer {
+    async fn next(&mut self) -> Option<QueueResult<Delivery>> {
+        let lane = self.lane;
+        let next = self.consumer.next().await?;
+        Some(
+            next.map(|d| Delivery::from_amqp(d, lane))
+                .map_err(QueueError::from),
+        )
+    }
 }
 
 /// The consumers that wait for a message while both lanes are empty (none otherwise).
 #[derive(Default)]
 pub(super) struct Waiting {
     consumers: Vec<LaneConsumer>,
+    /// An in-memory run's queue, while waiting on it.
+    memory: Option<MemoryBroker>,
 }
 
 impl Waiting {
     pub fn is_active(&self) -> bool {
-        !self.consumers.is_empty()
+        !self.consumers.is_empty() || self.memory.is_some()
     }
 
     /// Subscribes to both lanes with prefetch 1 each, tags `{tag}-{lane}`. While the worker
@@ -54,12 +55,19 @@ impl Waiting {
     /// as the cancel takes (the worker then holds nothing more until it is back under).
     pub async fn subscribe(
         &mut self,
-        channel: &Channel,
+        link: &Link,
         topology: &Topology,
         tag: &str,
         arguments: FieldTable,
         limit: Duration,
     ) -> QueueResult<()> {
+        let channel = match link {
+            Link::Amqp { channel, .. } => channel,
+            Link::Memory(broker) => {
+                self.memory = Some(broker.clone());
+                return Ok(());
+            }
+        };
         // basic.qos (not global) applies to the consumers subscribed after it on this channel.
         queue::within(
             limit,
@@ -80,20 +88,27 @@ impl Waiting {
                 ),
             )
             .await?;
-            self.consumers.push(LaneConsumer { tag, consumer });
+            self.consumers.push(LaneConsumer {
+                tag,
+                lane,
+                consumer,
+            });
         }
         Ok(())
     }
 
     /// The next delivery of either lane; never resolves while none is subscribed. `None` or an
     /// error: the consumer's channel is gone.
-    pub async fn next(&mut self) -> Option<Result<Delivery, lapin::Error>> {
+    pub async fn next(&mut self) -> Option<QueueResult<Delivery>> {
+        if let Some(broker) = &self.memory {
+            return Some(Ok(Delivery::from_memory(broker.next_ready().await)));
+        }
         match self.consumers.as_mut_slice() {
             [] => std::future::pending().await,
-            [one] => one.consumer.next().await,
+            [one] => one.next().await,
             [a, b, ..] => tokio::select! {
-                d = a.consumer.next() => d,
-                d = b.consumer.next() => d,
+                d = a.next() => d,
+                d = b.next() => d,
             },
         }
     }
@@ -101,12 +116,12 @@ impl Waiting {
     /// Cancels the consumers and returns what they delivered before the cancel took effect
     /// (lapin ends a consumer's stream after the deliveries that arrived before the cancel-ok):
     /// those are the worker's now and must be handled.
-    pub async fn cancel(
-        &mut self,
-        channel: &Channel,
-        limit: Duration,
-    ) -> QueueResult<Vec<Delivery>> {
+    pub async fn cancel(&mut self, link: &Link, limit: Duration) -> QueueResult<Vec<Delivery>> {
+        self.memory = None;
         let mut delivered = Vec::new();
+        let Link::Amqp { channel, .. } = link else {
+            return Ok(delivered);
+        };
         for mut c in std::mem::take(&mut self.consumers) {
             queue::within(
                 limit,
@@ -116,7 +131,7 @@ impl Waiting {
             .await?;
             loop {
                 match tokio::time::timeout(limit, c.consumer.next()).await {
-                    Ok(Some(Ok(delivery))) => delivered.push(delivery),
+                    Ok(Some(Ok(delivery))) => delivered.push(Delivery::from_amqp(delivery, c.lane)),
                     Ok(Some(Err(e))) => return Err(e.into()),
                     Ok(None) => break,
                     Err(_) => {
@@ -133,10 +148,17 @@ impl Waiting {
 
     /// Cancels the consumers without waiting for what is on its way (shutdown: deliveries not
     /// taken in stay unacked and go back to their queue when the connection closes).
-    pub async fn abandon(&mut self, channel: &Channel, limit: Duration) {
-        for c in std::mem::take(&mut self.consumers) {
-            let cancel = channel.basic_cancel(c.tag.as_str().into(), BasicCancelOptions::default());
-            let _ = tokio::time::timeout(limit, cancel).await;
+    pub async fn abandon(&mut self, link: &Link, limit: Duration) {
+        self.memory = None;
+        if let Link::Amqp { channel, .. } = link {
+            abandon_consumers(std::mem::take(&mut self.consumers), channel, limit).await;
         }
+    }
+}
+
+async fn abandon_consumers(consumers: Vec<LaneConsumer>, channel: &Channel, limit: Duration) {
+    for c in consumers {
+        let cancel = channel.basic_cancel(c.tag.as_str().into(), BasicCancelOptions::default());
+        let _ = tokio::time::timeout(limit, cancel).await;
     }
 }

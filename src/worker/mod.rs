@@ -32,7 +32,8 @@
 //! all under the broker timeout), `store` the image encoding and upload and manifest, [`holding`] how much work
 //! to hold under the consumer timeout, [`lanes`] which priority lane the next message comes from
 //! (and `intake` the pulls and waiting consumers that carry it out), [`resume`] what an earlier delivery already stored, and
-//! [`gpu`] the model thread.
+//! [`gpu`] the model thread. `transport` is what the session speaks to: RabbitMQ, or the
+//! [`memory`] queue of a broker-less run ([`Worker::run_local`]).
 mod broker;
 pub mod calibration;
 pub mod gpu;
@@ -41,9 +42,11 @@ mod inputs;
 mod intake;
 pub mod lanes;
 pub mod ledger;
+pub mod memory;
 pub mod resume;
 mod session;
 mod store;
+mod transport;
 
 use crate::batching::{BatchSizer, MemoryKey, MemorySample, ShapeKey};
 use crate::message::Limits;
@@ -364,9 +367,8 @@ impl Worker {
         Ok(())
     }
 
-    /// Runs until `shutdown` turns true (then finishes the messages in hand) or a fatal error.
-    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
-        let mut delay = self.cfg.reconnect_min;
+    /// Warms up (calibrates) and turns ready: what every run does before its first message.
+    async fn start(&self) -> Result<Learned, WorkerError> {
         let mut learned = Learned {
             sizer: BatchSizer::new(self.cfg.max_batch, self.cfg.memory_margin),
             holding: Holding::new(
@@ -378,6 +380,53 @@ impl Worker {
         self.warm_up(&mut learned.sizer).await?;
         // Ready means loaded and calibrated: the first batches are sized from measured memory.
         self.metrics.mark_ready();
+        Ok(learned)
+    }
+
+    /// Works through the messages of an in-memory queue without a broker (`sdbatch worker
+    /// --messages`): the same session as on RabbitMQ, until every message is settled or
+    /// `shutdown` turns true (then the messages in hand are finished and the rest stay
+    /// unsettled in the queue's report).
+    pub async fn run_local(
+        &self,
+        queue: memory::MemoryBroker,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), WorkerError> {
+        let mut learned = self.start().await?;
+        tracing::info!(
+            max_prefetch = self.cfg.prefetch,
+            max_batch = self.cfg.max_batch,
+            "working through the messages in memory (no broker)"
+        );
+        let link = transport::Link::Memory(queue.clone());
+        let sink = transport::EventSink::Memory(queue);
+        let end = self
+            .work(
+                link,
+                sink,
+                transport::Control::None,
+                &mut shutdown,
+                &mut learned,
+            )
+            .await;
+        self.metrics
+            .broker_connected
+            .store(false, Ordering::Relaxed);
+        self.metrics.inflight_batches.set(0);
+        match end? {
+            SessionEnd::Shutdown => Ok(()),
+            // The in-memory queue has no connection to lose: only a double settlement (a bug)
+            // can get here.
+            SessionEnd::ConnectionLost(why) => Err(WorkerError::Other(format!(
+                "the in-memory queue failed: {why}"
+            ))),
+        }
+    }
+
+    /// Runs until `shutdown` turns true (then finishes the messages in hand) or a fatal error.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), WorkerError> {
+        let mut delay = self.cfg.reconnect_min;
+        let mut learned = self.start().await?;
         loop {
             if *shutdown.borrow() {
                 return Ok(());

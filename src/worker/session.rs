@@ -5,10 +5,11 @@
 use super::broker::{ack, previous_failures, publish_event, publish_failed, reject, requeue};
 use super::gpu::{GpuError, GpuOutput};
 use super::holding::Holding;
-use super::intake::{self, Waiting};
+use super::intake::Waiting;
 use super::lanes::LanePolicy;
 use super::ledger::{Admission, GpuJob, Ledger, Next, Settled, Tag, Verdict, verdict};
 use super::store::{ImageJob, finish_batch, image_checks, ms, store_image};
+use super::transport::{Acker, Control, Delivery, EventSink, Link};
 use super::{Learned, Worker, WorkerError, reasons, resume};
 use crate::batching::{MemorySample, ShapeKey};
 use crate::cancel::CancelRequest;
@@ -17,12 +18,9 @@ use crate::message::{self, Batch, Invalid};
 use crate::output::ImageFormat;
 use crate::pipeline::ImageRequest;
 use crate::pipeline::hires::{FirstPass, LatentImage};
-use crate::queue::{self, Lane, Publisher, QueueError, Topology, header_int, header_value};
+use crate::queue::{self, Lane, Publisher, QueueError, Topology, header_value};
 use crate::storage::StorageError;
 use crate::webhook::Target;
-use futures_lite::StreamExt;
-use lapin::Acker;
-use lapin::message::Delivery;
 use lapin::types::FieldTable;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -92,7 +90,7 @@ impl Settling {
     ) -> Self {
         let delivery_limit = topology.delivery_limit;
         Self {
-            lane: topology.lane_of(delivery.routing_key.as_str()),
+            lane: delivery.lane,
             acker: delivery.acker,
             body: delivery.data,
             previous_failures,
@@ -171,7 +169,7 @@ enum Done {
 }
 
 impl Worker {
-    /// Connects, consumes and works until shutdown (after finishing the messages in hand) or a
+    /// Connects to the broker, then consumes and works ([`Worker::work`]) until shutdown or a
     /// lost connection.
     pub(super) async fn session(
         &self,
@@ -190,7 +188,7 @@ impl Worker {
         let publisher = Publisher::with_timeout(&conn, limit).await?;
         // Cancel broadcasts (`sdbatch cancel`) while connected; a delivery whose cancel was
         // missed meanwhile finds its tombstone in `accept`.
-        let mut control = queue::within(limit, "control subscribe", async {
+        let control = queue::within(limit, "control subscribe", async {
             queue::subscribe_control(&channel, &cfg.topology).await
         })
         .await?;
@@ -203,12 +201,32 @@ impl Worker {
             max_batch = cfg.max_batch,
             "consuming"
         );
-        self.metrics.broker_connected.store(true, Ordering::Relaxed);
+        let link = Link::Amqp {
+            connection: Box::new(conn),
+            channel,
+        };
+        let sink = EventSink::Amqp(publisher);
+        self.work(link, sink, Control::Amqp(control), shutdown, learned)
+            .await
+    }
 
+    /// Takes messages from `link` and works until shutdown (after finishing the messages in
+    /// hand), a lost connection, or, for an in-memory queue, every message settled.
+    pub(super) async fn work(
+        &self,
+        link: Link,
+        publisher: EventSink,
+        mut control: Control,
+        shutdown: &mut watch::Receiver<bool>,
+        learned: &mut Learned,
+    ) -> Result<SessionEnd, WorkerError> {
+        let cfg = &self.cfg;
+        let limit = cfg.broker_timeout;
+        self.metrics.broker_connected.store(true, Ordering::Relaxed);
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let mut session = Session {
             worker: self,
-            channel: channel.clone(),
+            link,
             lanes: LanePolicy::new(cfg.high_lane_ratio),
             publisher,
             ledger: Ledger::new(cfg.topology.delivery_limit, cfg.max_pending_images),
@@ -239,9 +257,8 @@ impl Worker {
             self.metrics
                 .pending_images
                 .set(session.ledger.images_in_flight() as i64);
-            if draining && session.ledger.is_idle() {
-                let _ = tokio::time::timeout(limit, conn.close(200, "worker shutting down".into()))
-                    .await;
+            if (draining || session.link.exhausted()) && session.ledger.is_idle() {
+                session.link.close(limit).await;
                 return Ok(SessionEnd::Shutdown);
             }
             // Every branch below is bounded in time (broker operations by `broker_timeout`), so
@@ -256,7 +273,7 @@ impl Worker {
                             "shutdown requested: finishing the messages in hand");
                         // Deliveries still on their way stay unacked and go back to the queue
                         // when the connection closes.
-                        waiting.abandon(&channel, limit).await;
+                        waiting.abandon(&session.link, limit).await;
                     }
                     Ok(())
                 }
@@ -271,7 +288,7 @@ impl Worker {
                 Some(done) = done_rx.recv() => session.on_done(done, learned).await,
                 // Heard while draining too: a cancelled batch need not hold up the exit.
                 control_message = control.next() => match control_message {
-                    Some(Ok(delivery)) => session.on_control(&delivery.data).await,
+                    Some(Ok(body)) => session.on_control(&body).await,
                     Some(Err(e)) => return Ok(SessionEnd::ConnectionLost(e.to_string())),
                     None => return Ok(SessionEnd::ConnectionLost("control consumer ended".into())),
                 },
@@ -291,11 +308,11 @@ impl Worker {
 /// The state of one broker connection: the ledger of the messages in hand and the I/O for them.
 struct Session<'w> {
     worker: &'w Worker,
-    /// The consuming channel.
-    channel: lapin::Channel,
+    /// Where its messages come from.
+    link: Link,
     /// Which lane the next message comes from.
     lanes: LanePolicy,
-    publisher: Publisher,
+    publisher: EventSink,
     ledger: Ledger<Handle>,
     tasks: JoinSet<()>,
     done_tx: mpsc::UnboundedSender<Done>,
@@ -369,7 +386,7 @@ impl Session<'_> {
         let span = tracing::info_span!(
             "batch",
             batch_id = tracing::field::Empty,
-            tag = delivery.delivery_tag
+            tag = delivery.tag
         );
         let mut batch = match message::parse(
             &delivery.data,
@@ -408,7 +425,7 @@ impl Session<'_> {
         }
         let previous_failures = previous_failures(
             delivery.redelivered,
-            header_int(&delivery.properties, "x-delivery-count"),
+            delivery.delivery_count,
             cfg.topology.delivery_limit,
         );
 
@@ -576,7 +593,7 @@ impl Session<'_> {
             .with_label_values(&["resumed"])
             .inc_by(resumed as u64);
         let handle = Handle {
-            lane: cfg.topology.lane_of(delivery.routing_key.as_str()),
+            lane: delivery.lane,
             acker: delivery.acker,
             body: delivery.data,
             redelivered: delivery.redelivered,
@@ -1058,7 +1075,7 @@ impl Session<'_> {
             .await;
         }
         let original = Original {
-            lane: cfg.topology.lane_of(delivery.routing_key.as_str()),
+            lane: delivery.lane,
             acker: &delivery.acker,
             body: &delivery.data,
         };
@@ -1097,7 +1114,7 @@ impl Session<'_> {
         if room == 0 {
             if waiting.is_active() {
                 tracing::debug!(in_hand, "no room for more work: not consuming");
-                for delivery in waiting.cancel(&self.channel, limit).await? {
+                for delivery in waiting.cancel(&self.link, limit).await? {
                     self.take(delivery, holding).await?;
                 }
             }
@@ -1107,8 +1124,7 @@ impl Session<'_> {
             return Ok(false);
         }
         for lane in self.lanes.order() {
-            let queue_name = cfg.topology.queue(lane);
-            if let Some(delivery) = intake::pull(&self.channel, queue_name, limit).await? {
+            if let Some(delivery) = self.link.pull(lane, &cfg.topology, limit).await? {
                 self.take(delivery, holding).await?;
                 return Ok(true);
             }
@@ -1125,7 +1141,7 @@ impl Session<'_> {
         );
         let tag = self.next_consumer_tag();
         waiting
-            .subscribe(&self.channel, &cfg.topology, &tag, args, limit)
+            .subscribe(&self.link, &cfg.topology, &tag, args, limit)
             .await?;
         tracing::debug!(
             room,
@@ -1146,7 +1162,7 @@ impl Session<'_> {
     ) -> Result<(), WorkerError> {
         self.take(delivery, holding).await?;
         let limit = self.worker.cfg.broker_timeout;
-        for delivery in waiting.cancel(&self.channel, limit).await? {
+        for delivery in waiting.cancel(&self.link, limit).await? {
             self.take(delivery, holding).await?;
         }
         Ok(())
@@ -1154,11 +1170,7 @@ impl Session<'_> {
 
     /// Counts a delivery against its lane, then handles it.
     async fn take(&mut self, delivery: Delivery, holding: &mut Holding) -> Result<(), WorkerError> {
-        let lane = self
-            .worker
-            .cfg
-            .topology
-            .lane_of(delivery.routing_key.as_str());
+        let lane = delivery.lane;
         self.lanes.taken(lane);
         let m = &self.worker.metrics;
         m.lane_received.with_label_values(&[lane.as_str()]).inc();

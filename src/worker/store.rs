@@ -9,7 +9,6 @@ use crate::message::{Batch, ItemMode};
 use crate::metrics::Metrics;
 use crate::output::{Embedded, Infotext, a1111_parameters, encode};
 use crate::pipeline::ImageRequest;
-use crate::queue::Publisher;
 use crate::storage::Storage;
 use crate::webhook::Target;
 use sha2::{Digest, Sha256};
@@ -229,7 +228,7 @@ pub(super) async fn finish_batch(
     cfg: Arc<WorkerConfig>,
     metrics: Arc<Metrics>,
     storage: Arc<Storage>,
-    publisher: Publisher,
+    publisher: super::transport::EventSink,
     event: BatchCompleted,
     batch: Arc<Batch>,
     announce: Announce,
