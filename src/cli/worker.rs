@@ -9,11 +9,12 @@ use sdbatch::pipeline::clip_score::ClipScorer;
 use sdbatch::pipeline::safety::SafetyChecker;
 use sdbatch::pipeline::single_file::SingleFileOptions;
 use sdbatch::pipeline::{LoadOptions, StableDiffusion};
-use sdbatch::queue::Topology;
+use sdbatch::queue::{Lane, Topology};
 use sdbatch::storage::{Storage, StorageConfig};
 use sdbatch::webhook::{AllowEntry, Policy, Secret, Settings, WebhookConfig};
 use sdbatch::worker::gpu::GpuExecutor;
 use sdbatch::worker::gpu::Models;
+use sdbatch::worker::memory::{MemoryBroker, Report};
 use sdbatch::worker::{SafetyPolicy, Worker, WorkerConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -252,6 +253,17 @@ pub struct WorkerArgs {
     /// Seconds a webhook is retried before it is given up (default 3600, 1..=86400).
     #[arg(long, env = "SDBATCH_WEBHOOK_GIVE_UP_SECS", hide_env_values = true)]
     pub webhook_give_up_secs: Option<u64>,
+    /// Work through the batch messages in PATH instead of the broker's queues, then exit: a
+    /// JSON Lines file (one message per line) or a folder of .json files (one message each).
+    /// The same checks, GPU batching, storage, events and dead-lettering as on RabbitMQ, on an
+    /// in-memory queue: for machines without a broker and for trying messages locally. Fails
+    /// (exit status 1) when any message was dead-lettered.
+    #[arg(long, value_name = "PATH")]
+    pub messages: Option<PathBuf>,
+    /// With --messages: write what became of each message, the events published and the
+    /// dead-letter copies to this JSON file.
+    #[arg(long, value_name = "FILE", requires = "messages")]
+    pub report: Option<PathBuf>,
 }
 
 /// The environment variable holding the webhook secret itself (a flag would show it in `ps`).
@@ -287,6 +299,9 @@ struct Resolved {
     dtype: String,
     variant: Option<String>,
     compiled: Option<PathBuf>,
+    /// `--messages` and `--report`: a broker-less run.
+    messages: Option<PathBuf>,
+    report: Option<PathBuf>,
 }
 
 fn resolve(args: WorkerArgs) -> Result<Resolved> {
@@ -540,6 +555,8 @@ fn resolve(args: WorkerArgs) -> Result<Resolved> {
             .unwrap_or_else(|| defaults::DTYPE.into()),
         variant: args.variant.or(file.variant),
         compiled: args.compiled.or(file.compiled.map(PathBuf::from)),
+        messages: args.messages,
+        report: args.report,
     })
 }
 
@@ -651,14 +668,28 @@ fn spawn_signal_handler(tx: tokio::sync::watch::Sender<bool>) -> Result<()> {
 }
 
 pub async fn run(args: WorkerArgs) -> Result<()> {
-    let r = resolve(args)?;
+    let mut r = resolve(args)?;
+    // Read before the model loads, so a wrong path fails at once.
+    let local = match r.messages.take() {
+        Some(path) => {
+            let bodies = sdbatch::worker::memory::read_messages(&path)
+                .with_context(|| format!("--messages {}", path.display()))?;
+            tracing::info!(messages = bodies.len(), file = %path.display(), "no broker: messages read");
+            let messages = bodies.into_iter().map(|b| (Lane::Normal, b)).collect();
+            Some(MemoryBroker::new(messages, &r.worker.topology))
+        }
+        None => None,
+    };
     let device = sdbatch::device::parse_device(&r.device)?;
     let dtype = sdbatch::device::parse_dtype(&r.dtype, device)?;
     tracing::info!(
         worker_id = %r.worker.worker_id,
         device = %sdbatch::device::device_name(device),
         dtype = sdbatch::device::dtype_name(dtype),
-        broker = %sdbatch::queue::redact_url(&r.worker.amqp_url),
+        broker = %match local {
+            Some(_) => "none (--messages)".to_string(),
+            None => sdbatch::queue::redact_url(&r.worker.amqp_url),
+        },
         "starting worker"
     );
 
@@ -782,12 +813,57 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     }
 
     let worker = Worker::new(r.worker, Arc::new(gpu), storage, metrics);
-    worker.run(rx).await?;
+    let Some(queue) = local else {
+        worker.run(rx).await?;
+        worker
+            .finish_webhooks(Duration::from_secs(defaults::WEBHOOK_SHUTDOWN_SECS))
+            .await;
+        tracing::info!("worker stopped");
+        return Ok(());
+    };
+    let started = std::time::Instant::now();
+    let outcome = worker.run_local(queue.clone(), rx).await;
     worker
         .finish_webhooks(Duration::from_secs(defaults::WEBHOOK_SHUTDOWN_SECS))
         .await;
-    tracing::info!("worker stopped");
+    let report = queue.report();
+    if let Some(path) = &r.report {
+        let json = serde_json::to_vec_pretty(&report)?;
+        std::fs::write(path, json).with_context(|| format!("--report {}", path.display()))?;
+    }
+    outcome?;
+    print_local_summary(&report, started.elapsed());
+    let (dead, unsettled) = (report.dead_lettered(), report.unsettled());
+    if dead + unsettled > 0 {
+        bail!(
+            "{dead} of {} message(s) dead-lettered and {unsettled} not settled{}",
+            report.messages.len(),
+            if r.report.is_some() {
+                " (see --report)"
+            } else {
+                ""
+            }
+        );
+    }
     Ok(())
+}
+
+/// The table a broker-less run ends with.
+fn print_local_summary(report: &Report, took: Duration) {
+    let images: usize = report
+        .events_named(sdbatch::events::BATCH_COMPLETED)
+        .filter_map(|e| e.body["images"].as_array().map(Vec::len))
+        .sum();
+    let seconds = took.as_secs_f64();
+    println!("messages        {}", report.messages.len());
+    println!("completed       {}", report.acked());
+    println!("dead-lettered   {}", report.dead_lettered());
+    println!("not settled     {}", report.unsettled());
+    println!("images          {images}");
+    println!("seconds         {seconds:.2}");
+    if seconds > 0.0 {
+        println!("images/s        {:.3}", images as f64 / seconds);
+    }
 }
 
 #[cfg(test)]
@@ -871,7 +947,8 @@ mod tests {
         let flags: Vec<String> = cmd
             .get_arguments()
             .map(|a| a.get_id().as_str().to_string())
-            .filter(|id| id != "config" && id != "help")
+            // Not settings but a run mode: `--messages` (and its `--report`) replace the broker.
+            .filter(|id| !["config", "help", "messages", "report"].contains(&id.as_str()))
             .collect();
         assert!(flags.len() > 25, "{flags:?}");
         for id in flags {
