@@ -173,3 +173,40 @@ fn a_missing_or_empty_messages_file_stops_before_the_model_loads() {
         assert!(!stderr.contains("/nonexistent/model"), "{stderr}");
     }
 }
+
+/// A delivery that stored some images and a progress object, then died (the state a broker
+/// restart leaves): the next delivery takes the stored images over, makes the rest in one GPU
+/// batch (so it reports no progress of its own) and still removes the stale progress object.
+#[test]
+fn a_resumed_batch_removes_the_progress_object_an_earlier_delivery_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let messages = dir.path().join("messages.jsonl");
+    std::fs::write(&messages, message("resume", "a", "a windmill", 3, 2)).unwrap();
+    let (out, _) = run(&messages, &store, &dir.path().join("first.json"));
+    assert!(out.status.success());
+
+    // Undo the end of that run: the second image and the manifest go, a progress object stays.
+    let bucket = store.join("images");
+    let meta = bucket.join(".sdbatch-meta");
+    for key in ["resume/a/1.png", "resume/manifest.json"] {
+        std::fs::remove_file(bucket.join(key)).unwrap();
+        std::fs::remove_file(meta.join(format!("{key}.json"))).unwrap();
+    }
+    let progress = bucket.join("resume/progress.json");
+    std::fs::write(&progress, br#"{"batch_id":"resume","images_done":1}"#).unwrap();
+
+    let (out, report) = run(&messages, &store, &dir.path().join("second.json"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done = events(&report, "batch.completed");
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0]["resumed_images"], 1, "{}", done[0]);
+    assert!(events(&report, "batch.progress").is_empty());
+    assert!(bucket.join("resume/a/1.png").is_file());
+    assert!(bucket.join("resume/manifest.json").is_file());
+    assert!(!progress.exists(), "the stale progress object is left behind");
+}

@@ -1497,11 +1497,12 @@ impl Session<'_> {
             m.batch.clone(),
             super::store::Announce {
                 webhook: self.worker.webhook(&m.batch),
-                // Its progress object goes once the manifest is there (only if it had one).
-                progress: m
-                    .progress
-                    .as_ref()
-                    .is_some_and(|p| p.reported())
+                // Its progress object goes once the manifest is there: when this delivery
+                // reported progress, and on a redelivery, whose earlier delivery may have left
+                // one (a resumed batch that finishes in one GPU batch reports nothing).
+                progress: (m.progress.as_ref().is_some_and(|p| p.reported())
+                    || m.handle.redelivered
+                    || m.resumed > 0)
                     .then(|| self.progress_objects.clone()),
             },
         )

@@ -199,7 +199,7 @@ fn embedded_record(
 /// Where a completed batch's results go besides the manifest.
 pub(super) struct Announce {
     pub webhook: Target,
-    /// The progress writer, when the batch reported progress (its object is then deleted).
+    /// The progress writer, when the batch may have a progress object (it is then deleted).
     pub progress: Option<tokio::sync::mpsc::Sender<super::session::ProgressOp>>,
 }
 
