@@ -17,8 +17,10 @@
 # Parts, each timed: model (random weights, fp32 and fp16 files), reference (diffusers
 # StableDiffusionPipeline, PNDM, per-image CPU generators as sdbatch draws its noise), ours
 # (`sdbatch generate` on the same prompts and seeds), compare (max difference and share within one
-# level), compile (`sdbatch compile`, AOTInductor), bench (`sdbatch bench --compiled`: eager and
-# compiled rows), anchor (../shared/bench/diffusers_anchor.py when present).
+# level), worker (the same prompts and seeds as batch messages through `sdbatch worker --messages`:
+# the worker path without a broker, an in-memory queue and the local-folder sink; its stored images
+# compared with diffusers'), compile (`sdbatch compile`, AOTInductor), bench (`sdbatch bench
+# --compiled`: eager and compiled rows), anchor (../shared/bench/diffusers_anchor.py when present).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -75,6 +77,14 @@ step ours "$bin" generate --model "$work/model" --device "$device" --prompts "$w
   --batch-size 4 --out "$work/ours"
 step compare "$py" "$root/scripts/gpu_proof.py" compare "$work/reference" "$work/ours" "$work/compare.json"
 
+"$py" "$root/scripts/gpu_proof.py" messages "$work/prompts.jsonl" "$work/messages.jsonl" \
+  --steps "$steps" --size "$size"
+step worker "$bin" worker --model "$work/model" --device "$device" --messages "$work/messages.jsonl" \
+  --report "$work/worker-report.json" --storage-url "file://$work/store" --bucket proof \
+  --worker-id gpu-proof --metrics-addr off
+"$py" "$root/scripts/gpu_proof.py" worker "$work/worker-report.json" "$work/store" \
+  "$work/worker-images" "$work/reference" "$work/worker.json"
+
 bench_compiled=()
 if [ "$compile" = 1 ]; then
   step compile "$bin" compile --model "$work/model" --device "$device" --out "$work/compiled" \
@@ -105,17 +115,19 @@ fi
   echo "}"
 } > "$work/timings.json"
 "$py" "$root/scripts/gpu_proof.py" summary "$work" "$out/gpu-proof.json"
-cp "$work/compare.json" "$work/bench.json" "$out/"
+cp "$work/compare.json" "$work/bench.json" "$work/worker.json" "$work/worker-report.json" "$out/"
 [ -f "$work/anchor.json" ] && cp "$work/anchor.json" "$out/"
 
 # The proof fails when the images are not diffusers' (fp32 on the CPU: within one level almost
 # everywhere; fp16 on CUDA: kernels differ, so only a coarse bound).
-"$py" - "$work/compare.json" "$device" <<'EOF'
+"$py" - "$device" "$work/compare.json" "$work/worker.json" <<'EOF'
 import json, sys
-c = json.load(open(sys.argv[1]))
-need = 0.999 if sys.argv[2] == "cpu" else 0.95
-if c["worst_within_1"] < need:
-    sys.exit(f"gpu-proof: FAIL: images differ from diffusers' (worst share within 1 level "
-             f"{c['worst_within_1']:.4%} < {need:.1%})")
-print(f"gpu-proof: images match diffusers' (worst share within 1 level {c['worst_within_1']:.4%})")
+need = 0.999 if sys.argv[1] == "cpu" else 0.95
+for path, what in zip(sys.argv[2:], ["generate", "worker"]):
+    c = json.load(open(path))
+    if c["worst_within_1"] < need:
+        sys.exit(f"gpu-proof: FAIL: {what}'s images differ from diffusers' (worst share within 1 "
+                 f"level {c['worst_within_1']:.4%} < {need:.1%})")
+    print(f"gpu-proof: {what}'s images match diffusers' (worst share within 1 level "
+          f"{c['worst_within_1']:.4%})")
 EOF

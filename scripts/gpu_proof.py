@@ -4,6 +4,8 @@ diffusers reference images on it, the comparison with sdbatch's images, and the 
   python scripts/gpu_proof.py model DIR [--tiny]
   python scripts/gpu_proof.py reference MODEL PROMPTS.jsonl OUT_DIR --steps N --size S [--device D]
   python scripts/gpu_proof.py compare REF_DIR OURS_DIR OUT.json
+  python scripts/gpu_proof.py messages PROMPTS.jsonl OUT.jsonl --steps N --size S
+  python scripts/gpu_proof.py worker REPORT.json STORE_DIR IMAGES_DIR REF_DIR OUT.json
   python scripts/gpu_proof.py summary WORK_DIR OUT.json
 
 No model hub is reachable on a GPU machine, so the weights are random; speed does not depend on
@@ -180,6 +182,51 @@ def compare(ref: Path, ours: Path, out: Path) -> dict:
     return summary
 
 
+def messages(prompts: Path, out: Path, steps: int, size: int) -> None:
+    """The prompts as batch messages: consecutive lines of one prompt with consecutive seeds make
+    one item (its seed the first, `num_images` the count), so image i of the messages, in order,
+    is line i of PROMPTS."""
+    lines = [json.loads(l) for l in prompts.read_text().splitlines() if l.strip()]
+    groups = []
+    for line in lines:
+        last = groups[-1] if groups else None
+        if last and last["prompt"] == line["prompt"] and last["seed"] + last["num_images"] == line["seed"]:
+            last["num_images"] += 1
+        else:
+            groups.append(dict(prompt=line["prompt"], seed=line["seed"], num_images=1))
+    with out.open("w") as f:
+        for k, g in enumerate(groups):
+            f.write(json.dumps({
+                "schema_version": 1, "batch_id": f"proof-{k}",
+                "items": [dict(id="item", **g)],
+                "params": {"steps": steps, "guidance_scale": GUIDANCE, "width": size, "height": size,
+                           "scheduler": "pndm"},
+            }) + "\n")
+    print(f"messages: {len(lines)} image(s) in {len(groups)} message(s)")
+
+
+def worker(report_path: Path, store: Path, images: Path, ref: Path, out: Path) -> None:
+    """Checks a `sdbatch worker --messages` run (every message completed), puts its stored images
+    in message order under IMAGES, compares them with the reference images."""
+    import shutil
+
+    report = json.loads(report_path.read_text())
+    bad = [m for m in report["messages"] if m.get("outcome") != "acked"]
+    if bad:
+        raise SystemExit(f"worker: messages not completed: {bad}")
+    completed = {e["body"]["batch_id"]: e["body"] for e in report["events"]
+                 if e["routing_key"] == "batch.completed"}
+    images.mkdir(parents=True, exist_ok=True)
+    i = 0
+    for k in range(len(report["messages"])):
+        for record in sorted(completed[f"proof-{k}"]["images"], key=lambda r: r["n"]):
+            shutil.copy(store / record["bucket"] / record["key"], images / f"{i}.png")
+            i += 1
+    result = compare(ref, images, out)
+    result.update(messages=len(report["messages"]), completed=len(completed), images=i)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def summary(work: Path, out: Path) -> None:
     """One table from the parts' JSON files, and all of them in OUT."""
     def load(name):
@@ -187,6 +234,7 @@ def summary(work: Path, out: Path) -> None:
         return json.loads(p.read_text()) if p.is_file() else None
 
     bench, anchor, equal = load("bench.json"), load("anchor.json"), load("compare.json")
+    worker_run = load("worker.json")
     timings = load("timings.json") or {}
     lines = ["", "gpu-proof summary", "-" * 78]
     lines.append(f"{'batch':>5} | {'sdbatch eager img/s':>19} | {'compiled img/s':>14} | "
@@ -214,11 +262,17 @@ def summary(work: Path, out: Path) -> None:
     if equal:
         lines.append(f"images vs diffusers: {equal['images']} image(s), worst max diff "
                      f"{equal['worst_max_diff']}, worst share within 1 level {equal['worst_within_1']:.4%}")
+    if worker_run:
+        lines.append(f"worker without a broker: {worker_run['completed']} of {worker_run['messages']} "
+                     f"message(s) completed, {worker_run['images']} image(s) vs diffusers: worst max diff "
+                     f"{worker_run['worst_max_diff']}, worst share within 1 level "
+                     f"{worker_run['worst_within_1']:.4%}")
     for k, v in timings.items():
         lines.append(f"{k}: {v} s")
     text = "\n".join(lines)
     print(text)
-    out.write_text(json.dumps(dict(bench=bench, anchor=anchor, compare=equal, timings=timings), indent=1) + "\n")
+    out.write_text(json.dumps(dict(bench=bench, anchor=anchor, compare=equal, worker=worker_run,
+                                   timings=timings), indent=1) + "\n")
 
 
 def main(argv):
@@ -233,6 +287,10 @@ def main(argv):
                   flag("--device", "cpu"))
     elif cmd == "compare":
         compare(Path(rest[0]), Path(rest[1]), Path(rest[2]))
+    elif cmd == "messages":
+        messages(Path(rest[0]), Path(rest[1]), int(flag("--steps")), int(flag("--size")))
+    elif cmd == "worker":
+        worker(Path(rest[0]), Path(rest[1]), Path(rest[2]), Path(rest[3]), Path(rest[4]))
     elif cmd == "summary":
         summary(Path(rest[0]), Path(rest[1]))
     else:
