@@ -256,8 +256,8 @@ pub struct WorkerArgs {
     /// Work through the batch messages in PATH instead of the broker's queues, then exit: a
     /// JSON Lines file (one message per line) or a folder of .json files (one message each).
     /// The same checks, GPU batching, storage, events and dead-lettering as on RabbitMQ, on an
-    /// in-memory queue: for machines without a broker and for trying messages locally. Fails
-    /// (exit status 1) when any message was dead-lettered.
+    /// in-memory queue (all in the normal lane): for machines without a broker and for trying
+    /// messages locally. Fails (exit status 1) when any message was dead-lettered.
     #[arg(long, value_name = "PATH")]
     pub messages: Option<PathBuf>,
     /// With --messages: write what became of each message, the events published and the
@@ -821,48 +821,57 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         tracing::info!("worker stopped");
         return Ok(());
     };
-    let started = std::time::Instant::now();
     let outcome = worker.run_local(queue.clone(), rx).await;
     worker
         .finish_webhooks(Duration::from_secs(defaults::WEBHOOK_SHUTDOWN_SECS))
         .await;
     let report = queue.report();
+    // Written whatever happened, but a failed write does not hide the run's own error.
     if let Some(path) = &r.report {
-        let json = serde_json::to_vec_pretty(&report)?;
-        std::fs::write(path, json).with_context(|| format!("--report {}", path.display()))?;
+        let written = serde_json::to_vec_pretty(&report)
+            .map_err(anyhow::Error::from)
+            .and_then(|json| Ok(std::fs::write(path, json)?));
+        if let Err(e) = written {
+            tracing::error!(file = %path.display(), error = %e, "could not write the report");
+        }
     }
     outcome?;
-    print_local_summary(&report, started.elapsed());
+    print_local_summary(&report, &worker.metrics());
     let (dead, unsettled) = (report.dead_lettered(), report.unsettled());
-    if dead + unsettled > 0 {
-        bail!(
-            "{dead} of {} message(s) dead-lettered and {unsettled} not settled{}",
-            report.messages.len(),
-            if r.report.is_some() {
-                " (see --report)"
-            } else {
-                ""
-            }
-        );
+    let total = report.messages.len();
+    let see = if r.report.is_some() {
+        " (see --report)"
+    } else {
+        ""
+    };
+    if unsettled > 0 {
+        bail!("{unsettled} of {total} message(s) not settled (stopped early){see}");
+    }
+    if dead > 0 {
+        bail!("{dead} of {total} message(s) dead-lettered{see}");
     }
     Ok(())
 }
 
 /// The table a broker-less run ends with.
-fn print_local_summary(report: &Report, took: Duration) {
-    let images: usize = report
+fn print_local_summary(report: &Report, metrics: &sdbatch::metrics::Metrics) {
+    let completed = report
         .events_named(sdbatch::events::BATCH_COMPLETED)
-        .filter_map(|e| e.body["images"].as_array().map(Vec::len))
-        .sum();
-    let seconds = took.as_secs_f64();
-    println!("messages        {}", report.messages.len());
-    println!("completed       {}", report.acked());
-    println!("dead-lettered   {}", report.dead_lettered());
-    println!("not settled     {}", report.unsettled());
-    println!("images          {images}");
-    println!("seconds         {seconds:.2}");
-    if seconds > 0.0 {
-        println!("images/s        {:.3}", images as f64 / seconds);
+        .count();
+    let republished = metrics.batches.with_label_values(&["republished"]).get();
+    let gpu_images = metrics.gpu_images.get();
+    println!("messages          {}", report.messages.len());
+    println!("completed         {completed} ({republished} announced again from their manifest)");
+    println!("dead-lettered     {}", report.dead_lettered());
+    println!("not settled       {}", report.unsettled());
+    println!("GPU batches       {}", metrics.gpu_batches.get());
+    println!("GPU images        {gpu_images}");
+    println!("seconds           {:.2}", report.seconds);
+    if report.seconds > 0.0 {
+        println!(
+            "GPU images/s      {:.3}",
+            gpu_images as f64 / report.seconds
+        );
     }
 }
 

@@ -9,7 +9,8 @@
 //!   delivery limit it is dead-lettered (`delivery_limit`) as a quorum queue does;
 //! - a reject (no requeue) dead-letters it (`rejected`);
 //! - publishes to the dead-letter exchange are the worker's dead-letter copies; every other
-//!   publish is an event. Both are kept, in order, for the run's report.
+//!   publish is an event. Both are kept, in order, for the run's report (progress events are
+//!   only counted: a long run makes many).
 //!
 //! Nothing here is persistent: a run that is interrupted leaves its outstanding messages in the
 //! report as not settled, and the caller says so.
@@ -17,6 +18,7 @@ use crate::queue::{Lane, QueueError, QueueResult, Topology};
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 use tokio::sync::Notify;
 
 /// How a message left the queue, if it has.
@@ -60,8 +62,13 @@ pub struct Published {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     pub messages: Vec<MessageReport>,
+    /// Every event but `batch.progress`, in the order published.
     pub events: Vec<Published>,
+    /// `batch.progress` events published.
+    pub progress_events: usize,
     pub dead_letters: Vec<Published>,
+    /// From the first delivery to the last settlement (model load and warm-up left out).
+    pub seconds: f64,
 }
 
 impl Report {
@@ -111,10 +118,26 @@ struct Message {
     requeues: u32,
     /// The tag of the delivery in the worker's hands, if it is.
     delivered_as: Option<u64>,
-    /// The reason code of the worker's dead-letter copy of this delivery, once it published
-    /// one: its ack then settles the message as dead-lettered.
-    copied: Option<String>,
     outcome: Option<Outcome>,
+}
+
+/// How the worker settles a delivery.
+enum Settle {
+    Ack,
+    /// Acked after publishing a dead-letter copy with this reason code.
+    AckCopied(String),
+    Requeue,
+    Reject,
+}
+
+impl Settle {
+    fn op(&self) -> &'static str {
+        match self {
+            Settle::Ack | Settle::AckCopied(_) => "basic.ack",
+            Settle::Requeue => "basic.nack",
+            Settle::Reject => "basic.reject",
+        }
+    }
 }
 
 struct State {
@@ -123,7 +146,10 @@ struct State {
     ready: [VecDeque<usize>; 2],
     next_tag: u64,
     events: Vec<Published>,
+    progress_events: usize,
     dead_letters: Vec<Published>,
+    first_delivery: Option<Instant>,
+    last_settled: Option<Instant>,
 }
 
 struct Inner {
@@ -162,7 +188,6 @@ impl MemoryBroker {
                     lane,
                     requeues: 0,
                     delivered_as: None,
-                    copied: None,
                     outcome: None,
                 }
             })
@@ -174,7 +199,10 @@ impl MemoryBroker {
                     ready,
                     next_tag: 1,
                     events: Vec::new(),
+                    progress_events: 0,
                     dead_letters: Vec::new(),
+                    first_delivery: None,
+                    last_settled: None,
                 }),
                 became_ready: Notify::new(),
                 delivery_limit: topology.delivery_limit,
@@ -215,6 +243,7 @@ impl MemoryBroker {
     fn deliver(&self, state: &mut State, index: usize) -> MemoryDelivery {
         let tag = state.next_tag;
         state.next_tag += 1;
+        state.first_delivery.get_or_insert_with(Instant::now);
         let m = &mut state.messages[index];
         m.delivered_as = Some(tag);
         let redelivered = m.requeues > 0;
@@ -232,14 +261,15 @@ impl MemoryBroker {
         }
     }
 
-    /// Whether every message has left the queue (acked or dead-lettered).
-    pub fn all_settled(&self) -> bool {
-        self.state().messages.iter().all(|m| m.outcome.is_some())
+    /// Whether no message is ready. With nothing in the worker's hands either, nothing can
+    /// become ready again: the run is over (a message still marked as delivered then was
+    /// dropped unsettled, and the report shows it as not settled).
+    pub fn nothing_ready(&self) -> bool {
+        self.state().ready.iter().all(VecDeque::is_empty)
     }
 
     /// Records a publish: a dead-letter copy when it goes to the dead-letter exchange, else an
-    /// event. Always "confirmed". A copy is matched to the delivery it copies (the worker
-    /// copies the body as delivered) so that message's ack counts as a dead letter.
+    /// event. Always "confirmed".
     pub fn publish(
         &self,
         exchange: &str,
@@ -248,18 +278,9 @@ impl MemoryBroker {
         headers: Vec<(String, String)>,
     ) {
         let mut state = self.state();
-        if exchange == self.inner.dead_exchange {
-            let reason = headers
-                .iter()
-                .find(|(k, _)| k == "x-sdbatch-error")
-                .map_or_else(|| "unknown".to_string(), |(_, v)| v.clone());
-            if let Some(m) = state
-                .messages
-                .iter_mut()
-                .find(|m| m.delivered_as.is_some() && m.copied.is_none() && *m.body == *body)
-            {
-                m.copied = Some(reason);
-            }
+        if routing_key == crate::events::BATCH_PROGRESS && exchange != self.inner.dead_exchange {
+            state.progress_events += 1;
+            return;
         }
         let published = Published {
             exchange: exchange.to_string(),
@@ -292,40 +313,35 @@ impl MemoryBroker {
                 })
                 .collect(),
             events: state.events.clone(),
+            progress_events: state.progress_events,
             dead_letters: state.dead_letters.clone(),
+            seconds: match (state.first_delivery, state.last_settled) {
+                (Some(first), Some(last)) => last.duration_since(first).as_secs_f64(),
+                _ => 0.0,
+            },
         }
     }
 
-    /// Settles delivery `tag` of message `index`: `requeue` (`Some(true)`), reject (`Some(false)`)
-    /// or ack (`None`). A delivery settled twice is a channel error, as on RabbitMQ.
-    fn settle(
-        &self,
-        index: usize,
-        tag: u64,
-        op: &'static str,
-        requeue: Option<bool>,
-    ) -> QueueResult<()> {
+    /// Settles delivery `tag` of message `index`. A delivery settled twice is a channel error,
+    /// as on RabbitMQ.
+    fn settle(&self, index: usize, tag: u64, how: Settle) -> QueueResult<()> {
         let mut state = self.state();
+        state.last_settled = Some(Instant::now());
         let limit = self.inner.delivery_limit;
         let m = &mut state.messages[index];
         if m.delivered_as != Some(tag) || m.outcome.is_some() {
-            return Err(QueueError::ChannelClosed { op });
+            return Err(QueueError::ChannelClosed { op: how.op() });
         }
         m.delivered_as = None;
-        let copied = m.copied.take();
-        match requeue {
-            None => {
-                m.outcome = Some(match copied {
-                    Some(why) => Outcome::DeadLettered { why },
-                    None => Outcome::Acked,
-                })
-            }
-            Some(false) => {
+        match how {
+            Settle::Ack => m.outcome = Some(Outcome::Acked),
+            Settle::AckCopied(why) => m.outcome = Some(Outcome::DeadLettered { why }),
+            Settle::Reject => {
                 m.outcome = Some(Outcome::DeadLettered {
                     why: "rejected".into(),
                 })
             }
-            Some(true) => {
+            Settle::Requeue => {
                 m.requeues += 1;
                 if m.requeues > limit {
                     m.outcome = Some(Outcome::DeadLettered {
@@ -352,22 +368,27 @@ pub struct Ticket {
 
 impl Ticket {
     pub fn ack(&self) -> QueueResult<()> {
-        self.broker.settle(self.index, self.tag, "basic.ack", None)
+        self.broker.settle(self.index, self.tag, Settle::Ack)
+    }
+
+    /// The ack that follows the worker's dead-letter copy (reason code `why`): the message
+    /// counts as dead-lettered.
+    pub fn ack_copied(&self, why: &str) -> QueueResult<()> {
+        self.broker
+            .settle(self.index, self.tag, Settle::AckCopied(why.to_string()))
     }
 
     pub fn requeue(&self) -> QueueResult<()> {
-        self.broker
-            .settle(self.index, self.tag, "basic.nack", Some(true))
+        self.broker.settle(self.index, self.tag, Settle::Requeue)
     }
 
     pub fn reject(&self) -> QueueResult<()> {
-        self.broker
-            .settle(self.index, self.tag, "basic.reject", Some(false))
+        self.broker.settle(self.index, self.tag, Settle::Reject)
     }
 }
 
 /// The most bytes [`read_messages`] reads (a message is at most a few MiB; more is a mistake, such
-/// as a wrong file, not a queue).
+/// as a wrong file, not a queue). The error text says 256 MiB.
 pub const MAX_INPUT_BYTES: u64 = 256 << 20;
 /// The most messages [`read_messages`] takes.
 pub const MAX_MESSAGES: usize = 100_000;
@@ -377,29 +398,51 @@ pub const MAX_MESSAGES: usize = 100_000;
 /// parsed here: the worker checks each as it would a delivery, so a bad one is dead-lettered
 /// with its reason and the others still run.
 pub fn read_messages(path: &Path) -> std::io::Result<Vec<Vec<u8>>> {
-    let meta = std::fs::metadata(path)?;
-    if meta.is_dir() {
+    read_messages_within(path, MAX_INPUT_BYTES)
+}
+
+/// [`read_messages`] with a limit of `max_bytes` in all.
+fn read_messages_within(path: &Path, max_bytes: u64) -> std::io::Result<Vec<Vec<u8>>> {
+    let mut budget = max_bytes;
+    if std::fs::metadata(path)?.is_dir() {
         let mut files: Vec<_> = std::fs::read_dir(path)?
             .map(|e| e.map(|e| e.path()))
             .collect::<std::io::Result<_>>()?;
-        files.retain(|p| p.extension().is_some_and(|e| e == "json") && p.is_file());
+        files.retain(|p| {
+            p.extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+                && p.is_file()
+        });
         files.sort();
         check_count(files.len())?;
-        let mut total = 0;
-        let mut bodies = Vec::with_capacity(files.len());
-        for file in files {
-            total += std::fs::metadata(&file)?.len();
-            check_size(total)?;
-            bodies.push(std::fs::read(&file)?);
-        }
-        Ok(bodies)
+        files
+            .iter()
+            .map(|file| read_bounded(file, &mut budget))
+            .collect()
     } else {
-        check_size(meta.len())?;
-        let bytes = std::fs::read(path)?;
-        let bodies = split_lines(&bytes);
+        let bodies = split_lines(&read_bounded(path, &mut budget)?);
         check_count(bodies.len())?;
         Ok(bodies)
     }
+}
+
+/// Reads `path` if it fits in `budget` bytes, taking its size off. The read itself is bounded,
+/// so a pipe or a device (`/dev/stdin`, whose size says nothing) cannot exhaust memory.
+fn read_bounded(path: &Path, budget: &mut u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(*budget + 1)
+        .read_to_end(&mut bytes)?;
+    let len = bytes.len() as u64;
+    if len > *budget {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "more messages than one run takes (256 MiB in all): split them into several runs",
+        ));
+    }
+    *budget -= len;
+    Ok(bytes)
 }
 
 /// The non-blank lines of a JSON Lines file, without their line ends.
@@ -410,19 +453,6 @@ fn split_lines(bytes: &[u8]) -> Vec<Vec<u8>> {
         .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
         .map(<[u8]>::to_vec)
         .collect()
-}
-
-fn check_size(bytes: u64) -> std::io::Result<()> {
-    if bytes > MAX_INPUT_BYTES {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!(
-                "more than {} MiB of messages: split them into several runs",
-                MAX_INPUT_BYTES >> 20
-            ),
-        ));
-    }
-    Ok(())
 }
 
 fn check_count(n: usize) -> std::io::Result<()> {
@@ -469,6 +499,7 @@ mod tests {
             ],
             3,
         );
+        assert!(!b.nothing_ready());
         assert_eq!(b.pull(Lane::High).map(|d| d.body), Some(b"h1".to_vec()));
         assert!(b.pull(Lane::High).is_none());
         let n1 = b.pull(Lane::Normal).expect("n1");
@@ -476,7 +507,6 @@ mod tests {
             (n1.body.as_slice(), n1.redelivered, n1.delivery_count),
             (&b"n1"[..], false, None)
         );
-        assert!(!b.all_settled());
         n1.ticket.ack().expect("ack");
         // Settling one delivery twice is an error, as on a channel.
         assert!(matches!(
@@ -509,7 +539,7 @@ mod tests {
             b.pull(Lane::Normal).is_none(),
             "dead-lettered after 3 deliveries"
         );
-        assert!(b.all_settled());
+        assert!(b.nothing_ready());
         let report = b.report();
         assert_eq!(
             report.messages[0].outcome,
@@ -525,7 +555,12 @@ mod tests {
     fn reject_dead_letters_and_publishes_are_sorted_into_events_and_copies() {
         let t = topology(3);
         let b = MemoryBroker::new(
-            vec![(Lane::Normal, b"x".to_vec()), (Lane::Normal, b"y".to_vec())],
+            vec![
+                (Lane::Normal, b"x".to_vec()),
+                (Lane::Normal, b"y".to_vec()),
+                (Lane::Normal, b"y".to_vec()),
+                (Lane::Normal, br#"{"batch_id":"p"}"#.to_vec()),
+            ],
             &t,
         );
         b.pull(Lane::Normal)
@@ -533,7 +568,9 @@ mod tests {
             .ticket
             .reject()
             .expect("reject");
+        // The same body twice in hand: each copy counts for the delivery that made it.
         let y = b.pull(Lane::Normal).expect("y");
+        let y2 = b.pull(Lane::Normal).expect("y again");
         assert_eq!(b.report().dead_lettered(), 1, "x, by the queue");
         b.publish(
             &t.dead_exchange,
@@ -547,13 +584,21 @@ mod tests {
             br#"{"reason":"invalid_json"}"#,
             Vec::new(),
         );
-        y.ticket.ack().expect("ack");
+        y2.ticket.ack().expect("y2 completed");
+        y.ticket.ack_copied("invalid_json").expect("ack");
+        let p = b.pull(Lane::Normal).expect("p");
+        // Progress events are counted, not kept.
+        b.publish(&t.events_exchange, "batch.progress", br#"{}"#, Vec::new());
+        p.ticket.ack().expect("ack");
         let report = b.report();
+        assert_eq!(report.progress_events, 1);
+        assert!(report.seconds >= 0.0);
         assert_eq!(report.dead_letters.len(), 1);
         assert_eq!(report.dead_letters[0].body, serde_json::json!("y"));
         assert_eq!(report.events_named("batch.failed").count(), 1);
+        assert_eq!(report.events.len(), 1);
         assert_eq!(report.events[0].body["reason"], "invalid_json");
-        // x by the queue, y by the worker's copy and ack; nothing completed.
+        // x by the queue, y by the worker's copy and ack; y2 and p completed.
         assert_eq!(
             report.messages[1].outcome,
             Some(Outcome::DeadLettered {
@@ -562,7 +607,7 @@ mod tests {
         );
         assert_eq!(
             (report.dead_lettered(), report.acked(), report.unsettled()),
-            (2, 0, 0)
+            (2, 2, 0)
         );
     }
 
@@ -578,7 +623,7 @@ mod tests {
         let folder = dir.path().join("f");
         std::fs::create_dir(&folder).unwrap();
         std::fs::write(folder.join("2.json"), b"two").unwrap();
-        std::fs::write(folder.join("1.json"), b"one").unwrap();
+        std::fs::write(folder.join("1.JSON"), b"one").unwrap();
         std::fs::write(folder.join("notes.txt"), b"skipped").unwrap();
         assert_eq!(read_messages(&folder).unwrap(), [&b"one"[..], b"two"]);
 
@@ -587,6 +632,13 @@ mod tests {
         let e = read_messages(&empty).unwrap_err();
         assert!(e.to_string().contains("no messages"), "{e}");
         assert!(read_messages(&dir.path().join("missing")).is_err());
+
+        // A device says nothing of its size: the read itself is bounded.
+        let e = read_messages_within(Path::new("/dev/zero"), 1024).unwrap_err();
+        assert!(e.to_string().contains("split them"), "{e}");
+        // And so is a folder's total.
+        assert!(read_messages_within(&folder, 5).is_err());
+        assert_eq!(read_messages_within(&folder, 6).unwrap().len(), 2);
     }
 
     #[tokio::test]

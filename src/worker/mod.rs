@@ -393,6 +393,9 @@ impl Worker {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), WorkerError> {
         let mut learned = self.start().await?;
+        if *shutdown.borrow() {
+            return Ok(());
+        }
         tracing::info!(
             max_prefetch = self.cfg.prefetch,
             max_batch = self.cfg.max_batch,
@@ -409,9 +412,6 @@ impl Worker {
                 &mut learned,
             )
             .await;
-        self.metrics
-            .broker_connected
-            .store(false, Ordering::Relaxed);
         self.metrics.inflight_batches.set(0);
         match end? {
             SessionEnd::Shutdown => Ok(()),

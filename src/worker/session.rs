@@ -206,6 +206,7 @@ impl Worker {
             channel,
         };
         let sink = EventSink::Amqp(publisher);
+        self.metrics.broker_connected.store(true, Ordering::Relaxed);
         self.work(link, sink, Control::Amqp(control), shutdown, learned)
             .await
     }
@@ -222,7 +223,6 @@ impl Worker {
     ) -> Result<SessionEnd, WorkerError> {
         let cfg = &self.cfg;
         let limit = cfg.broker_timeout;
-        self.metrics.broker_connected.store(true, Ordering::Relaxed);
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let mut session = Session {
             worker: self,
@@ -1035,7 +1035,7 @@ impl Session<'_> {
         m.batches.with_label_values(&["dead_lettered"]).inc();
         m.dead_letters.with_label_values(&[reason]).inc();
         publish_failed(cfg, m, &self.publisher, batch_id, reason, &text, webhook).await?;
-        ack(cfg, acker).await?;
+        acker.ack_copied(cfg.broker_timeout, reason).await?;
         self.acked(lane);
         Ok(())
     }

@@ -76,6 +76,15 @@ impl Acker {
         }
     }
 
+    /// The ack that follows the worker's own dead-letter copy (reason code `why`): a plain ack
+    /// on RabbitMQ; the in-memory queue records the message as dead-lettered.
+    pub async fn ack_copied(&self, limit: Duration, why: &str) -> QueueResult<()> {
+        match self {
+            Acker::Amqp(_) => self.ack(limit).await,
+            Acker::Memory(t) => t.ack_copied(why),
+        }
+    }
+
     /// Nack with requeue: the queue delivers it again (and counts the delivery).
     pub async fn requeue(&self, limit: Duration) -> QueueResult<()> {
         match self {
@@ -189,12 +198,13 @@ impl Link {
         }
     }
 
-    /// Whether the source is done: every message settled. Never for a broker, whose queues
+    /// Whether the source is done once the worker holds nothing: no message ready (a requeue
+    /// makes one ready again, and only the worker requeues). Never for a broker, whose queues
     /// can always receive more.
     pub fn exhausted(&self) -> bool {
         match self {
             Link::Amqp { .. } => false,
-            Link::Memory(b) => b.all_settled(),
+            Link::Memory(b) => b.nothing_ready(),
         }
     }
 
