@@ -4,7 +4,7 @@
 # the diffusers anchor benchmark, one table printed and every part's JSON under the output folder.
 #
 #   scripts/gpu-proof.sh [--cpu --tiny] [--bin PATH] [--python PY] [--out DIR] [--no-compile]
-#                        [--no-anchor]
+#                        [--no-anchor] [--budget SECONDS]
 #
 # On the device machine (see the README):
 #   LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib \
@@ -21,10 +21,15 @@
 # the worker path without a broker, an in-memory queue and the local-folder sink; its stored images
 # compared with diffusers'), compile (`sdbatch compile`, AOTInductor), bench (`sdbatch bench
 # --compiled`: eager and compiled rows), anchor (../shared/bench/diffusers_anchor.py when present).
+#
+# A device call has one chance and a time limit, so every part's JSON is copied to the output
+# folder as soon as it exists, and with --budget (default 540 s on CUDA: the proof must fit in 9
+# minutes) the compile step gets only the time the budget leaves after reserving the bench's: a
+# compile that would not fit is stopped and the bench runs eager only (the summary says so).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-cpu=0 tiny=0 compile=1 anchor=1 bin="" py="" out=""
+cpu=0 tiny=0 compile=1 anchor=1 bin="" py="" out="" budget=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) cpu=1; shift ;;
@@ -34,7 +39,8 @@ while [ $# -gt 0 ]; do
     --bin) bin=$2; shift 2 ;;
     --python) py=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
-    *) echo "usage: $0 [--cpu --tiny] [--bin PATH] [--python PY] [--out DIR] [--no-compile] [--no-anchor]" >&2; exit 2 ;;
+    --budget) budget=$2; shift 2 ;;
+    *) echo "usage: $0 [--cpu --tiny] [--bin PATH] [--python PY] [--out DIR] [--no-compile] [--no-anchor] [--budget SECONDS]" >&2; exit 2 ;;
   esac
 done
 [ -n "$py" ] || py=$(command -v python3)
@@ -46,6 +52,14 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 if [ "$cpu" = 1 ]; then device=cpu; else device=cuda; fi
+if [ -z "$budget" ]; then
+  if [ "$cpu" = 1 ]; then budget=0; else budget=540; fi
+fi
+case "$budget" in ''|*[!0-9]*) echo "gpu-proof: --budget takes whole seconds" >&2; exit 2 ;; esac
+# Seconds kept for the bench and the anchor after compiling (50 steps at five batch sizes, eager
+# and compiled, on an H100/H200; the tiny model needs little).
+reserve=200
+[ "$tiny" = 1 ] && reserve=30
 if [ "$tiny" = 1 ]; then
   size=64 steps=4 batches=1,2 tiny_flag=--tiny
 else
@@ -53,12 +67,19 @@ else
 fi
 
 declare -A took
-step() { # step NAME command...: runs it, records its seconds
+# What the summary should say besides the figures (a part skipped or stopped), one per line.
+: > "$work/notes.txt"
+save_partial() { # every part's JSON so far, in case the call is cut short
+  cp -f "$work"/*.json "$work/notes.txt" "$out/" 2>/dev/null || true
+}
+step() { # step NAME command...: runs it, records its seconds, returns its status
   local name=$1; shift
-  local t0=$SECONDS
+  local t0=$SECONDS rc=0
   echo "gpu-proof: $name" >&2
-  "$@"
+  "$@" || rc=$?
   took[$name]=$((SECONDS - t0))
+  save_partial
+  return "$rc"
 }
 
 step model "$py" "$root/scripts/gpu_proof.py" model "$work/model" $tiny_flag
@@ -87,9 +108,24 @@ step worker "$bin" worker --model "$work/model" --device "$device" --messages "$
 
 bench_compiled=()
 if [ "$compile" = 1 ]; then
-  step compile "$bin" compile --model "$work/model" --device "$device" --out "$work/compiled" \
-    --batch-sizes "$batches" --width "$size" --height "$size" --python "$py"
-  bench_compiled=(--compiled "$work/compiled")
+  limit=0  # no limit
+  if [ "$budget" -gt 0 ]; then
+    limit=$((budget - SECONDS - reserve))
+  fi
+  if [ "$budget" -gt 0 ] && [ "$limit" -lt 30 ]; then
+    echo "compile: skipped, the ${budget} s budget left ${limit} s after the bench's ${reserve} s" \
+      | tee -a "$work/notes.txt" >&2
+  elif step compile timeout "${limit}" "$bin" compile --model "$work/model" --device "$device" \
+      --out "$work/compiled" --batch-sizes "$batches" --width "$size" --height "$size" --python "$py"
+  then
+    bench_compiled=(--compiled "$work/compiled")
+  else
+    rc=$?
+    # `timeout 0` never stops it; 124 is the limit running out.
+    why="failed (exit $rc)"
+    [ "$rc" = 124 ] && why="stopped at its ${limit} s share of the ${budget} s budget"
+    echo "compile: $why: the bench runs eager only" | tee -a "$work/notes.txt" >&2
+  fi
 fi
 step bench "$bin" bench --model "$work/model" --device "$device" "${bench_compiled[@]}" \
   --batch-sizes "$batches" --steps "$steps" --width "$size" --height "$size" --json "$work/bench.json"
@@ -115,8 +151,7 @@ fi
   echo "}"
 } > "$work/timings.json"
 "$py" "$root/scripts/gpu_proof.py" summary "$work" "$out/gpu-proof.json"
-cp "$work/compare.json" "$work/bench.json" "$work/worker.json" "$work/worker-report.json" "$out/"
-[ -f "$work/anchor.json" ] && cp "$work/anchor.json" "$out/"
+save_partial
 
 # The proof fails when the images are not diffusers' (fp32 on the CPU: within one level almost
 # everywhere; fp16 on CUDA: kernels differ, so only a coarse bound).

@@ -269,10 +269,13 @@ def summary(work: Path, out: Path) -> None:
                      f"{worker_run['worst_within_1']:.4%}")
     for k, v in timings.items():
         lines.append(f"{k}: {v} s")
+    notes_file = work / "notes.txt"
+    notes = notes_file.read_text().splitlines() if notes_file.is_file() else []
+    lines.extend(f"note: {n}" for n in notes)
     text = "\n".join(lines)
     print(text)
     out.write_text(json.dumps(dict(bench=bench, anchor=anchor, compare=equal, worker=worker_run,
-                                   timings=timings), indent=1) + "\n")
+                                   timings=timings, notes=notes), indent=1) + "\n")
 
 
 def main(argv):
