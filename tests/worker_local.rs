@@ -41,6 +41,14 @@ fn run(messages: &Path, store: &Path, report: &Path) -> (Output, Value) {
     (out, report)
 }
 
+fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn events<'a>(report: &'a Value, name: &'a str) -> Vec<&'a Value> {
     report["events"]
         .as_array()
@@ -137,11 +145,7 @@ fn a_broker_less_run_stores_the_pipelines_images_and_dead_letters_bad_messages()
     std::fs::write(good.join("1.json"), &cat).unwrap();
     std::fs::write(good.join("2.json"), &dog).unwrap();
     let (out, report) = run(&good, &store, &dir.path().join("second.json"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let again = events(&report, "batch.completed");
     assert_eq!(again.len(), 2);
     assert!(again.iter().all(|e| e["redelivered"] == true), "{again:?}");
@@ -191,7 +195,7 @@ fn a_resumed_batch_removes_the_progress_object_an_earlier_delivery_left() {
     let messages = dir.path().join("messages.jsonl");
     std::fs::write(&messages, message("resume", "a", "a windmill", 3, 2)).unwrap();
     let (out, _) = run(&messages, &store, &dir.path().join("first.json"));
-    assert!(out.status.success());
+    assert_success(&out);
 
     // Undo the end of that run: the second image and the manifest go, a progress object stays.
     let bucket = store.join("images");
@@ -204,11 +208,7 @@ fn a_resumed_batch_removes_the_progress_object_an_earlier_delivery_left() {
     std::fs::write(&progress, br#"{"batch_id":"resume","images_done":1}"#).unwrap();
 
     let (out, report) = run(&messages, &store, &dir.path().join("second.json"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let done = events(&report, "batch.completed");
     assert_eq!(done.len(), 1);
     assert_eq!(done[0]["resumed_images"], 1, "{}", done[0]);
