@@ -252,11 +252,7 @@ impl<T: Clone + PartialEq> Planner<T> {
         images: impl IntoIterator<Item = (T, ImageRequest, Arc<FirstPass>)>,
     ) {
         let key = ShapeKey::of(second).with_mode(Mode::hires_second(hires));
-        let behind = self
-            .waiting
-            .iter()
-            .take_while(|w| w.key.mode.is_second_pass())
-            .count();
+        let behind = self.second_passes_waiting();
         for (at, (tag, request, first)) in (behind..).zip(images) {
             self.waiting.insert(
                 at,
@@ -276,11 +272,13 @@ impl<T: Clone + PartialEq> Planner<T> {
         }
     }
 
-    /// Second passes waiting: first passes done, held until their second pass runs.
+    /// Second passes waiting: first passes done, held until their second pass runs. They are
+    /// always the front of the queue ([`Self::push_second_pass`] puts them there, and taking
+    /// or dropping images keeps the order of the rest), so counting stops at the first other.
     pub fn second_passes_waiting(&self) -> usize {
         self.waiting
             .iter()
-            .filter(|w| w.key.mode.is_second_pass())
+            .take_while(|w| w.key.mode.is_second_pass())
             .count()
     }
 
