@@ -493,7 +493,7 @@ fn latent_hires_fix_matches_the_two_call_reference() {
             &requests,
             &second,
             hires.strength,
-            &firsts,
+            &firsts.iter().collect::<Vec<_>>(),
             &mut sdbatch::pipeline::ignore_steps,
         )
         .unwrap();

@@ -186,8 +186,9 @@ impl StableDiffusion {
         // Both passes' inputs are checked before either runs.
         self.validate(requests, &second)?;
         let first = self.hires_first_pass(requests, params, hires.upscaler, on_step)?;
+        let first_passes: Vec<&FirstPass> = first.first.iter().collect();
         let out =
-            self.hires_second_pass(requests, &second, hires.strength, &first.first, on_step)?;
+            self.hires_second_pass(requests, &second, hires.strength, &first_passes, on_step)?;
         Ok(BatchOutput {
             images: out.images,
             latents: Vec::new(),
@@ -249,7 +250,7 @@ impl StableDiffusion {
         requests: &[ImageRequest],
         second: &GenerateParams,
         strength: f64,
-        first: &[FirstPass],
+        first: &[&FirstPass],
         on_step: &mut StepCallback<'_>,
     ) -> Result<BatchOutput> {
         if first.len() != requests.len() {
@@ -262,7 +263,7 @@ impl StableDiffusion {
         let (width, height) = (second.width, second.height);
         let mut images = Vec::new();
         let mut latents = Vec::new();
-        for f in first {
+        for &f in first {
             match f {
                 FirstPass::Image(i) => images.push(i),
                 FirstPass::Latents(l) => latents.push(l),

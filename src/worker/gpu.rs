@@ -72,7 +72,7 @@ enum Work<'a> {
     /// A hires fix's second pass from each request's first pass.
     HiresSecond {
         strength: f64,
-        first: &'a [FirstPass],
+        first: &'a [&'a FirstPass],
     },
 }
 
@@ -378,9 +378,10 @@ impl GpuExecutor {
                         .iter()
                         .filter_map(|i| i.mask.as_deref().cloned())
                         .collect();
-                    let first_passes: Vec<FirstPass> = inputs
+                    // Borrowed: a first pass is only read, and may be a batch's worth of images.
+                    let first_passes: Vec<&FirstPass> = inputs
                         .iter()
-                        .filter_map(|i| i.first_pass.as_deref().cloned())
+                        .filter_map(|i| i.first_pass.as_deref())
                         .collect();
                     let work = match job.work.mode {
                         Mode::Txt2Img => Work::Txt2Img,
