@@ -14,9 +14,9 @@ use super::memory::MemoryBroker;
 use super::transport::{Delivery, Link};
 use crate::queue::{self, Lane, QueueError, QueueResult, Topology};
 use futures_lite::StreamExt;
+use lapin::Consumer;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Consumer};
 use std::time::Duration;
 
 struct LaneConsumer {
@@ -150,15 +150,12 @@ impl Waiting {
     /// taken in stay unacked and go back to their queue when the connection closes).
     pub async fn abandon(&mut self, link: &Link, limit: Duration) {
         self.memory = None;
-        if let Link::Amqp { channel, .. } = link {
-            abandon_consumers(std::mem::take(&mut self.consumers), channel, limit).await;
+        let Link::Amqp { channel, .. } = link else {
+            return;
+        };
+        for c in std::mem::take(&mut self.consumers) {
+            let cancel = channel.basic_cancel(c.tag.as_str().into(), BasicCancelOptions::default());
+            let _ = tokio::time::timeout(limit, cancel).await;
         }
-    }
-}
-
-async fn abandon_consumers(consumers: Vec<LaneConsumer>, channel: &Channel, limit: Duration) {
-    for c in consumers {
-        let cancel = channel.basic_cancel(c.tag.as_str().into(), BasicCancelOptions::default());
-        let _ = tokio::time::timeout(limit, cancel).await;
     }
 }
